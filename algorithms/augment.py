@@ -1,0 +1,164 @@
+"""Differentiable Siamese Augmentation (DSA, Zhao & Bilen 2021) as used by MTT.
+
+Every transformation is differentiable with respect to the images, so gradients reach the
+synthetic pixels. Random parameters are drawn once per call by :meth:`DSA.sample` and
+applied by :meth:`DSA.apply`; applying the same sample to two batches transforms them
+identically (the "siamese" property). In mode ``'S'`` (MTT's default) one family out of the
+strategy is picked per call and applied with per-sample parameters; in mode ``'M'`` every
+family of the strategy is applied in turn.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+@dataclass(frozen=True)
+class DSAConfig:
+    strategy: str = "color_crop_cutout_flip_scale_rotate"
+    mode: str = "S"  # S: one family per call; M: all families in sequence
+    batchmode: bool = False  # True: one parameter set for the whole batch
+    brightness: float = 1.0
+    saturation: float = 2.0
+    contrast: float = 0.5
+    crop: float = 0.125  # max shift as a fraction of the side
+    cutout: float = 0.5  # cutout side as a fraction of the side
+    flip: float = 0.5  # probability
+    scale: float = 1.2  # scale factor in [1/scale, scale]
+    rotate: float = 15.0  # degrees
+
+    def families(self) -> tuple[str, ...]:
+        fams = tuple(f for f in self.strategy.split("_") if f)
+        bad = [f for f in fams if f not in FAMILIES]
+        if bad or not fams:
+            raise ValueError(f"unknown DSA families {bad} in strategy {self.strategy!r}; known: {FAMILIES}")
+        return fams
+
+
+@dataclass
+class AugSample:
+    """Random parameters for one call: which families, and per-sample tensors for each."""
+    families: tuple[str, ...]
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class DSA:
+    def __init__(self, config: DSAConfig | None = None):
+        self.cfg = config or DSAConfig()
+        self._families = self.cfg.families()
+
+    def sample(self, n: int, size: int, generator: torch.Generator | None = None) -> AugSample:
+        """Draw parameters for a batch of ``n`` images of side ``size`` (on the CPU)."""
+        g, c = generator, self.cfg
+        if c.mode == "S":
+            fams = (self._families[int(torch.randint(len(self._families), (1,), generator=g))],)
+        elif c.mode == "M":
+            fams = self._families
+        else:
+            raise ValueError(f"unknown DSA mode {c.mode!r} (S | M)")
+        m = 1 if c.batchmode else n
+        p: dict[str, torch.Tensor] = {}
+
+        def rand(*shape):
+            t = torch.rand(m, *shape, generator=g)
+            return t.expand(n, *shape) if c.batchmode else t
+
+        for f in fams:
+            if f == "color":
+                p["brightness"] = (rand(1, 1, 1) - 0.5) * c.brightness
+                p["saturation"] = rand(1, 1, 1) * c.saturation
+                p["contrast"] = rand(1, 1, 1) + c.contrast
+            elif f == "crop":
+                r = int(size * c.crop + 0.5)
+                p["shift"] = (torch.randint(-r, r + 1, (m, 2), generator=g)).expand(n, 2)
+            elif f == "cutout":
+                k = int(size * c.cutout + 0.5)
+                p["cutout_size"] = torch.tensor(k)
+                p["cutout_at"] = torch.randint(0, size + (1 - k % 2), (m, 2), generator=g).expand(n, 2)
+            elif f == "flip":
+                p["flip"] = rand() < c.flip
+            elif f == "scale":
+                lo = 1.0 / c.scale
+                p["scale"] = rand(2) * (c.scale - lo) + lo
+            elif f == "rotate":
+                p["angle"] = (rand() - 0.5) * 2 * c.rotate / 180 * math.pi
+        return AugSample(fams, p)
+
+    def apply(self, x: torch.Tensor, s: AugSample) -> torch.Tensor:
+        """Apply the sampled transformation to ``x`` (N,C,H,W); differentiable in ``x``."""
+        p = {k: v.to(x.device) for k, v in s.params.items()}
+        for f in s.families:
+            x = getattr(self, f"_{f}")(x, p)
+        return x
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.apply(x, self.sample(x.shape[0], x.shape[-1], generator))
+
+    # -- families ---------------------------------------------------------------------------
+    @staticmethod
+    def _color(x, p):
+        x = x + p["brightness"]
+        mean = x.mean(dim=1, keepdim=True)
+        x = (x - mean) * p["saturation"] + mean
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return (x - mean) * p["contrast"] + mean
+
+    @staticmethod
+    def _crop(x, p):
+        n, _, h, w = x.shape
+        shift = p["shift"]
+        pad = int(shift.abs().max().item()) if shift.numel() else 0
+        xp = F.pad(x, (pad, pad, pad, pad))
+        rows = (torch.arange(h, device=x.device)[None, :] + pad + shift[:, 0:1])  # n,h
+        cols = (torch.arange(w, device=x.device)[None, :] + pad + shift[:, 1:2])  # n,w
+        idx_n = torch.arange(n, device=x.device)[:, None, None]
+        # result[n, c, i, j] = xp[n, c, rows[n, i], cols[n, j]]
+        out = xp.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def _cutout(x, p):
+        n, _, h, w = x.shape
+        k = int(p["cutout_size"].item())
+        at = p["cutout_at"] - k // 2  # top-left corner, may be negative
+        r = torch.arange(h, device=x.device)[None, :]
+        c = torch.arange(w, device=x.device)[None, :]
+        in_r = (r >= at[:, 0:1]) & (r < at[:, 0:1] + k)  # n,h
+        in_c = (c >= at[:, 1:2]) & (c < at[:, 1:2] + k)  # n,w
+        mask = ~(in_r[:, :, None] & in_c[:, None, :])
+        return x * mask[:, None].to(x.dtype)
+
+    @staticmethod
+    def _flip(x, p):
+        return torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(3), x)
+
+    @staticmethod
+    def _affine(x, theta):
+        grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+        return F.grid_sample(x, grid, align_corners=True)
+
+    @classmethod
+    def _scale(cls, x, p):
+        s = p["scale"]
+        zero = torch.zeros_like(s[:, 0])
+        theta = torch.stack([torch.stack([s[:, 0], zero, zero], 1),
+                             torch.stack([zero, s[:, 1], zero], 1)], 1)
+        return cls._affine(x, theta.to(x.dtype))
+
+    @classmethod
+    def _rotate(cls, x, p):
+        a = p["angle"]
+        zero = torch.zeros_like(a)
+        theta = torch.stack([torch.stack([torch.cos(a), torch.sin(-a), zero], 1),
+                             torch.stack([torch.sin(a), torch.cos(a), zero], 1)], 1)
+        return cls._affine(x, theta.to(x.dtype))
+
+
+def identity(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """No augmentation, with the same call signature as a :class:`DSA` object."""
+    return x

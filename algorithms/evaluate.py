@@ -1,0 +1,93 @@
+"""Downstream evaluation of a (synthetic or real) training set, MTT's protocol.
+
+A fresh network is trained on the set with SGD (momentum 0.9, weight decay 5e-4), the step
+size being the learned ``syn_lr`` (or the experts' lr for real subsets), the step size
+divided by 10 after half of the epochs, and DSA on every batch; its final test accuracy is
+reported. K networks with different seeds give mean and standard deviation.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .augment import DSA, DSAConfig
+from .networks import accuracy, seeded_network
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    networks: int = 5
+    epochs: int = 300
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dsa: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    accs: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accs)
+
+    @property
+    def std(self) -> float:
+        return statistics.pstdev(self.accs) if len(self.accs) > 1 else 0.0
+
+
+def train_on_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, lr: float,
+                 x_test: torch.Tensor, y_test: torch.Tensor, cfg: EvalConfig, seed: int,
+                 device: str | torch.device = "cpu") -> float:
+    """Train one fresh network on (images, labels) and return its final test accuracy."""
+    net = seeded_network(model, info.channels, info.num_classes, info.size, seed).to(device)
+    gen = torch.Generator().manual_seed(seed + 104729)
+    dsa = DSA(DSAConfig()) if cfg.dsa else None
+    opt = torch.optim.SGD(net.parameters(), lr=float(lr), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    images, labels = images.detach().to(device), labels.to(device)
+    decay_at = cfg.epochs // 2 + 1
+    net.train()
+    for epoch in range(1, cfg.epochs + 1):
+        if epoch == decay_at:
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
+        perm = torch.randperm(len(images), generator=gen).to(device)
+        for i in range(0, len(images), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            xb = images[idx]
+            if dsa is not None:
+                xb = dsa(xb, gen)
+            loss = F.cross_entropy(net(xb), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return accuracy(net, x_test, y_test)
+
+
+def evaluate_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, lr: float,
+                 x_test: torch.Tensor, y_test: torch.Tensor, cfg: EvalConfig, seed: int = 0,
+                 device: str | torch.device = "cpu") -> EvalResult:
+    """Train ``cfg.networks`` fresh networks (seeds ``seed``, ``seed+1``, ...) and test each."""
+    return EvalResult([train_on_set(model, info, images, labels, lr, x_test, y_test, cfg, seed + k, device)
+                       for k in range(cfg.networks)])
+
+
+def random_real_subset(x: torch.Tensor, y: torch.Tensor, per_class: int, num_classes: int,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` random real images of every class (the baseline of the same budget)."""
+    xs, ys = [], []
+    for c in range(num_classes):
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) < per_class:
+            raise ValueError(f"class {c} has {len(idx)} training images, fewer than {per_class} per class")
+        pick = idx[torch.randperm(len(idx), generator=generator)[:per_class]]
+        xs.append(x[pick])
+        ys.append(y[pick])
+    return torch.cat(xs).clone(), torch.cat(ys).clone()

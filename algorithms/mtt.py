@@ -1,0 +1,155 @@
+"""MTT: Dataset Distillation by Matching Training Trajectories (Cazenavette et al. 2022).
+
+Each outer iteration takes a start point θ_t and a target θ_{t+M} from an expert trajectory,
+trains a student from θ_t for ``syn_steps`` SGD steps on augmented synthetic batches with the
+learnable step size ``syn_lr``, and minimises the normalised parameter distance
+
+    L = ||θ_student − θ_{t+M}||² / ||θ_t − θ_{t+M}||²
+
+with respect to the synthetic images and ``syn_lr`` by backpropagating through the unrolled
+student steps. Where start and target come from is the job of a *trajectory sampler*
+(``sample(generator) -> (start, target, info)``), so other methods reuse this distiller with
+another sampler.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .augment import DSA, DSAConfig, identity
+from .base import SyntheticSet, check_finite
+from .evaluate import random_real_subset
+from .networks import Manifest, functional_forward, manifest_of
+
+
+class TrajectorySampler(Protocol):
+    def sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]: ...
+
+
+class EpochSampler:
+    """MTT's sampling: a random expert, a start epoch t uniform in {0, …, max_start_epoch−1},
+    the target ``expert_epochs`` epochs later. ``trajectories`` are [epochs+1, P] tensors."""
+
+    def __init__(self, trajectories: Sequence[torch.Tensor], expert_epochs: int, max_start_epoch: int):
+        if not trajectories:
+            raise ValueError("no expert trajectories to sample from")
+        epochs = min(len(t) for t in trajectories) - 1
+        if max_start_epoch < 1 or expert_epochs < 1 or max_start_epoch + expert_epochs > epochs:
+            raise ValueError(f"max_start_epoch ({max_start_epoch}) + expert_epochs ({expert_epochs}) "
+                             f"must be at most the experts' {epochs} epochs")
+        self.trajectories, self.expert_epochs, self.max_start_epoch = trajectories, expert_epochs, max_start_epoch
+
+    def sample(self, generator):
+        e = int(torch.randint(len(self.trajectories), (1,), generator=generator))
+        t = int(torch.randint(self.max_start_epoch, (1,), generator=generator))
+        traj = self.trajectories[e]
+        return traj[t], traj[t + self.expert_epochs], {"expert": e, "start_epoch": t}
+
+
+@dataclass(frozen=True)
+class MTTConfig:
+    ipc: int
+    syn_steps: int = 20
+    expert_epochs: int = 2
+    max_start_epoch: int = 10
+    lr_img: float = 100.0
+    lr_lr: float = 1e-5
+    lr_teacher: float = 0.01  # initial syn_lr
+    batch_syn: int | None = None  # None: all synthetic images in every student step
+    momentum: float = 0.5
+    pix_init: str = "real"  # real | noise
+    dsa: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def matching_loss(student_end: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((student_end - target) ** 2).sum() / ((start - target) ** 2).sum()
+
+
+class MTTDistiller:
+    def __init__(self, net: nn.Module, sampler: TrajectorySampler, x_real: torch.Tensor, y_real: torch.Tensor,
+                 num_classes: int, cfg: MTTConfig, seed: int = 0, device: str | torch.device = "cpu",
+                 dsa: DSAConfig | None = None):
+        self.net, self.sampler, self.cfg = net.to(device), sampler, cfg
+        self.manifest: Manifest = manifest_of(net)
+        self.device = torch.device(device)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.augment = DSA(dsa or DSAConfig()) if cfg.dsa else identity
+        if cfg.pix_init == "real":
+            images, labels = random_real_subset(x_real, y_real, cfg.ipc, num_classes, self.gen)
+        elif cfg.pix_init == "noise":
+            labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)
+            images = torch.randn((len(labels), *x_real.shape[1:]), generator=self.gen)
+        else:
+            raise ValueError(f"pix_init must be 'real' or 'noise', not {cfg.pix_init!r}")
+        self.images = images.to(self.device).requires_grad_(True)
+        self.labels = labels.to(self.device)
+        self.syn_lr = torch.tensor(float(cfg.lr_teacher), device=self.device).requires_grad_(True)
+        self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
+        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
+        self.iteration = 0
+        self._queue: list[torch.Tensor] = []
+
+    # -- student batches: a shuffled permutation cut into chunks, refilled when used up -------
+    def _next_batch(self) -> torch.Tensor:
+        n = len(self.labels)
+        bs = self.cfg.batch_syn or n
+        if not self._queue:
+            self._queue = list(torch.randperm(n, generator=self.gen).split(bs))
+        return self._queue.pop(0).to(self.device)
+
+    def _student_step(self, params: torch.Tensor, idx: torch.Tensor, create_graph: bool) -> torch.Tensor:
+        x = self.augment(self.images[idx], self.gen)
+        ce = F.cross_entropy(functional_forward(self.net, params, x, self.manifest), self.labels[idx])
+        return torch.autograd.grad(ce, params, create_graph=create_graph)[0]
+
+    def step(self) -> dict[str, float]:
+        start, target, info = self.sampler.sample(self.gen)
+        start = start.to(self.device, torch.float32, copy=True)
+        target = target.to(self.device, torch.float32, copy=True)
+        params = start.clone().requires_grad_(True)
+        for _ in range(self.cfg.syn_steps):
+            grad = self._student_step(params, self._next_batch(), create_graph=True)
+            params = params - self.syn_lr * grad
+        loss = matching_loss(params, start, target)
+        check_finite("matching loss", loss, self.iteration)
+        self.opt_img.zero_grad(set_to_none=True)
+        self.opt_lr.zero_grad(set_to_none=True)
+        loss.backward()
+        check_finite("image gradient", self.images.grad, self.iteration)
+        self.opt_img.step()
+        self.opt_lr.step()
+        check_finite("syn_lr", self.syn_lr, self.iteration)
+        self.iteration += 1
+        return {"loss": loss.item(), "syn_lr": self.syn_lr.item(), **{k: float(v) for k, v in info.items()}}
+
+    def synthetic(self) -> SyntheticSet:
+        return SyntheticSet(self.images.detach().cpu().clone(), self.labels.cpu().clone(), self.syn_lr.item())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "images": self.images.detach().cpu().clone(),
+            "labels": self.labels.cpu().clone(),
+            "syn_lr": self.syn_lr.detach().cpu().clone(),
+            "opt_img": self.opt_img.state_dict(),
+            "opt_lr": self.opt_lr.state_dict(),
+            "generator": self.gen.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"].to(self.device))
+            self.syn_lr.copy_(state["syn_lr"].to(self.device))
+        self.labels = state["labels"].to(self.device)
+        self.opt_img.load_state_dict(state["opt_img"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
+        self.gen.set_state(state["generator"])
+        self.iteration = int(state["iteration"])
+        self._queue = []

@@ -1,0 +1,1 @@
+"""Ray/PyTorch/MLflow dataset-distillation orchestrator."""

@@ -1,0 +1,125 @@
+"""Files a trial produces: the synthetic set in the export contract, an image grid, and the
+distiller state for Tune checkpoints. Everything is safetensors plus JSON: nothing is pickled."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from algorithms.base import SyntheticSet
+
+from .store import atomic_write_bytes
+
+CONTRACT_TENSORS = {"images": torch.float32, "labels": torch.int64, "lr": torch.float32}
+
+
+def save_synthetic(path: str | Path, syn: SyntheticSet, info, algorithm: str, extra: dict[str, Any] | None = None) -> Path:
+    """Write the export contract: ``images`` (N,C,H,W float32, normalised), ``labels`` (int64),
+    ``lr`` (float32 scalar); string metadata ``dataset``, ``algorithm``, ``mean``, ``std``."""
+    tensors = {"images": syn.images.detach().cpu().to(torch.float32).contiguous(),
+               "labels": syn.labels.detach().cpu().to(torch.int64).contiguous(),
+               "lr": torch.tensor(float(syn.lr), dtype=torch.float32)}
+    meta = {"dataset": info.name, "algorithm": algorithm, "mean": json.dumps(list(info.mean)),
+            "std": json.dumps(list(info.std)), "format": "distill-orchestrator/synthetic-v1"}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
+    atomic_write_bytes(Path(path), st_save(tensors, metadata=meta))
+    return Path(path)
+
+
+def read_synthetic(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read and check a synthetic-set file; raises ValueError naming the file and the field."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    for name, dtype in CONTRACT_TENSORS.items():
+        if name not in tensors:
+            raise ValueError(f"{path}: tensor {name!r} is missing")
+        if tensors[name].dtype != dtype:
+            raise ValueError(f"{path}: tensor {name!r} is {tensors[name].dtype}, expected {dtype}")
+    for key in ("dataset", "algorithm", "mean", "std"):
+        if key not in meta:
+            raise ValueError(f"{path}: metadata field {key!r} is missing")
+    if tensors["images"].ndim != 4 or len(tensors["labels"]) != len(tensors["images"]):
+        raise ValueError(f"{path}: images {tuple(tensors['images'].shape)} and labels "
+                         f"{tuple(tensors['labels'].shape)} do not match")
+    return tensors, meta
+
+
+def image_grid(images: torch.Tensor, labels: torch.Tensor, mean, std, path: str | Path, max_per_class: int = 10) -> Path:
+    """A PNG grid of the synthetic images, one row per class, in pixel space."""
+    from PIL import Image
+
+    x = images.detach().cpu().float() * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    x = x.clamp(0, 1)
+    classes = sorted(set(labels.tolist()))
+    rows = [x[labels == c][:max_per_class] for c in classes]
+    cols = max(len(r) for r in rows)
+    _, c, h, w = x.shape
+    scale = max(1, 64 // max(h, w))
+    pad = 1
+    canvas = np.ones(((h + pad) * len(rows) + pad, (w + pad) * cols + pad, 3), dtype=np.float32)
+    for i, r in enumerate(rows):
+        for j, img in enumerate(r):
+            arr = img.permute(1, 2, 0).numpy()
+            if c == 1:
+                arr = np.repeat(arr, 3, axis=2)
+            canvas[pad + i * (h + pad): pad + i * (h + pad) + h, pad + j * (w + pad): pad + j * (w + pad) + w] = arr
+    im = Image.fromarray((canvas * 255).round().astype(np.uint8))
+    im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return Path(path)
+
+
+# -- distiller state <-> safetensors + JSON (Tune checkpoints) -----------------------------------
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {"__items__": [[k, _encode(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint {type(obj).__name__} at {path}")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+        if "__list__" in obj:
+            items = [_decode(v, tensors) for v in obj["__list__"]]
+            return tuple(items) if obj.get("tuple") else items
+    return obj
+
+
+def save_state(state: dict[str, Any], directory: str | Path) -> None:
+    """Write a nested state (dicts, lists, tensors, scalars) as ``state.safetensors`` + ``state.json``."""
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode(state, tensors, "s")
+    atomic_write_bytes(directory / "state.safetensors", st_save(tensors))
+    atomic_write_bytes(directory / "state.json", json.dumps(skeleton).encode())
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    with safe_open(str(directory / "state.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _decode(json.loads((directory / "state.json").read_text()), tensors)

@@ -1,0 +1,184 @@
+"""The ``orchestrate`` command: launch | experts | results | export | ui."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from .datasets import DatasetFormatError, DatasetNotFoundError
+from .progress import Progress
+from .spec import SpecError, load_spec
+from .tracking import workspace
+
+console = Console()
+err_console = Console(stderr=True)
+
+root_option = click.option("--root", type=click.Path(file_okay=False), default=None, envvar="ORCHESTRATE_ROOT",
+                           help="Folder of the local store (MLflow database and artifacts, Tune results, "
+                                "trajectories). Default: ./orchestrate-runs")
+uri_option = click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
+                          help="MLflow tracking URI (default: the SQLite database in --root).")
+
+
+def _fail(message: str, code: int = 2):
+    err_console.print(f"[red]error:[/red] {message}")
+    sys.exit(code)
+
+
+def _load(spec_path: str | None):
+    try:
+        return load_spec(spec_path)
+    except SpecError as e:
+        _fail(str(e))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Distributed dataset distillation: experts with Ray, sweeps with Ray Tune, results in MLflow."""
+
+
+@main.command()
+@click.argument("spec", required=False, type=click.Path(dir_okay=False))
+@root_option
+@uri_option
+@click.option("--address", default=None, help="Join an existing Ray cluster: 'auto' or HOST:PORT.")
+@click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all).")
+def launch(spec, root, tracking_uri, address, num_cpus):
+    """Train (or reuse) the experts, run the sweep of SPEC and print the results table.
+
+    Without SPEC, runs the embedded quickstart (search_spaces/quickstart.yaml, digits, CPU)."""
+    from . import results as res
+    from .sweep import launch as run_launch
+    from .sweep import ray_session
+
+    s = _load(spec)
+    ws = workspace(root, tracking_uri)
+    t0 = time.time()
+    err_console.print(f"[bold]launch[/bold] {s.name} ({s.path}), spec hash {s.hash}")
+    try:
+        with ray_session(address, num_cpus), Progress(err_console) as progress:
+            out = run_launch(s, ws, progress)
+    except SpecError as e:
+        _fail(str(e))
+    except (DatasetNotFoundError, DatasetFormatError) as e:
+        _fail(str(e))
+    rows = res.collect(ws.tracking_uri, sweep=out.parent_run_id)
+    console.print(res.table(rows, title=f"{s.name}: {s.dataset['name']} (sweep run {out.parent_run_id})"))
+    for e in out.errors:
+        err_console.print(f"[red]trial error:[/red] {e}")
+    console.print(f"finished in {time.time() - t0:.0f} s; experts: {out.experts.directory} "
+                  f"({out.experts.trained} trained, {len(out.experts.records) - out.experts.trained} reused)")
+    console.print(f"results are in MLflow at {ws.tracking_uri}")
+    ui_hint = "orchestrate ui" + (f" --root {ws.root}" if root else "")
+    console.print(f"browse them with: [bold]{ui_hint}[/bold]   or: orchestrate results --format table|json|csv")
+    if out.errors:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("spec", required=False, type=click.Path(dir_okay=False))
+@root_option
+@click.option("--address", default=None, help="Join an existing Ray cluster: 'auto' or HOST:PORT.")
+@click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all).")
+def experts(spec, root, address, num_cpus):
+    """Train only the experts of SPEC (stored experts are verified and reused)."""
+    from .sweep import ray_session, train_experts
+
+    s = _load(spec)
+    ws = workspace(root, "unused://")
+    try:
+        with ray_session(address, num_cpus), Progress(err_console) as progress:
+            out = train_experts(s, ws, progress)
+    except (DatasetNotFoundError, DatasetFormatError) as e:
+        _fail(str(e))
+    mean, std = out.accuracy
+    console.print(f"{len(out.records)} experts in {out.directory} ({out.trained} trained now); "
+                  f"full-data test accuracy {100 * mean:.1f} ± {100 * std:.1f} %")
+
+
+@main.command()
+@root_option
+@uri_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--sweep", default=None, help="Parent run id of a sweep (default: the latest).")
+@click.option("--all", "all_sweeps", is_flag=True, help="Every sweep, not only the latest.")
+@click.option("--experiment", default=None, help="Only this MLflow experiment (the spec's name).")
+def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment):
+    """Print the results of a sweep from MLflow, one row per trial."""
+    from . import results as res
+
+    ws = workspace(root, tracking_uri)
+    try:
+        rows = res.collect(ws.tracking_uri, sweep=sweep, experiment=experiment, all_sweeps=all_sweeps)
+    except LookupError as e:
+        _fail(str(e), 1)
+    if fmt == "json":
+        click.echo(res.to_json(rows))
+    elif fmt == "csv":
+        click.echo(res.to_csv(rows), nl=False)
+    else:
+        if not rows:
+            err_console.print(f"no trials found in {ws.tracking_uri}")
+        console.print(res.table(rows))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write (.safetensors).")
+@root_option
+@uri_option
+def export(run_id, output, root, tracking_uri):
+    """Write the synthetic set of trial RUN_ID to a safetensors file."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from .artifacts import read_synthetic
+    from .store import atomic_write_bytes
+    from .trial import SYNTHETIC_ARTIFACT
+
+    ws = workspace(root, tracking_uri)
+    client = MlflowClient(ws.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, SYNTHETIC_ARTIFACT, tmp)
+        except MlflowException as e:
+            _fail(f"run {run_id} has no synthetic set ({SYNTHETIC_ARTIFACT}) in {ws.tracking_uri}: {e.message}", 1)
+        try:
+            tensors, meta = read_synthetic(local)
+        except ValueError as e:
+            _fail(str(e), 1)
+        atomic_write_bytes(Path(output), Path(local).read_bytes())
+    console.print(f"wrote {output}: images {tuple(tensors['images'].shape)}, labels {tuple(tensors['labels'].shape)}, "
+                  f"lr {float(tensors['lr']):.5g}, dataset {meta['dataset']}, algorithm {meta['algorithm']}")
+
+
+@main.command()
+@root_option
+@uri_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (127.0.0.1: this machine only).")
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui(root, tracking_uri, host, port):
+    """Open the MLflow UI on the store."""
+    ws = workspace(root, tracking_uri)
+    if not ws.is_local:
+        _fail(f"{ws.tracking_uri} is a tracking server: open it in a browser instead", 1)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.tracking_uri, "--host", host,
+           "--port", str(port)]
+    if ws.artifact_root:
+        cmd += ["--default-artifact-root", ws.artifact_root]
+    err_console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]warning:[/yellow] binding to {host} exposes the UI beyond this machine")
+    try:
+        sys.exit(subprocess.call(cmd))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

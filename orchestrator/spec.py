@@ -1,0 +1,328 @@
+"""Sweep specs: YAML files validated before anything runs.
+
+Every problem found is reported at once, each naming the file and the key (``experts.epochs``,
+``algorithms.mtt.hyperparameters.lr_img``) and what is allowed. A spec is turned into a
+:class:`Spec`, whose defaults are filled in, and whose hash identifies it in MLflow.
+
+Hyperparameter values may be a fixed value, a list (a grid: one trial per value), or a Tune
+distribution written as a one-key mapping: ``{loguniform: [1e-6, 1e-4]}``, ``{uniform: [a, b]}``,
+``{randint: [a, b]}`` (b excluded), ``{choice: [v1, v2]}``.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from algorithms.mtt import MTTConfig
+
+from .datasets import DATASETS
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+
+
+class SpecError(ValueError):
+    """One or more problems in a spec; ``problems`` lists them, each naming file and key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid spec:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def default_spec_path() -> Path:
+    """The embedded default, ``search_spaces/quickstart.yaml``."""
+    return Path(str(resources.files("search_spaces").joinpath("quickstart.yaml")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema: for each section, key -> (types, default, check). ``check`` returns an error
+# message or None. ``REQUIRED`` marks keys without default.
+REQUIRED = object()
+NUM = (int, float)
+
+
+def _pos(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _nonneg(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _prob(v):
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "dataset": {"name": (str, REQUIRED, lambda v: None if v.lower() in DATASETS else
+                         f"unknown dataset {v!r}; known: {', '.join(sorted(DATASETS))}"),
+                "root": ((str, type(None)), None, None)},
+    "model": {"name": (str, "convnet", lambda v: None if v == "convnet" else "unknown model; known: convnet"),
+              "depth": (int, 3, _pos), "width": (int, 128, _pos),
+              "norm": (str, "instancenorm", lambda v: None if v in ("instancenorm", "none") else
+                       "must be instancenorm or none"),
+              "pooling": (str, "avgpooling", lambda v: None if v in ("avgpooling", "maxpooling", "none") else
+                          "must be avgpooling, maxpooling or none")},
+    "experts": {"count": (int, 10, _pos), "epochs": (int, 50, _pos), "lr": (NUM, 0.01, _pos),
+                "batch_size": (int, 256, _pos), "momentum": (NUM, 0.0, _nonneg),
+                "weight_decay": (NUM, 0.0, _nonneg), "dsa": (bool, True, None), "lr_decay": (bool, False, None),
+                "seed": (int, 0, _nonneg)},
+    "evaluation": {"networks": (int, 5, _pos), "epochs": (int, 300, _pos), "interval": (int, 100, _nonneg),
+                   "batch_size": (int, 256, _pos), "dsa": (bool, True, None)},
+    "resources": {"cpus_per_trial": (NUM, 1, _pos), "gpus_per_trial": ((str, int, float), "auto",
+                  lambda v: None if v == "auto" or (not isinstance(v, str) and v >= 0) else
+                  "must be 'auto' or a number >= 0"),
+                  "cpus_per_expert": (NUM, 1, _pos),
+                  "max_concurrent_trials": ((int, type(None)), None, lambda v: None if v is None or v > 0
+                                            else "must be > 0 or null")},
+}
+TOP = {"name": (str, REQUIRED, None), "description": (str, "", None), "seed": (int, 0, _nonneg),
+       "num_samples": (int, 1, _pos), "checkpoint_interval": (int, 50, _pos),
+       "baselines": (list, ["random"], lambda v: None if all(b == "random" for b in v) else
+                     "only 'random' (a random real subset of the same budget) is known")}
+
+# Per algorithm: the hyperparameters a spec may set (with the distiller config's defaults).
+ALGORITHMS: dict[str, type] = {"mtt": MTTConfig}
+HP_CHECKS = {"syn_steps": _pos, "expert_epochs": _pos, "max_start_epoch": _pos, "lr_img": _pos, "lr_lr": _pos,
+             "lr_teacher": _pos, "momentum": _nonneg, "batch_syn": lambda v: None if v is None or v > 0 else
+             "must be > 0 or null (all images)", "pix_init": lambda v: None if v in ("real", "noise") else
+             "must be real or noise"}
+
+
+def _type_name(t) -> str:
+    ts = t if isinstance(t, tuple) else (t,)
+    return " or ".join("null" if x is type(None) else x.__name__ for x in ts)
+
+
+def _is(v, t) -> bool:
+    ts = t if isinstance(t, tuple) else (t,)
+    if isinstance(v, bool) and bool not in ts:
+        return False  # YAML's true is not a number here
+    if isinstance(v, int) and float in ts:
+        return True
+    return isinstance(v, ts)
+
+
+def _unknown(key: str, allowed) -> str:
+    near = difflib.get_close_matches(key, list(allowed), n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"unknown key{hint}; allowed: {', '.join(sorted(allowed))}"
+
+
+@dataclass
+class Spec:
+    path: str
+    name: str
+    description: str
+    seed: int
+    num_samples: int
+    checkpoint_interval: int
+    baselines: list[str]
+    dataset: dict[str, Any]
+    model: dict[str, Any]
+    experts: dict[str, Any]
+    evaluation: dict[str, Any]
+    resources: dict[str, Any]
+    algorithms: dict[str, dict[str, Any]]  # name -> {budgets, iterations, hyperparameters}
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("path", "raw")}
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def expert_training(self) -> dict[str, Any]:
+        """The training config that (with dataset, model and seed) determines the trajectories."""
+        return {k: v for k, v in self.experts.items() if k not in ("count", "seed")}
+
+    def trial_points(self) -> list[dict[str, Any]]:
+        """One point per (algorithm, budget, grid point); values may still be Tune distributions.
+        Baselines come first so that their rows exist when the distilled trials report."""
+        points = []
+        budgets = sorted({b for a in self.algorithms.values() for b in a["budgets"]})
+        for base in self.baselines:
+            points += [{"algorithm": base, "budget": b, "iterations": 0, "hp": {}} for b in budgets]
+        for name, algo in self.algorithms.items():
+            hp = algo["hyperparameters"]
+            grid_keys = [k for k, v in hp.items() if isinstance(v, list)]
+            for budget in algo["budgets"]:
+                for combo in itertools.product(*(hp[k] for k in grid_keys)):
+                    point = {**hp, **dict(zip(grid_keys, combo))}
+                    points.append({"algorithm": name, "budget": budget, "iterations": algo["iterations"],
+                                   "hp": point})
+        return points
+
+
+def load_spec(path: str | Path | None = None) -> Spec:
+    """Read and validate a spec file (the quickstart when ``path`` is None)."""
+    path = Path(path) if path is not None else default_spec_path()
+    if not path.exists():
+        raise SpecError([f"{path}: no such spec file"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError([f"{path}: not valid YAML: {e}"]) from e
+    return validate(raw, str(path))
+
+
+def validate(raw: Any, source: str = "<spec>") -> Spec:
+    problems: list[str] = []
+
+    def err(key: str, msg: str) -> None:
+        problems.append(f"{source}: {key}: {msg}")
+
+    if not isinstance(raw, dict):
+        raise SpecError([f"{source}: the spec must be a mapping of sections, not {type(raw).__name__}"])
+    sections = set(SCHEMA) | set(TOP) | {"algorithms"}
+    for k in raw:
+        if k not in sections:
+            err(str(k), _unknown(str(k), sections))
+
+    def check_fields(prefix: str, given: Any, schema: dict[str, tuple]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if given is None:
+            given = {}
+        if not isinstance(given, dict):
+            err(prefix, f"must be a mapping, not {type(given).__name__}")
+            given = {}
+        for k in given:
+            if k not in schema:
+                err(f"{prefix}.{k}" if prefix else str(k), _unknown(str(k), schema))
+        for k, (types, default, check) in schema.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if k not in given:
+                if default is REQUIRED:
+                    err(key, "is required")
+                else:
+                    out[k] = copy.deepcopy(default)
+                continue
+            v = given[k]
+            if not _is(v, types):
+                err(key, f"must be {_type_name(types)}, got {type(v).__name__} {v!r}")
+                continue
+            if check is not None and v is not None and (msg := check(v)):
+                err(key, msg)
+            out[k] = v
+        return out
+
+    top = check_fields("", {k: v for k, v in raw.items() if k in TOP}, TOP)
+    sec = {s: check_fields(s, raw.get(s), schema) for s, schema in SCHEMA.items()}
+    if isinstance(sec["dataset"].get("name"), str):
+        sec["dataset"]["name"] = sec["dataset"]["name"].lower()
+    algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err)
+    if problems:
+        raise SpecError(problems)
+    return Spec(path=source, raw=raw, algorithms=algorithms, **top, **sec)
+
+
+def _bounds(v: Any) -> list[float]:
+    """The extreme values a hyperparameter can take (for feasibility checks)."""
+    if isinstance(v, list):
+        return [x for item in v for x in _bounds(item)]
+    if isinstance(v, dict):
+        (kind, args), = v.items()
+        if kind == "randint":
+            return [args[0], args[1] - 1]
+        return _bounds(list(args))
+    return [v] if isinstance(v, NUM) and not isinstance(v, bool) else []
+
+
+def _check_hp_value(key: str, v: Any, check, err) -> None:
+    if isinstance(v, list):
+        if not v:
+            err(key, "an empty list gives no trials; give at least one value")
+        for item in v:
+            _check_hp_value(key, item, check, err)
+        return
+    if isinstance(v, dict):
+        if len(v) != 1 or next(iter(v)) not in DISTRIBUTIONS:
+            err(key, f"a distribution is a one-key mapping, one of {', '.join(DISTRIBUTIONS)}; got {v!r}")
+            return
+        (kind, args), = v.items()
+        if not isinstance(args, list) or not args:
+            err(key, f"{kind} needs a list of arguments, e.g. {{{kind}: [low, high]}}")
+            return
+        if kind == "choice":
+            for item in args:
+                _check_hp_value(key, item, check, err)
+            return
+        if len(args) != 2 or not all(_is(a, NUM) for a in args) or not args[0] < args[1]:
+            err(key, f"{kind} needs [low, high] with low < high, got {args!r}")
+            return
+        if kind == "loguniform" and args[0] <= 0:
+            err(key, "loguniform needs low > 0")
+        if kind == "randint" and not all(isinstance(a, int) for a in args):
+            err(key, "randint needs integer bounds")
+        for a in ([args[0], args[1] - 1] if kind == "randint" else args):
+            if check and (msg := check(a)):
+                err(key, f"bound {a}: {msg}")
+        return
+    if check and v is not None and not isinstance(v, bool) and isinstance(v, (int, float, str)):
+        if isinstance(v, float) and not math.isfinite(v):
+            err(key, "must be finite")
+        elif (msg := check(v)):
+            err(key, msg)
+
+
+def _check_algorithms(given: Any, experts: dict, err) -> dict[str, dict[str, Any]]:
+    if not isinstance(given, dict) or not given:
+        err("algorithms", f"must map at least one algorithm ({', '.join(ALGORITHMS)}) to its budgets")
+        return {}
+    out = {}
+    for name, body in given.items():
+        key = f"algorithms.{name}"
+        if name not in ALGORITHMS:
+            err(key, f"unknown algorithm; known: {', '.join(ALGORITHMS)}")
+            continue
+        if not isinstance(body, dict):
+            err(key, "must be a mapping with budgets, iterations and hyperparameters")
+            continue
+        for k in body:
+            if k not in ("budgets", "iterations", "hyperparameters"):
+                err(f"{key}.{k}", _unknown(k, ("budgets", "iterations", "hyperparameters")))
+        budgets = body.get("budgets")
+        if not isinstance(budgets, list) or not budgets:
+            err(f"{key}.budgets", "must be a non-empty list of images per class, e.g. [1, 10]")
+            budgets = []
+        elif not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in budgets):
+            err(f"{key}.budgets", f"every budget must be a positive integer (images per class), got {budgets!r}")
+        iterations = body.get("iterations", 500)
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+            err(f"{key}.iterations", f"must be a positive integer, got {iterations!r}")
+        allowed = {f.name: f.default for f in fields(ALGORITHMS[name]) if f.name != "ipc"}
+        hp_given = body.get("hyperparameters") or {}
+        if not isinstance(hp_given, dict):
+            err(f"{key}.hyperparameters", "must be a mapping")
+            hp_given = {}
+        hp = dict(allowed)
+        hp["lr_teacher"] = experts.get("lr", hp["lr_teacher"])
+        for k, v in hp_given.items():
+            if k not in allowed:
+                err(f"{key}.hyperparameters.{k}", _unknown(k, allowed))
+                continue
+            _check_hp_value(f"{key}.hyperparameters.{k}", v, HP_CHECKS.get(k), err)
+            hp[k] = v
+        for int_key in ("syn_steps", "expert_epochs", "max_start_epoch"):
+            bad = [b for b in _bounds(hp.get(int_key)) if not float(b).is_integer()]
+            if bad:
+                err(f"{key}.hyperparameters.{int_key}", f"must be an integer, got {bad[0]}")
+        starts, spans = _bounds(hp.get("max_start_epoch")), _bounds(hp.get("expert_epochs"))
+        if starts and spans and isinstance(experts.get("epochs"), int):
+            worst = max(starts) + max(spans)
+            if worst > experts["epochs"]:
+                err(f"{key}.hyperparameters.max_start_epoch",
+                    f"max_start_epoch ({max(starts)}) + expert_epochs ({max(spans)}) = {worst} goes beyond "
+                    f"the experts' {experts['epochs']} epochs (experts.epochs)")
+        out[name] = {"budgets": budgets, "iterations": iterations, "hyperparameters": hp}
+    return out

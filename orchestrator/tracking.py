@@ -1,0 +1,134 @@
+"""MLflow tracking: where runs live, one parent run per launch, one child run per trial.
+
+The local default is one folder (``./orchestrate-runs``) holding the SQLite database
+(``mlflow.db``), the artifacts (``artifacts/``), Tune's results (``tune/``) and the trajectory
+store (``trajectories/``). ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` point at another
+store (an ``http://`` server, say); the rest stays in the folder.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+ROOT_ENV = "ORCHESTRATE_ROOT"
+DEFAULT_ROOT = "orchestrate-runs"
+PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "orchestrate.role"  # sweep | trial
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    tracking_uri: str
+
+    @property
+    def trajectories(self) -> Path:
+        return self.root / "trajectories"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def artifact_root(self) -> str | None:
+        """Where new experiments put artifacts: beside the database for a local SQLite store;
+        the server's own choice for a remote tracking server."""
+        if self.tracking_uri.startswith("sqlite:"):
+            return (self.root / "artifacts").as_uri()
+        return None
+
+    @property
+    def is_local(self) -> bool:
+        return self.tracking_uri.startswith("sqlite:")
+
+
+def workspace(root: str | os.PathLike | None = None, tracking_uri: str | None = None) -> Workspace:
+    root_path = Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser().resolve()
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root_path / 'mlflow.db'}"
+    if uri.startswith("sqlite:"):
+        root_path.mkdir(parents=True, exist_ok=True)
+    return Workspace(root_path, uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = f"{artifact_root}/{name}" if artifact_root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _param_value(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+class RunLogger:
+    """Logs to one MLflow run through the client API (safe from any Ray worker). Metrics are
+    buffered and sent in batches."""
+
+    def __init__(self, tracking_uri: str, run_id: str, batch: int = 200):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self._metrics: list[Metric] = []
+        self._batch = batch
+
+    def params(self, values: dict[str, Any]) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, _param_value(v)) for k, v in values.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
+
+    def tags(self, values: dict[str, Any]) -> None:
+        tags = [RunTag(k, _param_value(v)) for k, v in values.items()]
+        if tags:
+            self.client.log_batch(self.run_id, tags=tags)
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._metrics += [Metric(k, float(v), now, int(step)) for k, v in values.items()]
+        if len(self._metrics) >= self._batch:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._metrics:
+            chunk, self._metrics = self._metrics[:1000], self._metrics[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def artifact(self, path: str | Path, directory: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), directory)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status)
+
+
+def find_or_create_child(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str,
+                         run_name: str, tags: dict[str, Any]) -> tuple[str, bool]:
+    """The child run of ``parent_run_id`` for Tune trial ``trial_id``: an existing one is
+    continued (a retried or restored trial keeps its run), otherwise one is created."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
+                                                             f"tags.`orchestrate.trial_id` = '{trial_id}'")
+    if found:
+        run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        return run_id, False
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={PARENT_TAG: parent_run_id, ROLE_TAG: "trial", "orchestrate.trial_id": trial_id,
+                                  **{k: _param_value(v) for k, v in tags.items()}})
+    return run.info.run_id, True

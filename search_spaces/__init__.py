@@ -1,0 +1,1 @@
+"""Sweep specs shipped with the package; copy one and edit it."""
