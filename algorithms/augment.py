@@ -158,7 +158,3 @@ class DSA:
                              torch.stack([torch.sin(a), torch.cos(a), zero], 1)], 1)
         return cls._affine(x, theta.to(x.dtype))
 
-
-def identity(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """No augmentation, with the same call signature as a :class:`DSA` object."""
-    return x

@@ -13,6 +13,7 @@ another sampler.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, Sequence
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import DSA, DSAConfig, identity
+from .augment import DSA, AugSample, DSAConfig
 from .base import SyntheticSet, check_finite
 from .evaluate import random_real_subset
 from .networks import Manifest, functional_forward, manifest_of
@@ -72,6 +73,21 @@ def matching_loss(student_end: torch.Tensor, start: torch.Tensor, target: torch.
     return ((student_end - target) ** 2).sum() / ((start - target) ** 2).sum()
 
 
+def unrolled_matching_loss(net: nn.Module, manifest: Manifest, start: torch.Tensor, target: torch.Tensor,
+                           images: torch.Tensor, labels: torch.Tensor, syn_lr: torch.Tensor,
+                           plan: Sequence[tuple[torch.Tensor, AugSample | None]], augment: DSA | None) -> torch.Tensor:
+    """The matching loss after ``len(plan)`` student SGD steps from ``start``, differentiable
+    with respect to ``images`` and ``syn_lr`` through every step (full backpropagation; memory
+    grows with the number of steps). ``plan`` gives each step's batch indices and augmentation."""
+    params = start.detach().clone().requires_grad_(True)
+    for idx, aug in plan:
+        x = images[idx] if aug is None else augment.apply(images[idx], aug)
+        ce = F.cross_entropy(functional_forward(net, params, x, manifest), labels[idx])
+        grad = torch.autograd.grad(ce, params, create_graph=True)[0]
+        params = params - syn_lr * grad
+    return matching_loss(params, start, target)
+
+
 class MTTDistiller:
     def __init__(self, net: nn.Module, sampler: TrajectorySampler, x_real: torch.Tensor, y_real: torch.Tensor,
                  num_classes: int, cfg: MTTConfig, seed: int = 0, device: str | torch.device = "cpu",
@@ -80,7 +96,7 @@ class MTTDistiller:
         self.manifest: Manifest = manifest_of(net)
         self.device = torch.device(device)
         self.gen = torch.Generator().manual_seed(seed)
-        self.augment = DSA(dsa or DSAConfig()) if cfg.dsa else identity
+        self.augment = DSA(dsa or DSAConfig()) if cfg.dsa else None
         if cfg.pix_init == "real":
             images, labels = random_real_subset(x_real, y_real, cfg.ipc, num_classes, self.gen)
         elif cfg.pix_init == "noise":
@@ -104,20 +120,22 @@ class MTTDistiller:
             self._queue = list(torch.randperm(n, generator=self.gen).split(bs))
         return self._queue.pop(0).to(self.device)
 
-    def _student_step(self, params: torch.Tensor, idx: torch.Tensor, create_graph: bool) -> torch.Tensor:
-        x = self.augment(self.images[idx], self.gen)
-        ce = F.cross_entropy(functional_forward(self.net, params, x, self.manifest), self.labels[idx])
-        return torch.autograd.grad(ce, params, create_graph=create_graph)[0]
+    def _plan(self) -> list[tuple[torch.Tensor, AugSample | None]]:
+        """The student's batches and their augmentation parameters for one iteration."""
+        size = self.images.shape[-1]
+        plan = []
+        for _ in range(self.cfg.syn_steps):
+            idx = self._next_batch()
+            aug = self.augment.sample(len(idx), size, self.gen) if self.augment is not None else None
+            plan.append((idx, aug))
+        return plan
 
     def step(self) -> dict[str, float]:
         start, target, info = self.sampler.sample(self.gen)
         start = start.to(self.device, torch.float32, copy=True)
         target = target.to(self.device, torch.float32, copy=True)
-        params = start.clone().requires_grad_(True)
-        for _ in range(self.cfg.syn_steps):
-            grad = self._student_step(params, self._next_batch(), create_graph=True)
-            params = params - self.syn_lr * grad
-        loss = matching_loss(params, start, target)
+        loss = unrolled_matching_loss(self.net, self.manifest, start, target, self.images, self.labels,
+                                      self.syn_lr, self._plan(), self.augment)
         check_finite("matching loss", loss, self.iteration)
         self.opt_img.zero_grad(set_to_none=True)
         self.opt_lr.zero_grad(set_to_none=True)
@@ -138,9 +156,10 @@ class MTTDistiller:
             "images": self.images.detach().cpu().clone(),
             "labels": self.labels.cpu().clone(),
             "syn_lr": self.syn_lr.detach().cpu().clone(),
-            "opt_img": self.opt_img.state_dict(),
-            "opt_lr": self.opt_lr.state_dict(),
+            "opt_img": copy.deepcopy(self.opt_img.state_dict()),
+            "opt_lr": copy.deepcopy(self.opt_lr.state_dict()),
             "generator": self.gen.get_state(),
+            "queue": [q.cpu() for q in self._queue],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -152,4 +171,4 @@ class MTTDistiller:
         self.opt_lr.load_state_dict(state["opt_lr"])
         self.gen.set_state(state["generator"])
         self.iteration = int(state["iteration"])
-        self._queue = []
+        self._queue = [q.to(self.device) for q in state["queue"]]

@@ -108,6 +108,8 @@ def flatten_params(module: nn.Module) -> torch.Tensor:
 
 def unflatten(flat: torch.Tensor, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Views of ``flat`` shaped like the parameters (differentiable w.r.t. ``flat``)."""
+    if flat.numel() != num_params(manifest):
+        raise ValueError(f"flat vector has {flat.numel()} values, manifest needs {num_params(manifest)}")
     out, i = {}, 0
     for name, shape in manifest:
         n = 1
@@ -115,8 +117,6 @@ def unflatten(flat: torch.Tensor, manifest: Manifest) -> dict[str, torch.Tensor]
             n *= s
         out[name] = flat[i : i + n].view(shape)
         i += n
-    if i != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} values, manifest needs {i}")
     return out
 
 

@@ -15,7 +15,7 @@ from .progress import Progress
 from .spec import SpecError, load_spec
 from .tracking import workspace
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 root_option = click.option("--root", type=click.Path(file_okay=False), default=None, envvar="ORCHESTRATE_ROOT",
@@ -26,7 +26,8 @@ uri_option = click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKIN
 
 
 def _fail(message: str, code: int = 2):
-    err_console.print(f"[red]error:[/red] {message}")
+    click.secho("error: ", fg="red", err=True, nl=False)
+    click.echo(message, err=True)
     sys.exit(code)
 
 
@@ -59,7 +60,7 @@ def launch(spec, root, tracking_uri, address, num_cpus):
     s = _load(spec)
     ws = workspace(root, tracking_uri)
     t0 = time.time()
-    err_console.print(f"[bold]launch[/bold] {s.name} ({s.path}), spec hash {s.hash}")
+    click.echo(f"launch {s.name} ({s.path}), spec hash {s.hash}", err=True)
     try:
         with ray_session(address, num_cpus), Progress(err_console) as progress:
             out = run_launch(s, ws, progress)
@@ -70,12 +71,12 @@ def launch(spec, root, tracking_uri, address, num_cpus):
     rows = res.collect(ws.tracking_uri, sweep=out.parent_run_id)
     console.print(res.table(rows, title=f"{s.name}: {s.dataset['name']} (sweep run {out.parent_run_id})"))
     for e in out.errors:
-        err_console.print(f"[red]trial error:[/red] {e}")
-    console.print(f"finished in {time.time() - t0:.0f} s; experts: {out.experts.directory} "
+        click.secho(f"trial error: {e}", fg="red", err=True)
+    click.echo(f"finished in {time.time() - t0:.0f} s; experts: {out.experts.directory} "
                   f"({out.experts.trained} trained, {len(out.experts.records) - out.experts.trained} reused)")
-    console.print(f"results are in MLflow at {ws.tracking_uri}")
+    click.echo(f"results are in MLflow at {ws.tracking_uri}")
     ui_hint = "orchestrate ui" + (f" --root {ws.root}" if root else "")
-    console.print(f"browse them with: [bold]{ui_hint}[/bold]   or: orchestrate results --format table|json|csv")
+    click.echo(f"browse them with: {ui_hint}   or: orchestrate results --format table|json|csv")
     if out.errors:
         sys.exit(1)
 
@@ -97,7 +98,7 @@ def experts(spec, root, address, num_cpus):
     except (DatasetNotFoundError, DatasetFormatError) as e:
         _fail(str(e))
     mean, std = out.accuracy
-    console.print(f"{len(out.records)} experts in {out.directory} ({out.trained} trained now); "
+    click.echo(f"{len(out.records)} experts in {out.directory} ({out.trained} trained now); "
                   f"full-data test accuracy {100 * mean:.1f} ± {100 * std:.1f} %")
 
 
@@ -123,7 +124,7 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment):
         click.echo(res.to_csv(rows), nl=False)
     else:
         if not rows:
-            err_console.print(f"no trials found in {ws.tracking_uri}")
+            click.echo(f"no trials found in {ws.tracking_uri}", err=True)
         console.print(res.table(rows))
 
 
@@ -153,7 +154,7 @@ def export(run_id, output, root, tracking_uri):
         except ValueError as e:
             _fail(str(e), 1)
         atomic_write_bytes(Path(output), Path(local).read_bytes())
-    console.print(f"wrote {output}: images {tuple(tensors['images'].shape)}, labels {tuple(tensors['labels'].shape)}, "
+    click.echo(f"wrote {output}: images {tuple(tensors['images'].shape)}, labels {tuple(tensors['labels'].shape)}, "
                   f"lr {float(tensors['lr']):.5g}, dataset {meta['dataset']}, algorithm {meta['algorithm']}")
 
 
@@ -171,9 +172,9 @@ def ui(root, tracking_uri, host, port):
            "--port", str(port)]
     if ws.artifact_root:
         cmd += ["--default-artifact-root", ws.artifact_root]
-    err_console.print(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)")
+    click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)", err=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        err_console.print(f"[yellow]warning:[/yellow] binding to {host} exposes the UI beyond this machine")
+        click.secho(f"warning: binding to {host} exposes the UI beyond this machine", fg="yellow", err=True)
     try:
         sys.exit(subprocess.call(cmd))
     except KeyboardInterrupt:

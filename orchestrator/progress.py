@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as _RichProgress
 
@@ -36,7 +37,7 @@ class Progress:
         return Bar(self._rich, self._rich.add_task(description, total=total, completed=completed))
 
     def info(self, message: str) -> None:
-        self.console.print(message)
+        self.console.print(Text(message))
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {message}")
+        self.console.print(Text.assemble(("warning: ", "yellow"), message))

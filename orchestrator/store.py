@@ -106,7 +106,9 @@ class Trajectory:
 
     def __init__(self, path: Path, table: pa.Table, meta: dict[str, Any]):
         self.path, self.meta = path, meta
-        col = table.column("params").combine_chunks()
+        chunked = table.column("params")
+        # one chunk (as written here) is a zero-copy view; several are combined (a copy)
+        col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
         n = col.type.list_size
         values = col.values.to_numpy(zero_copy_only=True)[col.offset * n : (col.offset + len(col)) * n]
         self._flat = values.reshape(len(col), n)

@@ -1,0 +1,111 @@
+import copy
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.spec import SpecError, default_spec_path, load_spec, validate
+
+BASE = {
+    "name": "t",
+    "dataset": {"name": "digits"},
+    "model": {"depth": 2, "width": 8},
+    "experts": {"count": 2, "epochs": 10},
+    "algorithms": {"mtt": {"budgets": [1, 5], "iterations": 3,
+                           "hyperparameters": {"expert_epochs": 2, "max_start_epoch": 4}}},
+}
+
+
+def with_change(path: str, value, delete=False):
+    spec = copy.deepcopy(BASE)
+    keys = path.split(".")
+    node = spec
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    if delete:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+    return spec
+
+
+def test_quickstart_is_valid_and_defaults_are_filled():
+    spec = load_spec()
+    assert spec.path == str(default_spec_path())
+    assert spec.dataset["name"] == "digits" and spec.algorithms["mtt"]["budgets"] == [1, 10]
+    assert spec.algorithms["mtt"]["hyperparameters"]["lr_teacher"] == spec.experts["lr"]
+    assert len(spec.hash) == 16 and spec.hash == load_spec().hash
+
+
+@pytest.mark.parametrize("path,value,key,words", [
+    ("experts.epoch", 5, "experts.epoch", "did you mean 'epochs'"),
+    ("extra", 1, "extra", "unknown key"),
+    ("experts.count", "ten", "experts.count", "must be int"),
+    ("experts.lr", -1.0, "experts.lr", "must be > 0"),
+    ("experts.dsa", 3, "experts.dsa", "must be bool"),
+    ("dataset.name", "imagenet", "dataset.name", "unknown dataset"),
+    ("algorithms.mtt.budgets", [], "algorithms.mtt.budgets", "non-empty"),
+    ("algorithms.mtt.budgets", [0, 1], "algorithms.mtt.budgets", "positive integer"),
+    ("algorithms.mtt.iterations", 0, "algorithms.mtt.iterations", "positive integer"),
+    ("algorithms.mct2", {"budgets": [1]}, "algorithms.mct2", "unknown algorithm"),
+    ("algorithms.mtt.hyperparameters.lr_imgs", 10, "algorithms.mtt.hyperparameters.lr_imgs", "lr_img"),
+    ("algorithms.mtt.hyperparameters.max_start_epoch", 9, "algorithms.mtt.hyperparameters.max_start_epoch",
+     "beyond the experts' 10 epochs"),
+    ("algorithms.mtt.hyperparameters.max_start_epoch", [2, 9], "algorithms.mtt.hyperparameters.max_start_epoch",
+     "beyond"),
+    ("algorithms.mtt.hyperparameters.lr_lr", {"loguniform": [0, 1]}, "algorithms.mtt.hyperparameters.lr_lr",
+     "low > 0"),
+    ("algorithms.mtt.hyperparameters.lr_img", {"gaussian": [0, 1]}, "algorithms.mtt.hyperparameters.lr_img",
+     "one-key mapping"),
+    ("algorithms.mtt.hyperparameters.syn_steps", 2.5, "algorithms.mtt.hyperparameters.syn_steps", "integer"),
+    ("resources.gpus_per_trial", -1, "resources.gpus_per_trial", "'auto' or a number"),
+    ("name", None, "name", "is required"),
+])
+def test_errors_name_the_file_and_the_key(path, value, key, words):
+    spec = with_change(path, value, delete=value is None)
+    with pytest.raises(SpecError) as e:
+        validate(spec, "my.yaml")
+    msg = str(e.value)
+    assert f"my.yaml: {key}:" in msg and words in msg, msg
+
+
+def test_all_problems_are_reported_at_once():
+    spec = with_change("experts.epoch", 1)
+    spec["model"]["widht"] = 3
+    with pytest.raises(SpecError) as e:
+        validate(spec, "x.yaml")
+    assert len(e.value.problems) == 2
+
+
+def test_grids_and_distributions_expand_into_trials():
+    spec = with_change("algorithms.mtt.hyperparameters.lr_img", [10, 100])
+    spec["algorithms"]["mtt"]["hyperparameters"]["lr_lr"] = {"loguniform": [1e-7, 1e-5]}
+    points = validate(spec).trial_points()
+    assert [(p["algorithm"], p["budget"]) for p in points] == [("random", 1), ("random", 5), ("mtt", 1),
+                                                                ("mtt", 1), ("mtt", 5), ("mtt", 5)]
+    mtt = [p for p in points if p["algorithm"] == "mtt"]
+    assert sorted(p["hp"]["lr_img"] for p in mtt) == [10, 10, 100, 100]
+    assert all(p["hp"]["lr_lr"] == {"loguniform": [1e-7, 1e-5]} for p in mtt)  # sampled by Tune
+
+
+def test_cli_refuses_a_bad_spec_before_anything_runs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_change("experts.epoch", 5)))
+    root = tmp_path / "runs"
+    result = CliRunner().invoke(main, ["launch", str(bad), "--root", str(root)])
+    assert result.exit_code == 2
+    assert f"{bad}: experts.epoch: unknown key" in result.output
+    assert not root.exists()  # nothing was created
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "nope.yaml")
+    p = tmp_path / "broken.yaml"
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="broken.yaml: not valid YAML"):
+        load_spec(p)
+    p.write_text("!!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(SpecError, match="not valid YAML"):  # safe_load refuses Python tags
+        load_spec(p)
