@@ -78,7 +78,6 @@ class DSA:
                 p["shift"] = (torch.randint(-r, r + 1, (m, 2), generator=g)).expand(n, 2)
             elif f == "cutout":
                 k = int(size * c.cutout + 0.5)
-                p["cutout_size"] = torch.tensor(k)
                 p["cutout_at"] = torch.randint(0, size + (1 - k % 2), (m, 2), generator=g).expand(n, 2)
             elif f == "flip":
                 p["flip"] = rand() < c.flip
@@ -92,8 +91,14 @@ class DSA:
     def apply(self, x: torch.Tensor, s: AugSample) -> torch.Tensor:
         """Apply the sampled transformation to ``x`` (N,C,H,W); differentiable in ``x``."""
         p = {k: v.to(x.device) for k, v in s.params.items()}
+        size = x.shape[-1]
         for f in s.families:
-            x = getattr(self, f"_{f}")(x, p)
+            if f == "crop":  # sizes come from the config, so no value is read back from the device
+                x = self._crop(x, p, int(size * self.cfg.crop + 0.5))
+            elif f == "cutout":
+                x = self._cutout(x, p, int(size * self.cfg.cutout + 0.5))
+            else:
+                x = getattr(self, f"_{f}")(x, p)
         return x
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -109,10 +114,9 @@ class DSA:
         return (x - mean) * p["contrast"] + mean
 
     @staticmethod
-    def _crop(x, p):
+    def _crop(x, p, pad: int):
         n, _, h, w = x.shape
         shift = p["shift"]
-        pad = int(shift.abs().max().item()) if shift.numel() else 0
         xp = F.pad(x, (pad, pad, pad, pad))
         rows = (torch.arange(h, device=x.device)[None, :] + pad + shift[:, 0:1])  # n,h
         cols = (torch.arange(w, device=x.device)[None, :] + pad + shift[:, 1:2])  # n,w
@@ -122,9 +126,8 @@ class DSA:
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
-    def _cutout(x, p):
+    def _cutout(x, p, k: int):
         n, _, h, w = x.shape
-        k = int(p["cutout_size"].item())
         at = p["cutout_at"] - k // 2  # top-left corner, may be negative
         r = torch.arange(h, device=x.device)[None, :]
         c = torch.arange(w, device=x.device)[None, :]

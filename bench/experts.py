@@ -50,7 +50,8 @@ from orchestrator.store import TrajectoryStore  # noqa: E402
 WORKER_COUNTS = (1, 2)
 
 
-def machine_info(device: str) -> dict:
+def machine_info(device: str, load_start: tuple | None = None) -> dict:
+    """The machine, and its load average (1, 5, 15 min) at the start and the end: other work skews timings."""
     cpu_model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -69,6 +70,8 @@ def machine_info(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "ray": ray.__version__,
         "device": device,
+        "loadavg_start": list(load_start) if load_start else None,
+        "loadavg_end": list(os.getloadavg()),
     }
 
 
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="do not warm the workers up before timing (include process start-up)")
     args = ap.parse_args(argv)
+    load_start = os.getloadavg()
     if args.epochs is None:
         args.epochs = 8 if args.quick else 30
     if args.repeats is None:
@@ -203,11 +207,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"identical trajectories across worker counts: {identical}; "
                   f"store size per run: {r1['store_bytes'] / 1e6:.2f} MB")
 
+    console.print(f"load average (1 min) at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
+                  f"on {os.cpu_count()} CPUs (other work on the machine skews the timings)")
     if args.json:
         write_json(args.json, {
             "benchmark": "experts",
             "argv": sys.argv[1:],
-            "machine": machine_info("cuda" if torch.cuda.is_available() else "cpu"),
+            "machine": machine_info("cuda" if torch.cuda.is_available() else "cpu", load_start),
             "config": {"dataset": args.dataset, "experts": args.experts, "epochs": args.epochs,
                        "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "model": spec.model,
                        "training": spec.expert_training(), "quick": args.quick},

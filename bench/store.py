@@ -72,7 +72,8 @@ FORMATS = ("arrow", "arrow+verify", "torch", "torch-mmap", "torch-list")
 
 
 # -- machine, JSON ------------------------------------------------------------------------------
-def machine_info(device: str) -> dict:
+def machine_info(device: str, load_start: tuple | None = None) -> dict:
+    """The machine, and its load average (1, 5, 15 min) at the start and the end: other work skews timings."""
     cpu_model = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -89,6 +90,8 @@ def machine_info(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "pyarrow": pa.__version__,
         "device": device,
+        "loadavg_start": list(load_start) if load_start else None,
+        "loadavg_end": list(os.getloadavg()),
     }
 
 
@@ -173,13 +176,18 @@ def fsync_path(path: Path) -> None:
 
 # -- the benchmark of one model ---------------------------------------------------------------
 def median_time(op: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``op`` (the cyclic GC is paused; results are freed by refcount)."""
     times = []
-    for _ in range(repeats):
-        gc.collect()
-        t0 = time.perf_counter()
-        result = op()
-        times.append(time.perf_counter() - t0)
-        del result
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            result = op()
+            times.append(time.perf_counter() - t0)
+            del result
+    finally:
+        gc.enable()
     return statistics.median(times)
 
 
@@ -245,12 +253,10 @@ def bench_model(name: str, model: dict, shape: tuple[int, int, int], args, workd
 
         # hot path: rows of an already opened trajectory, copied as MTTDistiller.step does
         traj = opens[fmt]()
-        picks = [rng.randrange(e) for _ in range(args.row_fetches)]
-        it = iter(picks)
         row_times = []
-        for _ in picks:
+        for epoch in [rng.randrange(e) for _ in range(args.row_fetches)]:
             t0 = time.perf_counter()
-            row = traj[next(it)].to("cpu", torch.float32, copy=True)
+            row = traj[epoch].to("cpu", torch.float32, copy=True)
             row_times.append(time.perf_counter() - t0)
         del row, traj
         read_row_s = statistics.median(row_times)
@@ -322,8 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 9, --quick 5)")
     ap.add_argument("--row-fetches", type=int, default=None, help="random row fetches (default 500, --quick 200)")
     ap.add_argument("--dir", default=None, help="folder for the files (default: a temporary folder)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1, as a trial with cpus_per_trial: 1; on a busy "
+                         "machine a 2-thread copy of one row waits milliseconds for the second thread)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    load_start = os.getloadavg()
+    torch.set_num_threads(max(1, args.threads))
     if args.repeats is None:
         args.repeats = 5 if args.quick else 9
     if args.row_fetches is None:
@@ -342,13 +353,15 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_model(name, model, (c, s, k), args, Path(tmp), console)
     print_table(console, rows, args)
 
+    console.print(f"load average (1 min) at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
+                  f"on {os.cpu_count()} CPUs (other work on the machine skews the timings)")
     if args.json:
         write_json(args.json, {
             "benchmark": "store",
             "argv": sys.argv[1:],
-            "machine": machine_info("cpu"),
+            "machine": machine_info("cpu", load_start),
             "config": {"dataset_shape": args.dataset, "checkpoints": args.checkpoints, "repeats": args.repeats,
-                       "row_fetches": args.row_fetches, "seed": args.seed, "quick": args.quick,
+                       "row_fetches": args.row_fetches, "seed": args.seed, "threads": args.threads, "quick": args.quick,
                        "reads": "warm (page cache not dropped)"},
             "rows": rows,
         })

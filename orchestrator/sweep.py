@@ -124,8 +124,9 @@ class _TrialProgress(Callback):
         self.progress.warn(f"trial {trial.trial_id} ({trial_name(trial.config['trial'])}) failed")
 
 
-def launch(spec: Spec, ws: Workspace, progress: Progress) -> SweepResult:
-    """Run the whole sweep of ``spec``; Ray must be initialised (see :func:`ray_session`)."""
+def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callback] | None = None) -> SweepResult:
+    """Run the whole sweep of ``spec``; Ray must be initialised (see :func:`ray_session`).
+    ``callbacks`` are extra Tune callbacks (driver side)."""
     data = load_dataset(spec.dataset["name"], spec.dataset["root"])
     _check_budgets(spec, data)
     experts = ensure_experts(spec, data, TrajectoryStore(ws.trajectories), progress)
@@ -173,7 +174,8 @@ def launch(spec: Spec, ws: Workspace, progress: Progress) -> SweepResult:
         run_config=tune.RunConfig(name=f"{spec.name}-{parent_id[:8]}", storage_path=str(ws.tune), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  callbacks=[_TrialProgress(progress, len(points) * spec.num_samples)]),
+                                  callbacks=[_TrialProgress(progress, len(points) * spec.num_samples),
+                                             *(callbacks or [])]),
     )
     results = tuner.fit()
     errors = [f"{r.path}: {r.error}" for r in results if r.error is not None]

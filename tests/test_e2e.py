@@ -1,0 +1,165 @@
+"""End to end: a tiny spec through `orchestrate launch`, with Ray, Tune, the Arrow store and
+MLflow for real (2 CPUs, digits, seconds of work per trial)."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from ray.tune import Callback
+
+from orchestrator.artifacts import read_synthetic
+from orchestrator.cli import main
+from orchestrator.datasets import dataset_info
+from orchestrator.progress import Progress
+from orchestrator.spec import validate
+from orchestrator.sweep import launch
+from orchestrator.tracking import workspace
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "checkpoint_interval": 2,
+    "dataset": {"name": "digits"},
+    "model": {"depth": 1, "width": 8},
+    "experts": {"count": 2, "epochs": 4, "lr": 0.03, "batch_size": 64},
+    "algorithms": {"mtt": {"budgets": [1], "iterations": 6,
+                           "hyperparameters": {"syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2}}},
+    "evaluation": {"networks": 2, "epochs": 10, "interval": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, ray_cluster):
+    d = tmp_path_factory.mktemp("e2e")
+    spec = d / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY))
+    root = d / "runs"
+    first = CliRunner().invoke(main, ["launch", str(spec), "--root", str(root)], catch_exceptions=False)
+    return spec, root, first
+
+
+def runs_of(root, role):
+    client = MlflowClient(workspace(root).tracking_uri)
+    exp = client.get_experiment_by_name("tiny")
+    return client, client.search_runs([exp.experiment_id], filter_string=f"tags.`orchestrate.role` = '{role}'")
+
+
+def test_launch_logs_one_parent_and_one_child_per_trial(tiny):
+    spec, root, first = tiny
+    assert first.exit_code == 0, first.output
+    assert "orchestrate ui" in first.output and "mlflow.db" in first.output
+    client, parents = runs_of(root, "sweep")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.metrics["full_data_acc_mean"] > 0.5
+    assert "spec.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    _, children = runs_of(root, "trial")
+    assert sorted(c.data.tags["algorithm"] for c in children) == ["mtt", "random"]
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert c.data.tags["orchestrate.store_key"] == parent.data.tags["orchestrate.store_key"]
+        assert c.data.tags["orchestrate.spec_hash"] == parent.data.tags["orchestrate.spec_hash"]
+        assert 0 < c.data.metrics["acc_mean"] <= 1 and "acc_std" in c.data.metrics
+        files = [a.path for a in client.list_artifacts(c.info.run_id, "synthetic")]
+        assert files == ["synthetic/synthetic.safetensors", "synthetic/synthetic_grid.png"]
+        # artifacts live beside the database, not in the working directory
+        assert c.info.artifact_uri.startswith((root / "artifacts").resolve().as_uri())
+    mtt = next(c for c in children if c.data.tags["algorithm"] == "mtt")
+    loss = client.get_metric_history(mtt.info.run_id, "loss")
+    assert sorted(m.step for m in loss) == [1, 2, 3, 4, 5, 6]
+    evals = client.get_metric_history(mtt.info.run_id, "eval/acc_mean")
+    assert sorted(m.step for m in evals) == [0, 3, 6]
+    assert "acc_best_over_evals_mean" in mtt.data.metrics and "final_syn_lr" in mtt.data.metrics
+
+
+def test_results_and_export(tiny, tmp_path):
+    spec, root, _ = tiny
+    out = CliRunner().invoke(main, ["results", "--root", str(root), "--format", "json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)
+    assert len(rows) == 2
+    for field in ("run_id", "algorithm", "dataset", "budget", "acc_mean", "acc_std"):
+        assert all(field in r for r in rows)
+    mtt = next(r for r in rows if r["algorithm"] == "mtt")
+    assert mtt["random_acc_mean"] is not None and mtt["full_data_acc_mean"] is not None
+    csv_out = CliRunner().invoke(main, ["results", "--root", str(root), "--format", "csv"]).output
+    assert csv_out.splitlines()[0].startswith("run_id,sweep,algorithm,dataset,budget,status,acc_mean,acc_std")
+    assert len(csv_out.splitlines()) == 3
+    table = CliRunner().invoke(main, ["results", "--root", str(root)]).output
+    assert mtt["run_id"] in table
+
+    info = dataset_info("digits")
+    for r in rows:
+        f = tmp_path / f"{r['algorithm']}.safetensors"
+        res = CliRunner().invoke(main, ["export", r["run_id"], "-o", str(f), "--root", str(root)])
+        assert res.exit_code == 0, res.output
+        tensors, meta = read_synthetic(f)
+        assert tensors["images"].shape == (10, 1, 8, 8) and tensors["images"].dtype == torch.float32
+        assert tensors["labels"].tolist() == list(range(10)) and tensors["lr"].shape == ()
+        assert meta["dataset"] == "digits" and meta["algorithm"] == r["algorithm"]
+        mean, std = json.loads(meta["mean"]), json.loads(meta["std"])
+        assert mean == list(info.mean) and std == list(info.std)
+        if r["algorithm"] == "random":  # real images map back to pixel intensities in [0, 1]
+            pixels = tensors["images"] * std[0] + mean[0]
+            assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    bad = CliRunner().invoke(main, ["export", "0" * 32, "-o", str(tmp_path / "x.safetensors"), "--root", str(root)])
+    assert bad.exit_code != 0
+
+
+def test_second_launch_reuses_the_experts(tiny):
+    spec, root, _ = tiny
+    files = sorted((root / "trajectories").glob("*/expert_*.arrow"))
+    assert len(files) == 2
+    before = {f: (f.stat().st_mtime_ns, f.stat().st_ino) for f in files}
+    second = CliRunner().invoke(main, ["launch", str(spec), "--root", str(root)], catch_exceptions=False)
+    assert second.exit_code == 0, second.output
+    assert "(0 trained, 2 reused)" in second.output
+    assert {f: (f.stat().st_mtime_ns, f.stat().st_ino) for f in files} == before
+    _, parents = runs_of(root, "sweep")
+    assert len(parents) == 2
+
+
+def test_experts_command_trains_only_experts_and_retrains_a_corrupt_one(tiny, tmp_path):
+    spec, _, _ = tiny
+    root = tmp_path / "only-experts"
+    res = CliRunner().invoke(main, ["experts", str(spec), "--root", str(root)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "2 experts in" in res.output and "(2 trained now)" in res.output
+    files = sorted((root / "trajectories").glob("*/expert_*.arrow"))
+    assert len(files) == 2 and not (root / "mlflow.db").exists()
+    files[1].write_bytes(files[1].read_bytes()[:-64])  # truncate one
+    res = CliRunner().invoke(main, ["experts", str(spec), "--root", str(root)], catch_exceptions=False)
+    assert "(1 trained now)" in res.output
+    assert len(list(files[1].parent.glob("expert_00001.arrow.corrupt-*"))) == 1
+
+
+class KillTrialOnce(Callback):
+    """Kills the worker of the mtt trial with SIGKILL when it reports iteration 5."""
+
+    def __init__(self):
+        self.killed = False
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.killed and trial.config["trial"]["algorithm"] == "mtt" and result.get("iteration") == 5:
+            self.killed = True
+            os.kill(result["pid"], signal.SIGKILL)
+
+
+def test_a_killed_trial_continues_from_its_checkpoint(tmp_path, ray_cluster):
+    spec = validate({**TINY, "name": "tiny-kill"}, "tiny-kill.yaml")
+    ws = workspace(tmp_path / "runs")
+    killer = KillTrialOnce()
+    out = launch(spec, ws, Progress(), callbacks=[killer])
+    assert killer.killed and out.errors == []
+    client = MlflowClient(ws.tracking_uri)
+    children = client.search_runs([out.experiment_id], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+    assert len(children) == 2  # the retried trial kept its run
+    mtt = next(c for c in children if c.data.tags["algorithm"] == "mtt")
+    assert mtt.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(mtt.info.run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # resumed at 4: nothing lost, nothing logged twice
