@@ -1,7 +1,7 @@
 """The ``orchestrate`` command: launch | experts | results | export | ui."""
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 import tempfile
 import time
@@ -163,22 +163,24 @@ def export(run_id, output, root, tracking_uri):
 @uri_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (127.0.0.1: this machine only).")
 @click.option("--port", default=5000, show_default=True, type=int)
-def ui(root, tracking_uri, host, port):
-    """Open the MLflow UI on the store."""
+@click.option("--workers", default=1, show_default=True, type=int, help="Server worker processes.")
+def ui(root, tracking_uri, host, port, workers):
+    """Open the MLflow UI on the store (this process becomes the MLflow server)."""
     ws = workspace(root, tracking_uri)
     if not ws.is_local:
         _fail(f"{ws.tracking_uri} is a tracking server: open it in a browser instead", 1)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.tracking_uri, "--host", host,
-           "--port", str(port)]
+           "--port", str(port), "--workers", str(workers)]
     if ws.artifact_root:
         cmd += ["--default-artifact-root", ws.artifact_root]
     click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)", err=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.secho(f"warning: binding to {host} exposes the UI beyond this machine", fg="yellow", err=True)
-    try:
-        sys.exit(subprocess.call(cmd))
-    except KeyboardInterrupt:
-        sys.exit(0)
+    # browsing needs no background job runner (MLflow's GenAI jobs); the user may turn it back on
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)  # signals (Ctrl-C, SIGTERM) now reach MLflow itself
 
 
 if __name__ == "__main__":
