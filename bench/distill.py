@@ -30,19 +30,13 @@ Ratios are against ``syn_steps=10`` at the same IPC (2.0 and 4.0 mean exactly li
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ctypes
-import gc
-import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -54,77 +48,28 @@ from algorithms.networks import flatten_params, seeded_network
 from orchestrator.datasets import load_dataset
 from orchestrator.spec import load_spec
 
-
-# -- machine, JSON ------------------------------------------------------------------------------
-def machine_info(device: str, load_start: tuple | None = None) -> dict:
-    """The machine, and its load average (1, 5, 15 min) at the start and the end: other work skews timings."""
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    info = {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "loadavg_start": list(load_start) if load_start else None,
-        "loadavg_end": list(os.getloadavg()),
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def write_json(path: str, obj) -> None:
-    """Write ``obj`` as JSON atomically (temporary file in the same folder, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
+from common import (  # bench/common.py: run as a script, this folder is first on sys.path
+    bench_console, bench_parser, machine_info, print_load, quick_defaults, release_memory, reset_peak, status_kb,
+    write_results,
+)
 
 
 # -- memory ---------------------------------------------------------------------------------------
-try:
-    _libc = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc
-    _libc = None
-
-
-def _status_kb(field: str) -> int | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
 class PeakRSS:
     """Peak RSS growth (MB) over a block: VmHWM after resetting it, else getrusage growth."""
 
     def __enter__(self):
-        gc.collect()
-        if _libc is not None:
-            _libc.malloc_trim(0)
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+        release_memory()
+        if reset_peak():
             self.method = "VmHWM"
-            self.before = _status_kb("VmRSS")
-        except OSError:
+            self.before = status_kb("VmRSS")
+        else:
             self.method = "getrusage"
             self.before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return self
 
     def __exit__(self, *exc):
-        after = _status_kb("VmHWM") if self.method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        after = status_kb("VmHWM") if self.method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self.mb = None if after is None or self.before is None else max(0, after - self.before) / 1024
 
 
@@ -226,9 +171,7 @@ def bench_config(ipc: int, syn_steps: int, hp: dict, trajectories, model: dict, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 timed iterations instead of 10 (under a minute)")
-    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    ap = bench_parser(__doc__, "3 timed iterations instead of 10 (under a minute)")
     ap.add_argument("--dataset", default="digits", help="digits (default, bundled) or mnist, cifar10, ...")
     ap.add_argument("--data-root", default=None, help="folder of the dataset files (e.g. /work/shared/data/mnist)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -245,13 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     load_start = os.getloadavg()
-    if args.iterations is None:
-        args.iterations = 3 if args.quick else 10
+    quick_defaults(args, iterations=(3, 10))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available here")
     syn_steps = sorted(set(args.syn_steps))
 
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = bench_console(120)
     torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)
     spec = load_spec()
@@ -300,20 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     console.print("saved MB: tensors saved by autograd during one step, once per storage (the graph's peak); "
                   f"peak_mb in the JSON is {'the CUDA peak' if cuda else 'saved MB'}.")
 
-    console.print(f"load average (1 min) at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
-                  f"on {os.cpu_count()} CPUs (other work on the machine skews the timings)")
+    print_load(console, load_start)
     if args.json:
-        write_json(args.json, {
-            "benchmark": "distill",
-            "argv": sys.argv[1:],
-            "machine": machine_info(args.device, load_start),
-            "config": {"dataset": args.dataset, "model": model, "hyperparameters": hp, "experts": args.experts,
-                       "expert_epochs": args.expert_epochs, "trajectories": args.trajectories,
-                       "iterations": args.iterations, "threads": args.threads, "seed": args.seed,
-                       "quick": args.quick},
-            "rows": rows,
-        })
-        console.print(f"wrote {args.json}")
+        write_results(
+            console, args.json, "distill", machine_info(args.device, load_start, gpu=True),
+            {"dataset": args.dataset, "model": model, "hyperparameters": hp, "experts": args.experts,
+             "expert_epochs": args.expert_epochs, "trajectories": args.trajectories, "iterations": args.iterations,
+             "threads": args.threads, "seed": args.seed, "quick": args.quick},
+            rows=rows,
+        )
     return 0
 
 

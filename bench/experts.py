@@ -23,16 +23,12 @@ two configurations are compared too: the same seeds must give bit-identical expe
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ["RAY_AUTH_MODE"] = "disabled"  # before ray is imported (orchestrator.experts imports it)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -42,46 +38,15 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from common import (  # noqa: E402  (bench/common.py: run as a script, this folder is first on sys.path)
+    bench_console, bench_parser, machine_info, print_load, quick_defaults, write_results,
+)
 from orchestrator.datasets import load_dataset  # noqa: E402
 from orchestrator.experts import ensure_experts  # noqa: E402
 from orchestrator.spec import Spec, load_spec, validate  # noqa: E402
 from orchestrator.store import TrajectoryStore  # noqa: E402
 
 WORKER_COUNTS = (1, 2)
-
-
-def machine_info(device: str, load_start: tuple | None = None) -> dict:
-    """The machine, and its load average (1, 5, 15 min) at the start and the end: other work skews timings."""
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "ray": ray.__version__,
-        "device": device,
-        "loadavg_start": list(load_start) if load_start else None,
-        "loadavg_end": list(os.getloadavg()),
-    }
-
-
-def write_json(path: str, obj) -> None:
-    """Write ``obj`` as JSON atomically (temporary file in the same folder, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
 
 
 def bench_spec(args) -> Spec:
@@ -154,9 +119,7 @@ def run_config(workers: int, spec: Spec, data, repeats: int, warmup: bool, conso
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer epochs and repeats (about a minute on 2 cores)")
-    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    ap = bench_parser(__doc__, "fewer epochs and repeats (about a minute on 2 cores)")
     ap.add_argument("--dataset", default="digits", help="digits (default, bundled) or mnist")
     ap.add_argument("--data-root", default=None, help="folder of the dataset files (e.g. /work/shared/data/mnist)")
     ap.add_argument("--experts", type=int, default=4, help="experts per run (default 4)")
@@ -167,12 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not warm the workers up before timing (include process start-up)")
     args = ap.parse_args(argv)
     load_start = os.getloadavg()
-    if args.epochs is None:
-        args.epochs = 8 if args.quick else 30
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 3
+    quick_defaults(args, epochs=(8, 30), repeats=(2, 3))
 
-    console = Console(width=None if sys.stdout.isatty() else 110)
+    console = bench_console(110)
     torch.manual_seed(args.seed)
     data = load_dataset(args.dataset, args.data_root)
     data.digest()  # computed once here, not inside the timed runs
@@ -207,23 +167,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"identical trajectories across worker counts: {identical}; "
                   f"store size per run: {r1['store_bytes'] / 1e6:.2f} MB")
 
-    console.print(f"load average (1 min) at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
-                  f"on {os.cpu_count()} CPUs (other work on the machine skews the timings)")
+    print_load(console, load_start)
     if args.json:
-        write_json(args.json, {
-            "benchmark": "experts",
-            "argv": sys.argv[1:],
-            "machine": machine_info("cuda" if torch.cuda.is_available() else "cpu", load_start),
-            "config": {"dataset": args.dataset, "experts": args.experts, "epochs": args.epochs,
-                       "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "model": spec.model,
-                       "training": spec.expert_training(), "quick": args.quick},
-            "experts_per_min_1": r1["experts_per_min"],
-            "experts_per_min_2": r2["experts_per_min"],
-            "speedup": speedup,
-            "identical_trajectories": identical,
-            "runs": [results[n] for n in WORKER_COUNTS],
-        })
-        console.print(f"wrote {args.json}")
+        write_results(
+            console, args.json, "experts",
+            machine_info("cuda" if torch.cuda.is_available() else "cpu", load_start, versions={"ray": ray.__version__}),
+            {"dataset": args.dataset, "experts": args.experts, "epochs": args.epochs, "repeats": args.repeats,
+             "warmup": args.warmup, "seed": args.seed, "model": spec.model, "training": spec.expert_training(),
+             "quick": args.quick},
+            experts_per_min_1=r1["experts_per_min"],
+            experts_per_min_2=r2["experts_per_min"],
+            speedup=speedup,
+            identical_trajectories=identical,
+            runs=[results[n] for n in WORKER_COUNTS],
+        )
     return 0
 
 

@@ -42,14 +42,9 @@ The ratio columns are the format's value divided by the ``arrow`` row of the sam
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import ctypes
 import gc
-import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -68,77 +63,23 @@ from algorithms.networks import flatten_params, manifest_of, num_params, seeded_
 from orchestrator.datasets import dataset_info
 from orchestrator.store import open_trajectory, write_trajectory
 
+from common import (  # bench/common.py: run as a script, this folder is first on sys.path
+    bench_console, bench_parser, machine_info, print_load, quick_defaults, release_memory, reset_peak, status_kb,
+    write_results,
+)
+
 FORMATS = ("arrow", "arrow+verify", "torch", "torch-mmap", "torch-list")
 
 
-# -- machine, JSON ------------------------------------------------------------------------------
-def machine_info(device: str, load_start: tuple | None = None) -> dict:
-    """The machine, and its load average (1, 5, 15 min) at the start and the end: other work skews timings."""
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "pyarrow": pa.__version__,
-        "device": device,
-        "loadavg_start": list(load_start) if load_start else None,
-        "loadavg_end": list(os.getloadavg()),
-    }
-
-
-def write_json(path: str, obj) -> None:
-    """Write ``obj`` as JSON atomically (temporary file in the same folder, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
-
-
 # -- memory ---------------------------------------------------------------------------------------
-try:
-    _libc = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc
-    _libc = None
-
-
-def _status_kb(field: str) -> int | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_rss_growth_mb(op: Callable[[], object]) -> float | None:
     """Peak RSS growth (MB) while ``op`` runs and its result is alive; None if not measurable."""
-    gc.collect()
-    if _libc is not None:
-        _libc.malloc_trim(0)  # give freed heap back so that reuse does not hide the growth
-    if not _reset_peak():
+    release_memory()
+    if not reset_peak():
         return None
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     result = op()
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     del result
     gc.collect()
     if before is None or peak is None:
@@ -319,9 +260,7 @@ def print_table(console: Console, rows: list[dict], args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats and row fetches (well under a minute)")
-    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    ap = bench_parser(__doc__, "fewer repeats and row fetches (well under a minute)")
     ap.add_argument("--dataset", default="digits",
                     help="input shape of the quickstart model (digits: 1x8x8, mnist: 1x28x28, cifar10: 3x32x32)")
     ap.add_argument("--checkpoints", type=int, default=51, help="checkpoints per expert (default 51 = 50 epochs + init)")
@@ -335,12 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     load_start = os.getloadavg()
     torch.set_num_threads(max(1, args.threads))
-    if args.repeats is None:
-        args.repeats = 5 if args.quick else 9
-    if args.row_fetches is None:
-        args.row_fetches = 200 if args.quick else 500
+    quick_defaults(args, repeats=(5, 9), row_fetches=(200, 500))
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = bench_console(200)
     torch.manual_seed(args.seed)
     info = dataset_info(args.dataset)
     models = [
@@ -353,19 +289,15 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_model(name, model, (c, s, k), args, Path(tmp), console)
     print_table(console, rows, args)
 
-    console.print(f"load average (1 min) at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
-                  f"on {os.cpu_count()} CPUs (other work on the machine skews the timings)")
+    print_load(console, load_start)
     if args.json:
-        write_json(args.json, {
-            "benchmark": "store",
-            "argv": sys.argv[1:],
-            "machine": machine_info("cpu", load_start),
-            "config": {"dataset_shape": args.dataset, "checkpoints": args.checkpoints, "repeats": args.repeats,
-                       "row_fetches": args.row_fetches, "seed": args.seed, "threads": args.threads, "quick": args.quick,
-                       "reads": "warm (page cache not dropped)"},
-            "rows": rows,
-        })
-        console.print(f"wrote {args.json}")
+        write_results(
+            console, args.json, "store", machine_info("cpu", load_start, versions={"pyarrow": pa.__version__}),
+            {"dataset_shape": args.dataset, "checkpoints": args.checkpoints, "repeats": args.repeats,
+             "row_fetches": args.row_fetches, "seed": args.seed, "threads": args.threads, "quick": args.quick,
+             "reads": "warm (page cache not dropped)"},
+            rows=rows,
+        )
     return 0
 
 
