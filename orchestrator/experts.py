@@ -16,11 +16,12 @@ import ray
 import torch
 
 from algorithms.experts import ExpertConfig, train_expert
+from algorithms.mct import ConvexTrajectory
 from algorithms.networks import manifest_of, seeded_network
 
 from .progress import Progress
 from .spec import Spec
-from .store import ExpertRecord, TrajectoryStore, store_key, write_trajectory
+from .store import ExpertRecord, TrajectoryStore, open_trajectory, store_key, write_convex, write_trajectory
 
 
 @dataclass
@@ -28,12 +29,21 @@ class ExpertSet:
     key: str
     dataset: str
     directory: str
-    records: list[ExpertRecord]
+    forms: dict[str, list[ExpertRecord]]  # form ("full", "convex-w2-path", ...) -> one record per expert
     trained: int  # how many were trained by this call (0: all reused)
 
     @property
+    def records(self) -> list[ExpertRecord]:
+        """The records of the first kept form (full trajectories when kept)."""
+        return next(iter(self.forms.values()))
+
+    @property
+    def files(self) -> dict[str, list[str]]:
+        return {form: [r.path for r in recs] for form, recs in self.forms.items()}
+
+    @property
     def paths(self) -> list[str]:
-        return [r.path for r in sorted(self.records, key=lambda r: r.index)]
+        return [r.path for r in self.records]
 
     @property
     def accuracy(self) -> tuple[float, float]:
@@ -53,50 +63,92 @@ def expert_key(spec: Spec, data) -> str:
                      spec.expert_training(), spec.experts["seed"])
 
 
-def _train_one(data, model: dict, training: dict, seed: int, index: int, path: str, meta: dict,
-               threads: int) -> ExpertRecord:
+def write_forms(index: int, checkpoints, manifest, paths: dict[str, str], convex_opts: dict, meta: dict
+                ) -> dict[str, ExpertRecord]:
+    """Write one expert in every requested form; the full trajectory only if ``full`` is asked."""
+    out = {}
+    acc = checkpoints[-1].test_acc
+    for form, path in paths.items():
+        if form == "full":
+            digest, nbytes = write_trajectory(path, checkpoints, manifest, meta)
+        else:
+            params = torch.stack([c.params for c in checkpoints])
+            convex = ConvexTrajectory.from_checkpoints(params, manifest, **convex_opts)
+            digest, nbytes = write_convex(path, convex, manifest, {**meta, "convex_options": convex_opts}, acc)
+        out[form] = ExpertRecord(index, path, digest, nbytes, acc)
+    return out
+
+
+def _train_one(data, model: dict, training: dict, seed: int, index: int, paths: dict[str, str],
+               convex_opts: dict, meta: dict, threads: int) -> dict[str, ExpertRecord]:
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-    cfg = ExpertConfig(**training)
     info = data.info
     net = seeded_network(model, info.channels, info.num_classes, info.size, seed)
-    checkpoints = list(train_expert(model, data, cfg, seed=seed, device=device))
-    digest, nbytes = write_trajectory(path, checkpoints, manifest_of(net),
-                                      {**meta, "seed": seed, "expert_index": index, "device": device})
-    return ExpertRecord(index, path, digest, nbytes, checkpoints[-1].test_acc)
+    checkpoints = list(train_expert(model, data, ExpertConfig(**training), seed=seed, device=device))
+    return write_forms(index, checkpoints, manifest_of(net), paths, convex_opts,
+                       {**meta, "seed": seed, "expert_index": index, "device": device})
+
+
+def _derive_convex(path_full: str, path: str, convex_opts: dict, index: int, meta: dict) -> ExpertRecord:
+    """Build a compact form from a stored full trajectory (no retraining)."""
+    t = open_trajectory(path_full)
+    convex = ConvexTrajectory.from_checkpoints(t.params, t.manifest, **convex_opts)
+    digest, nbytes = write_convex(path, convex, t.manifest, {**meta, "seed": t.meta.get("seed"),
+                                                             "expert_index": index, "convex_options": convex_opts,
+                                                             "derived_from": t.meta["params_sha256"]},
+                                  t.final_test_acc)
+    return ExpertRecord(index, path, digest, nbytes, t.final_test_acc)
 
 
 def ensure_experts(spec: Spec, data, store: TrajectoryStore, progress: Progress | None = None) -> ExpertSet:
-    """Make sure the spec's experts exist in the store (training only the missing or corrupt
-    ones, in parallel with Ray) and return their records."""
+    """Make sure the spec's experts exist in the store in every form the spec keeps (training
+    only the missing or corrupt ones, in parallel with Ray; deriving a missing compact form
+    from a stored full trajectory) and return their records."""
     name = spec.dataset["name"]
     key = expert_key(spec, data)
     count = spec.experts["count"]
+    forms = spec.expert_forms()
+    convex_opts = spec.convex_options()
     what = {"dataset": {"name": name, "digest": data.digest(), **data.info.to_dict()}, "model": spec.model,
             "training": spec.expert_training(), "seed": spec.experts["seed"]}
+    meta = {**what, "store_key": key}
     store.describe(key, name, what)
-    valid, todo, problems = store.check(key, name, count)
-    for p in problems:
-        (progress.warn if progress else print)(p)
-    records = list(valid)
+    records: dict[str, dict[int, ExpertRecord]] = {f: {} for f in forms}
+    todo: dict[int, set[str]] = {}
+    for form in forms:
+        valid, missing, problems = store.check(key, name, count, form)
+        for p in problems:
+            (progress.warn if progress else print)(p)
+        records[form].update({r.index: r for r in valid})
+        for i in missing:
+            todo.setdefault(i, set()).add(form)
+    # a compact form missing beside a valid full trajectory is derived, not retrained
+    if "full" in forms:
+        for i in [i for i, f in todo.items() if "full" not in f]:
+            for form in todo.pop(i):
+                records[form][i] = _derive_convex(records["full"][i].path, str(store.expert_path(key, name, i, form)),
+                                                  convex_opts, i, meta)
     if todo:
         gpus = ray.cluster_resources().get("GPU", 0)
         cpus = spec.resources["cpus_per_expert"]
         opts = {"num_gpus": 1, "num_cpus": 1} if gpus >= 1 else {"num_cpus": cpus}
         task = ray.remote(max_retries=2)(_train_one).options(**opts)
         data_ref = ray.put(data)
-        meta = {**what, "store_key": key}
-        pending = [task.remote(data_ref, spec.model, spec.expert_training(),
-                               expert_seed(spec.experts["seed"], i), i, str(store.expert_path(key, name, i)),
-                               meta, int(opts.get("num_cpus", 1))) for i in todo]
-        bar = progress.task(f"experts ({len(valid)} reused)", total=count, completed=len(valid)) if progress else None
+        # a retrained expert is rewritten in every kept form (same seed: the same trajectory)
+        pending = [task.remote(data_ref, spec.model, spec.expert_training(), expert_seed(spec.experts["seed"], i), i,
+                               {f: str(store.expert_path(key, name, i, f)) for f in forms}, convex_opts, meta,
+                               int(opts.get("num_cpus", 1))) for i in sorted(todo)]
+        reused = count - len(todo)
+        bar = progress.task(f"experts ({reused} reused)", total=count, completed=reused) if progress else None
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            records.append(ray.get(done[0]))
+            for form, rec in ray.get(done[0]).items():
+                records[form][rec.index] = rec
             if bar is not None:
                 bar.advance()
     elif progress:
         progress.info(f"experts: reusing all {count} stored experts ({store.dir(key, name)})")
-    records.sort(key=lambda r: r.index)
-    store.write_manifest(key, name, records)
-    return ExpertSet(key, name, str(store.dir(key, name)), records, trained=len(todo))
+    ordered = {f: [records[f][i] for i in range(count)] for f in forms}
+    store.write_manifest(key, name, ordered)
+    return ExpertSet(key, name, str(store.dir(key, name)), ordered, trained=len(todo))

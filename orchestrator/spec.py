@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from algorithms.mct import MCTConfig
 from algorithms.mtt import MTTConfig
 
 from .datasets import DATASETS
@@ -75,7 +76,13 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "experts": {"count": (int, 10, _pos), "epochs": (int, 50, _pos), "lr": (NUM, 0.01, _pos),
                 "batch_size": (int, 256, _pos), "momentum": (NUM, 0.0, _nonneg),
                 "weight_decay": (NUM, 0.0, _nonneg), "dsa": (bool, True, None), "lr_decay": (bool, False, None),
-                "seed": (int, 0, _nonneg)},
+                "seed": (int, 0, _nonneg),
+                # which forms of each expert the store keeps: full trajectories and/or MCT's compact form
+                "keep": (list, ["full"], lambda v: None if v and set(v) <= {"full", "convex"} and len(set(v)) == len(v)
+                         else "must be a non-empty list of 'full' and/or 'convex'"),
+                "convex_waypoints": (int, 2, lambda v: None if v >= 2 else "must be >= 2"),
+                "convex_beta": (str, "path", lambda v: None if v in ("path", "uniform") else "must be path or uniform"),
+                "convex_smooth": (bool, False, None)},
     "evaluation": {"networks": (int, 5, _pos), "epochs": (int, 300, _pos), "interval": (int, 100, _nonneg),
                    "batch_size": (int, 256, _pos), "dsa": (bool, True, None)},
     "resources": {"cpus_per_trial": (NUM, 1, _pos), "gpus_per_trial": ((str, int, float), "auto",
@@ -91,11 +98,14 @@ TOP = {"name": (str, REQUIRED, None), "description": (str, "", None), "seed": (i
                      "only 'random' (a random real subset of the same budget) is known")}
 
 # Per algorithm: the hyperparameters a spec may set (with the distiller config's defaults).
-ALGORITHMS: dict[str, type] = {"mtt": MTTConfig}
+ALGORITHMS: dict[str, type] = {"mtt": MTTConfig, "mct": MCTConfig}
+INTEGER_HPS = {"mtt": ("syn_steps", "expert_epochs", "max_start_epoch"), "mct": ("syn_steps", "waypoints")}
 HP_CHECKS = {"syn_steps": _pos, "expert_epochs": _pos, "max_start_epoch": _pos, "lr_img": _pos, "lr_lr": _pos,
              "lr_teacher": _pos, "momentum": _nonneg, "batch_syn": lambda v: None if v is None or v > 0 else
              "must be > 0 or null (all images)", "pix_init": lambda v: None if v in ("real", "noise") else
-             "must be real or noise"}
+             "must be real or noise", "grad_mode": lambda v: None if v in ("full", "tesla") else "must be full or tesla",
+             "waypoints": lambda v: None if v >= 2 else "must be >= 2",
+             "beta": lambda v: None if v in ("path", "uniform") else "must be path or uniform"}
 
 
 def _type_name(t) -> str:
@@ -144,7 +154,20 @@ class Spec:
 
     def expert_training(self) -> dict[str, Any]:
         """The training config that (with dataset, model and seed) determines the trajectories."""
-        return {k: v for k, v in self.experts.items() if k not in ("count", "seed")}
+        return {k: v for k, v in self.experts.items() if k not in ("count", "seed", "keep") and
+                not k.startswith("convex_")}
+
+    def convex_options(self) -> dict[str, Any]:
+        e = self.experts
+        return {"num_waypoints": e["convex_waypoints"], "beta": e["convex_beta"], "smooth": e["convex_smooth"]}
+
+    def expert_forms(self) -> list[str]:
+        """Store forms the experts are kept in: ``full`` and/or the compact convex form."""
+        from .store import convex_form
+
+        c = self.convex_options()
+        return [("full" if k == "full" else convex_form(c["num_waypoints"], c["beta"], c["smooth"]))
+                for k in self.experts["keep"]]
 
     def trial_points(self) -> list[dict[str, Any]]:
         """One point per (algorithm, budget, grid point); values may still be Tune distributions.
@@ -313,16 +336,29 @@ def _check_algorithms(given: Any, experts: dict, err) -> dict[str, dict[str, Any
                 continue
             _check_hp_value(f"{key}.hyperparameters.{k}", v, HP_CHECKS.get(k), err)
             hp[k] = v
-        for int_key in ("syn_steps", "expert_epochs", "max_start_epoch"):
+        for int_key in INTEGER_HPS[name]:
             bad = [b for b in _bounds(hp.get(int_key)) if not float(b).is_integer()]
             if bad:
                 err(f"{key}.hyperparameters.{int_key}", f"must be an integer, got {bad[0]}")
         starts, spans = _bounds(hp.get("max_start_epoch")), _bounds(hp.get("expert_epochs"))
+        if name == "mct":  # the target is clipped at the last epoch; only the start must fit
+            spans = [0]
+        keep = experts.get("keep") or []
+        if name == "mtt" and "full" not in keep:
+            err("experts.keep", "mtt matches full trajectories: keep must include 'full'")
+        if name == "mct" and "full" not in keep:
+            want = {"waypoints": experts.get("convex_waypoints"), "beta": experts.get("convex_beta"),
+                    "smooth": experts.get("convex_smooth")}
+            for k, v in want.items():
+                if hp.get(k) != v:
+                    err(f"{key}.hyperparameters.{k}", f"is {hp.get(k)!r} but the experts keep only the compact form "
+                        f"with experts.convex_{k} = {v!r}; set them equal or keep 'full' to derive other forms")
         if starts and spans and isinstance(experts.get("epochs"), int):
             worst = max(starts) + max(spans)
             if worst > experts["epochs"]:
+                what = (f"max_start_epoch ({max(starts)})" if name == "mct" else
+                        f"max_start_epoch ({max(starts)}) + expert_epochs ({max(spans)}) = {worst}")
                 err(f"{key}.hyperparameters.max_start_epoch",
-                    f"max_start_epoch ({max(starts)}) + expert_epochs ({max(spans)}) = {worst} goes beyond "
-                    f"the experts' {experts['epochs']} epochs (experts.epochs)")
+                    f"{what} goes beyond the experts' {experts['epochs']} epochs (experts.epochs)")
         out[name] = {"budgets": budgets, "iterations": iterations, "hyperparameters": hp}
     return out

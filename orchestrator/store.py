@@ -13,15 +13,18 @@ is moved aside (never deleted, never used) and reported as missing, so it gets r
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable
 
 import numpy as np
@@ -204,8 +207,44 @@ def write_trajectory(path: str | Path, checkpoints: Iterable, manifest, info: di
     return digest, path.stat().st_size
 
 
+# -- the compact (convexified, MCT) form ------------------------------------------------------------
+def convex_form(waypoints: int = 2, beta: str = "path", smooth: bool = False) -> str:
+    """The name of a compact form, e.g. ``convex-w2-path``; also its file suffix."""
+    return f"convex-w{waypoints}-{beta}" + ("-smooth" if smooth else "")
+
+
+def write_convex(path: str | Path, convex, manifest, info: dict[str, Any], test_acc: float = math.nan) -> tuple[str, int]:
+    """Write an expert's convexified trajectory (``algorithms.mct.ConvexTrajectory``): one row per
+    waypoint, and the β table (float32, little-endian, base64) with its SHA-256 in the metadata."""
+    beta = np.ascontiguousarray(convex.beta.detach().cpu().numpy(), dtype="<f4")
+    rows = [SimpleNamespace(epoch=e, params=w, train_loss=math.nan, test_acc=test_acc if e == convex.num_epochs else math.nan)
+            for e, w in zip(convex.epochs, convex.waypoints)]
+    meta = {**info, "final_test_acc": test_acc, "convex": {"epochs": convex.num_epochs, "waypoint_epochs": list(convex.epochs),
+                               "beta_shape": list(beta.shape), "beta_b64": base64.b64encode(beta.tobytes()).decode(),
+                               "beta_sha256": hashlib.sha256(beta.tobytes()).hexdigest()}}
+    return write_trajectory(path, rows, manifest, meta)
+
+
+def open_convex(path: str | Path, verify: bool = True):
+    """Read a compact file back into a ``ConvexTrajectory`` (bit-exact)."""
+    from algorithms.mct import ConvexTrajectory, layer_bounds
+
+    t = open_trajectory(path, verify=verify)
+    try:
+        c = t.meta["convex"]
+        raw = base64.b64decode(c["beta_b64"])
+    except (KeyError, ValueError) as e:
+        raise CorruptTrajectoryError(f"{path}: not a convexified trajectory ({e})") from e
+    if verify and hashlib.sha256(raw).hexdigest() != c.get("beta_sha256"):
+        raise CorruptTrajectoryError(f"{path}: checksum mismatch in the beta table; the file is corrupt")
+    beta = torch.from_numpy(np.frombuffer(raw, dtype="<f4").reshape(c["beta_shape"]).copy())
+    return ConvexTrajectory(t.params.clone(), [int(e) for e in t.epochs], beta, layer_bounds(t.manifest))
+
+
 class TrajectoryStore:
-    """A folder of expert sets, each addressed by :func:`store_key`."""
+    """A folder of expert sets, each addressed by :func:`store_key`. Every expert may be kept
+    in several *forms*: ``full`` (``expert_00003.arrow``, every epoch) and compact convexified
+    ones (``expert_00003.convex-w2-path.arrow``, see :func:`convex_form`)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
@@ -214,11 +253,11 @@ class TrajectoryStore:
         return self.root / f"{dataset}-{key}"
 
     @staticmethod
-    def expert_name(index: int) -> str:
-        return f"expert_{index:05d}.arrow"
+    def expert_name(index: int, form: str = "full") -> str:
+        return f"expert_{index:05d}.arrow" if form == "full" else f"expert_{index:05d}.{form}.arrow"
 
-    def expert_path(self, key: str, dataset: str, index: int) -> Path:
-        return self.dir(key, dataset) / self.expert_name(index)
+    def expert_path(self, key: str, dataset: str, index: int, form: str = "full") -> Path:
+        return self.dir(key, dataset) / self.expert_name(index, form)
 
     def describe(self, key: str, dataset: str, what: dict[str, Any]) -> None:
         """Record (once) what the key stands for, readable by people."""
@@ -226,41 +265,37 @@ class TrajectoryStore:
         if not p.exists():
             atomic_write_bytes(p, json.dumps({"key": key, **what}, indent=2, default=str).encode())
 
-    def check(self, key: str, dataset: str, count: int) -> tuple[list[ExpertRecord], list[int], list[str]]:
-        """Verify experts 0..count-1: returns (valid records, indices to (re)train, problems).
+    def check(self, key: str, dataset: str, count: int, form: str = "full"
+              ) -> tuple[list[ExpertRecord], list[int], list[str]]:
+        """Verify experts 0..count-1 in ``form``: returns (valid records, indices missing, problems).
         A corrupt file is renamed to ``*.corrupt-<id>`` so it is never used and never lost."""
         valid, todo, problems = [], [], []
         for i in range(count):
-            p = self.expert_path(key, dataset, i)
+            p = self.expert_path(key, dataset, i, form)
             if not p.exists():
                 todo.append(i)
                 continue
             try:
-                t = open_trajectory(p)
-                valid.append(ExpertRecord(i, str(p), t.meta["params_sha256"], p.stat().st_size, t.final_test_acc))
+                t = open_trajectory(p) if form == "full" else open_convex(p)
+                meta = t.meta if form == "full" else open_trajectory(p, verify=False).meta
+                acc = t.final_test_acc if form == "full" else float(meta.get("final_test_acc", math.nan))
+                valid.append(ExpertRecord(i, str(p), meta["params_sha256"], p.stat().st_size, acc))
             except CorruptTrajectoryError as e:
                 aside = p.with_name(f"{p.name}.corrupt-{uuid.uuid4().hex[:6]}")
                 os.replace(p, aside)
-                problems.append(f"{e}; moved to {aside.name} and retraining it")
+                problems.append(f"{e}; moved to {aside.name} and rebuilding it")
                 todo.append(i)
         return valid, todo, problems
 
-    def write_manifest(self, key: str, dataset: str, records: list[ExpertRecord]) -> Path:
+    def write_manifest(self, key: str, dataset: str, records: dict[str, list[ExpertRecord]]) -> Path:
         p = self.dir(key, dataset) / "manifest.json"
-        body = {"key": key, "experts": [r.__dict__ | {"path": Path(r.path).name} for r in
-                                        sorted(records, key=lambda r: r.index)]}
+        body = {"key": key, "forms": {form: [r.__dict__ | {"path": Path(r.path).name}
+                                             for r in sorted(recs, key=lambda r: r.index)]
+                                      for form, recs in records.items()}}
         atomic_write_bytes(p, json.dumps(body, indent=2).encode())
         return p
 
-    def load(self, key: str, dataset: str, count: int, verify: bool = True) -> list[Trajectory]:
-        out = []
-        for i in range(count):
-            p = self.expert_path(key, dataset, i)
-            if not p.exists():
-                raise FileNotFoundError(f"{p}: expert {i} of store key {key} is missing; run `orchestrate experts`")
-            out.append(open_trajectory(p, verify=verify))
-        return out
-
-    def nbytes(self, key: str, dataset: str) -> int:
+    def nbytes(self, key: str, dataset: str, form: str = "full") -> int:
         d = self.dir(key, dataset)
-        return sum(p.stat().st_size for p in d.glob("expert_*.arrow")) if d.exists() else 0
+        pattern = "expert_[0-9]*[0-9].arrow" if form == "full" else f"expert_*.{form}.arrow"
+        return sum(p.stat().st_size for p in d.glob(pattern)) if d.exists() else 0

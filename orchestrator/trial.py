@@ -20,11 +20,13 @@ from ray import tune
 
 from algorithms.base import DivergenceError, SyntheticSet
 from algorithms.evaluate import EvalConfig, evaluate_set, random_real_subset
+from algorithms.mct import ConvexSampler, ConvexTrajectory, MCTConfig
 from algorithms.mtt import EpochSampler, MTTConfig, MTTDistiller
 from algorithms.networks import seeded_network
 
 from .artifacts import image_grid, load_state, save_state, save_synthetic
-from .store import open_trajectory
+from .spec import INTEGER_HPS
+from .store import convex_form, open_convex, open_trajectory
 from .tracking import RunLogger, find_or_create_child
 
 SYNTHETIC_ARTIFACT = "synthetic/synthetic.safetensors"
@@ -36,7 +38,7 @@ class TrialContext:
     data: Any  # orchestrator.datasets.ImageData
     spec: dict[str, Any]
     spec_hash: str
-    expert_paths: list[str]
+    expert_files: dict[str, list[str]]  # store form -> one file per expert
     expert_sha256: list[str]
     store_key: str
     experts_acc: tuple[float, float]
@@ -63,18 +65,38 @@ def build_distiller(point: dict, ctx: TrialContext, device: torch.device, seed: 
     """The distiller for a trial point, fed by the memory-mapped expert trajectories."""
     data, spec = ctx.data, ctx.spec
     hp = dict(point["hp"])
-    if point["algorithm"] != "mtt":
-        raise ValueError(f"unknown algorithm {point['algorithm']!r}")
-    for k in ("syn_steps", "expert_epochs", "max_start_epoch"):
+    algorithm = point["algorithm"]
+    for k in INTEGER_HPS.get(algorithm, ()):
         hp[k] = int(round(hp[k]))
     if hp.get("batch_syn") is not None:
         hp["batch_syn"] = int(hp["batch_syn"])
-    cfg = MTTConfig(ipc=point["budget"], **hp)
-    trajectories = [open_trajectory(p).params for p in ctx.expert_paths]
-    sampler = EpochSampler(trajectories, cfg.expert_epochs, cfg.max_start_epoch)
+    if algorithm == "mtt":
+        cfg = MTTConfig(ipc=point["budget"], **hp)
+        trajectories = [open_trajectory(p).params for p in ctx.expert_files["full"]]
+        sampler = EpochSampler(trajectories, cfg.expert_epochs, cfg.max_start_epoch)
+    elif algorithm == "mct":
+        cfg = MCTConfig(ipc=point["budget"], **hp)
+        sampler = ConvexSampler(load_convex(ctx, cfg), cfg.expert_epochs, cfg.max_start_epoch, cfg.continuous)
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}")
     info = data.info
     net = seeded_network(spec["model"], info.channels, info.num_classes, info.size, seed)
     return MTTDistiller(net, sampler, data.x_train, data.y_train, info.num_classes, cfg, seed=seed, device=device)
+
+
+def load_convex(ctx: TrialContext, cfg: MCTConfig) -> list[ConvexTrajectory]:
+    """The compact form the trial asks for: read from the store when the experts keep it,
+    otherwise derived from the stored full trajectories."""
+    form = convex_form(cfg.waypoints, cfg.beta, cfg.smooth)
+    if form in ctx.expert_files:
+        return [open_convex(p) for p in ctx.expert_files[form]]
+    if "full" not in ctx.expert_files:
+        raise ValueError(f"the experts keep only {sorted(ctx.expert_files)}, not {form} or full trajectories")
+    out = []
+    for p in ctx.expert_files["full"]:
+        t = open_trajectory(p)
+        out.append(ConvexTrajectory.from_checkpoints(t.params, t.manifest, cfg.waypoints, cfg.smooth, cfg.beta))
+    return out
 
 
 def _evaluate(ctx: TrialContext, syn: SyntheticSet, device) -> tuple[float, float]:
@@ -180,8 +202,10 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
             metrics.update({"eval_acc_mean": history["evals"][-1][1], "eval_acc_std": history["evals"][-1][2]})
         if it >= iterations:
             break
+        t_iter = time.perf_counter()
         m = distiller.step()
-        log.metrics({"loss": m["loss"], "syn_lr": m["syn_lr"], "start_epoch": m.get("start_epoch", math.nan)},
+        log.metrics({"loss": m["loss"], "syn_lr": m["syn_lr"], "start_epoch": m.get("start_epoch", math.nan),
+                     "sec_per_iter": time.perf_counter() - t_iter},
                     step=it + 1)
         metrics.update({"loss": m["loss"], "syn_lr": m["syn_lr"], "iteration": distiller.iteration,
                         "sec_per_iter": (time.perf_counter() - t0) / (distiller.iteration - first)})

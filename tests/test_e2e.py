@@ -163,3 +163,31 @@ def test_a_killed_trial_continues_from_its_checkpoint(tmp_path, ray_cluster):
     assert mtt.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(mtt.info.run_id, "loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # resumed at 4: nothing lost, nothing logged twice
+
+
+def test_mct_sweep_reads_the_compact_form_only(tmp_path, ray_cluster):
+    raw = {**TINY, "name": "tiny-mct",
+           "experts": {**TINY["experts"], "keep": ["convex"]},
+           "algorithms": {"mct": {"budgets": [1], "iterations": 4,
+                                  "hyperparameters": {"syn_steps": 3, "expert_epochs": 2.5, "max_start_epoch": 3.5,
+                                                      "grad_mode": "tesla"}}}}
+    spec = tmp_path / "mct.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    root = tmp_path / "runs"
+    res = CliRunner().invoke(main, ["launch", str(spec), "--root", str(root)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    files = sorted(p.name for p in (root / "trajectories").glob("*/expert_*"))
+    assert files == ["expert_00000.convex-w2-path.arrow", "expert_00001.convex-w2-path.arrow"]  # no full trajectory
+    client, children = runs_of_experiment(root, "tiny-mct")
+    mct = next(c for c in children if c.data.tags["algorithm"] == "mct")
+    assert mct.info.status == "FINISHED" and mct.data.params["hp.grad_mode"] == "tesla"
+    starts = [m.value for m in client.get_metric_history(mct.info.run_id, "start_epoch")]
+    assert len(starts) == 4 and all(0 <= s < 3.5 for s in starts) and any(s != int(s) for s in starts)
+    assert [a.path for a in client.list_artifacts(mct.info.run_id, "synthetic")] == [
+        "synthetic/synthetic.safetensors", "synthetic/synthetic_grid.png"]
+
+
+def runs_of_experiment(root, name):
+    client = MlflowClient(workspace(root).tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    return client, client.search_runs([exp.experiment_id], filter_string="tags.`orchestrate.role` = 'trial'")

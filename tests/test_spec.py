@@ -109,3 +109,24 @@ def test_missing_and_malformed_files(tmp_path):
     p.write_text("!!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(SpecError, match="not valid YAML"):  # safe_load refuses Python tags
         load_spec(p)
+
+
+def test_mct_spec_and_the_forms_the_experts_keep():
+    spec = copy.deepcopy(BASE)
+    spec["algorithms"]["mct"] = {"budgets": [1], "iterations": 2,
+                                 "hyperparameters": {"expert_epochs": 12.5, "max_start_epoch": 9.5}}
+    s = validate(spec)
+    assert s.expert_forms() == ["full"] and "keep" not in s.expert_training()
+    spec["experts"]["keep"] = ["convex"]
+    with pytest.raises(SpecError) as e:  # MTT needs the full trajectories
+        validate(spec)
+    assert "experts.keep: mtt matches full trajectories" in str(e.value)
+    del spec["algorithms"]["mtt"]
+    assert validate(spec).expert_forms() == ["convex-w2-path"]
+    spec["algorithms"]["mct"]["hyperparameters"]["waypoints"] = 4
+    with pytest.raises(SpecError, match="hyperparameters.waypoints: is 4 but the experts keep only"):
+        validate(spec)
+    spec["algorithms"]["mct"]["hyperparameters"]["waypoints"] = 2
+    spec["algorithms"]["mct"]["hyperparameters"]["max_start_epoch"] = 10.5
+    with pytest.raises(SpecError, match=r"max_start_epoch \(10.5\) goes beyond the experts' 10 epochs"):
+        validate(spec)

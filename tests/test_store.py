@@ -137,3 +137,30 @@ def test_store_key_depends_on_everything_that_determines_a_trajectory():
                 store_key({"name": "digits", "digest": "a"}, {"depth": 3}, {"lr": 0.01}, 0),
                 store_key({"name": "digits", "digest": "a"}, {"depth": 2}, {"lr": 0.02}, 0),
                 store_key({"name": "digits", "digest": "a"}, {"depth": 2}, {"lr": 0.01}, 1)}) == 5
+
+
+def test_compact_convex_form_round_trips_bit_exactly(tmp_path):
+    from algorithms.mct import ConvexTrajectory
+    from orchestrator.store import open_convex, write_convex
+
+    traj = torch.stack([c.params for c in checkpoints(11)])
+    convex = ConvexTrajectory.from_checkpoints(traj, MANIFEST, num_waypoints=4, smooth=True)
+    path = tmp_path / "expert_00000.convex-w4-path-smooth.arrow"
+    write_convex(path, convex, MANIFEST, {"seed": 1}, test_acc=0.9)
+    back = open_convex(path)
+    assert torch.equal(back.waypoints, convex.waypoints) and torch.equal(back.beta, convex.beta)
+    assert back.epochs == convex.epochs == [0, 3, 7, 10] and back.bounds == convex.bounds
+    for t in (0.0, 2.5, 7.0, 9.75, 10.0):
+        assert torch.equal(back.point(t), convex.point(t))
+    # the beta table is covered by its own checksum
+    meta_path = tmp_path / "tampered.arrow"
+    with pa.memory_map(str(path)) as src:
+        table = pa.ipc.open_file(src).read_all()
+    meta = dict(table.schema.metadata)
+    c = json.loads(meta[b"distill.convex"])
+    c["beta_b64"] = c["beta_b64"][:-8] + ("AAAAAAA=" if not c["beta_b64"].endswith("AAAAAAA=") else "AAAAAAE=")
+    meta[b"distill.convex"] = json.dumps(c).encode()
+    with pa.OSFile(str(meta_path), "wb") as sink, pa.ipc.new_file(sink, table.schema.with_metadata(meta)) as w:
+        w.write_table(table)
+    with pytest.raises(CorruptTrajectoryError, match="beta table"):
+        open_convex(meta_path)
