@@ -101,16 +101,16 @@ def tesla_matching_backward(net: nn.Module, manifest: Manifest, start: torch.Ten
     A first pass runs the student steps without a graph and sums the gradients, G = Σ g_i, so
     θ_N = θ_0 − α·G. The loss depends on each g_i through θ_N, with dL/dg_i = −2α(θ_N − θ*)/D
     (D = ‖θ_0 − θ*‖²). A second pass recomputes each g_i(x_i; θ_i) with a graph and
-    backpropagates that vector into batch i alone, one step at a time, so memory does not grow
-    with the number of steps. The dependence of later θ_j on earlier batches is dropped: exact
-    for one step, an approximation of full backpropagation for more. α's gradient is exact
+    backpropagates that vector into batch i alone, one step at a time, recomputing θ_i on the
+    way, so memory does not grow with the number of steps (at twice the forward compute). The
+    dependence of later θ_j on earlier batches is dropped: exact for one step, an approximation
+    of full backpropagation for more. α's gradient is exact
     given G: dL/dα = −2⟨θ_N − θ*, G⟩/D.
     """
     lr = syn_lr.detach()
     params = start.detach().clone()
-    states, total = [], torch.zeros_like(params)
+    total = torch.zeros_like(params)
     for idx, aug in plan:
-        states.append(params)
         g = _student_grad(net, manifest, params.requires_grad_(True), images.detach(), labels, idx, aug, augment,
                           create_graph=False)
         total += g
@@ -121,10 +121,13 @@ def tesla_matching_backward(net: nn.Module, manifest: Manifest, start: torch.Ten
     if not torch.isfinite(loss):
         return loss
     v = (-2 * lr / dist) * resid
-    for (idx, aug), theta in zip(plan, states):
-        g = _student_grad(net, manifest, theta.detach().requires_grad_(True), images, labels, idx, aug, augment,
-                          create_graph=True)
+    # second pass: the same steps again (θ_i recomputed on the way, nothing stored per step)
+    theta = start.detach().clone()
+    for idx, aug in plan:
+        theta = theta.requires_grad_(True)
+        g = _student_grad(net, manifest, theta, images, labels, idx, aug, augment, create_graph=True)
         torch.autograd.backward((g * v).sum(), inputs=[images])
+        theta = theta.detach() - lr * g.detach()
     grad_lr = -2 * (resid * total).sum() / dist
     syn_lr.grad = grad_lr.reshape(syn_lr.shape) if syn_lr.grad is None else syn_lr.grad + grad_lr
     return loss

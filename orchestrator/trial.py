@@ -154,7 +154,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     common = {"full_data_acc_mean": ctx.experts_acc[0], "full_data_acc_std": ctx.experts_acc[1]}
     try:
         if point["algorithm"] == "random":
-            _run_random(point, ctx, log, common, device)
+            _run_random(point, ctx, log, common, device, seed)
         else:
             _run_distillation(point, ctx, log, common, device, seed, restored)
     except DivergenceError as e:
@@ -167,9 +167,11 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         raise
 
 
-def _run_random(point: dict, ctx: TrialContext, log: RunLogger, common: dict, device) -> None:
+def _run_random(point: dict, ctx: TrialContext, log: RunLogger, common: dict, device, seed: int) -> None:
+    """The random-real-subset baseline. With the same seed, a distiller initialised from real
+    images starts from exactly these images, so the comparison is paired."""
     data, spec = ctx.data, ctx.spec
-    g = torch.Generator().manual_seed(spec["seed"] * 7919 + point["budget"])
+    g = torch.Generator().manual_seed(seed)
     images, labels = random_real_subset(data.x_train, data.y_train, point["budget"], data.info.num_classes, g)
     syn = SyntheticSet(images, labels, spec["experts"]["lr"])
     mean, std = _evaluate(ctx, syn, device)
