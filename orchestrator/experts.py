@@ -41,9 +41,6 @@ class ExpertSet:
     def files(self) -> dict[str, list[str]]:
         return {form: [r.path for r in recs] for form, recs in self.forms.items()}
 
-    @property
-    def paths(self) -> list[str]:
-        return [r.path for r in self.records]
 
     @property
     def accuracy(self) -> tuple[float, float]:

@@ -156,7 +156,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
             plog.artifact(spec.path, "source")
 
     ctx = TrialContext(data=data, spec=spec.to_dict(), spec_hash=spec.hash, expert_files=experts.files,
-                       expert_sha256=[r.sha256 for r in experts.records], store_key=experts.key,
+                       expert_sha256=[r.sha256 for recs in experts.forms.values() for r in recs], store_key=experts.key,
                        experts_acc=experts.accuracy, tracking_uri=ws.tracking_uri, experiment_id=experiment_id,
                        parent_run_id=parent_id, tags=lineage)
     gpus = spec.resources["gpus_per_trial"]

@@ -8,6 +8,7 @@ reason in MLflow (run status FAILED) without stopping the sweep.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import tempfile
 import time
@@ -141,7 +142,10 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     client = MlflowClient(ctx.tracking_uri)
     tags = {"algorithm": point["algorithm"], "dataset": spec["dataset"]["name"], "budget": point["budget"],
             "orchestrate.spec_hash": ctx.spec_hash, "orchestrate.store_key": ctx.store_key,
-            "orchestrate.trial_name": tctx.get_trial_name() or trial_name(point), **ctx.tags}
+            "orchestrate.trial_name": tctx.get_trial_name() or trial_name(point),
+            # one digest over the checksums of every expert file the trial may read
+            "orchestrate.experts_sha256": hashlib.sha256("".join(ctx.expert_sha256).encode()).hexdigest()[:16],
+            **ctx.tags}
     run_id = restored["run_id"] if restored else \
         find_or_create_child(client, ctx.experiment_id, ctx.parent_run_id, trial_id, trial_name(point), tags)[0]
     if restored:
