@@ -91,7 +91,7 @@ def experts(spec, root, address, num_cpus):
     from .sweep import ray_session, train_experts
 
     s = _load(spec)
-    ws = workspace(root, "unused://")
+    ws = workspace(root)  # only the trajectory store is used; MLflow is not touched
     try:
         with ray_session(address, num_cpus), Progress(err_console) as progress:
             out = train_experts(s, ws, progress)
