@@ -219,7 +219,7 @@ def write_convex(path: str | Path, convex, manifest, info: dict[str, Any], test_
     beta = np.ascontiguousarray(convex.beta.detach().cpu().numpy(), dtype="<f4")
     rows = [SimpleNamespace(epoch=e, params=w, train_loss=math.nan, test_acc=test_acc if e == convex.num_epochs else math.nan)
             for e, w in zip(convex.epochs, convex.waypoints)]
-    meta = {**info, "final_test_acc": test_acc, "convex": {"epochs": convex.num_epochs, "waypoint_epochs": list(convex.epochs),
+    meta = {**info, "convex": {"epochs": convex.num_epochs, "waypoint_epochs": list(convex.epochs),
                                "beta_shape": list(beta.shape), "beta_b64": base64.b64encode(beta.tobytes()).decode(),
                                "beta_sha256": hashlib.sha256(beta.tobytes()).hexdigest()}}
     return write_trajectory(path, rows, manifest, meta)
@@ -227,16 +227,20 @@ def write_convex(path: str | Path, convex, manifest, info: dict[str, Any], test_
 
 def open_convex(path: str | Path, verify: bool = True):
     """Read a compact file back into a ``ConvexTrajectory`` (bit-exact)."""
+    return convex_of(open_trajectory(path, verify=verify), verify=verify)
+
+
+def convex_of(t: Trajectory, verify: bool = True):
+    """The ``ConvexTrajectory`` held by an opened compact file (its β table checked)."""
     from algorithms.mct import ConvexTrajectory, layer_bounds
 
-    t = open_trajectory(path, verify=verify)
     try:
         c = t.meta["convex"]
         raw = base64.b64decode(c["beta_b64"])
     except (KeyError, ValueError) as e:
-        raise CorruptTrajectoryError(f"{path}: not a convexified trajectory ({e})") from e
+        raise CorruptTrajectoryError(f"{t.path}: not a convexified trajectory ({e})") from e
     if verify and hashlib.sha256(raw).hexdigest() != c.get("beta_sha256"):
-        raise CorruptTrajectoryError(f"{path}: checksum mismatch in the beta table; the file is corrupt")
+        raise CorruptTrajectoryError(f"{t.path}: checksum mismatch in the beta table; the file is corrupt")
     beta = torch.from_numpy(np.frombuffer(raw, dtype="<f4").reshape(c["beta_shape"]).copy())
     return ConvexTrajectory(t.params.clone(), [int(e) for e in t.epochs], beta, layer_bounds(t.manifest))
 
@@ -276,10 +280,10 @@ class TrajectoryStore:
                 todo.append(i)
                 continue
             try:
-                t = open_trajectory(p) if form == "full" else open_convex(p)
-                meta = t.meta if form == "full" else open_trajectory(p, verify=False).meta
-                acc = t.final_test_acc if form == "full" else float(meta.get("final_test_acc", math.nan))
-                valid.append(ExpertRecord(i, str(p), meta["params_sha256"], p.stat().st_size, acc))
+                t = open_trajectory(p)
+                if form != "full":
+                    convex_of(t)  # checks the beta table too
+                valid.append(ExpertRecord(i, str(p), t.meta["params_sha256"], p.stat().st_size, t.final_test_acc))
             except CorruptTrajectoryError as e:
                 aside = p.with_name(f"{p.name}.corrupt-{uuid.uuid4().hex[:6]}")
                 os.replace(p, aside)

@@ -25,7 +25,7 @@ from .experts import ExpertSet, ensure_experts
 from .progress import Bar, Progress
 from .spec import Spec
 from .store import TrajectoryStore, library_versions
-from .tracking import PARENT_TAG, ROLE_TAG, RunLogger, Workspace, ensure_experiment
+from .tracking import ROLE_TAG, RunLogger, Workspace, ensure_experiment
 from .trial import TrialContext, run_trial, trial_name
 
 

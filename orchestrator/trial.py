@@ -124,7 +124,7 @@ def _log_outputs(log: RunLogger, ctx: TrialContext, syn: SyntheticSet, algorithm
 def run_trial(config: dict, ctx: TrialContext) -> None:
     """The Tune function trainable."""
     point = config["trial"]
-    spec, data = ctx.spec, ctx.data
+    spec = ctx.spec
     torch.set_num_threads(max(1, int(spec["resources"]["cpus_per_trial"])))
     device = _device()
     tctx = tune.get_context()

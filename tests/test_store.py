@@ -164,3 +164,20 @@ def test_compact_convex_form_round_trips_bit_exactly(tmp_path):
         w.write_table(table)
     with pytest.raises(CorruptTrajectoryError, match="beta table"):
         open_convex(meta_path)
+
+
+def test_store_check_verifies_compact_files_too(tmp_path):
+    from algorithms.mct import ConvexTrajectory
+    from orchestrator.store import convex_form, write_convex
+
+    store = TrajectoryStore(tmp_path)
+    form = convex_form(2, "path", False)
+    traj = torch.stack([c.params for c in checkpoints(11)])
+    for i in range(2):
+        write_convex(store.expert_path("k", "d", i, form), ConvexTrajectory.from_checkpoints(traj, MANIFEST),
+                     MANIFEST, {}, test_acc=0.75)
+    bad = store.expert_path("k", "d", 1, form)
+    bad.write_bytes(bad.read_bytes()[:-50])
+    valid, todo, problems = store.check("k", "d", 2, form)
+    assert [r.index for r in valid] == [0] and valid[0].final_test_acc == pytest.approx(0.75)
+    assert todo == [1] and len(problems) == 1
