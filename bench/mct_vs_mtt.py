@@ -69,6 +69,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -80,7 +81,8 @@ from algorithms.networks import manifest_of, seeded_network
 from orchestrator.datasets import DatasetNotFoundError, load_dataset
 from orchestrator.spec import INTEGER_HPS, load_spec
 from orchestrator.store import (
-    TrajectoryStore, convex_form, open_convex, open_trajectory, store_key, write_convex, write_trajectory,
+    CorruptTrajectoryError, TrajectoryStore, convex_form, open_convex, open_trajectory, store_key, write_convex,
+    write_trajectory,
 )
 
 from common import (  # bench/common.py: run as a script, this folder is first on sys.path
@@ -202,14 +204,33 @@ def parse_target(rule: str) -> tuple[str, float]:
 
 # -- experts and storage -------------------------------------------------------------------------
 def train_experts(name: str, data, model: dict, training: dict, count: int, base_seed: int, device: str,
-                  console: Console) -> tuple[list[list], float]:
+                  console: Console, reuse: TrajectoryStore | None = None, key: str = "") -> tuple[list[list], float]:
+    """Train ``count`` experts, or read them back (checksums verified) from ``reuse`` (``--store``)
+    where an earlier run left them under the same store key; new ones are written there."""
     cfg = ExpertConfig(**training)
     out = []
     t0 = time.perf_counter()
+    reused = 0
     for i in range(count):
+        path = reuse.expert_path(key, name, i, "full") if reuse is not None else None
+        if path is not None and path.exists():
+            try:
+                t = open_trajectory(path)
+                out.append([SimpleNamespace(epoch=int(e), params=t.params[j].clone(), train_loss=float(t.train_loss[j]),
+                                            test_acc=float(t.test_acc[j])) for j, e in enumerate(t.epochs)])
+                reused += 1
+                continue
+            except CorruptTrajectoryError as e:
+                console.print(f"[yellow]  {e}: retraining[/yellow]")
         out.append(list(train_expert(model, data, cfg, seed=expert_seed(base_seed, i), device=device)))
+        if path is not None:
+            info = data.info
+            manifest = manifest_of(seeded_network(model, info.channels, info.num_classes, info.size, 0))
+            write_trajectory(path, out[-1], manifest, {"dataset": name, "model": model, "training": training,
+                                                       "seed_base": base_seed, "expert_index": i})
     accs = [c[-1].test_acc for c in out]
-    console.print(f"  {name}: {count} experts × {cfg.epochs} epochs in {time.perf_counter() - t0:.1f} s, "
+    console.print(f"  {name}: {count} experts × {cfg.epochs} epochs in {time.perf_counter() - t0:.1f} s "
+                  f"({reused} read back from --store), "
                   f"test acc {100 * statistics.fmean(accs):.1f}% (min {100 * min(accs):.1f}%)")
     return out, time.perf_counter() - t0
 
@@ -428,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
                                                  "else bench_mct_vs_mtt.png)")
     ap.add_argument("--root", default=None, help="MLflow workspace folder (default: a new temporary folder; "
                                                  "./orchestrate-runs to browse with `orchestrate ui`)")
+    ap.add_argument("--set", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                    help="override a hyperparameter of both methods (or of one: mct.lr_img=100); repeatable")
+    ap.add_argument("--store", default=None, help="keep the experts' full trajectories in this folder and "
+                    "read them back on the next run with the same data, model and training (default: retrain)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as a trial with 1 CPU)")
     ap.add_argument("--seed", type=int, default=None, help="base seed (default: the spec's, 0)")
@@ -457,6 +482,15 @@ def main(argv: list[str] | None = None) -> int:
                           batch_size=spec.evaluation["batch_size"], dsa=spec.evaluation["dsa"])
     eval_seed = spec.seed * 1000 + 17  # orchestrator.trial.eval_seed
     hps = {m: method_hp(spec, m, args.expert_epochs) for m in METHODS}
+    for item in args.set:
+        k, sep, v = item.partition("=")
+        method, dot, hp_name = k.partition(".") if "." in k else ("", "", k)
+        targets = [method] if dot else list(METHODS)
+        if not sep or any(t not in hps for t in targets) or any(hp_name not in hps[t] for t in targets):
+            ap.error(f"--set {item}: expected [mtt.|mct.]KEY=VALUE with KEY one of {sorted(hps['mct'])}")
+        for t in targets:
+            hps[t][hp_name] = type(hps[t][hp_name])(yaml.safe_load(v))
+    reuse = TrajectoryStore(args.store) if args.store else None
     console.print(f"[bold]MCT vs MTT[/bold] ({args.device}, {torch.get_num_threads()} thread(s)), spec {SPEC_PATH.name}: "
                   f"model {model}, experts {args.experts} × {args.expert_epochs} epochs, IPC {args.ipc}, "
                   f"{args.seeds} seeds × {args.iterations} iterations, eval every {args.eval_every} "
@@ -492,8 +526,9 @@ def main(argv: list[str] | None = None) -> int:
             info = data.info
             manifest = manifest_of(seeded_network(model, info.channels, info.num_classes, info.size, 0))
             console.print(f"[bold]{name}[/bold]: {len(data.y_train)} train / {len(data.y_test)} test images")
-            ckpts, expert_s = train_experts(name, data, model, training, args.experts, args.seed, args.device, console)
             key = store_key({"name": name, "digest": data.digest()}, model, training, args.seed)
+            ckpts, expert_s = train_experts(name, data, model, training, args.experts, args.seed, args.device, console,
+                                            reuse, key)
             st = write_forms(store, key, name, ckpts, manifest,
                              {"dataset": name, "model": model, "training": training, "seed_base": args.seed})
             experts = {"full": [open_trajectory(p).params for p in st.pop("paths")["full"]],

@@ -1,0 +1,171 @@
+"""Training and evaluating sequence models: experts on real data, downstream models on a distilled
+(soft) or baseline set, and the metrics: HR@10 / NDCG@10 (recommendation) and perplexity (LM).
+
+Recommendation metrics rank the held-out item against *all* items (no sampled negatives: with
+1.7k-3.7k items in MovieLens full ranking is cheap, and sampled metrics are known to disagree with
+full ones). The padding id is never ranked and, by default, neither are the items already in the
+user's input sequence (``mask_seen``): MovieLens users rate a movie once, so a seen item cannot be
+the next one. Ties count against the target (its rank is the number of other items scored at least
+as high), so a constant scorer gets no credit.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+
+from .experts import Checkpoint
+from .networks import flatten_params, functional_forward, manifest_of
+from .seqmodels import CausalTransformer, seeded_seq_model, sequence_loss
+
+
+@dataclass
+class SeqTask:
+    """What training and evaluating a sequence model needs, independent of the file format."""
+    kind: str  # "recommendation" | "language_model"
+    vocab_size: int
+    pad_id: int | None
+    train: torch.Tensor  # int64 [N, L] real training sequences (left-padded for recommendation)
+    test_inputs: torch.Tensor  # rec: [U, L] histories; LM: [N, L] test chunks
+    test_targets: torch.Tensor | None = None  # rec: [U] held-out items
+    test_seen: list[torch.Tensor] | None = None  # rec: the items of each input (masked when ranking)
+    k: int = 10
+
+    @property
+    def primary(self) -> str:
+        """The metric stored as an expert's ``test_acc`` (higher is better)."""
+        return "hr10" if self.kind == "recommendation" else "token_acc"
+
+    @property
+    def headline(self) -> tuple[str, ...]:
+        return ("hr10", "ndcg10") if self.kind == "recommendation" else ("ppl", "token_acc")
+
+
+@dataclass(frozen=True)
+class SeqTrainConfig:
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 128
+    weight_decay: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among its row: other entries scored >= the target's score.
+    Entries set to -inf (masked) never count."""
+    t = scores.gather(1, targets.view(-1, 1))
+    return (scores >= t).sum(1) - 1
+
+
+def hr_ndcg(ranks: torch.Tensor, k: int = 10) -> tuple[float, float]:
+    """HR@k (fraction with rank < k) and NDCG@k (1/log2(rank+2) when rank < k, else 0)."""
+    hit = ranks < k
+    ndcg = torch.where(hit, 1.0 / torch.log2(ranks.double() + 2), torch.zeros((), dtype=torch.float64))
+    return float(hit.double().mean()), float(ndcg.mean())
+
+
+@torch.no_grad()
+def recommendation_metrics(model: CausalTransformer, flat: torch.Tensor, task: SeqTask, batch_size: int = 256,
+                           mask_seen: bool = True) -> dict[str, float]:
+    model.eval()
+    ranks = []
+    man = manifest_of(model)
+    dev = flat.device
+    for i in range(0, len(task.test_inputs), batch_size):
+        x = task.test_inputs[i : i + batch_size].to(dev)
+        scores = functional_forward(model, flat, x, man)[:, -1].double()
+        if task.pad_id is not None:
+            scores[:, task.pad_id] = -math.inf
+        tgt = task.test_targets[i : i + batch_size].to(dev)
+        if mask_seen and task.test_seen is not None:
+            for r, seen in enumerate(task.test_seen[i : i + batch_size]):
+                seen = seen[seen != tgt[r]]  # never mask the target itself
+                scores[r, seen.to(dev)] = -math.inf
+        ranks.append(rank_of_targets(scores, tgt).cpu())
+    hr, ndcg = hr_ndcg(torch.cat(ranks), task.k)
+    return {"hr10": hr, "ndcg10": ndcg}
+
+
+@torch.no_grad()
+def lm_metrics(model: CausalTransformer, flat: torch.Tensor, task: SeqTask, batch_size: int = 64) -> dict[str, float]:
+    """Perplexity exp(mean next-token cross-entropy) and next-token accuracy on the test chunks."""
+    model.eval()
+    man = manifest_of(model)
+    total, correct, count = 0.0, 0, 0
+    for i in range(0, len(task.test_inputs), batch_size):
+        x = task.test_inputs[i : i + batch_size].to(flat.device)
+        logits = functional_forward(model, flat, x, man)[:, :-1].double()
+        tgt = x[:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                         reduction="sum"))
+        correct += int((logits.argmax(-1) == tgt).sum())
+        count += tgt.numel()
+    return {"ppl": math.exp(total / count), "token_acc": correct / count}
+
+
+def task_metrics(model: CausalTransformer, flat: torch.Tensor, task: SeqTask) -> dict[str, float]:
+    if task.kind == "recommendation":
+        return recommendation_metrics(model, flat, task)
+    return lm_metrics(model, flat, task)
+
+
+# -- training -----------------------------------------------------------------------------------
+def train_seq_model(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, seed: int,
+                    device: str | torch.device = "cpu", evaluate_every: int = 0) -> Iterator[Checkpoint]:
+    """Train a fresh model with Adam on ``data`` (hard ids ``[N, L]`` or soft ``[N, L, V]``) and
+    yield a checkpoint per epoch (epoch 0 = initialisation). ``test_acc`` holds the task's primary
+    metric at the last epoch (and every ``evaluate_every`` epochs)."""
+    model = seeded_seq_model(model_spec, task.vocab_size, task.pad_id, seed).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed + 7919)
+
+    def metric(epoch: int) -> float:
+        if epoch == cfg.epochs or (evaluate_every > 0 and epoch % evaluate_every == 0):
+            return task_metrics(model, flatten_params(model).to(device), task)[task.primary]
+        return math.nan
+
+    yield Checkpoint(0, flatten_params(model).cpu(), math.nan, metric(0))
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        perm = torch.randperm(len(data), generator=gen)
+        total, count = 0.0, 0
+        for i in range(0, len(data), cfg.batch_size):
+            xb = data[perm[i : i + cfg.batch_size]].to(device)
+            loss = sequence_loss(model(xb), xb, task.pad_id)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"sequence model seed {seed}: loss {loss.item()} at epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(xb)
+            count += len(xb)
+        yield Checkpoint(epoch, flatten_params(model).cpu(), total / count, metric(epoch))
+
+
+@dataclass
+class SeqEvalResult:
+    metrics: dict[str, float]  # mean over networks
+    std: dict[str, float]
+    per_network: list[dict[str, float]]
+
+
+def evaluate_sequences(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, networks: int,
+                       seed: int, device: str | torch.device = "cpu") -> SeqEvalResult:
+    """Train ``networks`` fresh models on ``data`` (seeds ``seed, seed+1, ...``) and report the
+    task metrics of each after the last epoch: mean and population std."""
+    runs = []
+    for n in range(networks):
+        last = None
+        for last in train_seq_model(model_spec, task, data, cfg, seed + n, device):
+            pass
+        model = seeded_seq_model(model_spec, task.vocab_size, task.pad_id, seed + n).to(device)
+        runs.append(task_metrics(model, last.params.to(device), task))
+    keys = runs[0].keys()
+    return SeqEvalResult({k: statistics.fmean(r[k] for r in runs) for k in keys},
+                         {k: statistics.pstdev([r[k] for r in runs]) for k in keys}, runs)
