@@ -95,19 +95,15 @@ class MetaResult:
     inner_last: float
 
 
-def _zeros(ps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [torch.zeros_like(p) for p in ps]
-
-
-def inner_grad(prob: InnerProblem, theta: torch.Tensor, batch) -> tuple[torch.Tensor, float]:
-    """The inner gradient at ``theta`` with no graph kept (forward pass of reverse mode)."""
+def inner_grad(prob: InnerProblem, theta: torch.Tensor, batch, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """The inner gradient at ``theta`` (evaluated in the model's ``dtype``) with no graph kept."""
     with torch.enable_grad():
-        th = theta.detach().requires_grad_(True)
+        th = theta.detach().to(dtype).requires_grad_(True)
         with torch.no_grad():
             x = prob.data(batch)
         loss = prob.loss(th, x)
         (g,) = torch.autograd.grad(loss, th)
-    return g, float(loss)
+    return g.to(theta.dtype), float(loss.detach())
 
 
 def hvp(loss_fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -119,16 +115,19 @@ def hvp(loss_fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, u:
     return hu
 
 
-def unrolled_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, second_moment: bool = True
-                       ) -> MetaResult:
-    """Reference: autograd through the unrolled Adam steps (memory grows with the steps)."""
+def unrolled_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, second_moment: bool = True,
+                       state_dtype: torch.dtype | None = None) -> MetaResult:
+    """Reference: autograd through the unrolled Adam steps (memory grows with the steps).
+    The model runs in ``theta0``'s dtype; Adam's state (parameters and moments) in ``state_dtype``
+    (default: the same), as :func:`reverse_meta_grad` does."""
+    dtype = theta0.dtype
     with torch.enable_grad():
-        theta = theta0.detach().requires_grad_(True)
+        theta = theta0.detach().to(state_dtype or dtype).requires_grad_(True)
         m = torch.zeros_like(theta)
         v = torch.zeros_like(theta)
         first = last = math.nan
         for t, batch in enumerate(prob.batches, 1):
-            loss = prob.loss(theta, prob.data(batch))
+            loss = prob.loss(theta.to(dtype), prob.data(batch))
             (g,) = torch.autograd.grad(loss, theta, create_graph=True)
             last = float(loss.detach())
             first = last if t == 1 else first
@@ -136,26 +135,32 @@ def unrolled_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, sec
             g2 = g * g if second_moment else (g * g).detach()
             v = hp.beta2 * v + (1 - hp.beta2) * g2
             theta = theta - adam_update(m, v, t, hp)
-        outer = prob.outer(theta)
+        outer = prob.outer(theta.to(dtype))
         grads = torch.autograd.grad(outer, list(prob.data_params), allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(prob.data_params, grads)]
     return MetaResult(float(outer.detach()), grads, theta.detach(), first, last)
 
 
 def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, second_moment: bool = True,
-                      checkpoint_every: int = 0) -> MetaResult:
+                      checkpoint_every: int = 0, state_dtype: torch.dtype | None = torch.float64) -> MetaResult:
     """Reverse-mode Adam: the same meta-gradient as :func:`unrolled_meta_grad` in memory that does
-    not grow with the number of steps (see the module docstring for the derivation)."""
+    not grow with the number of steps (see the module docstring for the derivation).
+
+    The model (gradients, Hessian-vector products) runs in ``theta0``'s dtype; Adam's state and the
+    reversal run in ``state_dtype`` (float64 by default: undoing ``v_t = b2 v_{t-1} + (1-b2) g^2``
+    cancels digits, and float32 state makes long reversals diverge; the float64 copies of theta, m
+    and v cost 3 x 8 bytes per parameter, independent of the steps)."""
     b1, b2, lr, eps = hp.beta1, hp.beta2, hp.lr, hp.eps
     steps = len(prob.batches)
+    dtype = theta0.dtype
     # forward: keep only the last state (and, when asked, every checkpoint_every-th one)
-    theta = theta0.detach().clone()
+    theta = theta0.detach().to(state_dtype or dtype).clone()
     m = torch.zeros_like(theta)
     v = torch.zeros_like(theta)
-    saved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {0: (theta0.detach(), m, v)}
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {0: (theta.clone(), m, v)}
     first = last = math.nan
     for t, batch in enumerate(prob.batches, 1):
-        g, loss = inner_grad(prob, theta, batch)
+        g, loss = inner_grad(prob, theta, batch, dtype)
         first = loss if t == 1 else first
         last = loss
         m = b1 * m + (1 - b1) * g
@@ -166,12 +171,13 @@ def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, seco
     theta_T = theta.clone()
 
     with torch.enable_grad():
-        th = theta.detach().requires_grad_(True)
+        th = theta.detach().to(dtype).requires_grad_(True)
         outer = prob.outer(th)
         (dtheta,) = torch.autograd.grad(outer, th)
+        dtheta = dtheta.to(theta.dtype)
     dm = torch.zeros_like(theta)
     dv = torch.zeros_like(theta)
-    dparams = _zeros(prob.data_params)
+    dparams = [torch.zeros_like(p, dtype=theta.dtype) for p in prob.data_params]  # summed in the state dtype
     for t in range(steps, 0, -1):
         c1, c2 = 1 - b1 ** t, 1 - b2 ** t
         mhat, vhat = m / c1, v / c2
@@ -185,18 +191,18 @@ def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, seco
         prev = saved.get(t - 1)
         theta_prev = prev[0] if prev is not None else theta + lr * mhat / den
         with torch.enable_grad():
-            th = theta_prev.detach().requires_grad_(True)
+            th = theta_prev.detach().to(dtype).requires_grad_(True)
             x = prob.data(prob.batches[t - 1])
             (g,) = torch.autograd.grad(prob.loss(th, x), th, create_graph=True)
             u = (1 - b1) * dm
             if second_moment:
-                u = u + 2 * (1 - b2) * g.detach() * dv
-            outs = torch.autograd.grad((g * u).sum(), [th, *prob.data_params], allow_unused=True)
-        dtheta = dtheta + outs[0]
+                u = u + 2 * (1 - b2) * g.detach().to(dv.dtype) * dv
+            outs = torch.autograd.grad((g * u.to(dtype)).sum(), [th, *prob.data_params], allow_unused=True)
+        dtheta = dtheta + outs[0].to(dtheta.dtype)
         for acc, d in zip(dparams, outs[1:]):
             if d is not None:
-                acc.add_(d)
-        g = g.detach()
+                acc.add_(d.to(acc.dtype))
+        g = g.detach().to(m.dtype)
         if prev is not None:
             theta, m, v = prev
         else:
@@ -205,15 +211,16 @@ def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, seco
             v = ((v - (1 - b2) * g * g) / b2).clamp_min(0)
         dm = b1 * dm
         dv = b2 * dv
-    return MetaResult(float(outer), dparams, theta_T, first, last)
+    dparams = [d.to(p.dtype) for d, p in zip(dparams, prob.data_params)]
+    return MetaResult(float(outer.detach()), dparams, theta_T, first, last)
 
 
 def meta_gradient(mode: str, theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, second_moment: bool = True,
-                  checkpoint_every: int = 0) -> MetaResult:
+                  checkpoint_every: int = 0, state_dtype: torch.dtype | None = torch.float64) -> MetaResult:
     if mode == "reverse":
-        return reverse_meta_grad(theta0, prob, hp, second_moment, checkpoint_every)
+        return reverse_meta_grad(theta0, prob, hp, second_moment, checkpoint_every, state_dtype)
     if mode == "unrolled":
-        return unrolled_meta_grad(theta0, prob, hp, second_moment)
+        return unrolled_meta_grad(theta0, prob, hp, second_moment, state_dtype)
     raise ValueError(f"unknown grad_mode {mode!r} ({' | '.join(GRAD_MODES)})")
 
 
@@ -270,15 +277,17 @@ class FarziConfig:
     max_start_epoch: int = 2  # theta_0 from expert epochs 0..max_start_epoch
     grad_mode: str = "reverse"  # reverse | unrolled
     second_moment: bool = True
-    precision: str = "float32"  # float32 | float64: the inner loop (forward and reversal)
+    precision: str = "float32"  # float32 | float64: the model in the inner loop
+    reverse_precision: str = "float64"  # float32 | float64: Adam's state and its reversal
     checkpoint_every: int = 0  # reverse mode: keep (theta, m, v) every k inner steps (0: never)
     init_scale: float = 1.0  # std of F; M starts N(0, 1/d)
 
     def __post_init__(self):
         if self.grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode {self.grad_mode!r}: expected one of {GRAD_MODES}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r}: expected one of {sorted(PRECISIONS)}")
+        for k in ("precision", "reverse_precision"):
+            if getattr(self, k) not in PRECISIONS:
+                raise ValueError(f"{k} {getattr(self, k)!r}: expected one of {sorted(PRECISIONS)}")
         for k in ("budget", "seq_len", "latent_dim", "inner_steps", "real_batch"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
@@ -311,8 +320,9 @@ class FarziDistiller:
         self.gen = torch.Generator().manual_seed(seed)
         F0 = torch.randn(cfg.budget, cfg.seq_len, cfg.latent_dim, generator=self.gen) * cfg.init_scale
         M0 = torch.randn(cfg.latent_dim, vocab_size, generator=self.gen) / math.sqrt(cfg.latent_dim)
-        self.F = F0.to(self.device).requires_grad_(True)
-        self.M = M0.to(self.device).requires_grad_(True)
+        # F and M live in the model's precision (float64 makes the two grad modes agree to 1e-6)
+        self.F = F0.to(self.device, self.dtype).requires_grad_(True)
+        self.M = M0.to(self.device, self.dtype).requires_grad_(True)
         self.opt = torch.optim.Adam([self.F, self.M], lr=cfg.outer_lr)
         self.hp = AdamHP(cfg.inner_lr, cfg.beta1, cfg.beta2, cfg.eps)
         self.iteration = 0
@@ -333,8 +343,8 @@ class FarziDistiller:
             batches = [None] * cfg.inner_steps
         real = self.real[torch.randperm(len(self.real), generator=g)[: cfg.real_batch]].to(self.device)
         prob = InnerProblem(
-            data=lambda idx: decode(self.F if idx is None else self.F[idx.to(self.device)], self.M,
-                                    cfg.temperature, self.pad_id).to(self.dtype),
+            data=lambda idx: decode((self.F if idx is None else self.F[idx.to(self.device)]).to(self.dtype),
+                                    self.M.to(self.dtype), cfg.temperature, self.pad_id),
             loss=lambda th, x: soft_loss(self._forward(th, x), x),
             outer=lambda th: sequence_loss(self._forward(th, real), real, self.pad_id),
             data_params=[self.F, self.M], batches=batches)
@@ -343,7 +353,8 @@ class FarziDistiller:
     def step(self) -> dict[str, float]:
         cfg = self.cfg
         theta0, prob, info = self.problem()
-        res = meta_gradient(cfg.grad_mode, theta0, prob, self.hp, cfg.second_moment, cfg.checkpoint_every)
+        res = meta_gradient(cfg.grad_mode, theta0, prob, self.hp, cfg.second_moment, cfg.checkpoint_every,
+                            PRECISIONS[cfg.reverse_precision])
         check_finite("outer loss", torch.tensor(res.outer_loss), self.iteration)
         for p, gr in zip((self.F, self.M), res.grads):
             check_finite(f"meta-gradient of {'F' if p is self.F else 'M'}", gr, self.iteration)

@@ -44,7 +44,9 @@ class Block(nn.Module):
             raise ValueError(f"model dim {cfg.dim} is not divisible by heads {cfg.heads}")
         self.heads, self.p = cfg.heads, cfg.dropout
         self.ln1 = nn.LayerNorm(cfg.dim)
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        # no bias: a key bias only shifts every score of a row, so its gradient is 0 up to rounding
+        # noise, which Adam normalises to full-size steps and Farzi's meta-gradient amplifies
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.ln2 = nn.LayerNorm(cfg.dim)
         self.fc1 = nn.Linear(cfg.dim, cfg.ffn_mult * cfg.dim)

@@ -1,0 +1,481 @@
+"""Event-sequence dataset registry: MovieLens-100k/1M (recommendation) and PTB (language modelling).
+
+Files are parsed with the standard library and numpy (no pandas, no pickle) and
+handed out as ``int64`` torch tensors.  Roots are resolved like the image
+registry of :mod:`orchestrator.datasets` (explicit root, else
+``$ORCHESTRATE_DATA/<name>``, else ``./data/<name>``) and raise the same
+:class:`DatasetNotFoundError` / :class:`DatasetFormatError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import io
+import os
+import pathlib
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from orchestrator.datasets import DATA_ENV_VAR, DatasetFormatError, DatasetNotFoundError
+
+__all__ = [
+    "MIN_INTERACTIONS",
+    "SEQUENCE_DATASETS",
+    "LMData",
+    "RecData",
+    "SequenceInfo",
+    "clear_cache",
+    "is_sequence_dataset",
+    "load_sequences",
+    "resolve_sequence_root",
+    "sequence_info",
+]
+
+MIN_INTERACTIONS = 3  # a user needs a training item, a validation target and a test target
+EOS = "<eos>"
+UNK = "<unk>"
+PAD_TITLE = "<pad>"
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """Static description of a sequence dataset.
+
+    ``vocab_size`` in :data:`SEQUENCE_DATASETS` is the value for the genuine
+    files; the ``info`` of a loaded dataset carries the value actually computed
+    from the files it was read from.
+    """
+
+    name: str
+    task: str  # "recommendation" or "language_model"
+    vocab_size: int  # recommendation: num_items + 1 (id 0 = padding)
+    pad_id: int | None  # 0 for recommendation, None for language modelling
+    expected_files: tuple[str, ...]  # required, relative to the data root
+    optional_files: tuple[str, ...] = ()  # used when present (item titles)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly representation."""
+        d = dataclasses.asdict(self)
+        d["expected_files"] = list(self.expected_files)
+        d["optional_files"] = list(self.optional_files)
+        return d
+
+
+SEQUENCE_DATASETS: dict[str, SequenceInfo] = {
+    info.name: info
+    for info in (
+        SequenceInfo("ml-100k", "recommendation", 1683, 0, ("u.data",), ("u.item",)),
+        SequenceInfo("ml-1m", "recommendation", 3707, 0, ("ratings.dat",), ("movies.dat",)),
+        SequenceInfo("ptb", "language_model", 10000, None, ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")),
+    )
+}
+
+# Extra sub-directories of the root searched for a dataset's files (besides root/<name>).
+_ALT_DIRS: dict[str, tuple[str, ...]] = {"ptb": ("simple-examples/data",)}
+
+
+def _digest_tensors(name: str, parts: Iterable[tuple[str, torch.Tensor]], extra: bytes = b"") -> str:
+    h = hashlib.sha256()
+    h.update(f"dataset:{name}\n".encode())
+    for label, tensor in parts:
+        arr = np.ascontiguousarray(tensor.detach().cpu().numpy())
+        h.update(f"{label}:{arr.dtype.str}:{arr.shape}\n".encode())
+        h.update(memoryview(arr).cast("B"))
+    h.update(extra)
+    return h.hexdigest()
+
+
+def _left_pad(seqs: list[torch.Tensor], max_len: int) -> torch.Tensor:
+    """The last ``max_len`` items of each sequence, left-padded with 0, as ``[len(seqs), max_len]``."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    out = torch.zeros(len(seqs), max_len, dtype=torch.long)
+    for row, seq in zip(out, seqs):
+        tail = seq[-max_len:]
+        if len(tail):
+            row[max_len - len(tail) :] = tail
+    return out
+
+
+@dataclass
+class RecData:
+    """Leave-last-out sequential recommendation data (implicit feedback).
+
+    Each user's interactions (every rating counts) are sorted by timestamp, ties
+    broken by item id (then file order, the sort is stable).  Users with fewer
+    than :data:`MIN_INTERACTIONS` (3) interactions are dropped, then the items
+    of the remaining users are renumbered 1..num_items in increasing order of
+    their original id; 0 is the padding id.  Per user the last item is the test
+    target, the second-to-last the validation target and the rest the training
+    sequence.  Users are in increasing order of original id.  Instances from
+    :func:`load_sequences` are cached and shared: treat the tensors as read-only.
+    """
+
+    info: SequenceInfo
+    train_seqs: list[torch.Tensor]  # int64 per user, length = interactions - 2
+    valid_targets: torch.Tensor  # int64 [U]
+    test_targets: torch.Tensor  # int64 [U]
+    item_original_ids: torch.Tensor  # int64 [vocab_size], entry 0 = -1
+    user_original_ids: torch.Tensor  # int64 [U]
+    titles: list[str] | None = None  # index = new id, entry 0 = "<pad>"
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.train_seqs)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_original_ids) - 1
+
+    def train_matrix(self, max_len: int) -> torch.Tensor:
+        """``[U, max_len]``: the last ``max_len`` training items per user, left-padded with 0."""
+        return _left_pad(self.train_seqs, max_len)
+
+    def eval_inputs(self, split: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Inputs ``[U, max_len]`` (left-padded), targets ``[U]`` and the seen items of each user.
+
+        ``"valid"``: input = training sequence, target = validation item.
+        ``"test"``: input = training sequence + validation item, target = test item.
+        ``seen[u]`` holds the distinct items of user u's whole (untruncated) input, sorted,
+        for masking already-seen items in full ranking.
+        """
+        if split == "valid":
+            histories, targets = self.train_seqs, self.valid_targets
+        elif split == "test":
+            histories = [torch.cat([s, v.view(1)]) for s, v in zip(self.train_seqs, self.valid_targets)]
+            targets = self.test_targets
+        else:
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        return _left_pad(histories, max_len), targets, [torch.unique(h) for h in histories]
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> list[str]:
+        """Titles of new item ids (``item <original id>`` without titles; 0 is ``<pad>``)."""
+        out = []
+        for i in torch.as_tensor(ids, dtype=torch.long).reshape(-1).tolist():
+            if not 0 <= i < len(self.item_original_ids):
+                raise IndexError(f"item id {i} out of range [0, {len(self.item_original_ids)})")
+            if self.titles is not None:
+                out.append(self.titles[i])
+            else:
+                out.append(PAD_TITLE if i == 0 else f"item {int(self.item_original_ids[i])}")
+        return out
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of the name and the raw bytes of the id maps, sequences and targets."""
+        if self._digest is None:
+            lengths = torch.tensor([len(s) for s in self.train_seqs], dtype=torch.long)
+            flat = torch.cat(self.train_seqs) if self.train_seqs else torch.zeros(0, dtype=torch.long)
+            self._digest = _digest_tensors(self.info.name, [
+                ("item_original_ids", self.item_original_ids),
+                ("user_original_ids", self.user_original_ids),
+                ("train_lengths", lengths),
+                ("train_items", flat),
+                ("valid_targets", self.valid_targets),
+                ("test_targets", self.test_targets),
+            ])
+        return self._digest
+
+
+@dataclass
+class LMData:
+    """Word-level language-modelling token streams (Mikolov's preprocessing).
+
+    Every line becomes ``line.split() + ["<eos>"]``.  The vocabulary comes from
+    the training file only, ordered by descending frequency then alphabetically
+    (so ids do not depend on tool or word order); ``<eos>`` is part of it.
+    Valid/test words outside it map to ``<unk>`` (counted in ``oov_counts``).
+    """
+
+    info: SequenceInfo
+    vocab: list[str]
+    stoi: dict[str, int]
+    train: torch.Tensor  # int64 1-D
+    valid: torch.Tensor
+    test: torch.Tensor
+    oov_counts: dict[str, int]  # split -> number of words mapped to <unk>
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def chunks(self, split: str, length: int) -> torch.Tensor:
+        """``[N, length]`` non-overlapping cuts of a split's stream (a shorter tail is dropped)."""
+        if split not in ("train", "valid", "test"):
+            raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        stream = getattr(self, split)
+        n = len(stream) // length
+        return stream[: n * length].view(n, length)
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> list[str]:
+        """Words of token ids."""
+        return [self.vocab[i] for i in torch.as_tensor(ids, dtype=torch.long).reshape(-1).tolist()]
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of the name, the vocabulary and the raw bytes of the three streams."""
+        if self._digest is None:
+            vocab = ("vocab:" + "\n".join(self.vocab) + "\n").encode()
+            parts = [("train", self.train), ("valid", self.valid), ("test", self.test)]
+            self._digest = _digest_tensors(self.info.name, parts, extra=vocab)
+        return self._digest
+
+
+# --------------------------------------------------------------------------- #
+# Registry lookups, roots and the cache
+# --------------------------------------------------------------------------- #
+
+
+def sequence_info(name: str) -> SequenceInfo:
+    """Return the :class:`SequenceInfo` of ``name`` (case-insensitive)."""
+    try:
+        return SEQUENCE_DATASETS[str(name).strip().lower()]
+    except KeyError:
+        known = ", ".join(sorted(SEQUENCE_DATASETS))
+        raise ValueError(f"unknown sequence dataset {name!r}; known: {known}") from None
+
+
+def is_sequence_dataset(name: str) -> bool:
+    return str(name).strip().lower() in SEQUENCE_DATASETS
+
+
+def resolve_sequence_root(name: str, root: str | os.PathLike | None = None) -> pathlib.Path:
+    """Data root: explicit ``root``, else ``$ORCHESTRATE_DATA/<name>``, else ``./data/<name>``."""
+    key = sequence_info(name).name
+    if root is not None and str(root) != "":
+        path = pathlib.Path(root).expanduser()
+    elif os.environ.get(DATA_ENV_VAR):
+        path = pathlib.Path(os.environ[DATA_ENV_VAR]).expanduser() / key
+    else:
+        path = pathlib.Path("data") / key
+    return path.resolve()
+
+
+_CACHE: dict[tuple[str, str], RecData | LMData] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_sequences(name: str, root: str | os.PathLike | None = None) -> RecData | LMData:
+    """Load a sequence dataset (cached per name and resolved root within the process)."""
+    info = sequence_info(name)
+    path = resolve_sequence_root(info.name, root)
+    with _CACHE_LOCK:
+        data = _CACHE.get((info.name, str(path)))
+        if data is None:
+            data = _LOADERS[info.name](info, path)
+            _CACHE[(info.name, str(path))] = data
+        return data
+
+
+def clear_cache() -> None:
+    """Forget every sequence dataset loaded so far in this process."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+# --------------------------------------------------------------------------- #
+# Locating and reading files
+# --------------------------------------------------------------------------- #
+
+
+def _candidates(info: SequenceInfo, root: pathlib.Path, rel: str) -> Iterator[pathlib.Path]:
+    """``root/rel``, then ``root/<name>/rel`` and the dataset's alternative layouts."""
+    for d in ("", info.name, *_ALT_DIRS.get(info.name, ())):
+        yield root / d / rel
+
+
+def _find(info: SequenceInfo, root: pathlib.Path, rel: str) -> pathlib.Path | None:
+    return next((p for p in _candidates(info, root, rel) if p.is_file()), None)
+
+
+def _locate(info: SequenceInfo, root: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Map each required (and each present optional) file to its path, or raise :class:`DatasetNotFoundError`."""
+    found = {rel: p for rel in info.expected_files + info.optional_files if (p := _find(info, root, rel))}
+    missing = tuple(rel for rel in info.expected_files if rel not in found)
+    if missing:
+        where = "the directory does not exist" if not root.is_dir() else "some files are missing"
+        looked = ", ".join(str(root / d) for d in ("", info.name, *_ALT_DIRS.get(info.name, ())))
+        lines = [
+            f"dataset {info.name!r} not found under data root {root} ({where}: "
+            f"{len(missing)} of {len(info.expected_files)} required files missing).",
+            f"Looked in: {looked}",
+            "Expected files (relative to the data root):",
+        ]
+        lines += [f"  {rel}  [{'missing' if rel in missing else 'found'}]" for rel in info.expected_files]
+        lines += [
+            f"  {rel}  [optional, item titles; {'found' if rel in found else 'missing'}]"
+            for rel in info.optional_files
+        ]
+        lines.append(
+            f"To provide them, set dataset.root in the spec to the folder holding these files, "
+            f"or set {DATA_ENV_VAR}=<dir> so that <dir>/{info.name} holds them "
+            f"(default when neither is given: ./data/{info.name})."
+        )
+        raise DatasetNotFoundError("\n".join(lines), name=info.name, root=root, missing=missing)
+    return found
+
+
+def _read_lines(path: pathlib.Path, encoding: str) -> list[str]:
+    """The file's lines (without the final empty piece after a trailing newline)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetFormatError(f"{path}: cannot read file ({exc})") from exc
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DatasetFormatError(f"{path}: line {line}: not valid {encoding} text ({exc.reason})") from exc
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if not any(line.strip() for line in lines):
+        raise DatasetFormatError(f"{path}: empty file (no data lines)")
+    return lines
+
+
+def _split_fields(lines: list[str], sep: str | None) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, fields)`` of every non-blank line."""
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            yield lineno, line.strip().split(sep)
+
+
+def _int_field(path: pathlib.Path, lineno: int, column: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise DatasetFormatError(f"{path}: line {lineno}: {column} {value!r} is not an integer") from None
+    if number < 0:
+        raise DatasetFormatError(f"{path}: line {lineno}: {column} {number} is negative")
+    return number
+
+
+_COLUMNS = ("user id", "item id", "rating", "timestamp")
+
+
+def _read_interactions(path: pathlib.Path, sep: str | None) -> np.ndarray:
+    """``int64 [N, 4]`` rows ``user, item, rating, timestamp``."""
+    lines = _read_lines(path, "latin-1")
+    text = "\n".join(lines)
+    if sep is None or "\t" not in text:  # fast path (C parser); any problem is located line by line below
+        try:
+            fast, delimiter = (text, None) if sep is None else (text.replace(sep, "\t"), "\t")
+            rows = np.loadtxt(io.StringIO(fast), dtype=np.int64, delimiter=delimiter, comments=None, ndmin=2)
+            if rows.shape[1] == 4 and rows.min() >= 0:
+                return rows
+        except (ValueError, OverflowError):
+            pass
+    rows = []
+    for lineno, fields in _split_fields(lines, sep):
+        if len(fields) != 4:
+            layout = (sep or "<tab>").join(c.replace(" ", "_") for c in _COLUMNS)
+            raise DatasetFormatError(f"{path}: line {lineno}: expected 4 fields {layout}, found {len(fields)}")
+        rows.append([_int_field(path, lineno, col, v) for col, v in zip(_COLUMNS, fields)])
+    try:
+        return np.array(rows, dtype=np.int64)
+    except OverflowError as exc:
+        raise DatasetFormatError(f"{path}: an integer field does not fit in 64 bits") from exc
+
+
+def _read_titles(path: pathlib.Path, sep: str) -> dict[int, str]:
+    """``original item id -> title`` from ``id<sep>title<sep>...`` lines (Latin-1)."""
+    titles: dict[int, str] = {}
+    for lineno, fields in _split_fields(_read_lines(path, "latin-1"), sep):
+        if len(fields) < 2:
+            raise DatasetFormatError(f"{path}: line {lineno}: expected at least 2 fields id{sep}title, found 1")
+        titles.setdefault(_int_field(path, lineno, "item id", fields[0]), fields[1].strip())
+    return titles
+
+
+# --------------------------------------------------------------------------- #
+# Loaders
+# --------------------------------------------------------------------------- #
+
+
+def _build_rec(info: SequenceInfo, rows: np.ndarray, source: pathlib.Path, titles: dict[int, str] | None) -> RecData:
+    user, item, ts = rows[:, 0], rows[:, 1], rows[:, 3]
+    order = np.lexsort((np.arange(len(rows)), item, ts, user))  # user, timestamp, item id, then file order
+    user, item = user[order], item[order]
+    _, counts = np.unique(user, return_counts=True)
+    keep = np.repeat(counts >= MIN_INTERACTIONS, counts)
+    user, item = user[keep], item[keep]
+    if len(user) == 0:
+        raise DatasetFormatError(f"{source}: no user has at least {MIN_INTERACTIONS} interactions")
+    users, starts, counts = np.unique(user, return_index=True, return_counts=True)
+    originals = np.unique(item)
+    new = np.searchsorted(originals, item) + 1
+    ends = starts + counts
+    position = np.arange(len(new)) - np.repeat(starts, counts)
+    train_flat = torch.from_numpy(new[position < np.repeat(counts - 2, counts)])
+    item_original_ids = torch.from_numpy(np.concatenate([[-1], originals]).astype(np.int64))
+    title_list = None
+    if titles is not None:
+        title_list = [PAD_TITLE] + [titles.get(int(o), f"item {int(o)}") for o in originals]
+    return RecData(
+        info=dataclasses.replace(info, vocab_size=len(originals) + 1),
+        train_seqs=list(train_flat.split((counts - 2).tolist())),
+        valid_targets=torch.from_numpy(new[ends - 2]),
+        test_targets=torch.from_numpy(new[ends - 1]),
+        item_original_ids=item_original_ids,
+        user_original_ids=torch.from_numpy(users.astype(np.int64)),
+        titles=title_list,
+    )
+
+
+def _load_movielens(sep: str | None, title_sep: str) -> Callable[[SequenceInfo, pathlib.Path], RecData]:
+    def load(info: SequenceInfo, root: pathlib.Path) -> RecData:
+        files = _locate(info, root)
+        source = files[info.expected_files[0]]
+        rows = _read_interactions(source, sep)
+        titles_path = files.get(info.optional_files[0])
+        titles = _read_titles(titles_path, title_sep) if titles_path else None
+        return _build_rec(info, rows, source, titles)
+
+    return load
+
+
+def _read_lm_file(path: pathlib.Path) -> list[list[str]]:
+    return [line.split() + [EOS] for line in _read_lines(path, "utf-8")]
+
+
+def _load_ptb(info: SequenceInfo, root: pathlib.Path) -> LMData:
+    """Word-level PTB from ``ptb.{train,valid,test}.txt``."""
+    files = _locate(info, root)
+    paths = dict(zip(("train", "valid", "test"), (files[rel] for rel in info.expected_files)))
+    texts = {split: _read_lm_file(p) for split, p in paths.items()}
+    counts = collections.Counter(w for line in texts["train"] for w in line)
+    vocab = sorted(counts, key=lambda w: (-counts[w], w))
+    stoi = {w: i for i, w in enumerate(vocab)}
+    unk = stoi.get(UNK)
+    streams, oov = {}, {}
+    for split, lines in texts.items():
+        ids = np.array([stoi.get(w, -1) for words in lines for w in words], dtype=np.int64)
+        unknown = ids < 0
+        if unknown.any() and unk is None:
+            lineno, word = next((n, w) for n, words in enumerate(lines, 1) for w in words if w not in stoi)
+            raise DatasetFormatError(
+                f"{paths[split]}: line {lineno}: word {word!r} is not in the training vocabulary "
+                f"and the training file has no {UNK} token to map it to"
+            )
+        ids[unknown] = unk if unk is not None else 0
+        streams[split] = torch.from_numpy(ids)
+        oov[split] = int(unknown.sum())
+    return LMData(
+        info=dataclasses.replace(info, vocab_size=len(vocab)),
+        vocab=vocab,
+        stoi=stoi,
+        oov_counts=oov,
+        **streams,
+    )
+
+
+_LOADERS: dict[str, Callable[[SequenceInfo, pathlib.Path], RecData | LMData]] = {
+    "ml-100k": _load_movielens(None, "|"),  # u.data: tab (any whitespace) separated; u.item: '|'
+    "ml-1m": _load_movielens("::", "::"),
+    "ptb": _load_ptb,
+}
