@@ -32,8 +32,45 @@ def save_synthetic(path: str | Path, syn: SyntheticSet, info, algorithm: str, ex
     return Path(path)
 
 
+def save_sequences(path: str | Path, syn, data, algorithm: str, extra: dict[str, Any] | None = None,
+                   samples: int = 20, width: int = 12) -> tuple[Path, Path]:
+    """A distilled (Farzi: latent ``F`` [mu, xi, d], decoder ``M`` [d, V], ``lr`` the inner Adam step,
+    ``temperature``) or real (``sequences`` int64 [mu, L]) set of sequences as safetensors, with the
+    string metadata of the export contract (``dataset``, ``algorithm``; ``task``, ``vocab_size``,
+    ``pad_id``), and a readable ``samples.txt`` beside it: the most likely token of every position
+    (PTB: words; MovieLens: titles) with its probability."""
+    from algorithms.farzi import FarziSet
+
+    info = data.info
+    meta = {"dataset": info.name, "algorithm": algorithm, "task": info.task, "vocab_size": str(info.vocab_size),
+            "pad_id": json.dumps(info.pad_id), "format": "distill-orchestrator/sequences-v1"}
+    lines = [f"# {algorithm} on {info.name}: the most likely token per position"]
+    if isinstance(syn, FarziSet):
+        tensors = {"F": syn.F.detach().cpu().float().contiguous(), "M": syn.M.detach().cpu().float().contiguous(),
+                   "lr": torch.tensor(float(syn.lr), dtype=torch.float32),
+                   "temperature": torch.tensor(float(syn.temperature), dtype=torch.float32)}
+        with torch.no_grad():
+            top = syn.probs().cpu().max(-1)
+        lines[0] += f" (mean entropy {syn.entropy():.3f} nats)"
+        for i in range(min(samples, len(top.indices))):
+            words = data.decode(top.indices[i].tolist())
+            lines.append(f"[{i}] " + " | ".join(f"{w} ({p:.2f})" for w, p in zip(words, top.values[i].tolist())))
+    else:
+        seqs = syn.detach().cpu().to(torch.int64).contiguous()
+        tensors = {"sequences": seqs}
+        for i in range(min(samples, len(seqs))):
+            ids = [t for t in seqs[i].tolist() if info.pad_id is None or t != info.pad_id][-width * 4:]
+            lines.append(f"[{i}] " + " | ".join(data.decode(ids)))
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
+    atomic_write_bytes(Path(path), st_save(tensors, metadata=meta))
+    text = Path(path).with_name("samples.txt")
+    atomic_write_bytes(text, ("\n".join(lines) + "\n").encode())
+    return Path(path), text
+
+
 def read_synthetic(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read and check a synthetic-set file; raises ValueError naming the file and the field."""
+    """Read and check a synthetic-set file (images, or sequences: Farzi's ``F``/``M`` or real
+    ``sequences``); raises ValueError naming the file and the field."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -41,6 +78,17 @@ def read_synthetic(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    if meta.get("format") == "distill-orchestrator/sequences-v1":
+        for key in ("dataset", "algorithm", "task", "vocab_size"):
+            if key not in meta:
+                raise ValueError(f"{path}: metadata field {key!r} is missing")
+        if "sequences" not in tensors and not {"F", "M"} <= set(tensors):
+            raise ValueError(f"{path}: a sequence set holds 'F' and 'M' (Farzi) or 'sequences'; "
+                             f"found {sorted(tensors)}")
+        if "F" in tensors and (tensors["F"].ndim != 3 or tensors["M"].ndim != 2 or
+                               tensors["F"].shape[2] != tensors["M"].shape[0]):
+            raise ValueError(f"{path}: F {tuple(tensors['F'].shape)} and M {tuple(tensors['M'].shape)} do not match")
+        return tensors, meta
     for name, dtype in CONTRACT_TENSORS.items():
         if name not in tensors:
             raise ValueError(f"{path}: tensor {name!r} is missing")

@@ -154,8 +154,9 @@ def export(run_id, output, root, tracking_uri):
         except ValueError as e:
             _fail(str(e), 1)
         atomic_write_bytes(Path(output), Path(local).read_bytes())
-    click.echo(f"wrote {output}: images {tuple(tensors['images'].shape)}, labels {tuple(tensors['labels'].shape)}, "
-                  f"lr {float(tensors['lr']):.5g}, dataset {meta['dataset']}, algorithm {meta['algorithm']}")
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items() if v.ndim)
+    lr = f", lr {float(tensors['lr']):.5g}" if "lr" in tensors else ""
+    click.echo(f"wrote {output}: {shapes}{lr}, dataset {meta['dataset']}, algorithm {meta['algorithm']}")
 
 
 @main.command()

@@ -18,8 +18,11 @@ import torch
 from algorithms.experts import ExpertConfig, train_expert
 from algorithms.mct import ConvexTrajectory
 from algorithms.networks import manifest_of, seeded_network
+from algorithms.seqmodels import seeded_seq_model
+from algorithms.seqtrain import SeqTrainConfig, train_seq_model
 
 from .progress import Progress
+from .sequences import LMData, RecData, seq_task
 from .spec import Spec
 from .store import ExpertRecord, TrajectoryStore, open_trajectory, store_key, write_convex, write_trajectory
 
@@ -81,8 +84,14 @@ def _train_one(data, model: dict, training: dict, seed: int, index: int, paths: 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     info = data.info
-    net = seeded_network(model, info.channels, info.num_classes, info.size, seed)
-    checkpoints = list(train_expert(model, data, ExpertConfig(**training), seed=seed, device=device))
+    if isinstance(data, (RecData, LMData)):  # event sequences: Adam on the real sequences
+        task = seq_task(data, model["max_len"])
+        net = seeded_seq_model(model, info.vocab_size, info.pad_id, seed)
+        checkpoints = list(train_seq_model(model, task, task.train, SeqTrainConfig(**training), seed, device))
+        meta = {**meta, "test_metric": task.primary}
+    else:
+        net = seeded_network(model, info.channels, info.num_classes, info.size, seed)
+        checkpoints = list(train_expert(model, data, ExpertConfig(**training), seed=seed, device=device))
     return write_forms(index, checkpoints, manifest_of(net), paths, convex_opts,
                        {**meta, "seed": seed, "expert_index": index, "device": device})
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as _RichProgress
+from rich.text import Text
 
 
 class Bar:

@@ -17,6 +17,11 @@ FIELDS = ["run_id", "sweep", "algorithm", "dataset", "budget", "status", "acc_me
           "acc_best_over_evals_mean", "acc_best_over_evals_std", "random_acc_mean", "random_acc_std",
           "full_data_acc_mean", "full_data_acc_std", "syn_lr", "iterations", "failure_reason"]
 
+# event-sequence trials (Farzi and its baseline): recommendation HR@10 / NDCG@10, LM perplexity
+SEQ_METRICS = ("hr10", "ndcg10", "ppl", "token_acc")
+SEQ_FIELDS = [f"{p}{k}_{s}" for k in SEQ_METRICS for p in ("", "random_", "full_data_") for s in ("mean", "std")] + \
+    [f"{k}_pct_of_full" for k in SEQ_METRICS]
+
 
 def _experiments(client: MlflowClient, experiment: str | None) -> list[str]:
     if experiment:
@@ -60,11 +65,14 @@ def collect(tracking_uri: str, sweep: str | None = None, experiment: str | None 
             "syn_lr": m.get("final_syn_lr"), "iterations": int(p.get("iterations", 0)),
             "failure_reason": t.get("orchestrate.failure_reason"),
             "hyperparameters": {k[3:]: v for k, v in p.items() if k.startswith("hp.")},
+            **{f: m.get(f) for f in SEQ_FIELDS if not f.startswith("random_")},
         })
     baseline = {(r["sweep"], r["dataset"], r["budget"]): r for r in rows if r["algorithm"] == "random"}
     for r in rows:
         b = baseline.get((r["sweep"], r["dataset"], r["budget"]), {})
         r["random_acc_mean"], r["random_acc_std"] = b.get("acc_mean"), b.get("acc_std")
+        for k in SEQ_METRICS:
+            r[f"random_{k}_mean"], r[f"random_{k}_std"] = b.get(f"{k}_mean"), b.get(f"{k}_std")
     rows.sort(key=lambda r: (r["sweep"] or "", r["algorithm"] != "random", r["algorithm"] or "", r["budget"]))
     return rows
 
@@ -75,8 +83,36 @@ def _pm(mean, std) -> str:
     return f"{100 * mean:.1f} ± {100 * (std or 0):.1f}"
 
 
+def _seq_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """Sequence trials: the task's headline metric, its baseline, the full-data result and % of it."""
+    t = Table(title=title)
+    for col in ("algorithm", "dataset", "budget (seqs)", "metric", "final", "random", "full data", "% of full",
+                "status", "run_id"):
+        t.add_column(col, justify="right" if col not in ("algorithm", "dataset", "metric", "status", "run_id")
+                     else "left")
+    for r in rows:
+        if r["algorithm"] == "random":
+            continue
+        status = r["status"] if not r["failure_reason"] else f"{r['status']}: {r['failure_reason'][:60]}"
+        for k in SEQ_METRICS:
+            if r.get(f"{k}_mean") is None and r.get(f"full_data_{k}_mean") is None:
+                continue
+            fmt = (lambda m, sd: "-" if m is None else f"{m:.2f} ± {sd or 0:.2f}") if k == "ppl" else _pm
+            pct = r.get(f"{k}_pct_of_full")
+            t.add_row(r["algorithm"], r["dataset"], str(r["budget"]), k, fmt(r[f"{k}_mean"], r[f"{k}_std"]),
+                      fmt(r[f"random_{k}_mean"], r[f"random_{k}_std"]),
+                      fmt(r[f"full_data_{k}_mean"], r[f"full_data_{k}_std"]), "-" if pct is None else f"{pct:.0f}%",
+                      status, r["run_id"])
+    t.caption = ("HR@10 / NDCG@10 (%, full ranking) or perplexity, mean ± std over the evaluation networks; "
+                 "% of full: ours ÷ full data (perplexity: full ÷ ours)")
+    return t
+
+
 def table(rows: list[dict[str, Any]], title: str = "results") -> Table:
-    """Distilled trials with their random baseline and the experts' full-data accuracy (%)."""
+    """Distilled trials with their random baseline and the experts' full-data accuracy (%).
+    Sequence trials (no ``acc``) get their own metrics."""
+    if rows and all(r.get("acc_mean") is None and r.get("full_data_acc_mean") is None for r in rows):
+        return _seq_table(rows, title)
     t = Table(title=title)
     for col in ("algorithm", "dataset", "IPC", "acc (final)", "best over evals*", "random subset",
                 "full data (experts)", "status", "run_id"):
@@ -100,7 +136,7 @@ def to_json(rows: list[dict[str, Any]]) -> str:
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=FIELDS + ["hyperparameters"], extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=FIELDS + SEQ_FIELDS + ["hyperparameters"], extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow({**r, "hyperparameters": json.dumps(r["hyperparameters"], sort_keys=True)})

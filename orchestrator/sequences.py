@@ -22,7 +22,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from orchestrator.datasets import DATA_ENV_VAR, DatasetFormatError, DatasetNotFoundError
+from algorithms.seqtrain import SeqTask
+
+from .datasets import DATA_ENV_VAR, DatasetFormatError, DatasetNotFoundError
 
 __all__ = [
     "MIN_INTERACTIONS",
@@ -34,6 +36,7 @@ __all__ = [
     "is_sequence_dataset",
     "load_sequences",
     "resolve_sequence_root",
+    "seq_task",
     "sequence_info",
 ]
 
@@ -479,3 +482,15 @@ _LOADERS: dict[str, Callable[[SequenceInfo, pathlib.Path], RecData | LMData]] = 
     "ml-1m": _load_movielens("::", "::"),
     "ptb": _load_ptb,
 }
+
+
+def seq_task(data: RecData | LMData, max_len: int) -> SeqTask:
+    """What training and evaluation need (``algorithms.seqtrain.SeqTask``): the real training
+    sequences cut to the model's ``max_len`` and the test split (recommendation: each user's
+    history with the held-out last item; language modelling: the test stream in chunks)."""
+    if isinstance(data, RecData):
+        inputs, targets, seen = data.eval_inputs("test", max_len)
+        return SeqTask("recommendation", data.info.vocab_size, data.info.pad_id, data.train_matrix(max_len),
+                       inputs, targets, seen)
+    return SeqTask("language_model", data.info.vocab_size, None, data.chunks("train", max_len),
+                   data.chunks("test", max_len))

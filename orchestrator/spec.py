@@ -23,10 +23,12 @@ from typing import Any
 
 import yaml
 
+from algorithms.farzi import FarziConfig
 from algorithms.mct import MCTConfig
 from algorithms.mtt import MTTConfig
 
 from .datasets import DATASETS
+from .sequences import SEQUENCE_DATASETS
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
@@ -63,9 +65,11 @@ def _prob(v):
     return None if 0 <= v <= 1 else "must be in [0, 1]"
 
 
+ALL_DATASETS = sorted({*DATASETS, *SEQUENCE_DATASETS})
+
 SCHEMA: dict[str, dict[str, tuple]] = {
-    "dataset": {"name": (str, REQUIRED, lambda v: None if v.lower() in DATASETS else
-                         f"unknown dataset {v!r}; known: {', '.join(sorted(DATASETS))}"),
+    "dataset": {"name": (str, REQUIRED, lambda v: None if v.lower() in ALL_DATASETS else
+                         f"unknown dataset {v!r}; known: {', '.join(ALL_DATASETS)}"),
                 "root": ((str, type(None)), None, None)},
     "model": {"name": (str, "convnet", lambda v: None if v == "convnet" else "unknown model; known: convnet"),
               "depth": (int, 3, _pos), "width": (int, 128, _pos),
@@ -92,20 +96,52 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                   "max_concurrent_trials": ((int, type(None)), None, lambda v: None if v is None or v > 0
                                             else "must be > 0 or null")},
 }
+# Event-sequence datasets (ml-100k, ml-1m, ptb) replace the image sections' schemas with these.
+SEQ_SCHEMA: dict[str, dict[str, tuple]] = {
+    "model": {"name": (str, "sasrec", lambda v: None if v in ("sasrec", "transformer_lm") else
+                       "unknown sequence model; known: sasrec, transformer_lm"),
+              "dim": (int, 64, _pos), "blocks": (int, 2, _pos), "heads": (int, 1, _pos),
+              "max_len": (int, 50, lambda v: None if v >= 2 else "must be >= 2"), "dropout": (NUM, 0.0, _prob)},
+    "experts": {"count": (int, 5, _pos), "epochs": (int, 20, _pos), "lr": (NUM, 1e-3, _pos),
+                "batch_size": (int, 128, _pos), "weight_decay": (NUM, 0.0, _nonneg), "seed": (int, 0, _nonneg),
+                "keep": (list, ["full"], lambda v: None if v == ["full"] else
+                         "sequence experts keep full trajectories only: ['full']")},
+    "evaluation": {"networks": (int, 3, _pos), "epochs": (int, 50, _pos), "interval": (int, 100, _nonneg),
+                   "batch_size": (int, 64, _pos), "lr": (NUM, 1e-3, _pos), "weight_decay": (NUM, 0.0, _nonneg)},
+}
+IMAGE_ALGORITHMS, SEQUENCE_ALGORITHMS = ("mtt", "mct"), ("farzi",)
+
+
+def is_sequence(dataset: str) -> bool:
+    return str(dataset).lower() in SEQUENCE_DATASETS
+
+
 TOP = {"name": (str, REQUIRED, None), "description": (str, "", None), "seed": (int, 0, _nonneg),
        "num_samples": (int, 1, _pos), "checkpoint_interval": (int, 50, _pos),
        "baselines": (list, ["random"], lambda v: None if all(b == "random" for b in v) else
                      "only 'random' (a random real subset of the same budget) is known")}
 
 # Per algorithm: the hyperparameters a spec may set (with the distiller config's defaults).
-ALGORITHMS: dict[str, type] = {"mtt": MTTConfig, "mct": MCTConfig}
-INTEGER_HPS = {"mtt": ("syn_steps", "expert_epochs", "max_start_epoch"), "mct": ("syn_steps", "waypoints")}
+ALGORITHMS: dict[str, type] = {"mtt": MTTConfig, "mct": MCTConfig, "farzi": FarziConfig}
+INTEGER_HPS = {"mtt": ("syn_steps", "expert_epochs", "max_start_epoch"), "mct": ("syn_steps", "waypoints"),
+               "farzi": ("seq_len", "latent_dim", "inner_steps", "inner_batch", "real_batch", "max_start_epoch",
+                         "checkpoint_every")}
 HP_CHECKS = {"syn_steps": _pos, "expert_epochs": _pos, "max_start_epoch": _pos, "lr_img": _pos, "lr_lr": _pos,
              "lr_teacher": _pos, "momentum": _nonneg, "batch_syn": lambda v: None if v is None or v > 0 else
              "must be > 0 or null (all images)", "pix_init": lambda v: None if v in ("real", "noise") else
-             "must be real or noise", "grad_mode": lambda v: None if v in ("full", "tesla") else "must be full or tesla",
+             "must be real or noise",
              "waypoints": lambda v: None if v >= 2 else "must be >= 2",
-             "beta": lambda v: None if v in ("path", "uniform") else "must be path or uniform"}
+             "beta": lambda v: None if v in ("path", "uniform") else "must be path or uniform",
+             # farzi
+             "seq_len": lambda v: None if v >= 2 else "must be >= 2", "latent_dim": _pos, "temperature": _pos,
+             "inner_steps": _pos, "inner_lr": _pos, "inner_batch": _nonneg, "outer_lr": _pos, "real_batch": _pos,
+             "beta1": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+             "beta2": lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "eps": _pos,
+             "precision": lambda v: None if v in ("float32", "float64") else "must be float32 or float64",
+             "reverse_precision": lambda v: None if v in ("float32", "float64") else "must be float32 or float64",
+             "checkpoint_every": _nonneg, "init_scale": _pos}
+# grad_mode is shared by name but not by values
+GRAD_MODES = {"mtt": ("full", "tesla"), "mct": ("full", "tesla"), "farzi": ("reverse", "unrolled")}
 
 
 def _type_name(t) -> str:
@@ -159,15 +195,24 @@ class Spec:
 
     def convex_options(self) -> dict[str, Any]:
         e = self.experts
+        if "convex_waypoints" not in e:  # sequence experts: full trajectories only
+            return {}
         return {"num_waypoints": e["convex_waypoints"], "beta": e["convex_beta"], "smooth": e["convex_smooth"]}
 
     def expert_forms(self) -> list[str]:
         """Store forms the experts are kept in: ``full`` and/or the compact convex form."""
         from .store import convex_form
 
+        if self.experts["keep"] == ["full"]:
+            return ["full"]
         c = self.convex_options()
         return [("full" if k == "full" else convex_form(c["num_waypoints"], c["beta"], c["smooth"]))
                 for k in self.experts["keep"]]
+
+    @property
+    def sequences(self) -> bool:
+        """An event-sequence spec (Farzi on ml-100k, ml-1m, ptb) rather than an image one."""
+        return is_sequence(self.dataset["name"])
 
     def trial_points(self) -> list[dict[str, Any]]:
         """One point per (algorithm, budget, grid point); values may still be Tune distributions.
@@ -240,10 +285,15 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
         return out
 
     top = check_fields("", {k: v for k, v in raw.items() if k in TOP}, TOP)
-    sec = {s: check_fields(s, raw.get(s), schema) for s, schema in SCHEMA.items()}
-    if isinstance(sec["dataset"].get("name"), str):
-        sec["dataset"]["name"] = sec["dataset"]["name"].lower()
-    algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err)
+    dataset = check_fields("dataset", raw.get("dataset"), SCHEMA["dataset"])
+    if isinstance(dataset.get("name"), str):
+        dataset["name"] = dataset["name"].lower()
+    sequences = is_sequence(dataset.get("name", ""))
+    schemas = {**SCHEMA, **(SEQ_SCHEMA if sequences else {})}
+    sec = {"dataset": dataset, **{s: check_fields(s, raw.get(s), schema) for s, schema in schemas.items()
+                                  if s != "dataset"}}
+    algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err, sec["model"], sequences,
+                                   dataset.get("name", "?"))
     if problems:
         raise SpecError(problems)
     return Spec(path=source, raw=raw, algorithms=algorithms, **top, **sec)
@@ -298,15 +348,21 @@ def _check_hp_value(key: str, v: Any, check, err) -> None:
             err(key, msg)
 
 
-def _check_algorithms(given: Any, experts: dict, err) -> dict[str, dict[str, Any]]:
+def _check_algorithms(given: Any, experts: dict, err, model: dict | None = None, sequences: bool = False,
+                      dataset: str = "?") -> dict[str, dict[str, Any]]:
+    fits = SEQUENCE_ALGORITHMS if sequences else IMAGE_ALGORITHMS
     if not isinstance(given, dict) or not given:
-        err("algorithms", f"must map at least one algorithm ({', '.join(ALGORITHMS)}) to its budgets")
+        err("algorithms", f"must map at least one algorithm ({', '.join(fits)}) to its budgets")
         return {}
     out = {}
     for name, body in given.items():
         key = f"algorithms.{name}"
         if name not in ALGORITHMS:
             err(key, f"unknown algorithm; known: {', '.join(ALGORITHMS)}")
+            continue
+        if name not in fits:
+            kind = "event-sequence" if sequences else "image"
+            err(key, f"{name} does not apply to the {kind} dataset {dataset!r}; use {', '.join(fits)}")
             continue
         if not isinstance(body, dict):
             err(key, "must be a mapping with budgets, iterations and hyperparameters")
@@ -319,30 +375,40 @@ def _check_algorithms(given: Any, experts: dict, err) -> dict[str, dict[str, Any
             err(f"{key}.budgets", "must be a non-empty list of images per class, e.g. [1, 10]")
             budgets = []
         elif not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in budgets):
-            err(f"{key}.budgets", f"every budget must be a positive integer (images per class), got {budgets!r}")
+            unit = "synthetic sequences" if name == "farzi" else "images per class"
+            err(f"{key}.budgets", f"every budget must be a positive integer ({unit}), got {budgets!r}")
         iterations = body.get("iterations", 500)
         if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
             err(f"{key}.iterations", f"must be a positive integer, got {iterations!r}")
-        allowed = {f.name: f.default for f in fields(ALGORITHMS[name]) if f.name != "ipc"}
+        allowed = {f.name: f.default for f in fields(ALGORITHMS[name]) if f.name not in ("ipc", "budget")}
         hp_given = body.get("hyperparameters") or {}
         if not isinstance(hp_given, dict):
             err(f"{key}.hyperparameters", "must be a mapping")
             hp_given = {}
         hp = dict(allowed)
-        hp["lr_teacher"] = experts.get("lr", hp["lr_teacher"])
+        if "lr_teacher" in hp:
+            hp["lr_teacher"] = experts.get("lr", hp["lr_teacher"])
         for k, v in hp_given.items():
             if k not in allowed:
                 err(f"{key}.hyperparameters.{k}", _unknown(k, allowed))
                 continue
-            _check_hp_value(f"{key}.hyperparameters.{k}", v, HP_CHECKS.get(k), err)
+            check = HP_CHECKS.get(k)
+            if k == "grad_mode":
+                modes = GRAD_MODES[name]
+                check = lambda v, modes=modes: None if v in modes else f"must be one of {', '.join(modes)}"  # noqa: E731
+            _check_hp_value(f"{key}.hyperparameters.{k}", v, check, err)
             hp[k] = v
         for int_key in INTEGER_HPS[name]:
             bad = [b for b in _bounds(hp.get(int_key)) if not float(b).is_integer()]
             if bad:
                 err(f"{key}.hyperparameters.{int_key}", f"must be an integer, got {bad[0]}")
         starts, spans = _bounds(hp.get("max_start_epoch")), _bounds(hp.get("expert_epochs"))
-        if name == "mct":  # the target is clipped at the last epoch; only the start must fit
+        if name in ("mct", "farzi"):  # mct clips the target at the last epoch; farzi only starts there
             spans = [0]
+        if name == "farzi" and model and isinstance(model.get("max_len"), int):
+            long = [b for b in _bounds(hp.get("seq_len")) if b > model["max_len"]]
+            if long:
+                err(f"{key}.hyperparameters.seq_len", f"{max(long)} exceeds model.max_len ({model['max_len']})")
         keep = experts.get("keep") or []
         if name == "mtt" and "full" not in keep:
             err("experts.keep", "mtt matches full trajectories: keep must include 'full'")

@@ -23,6 +23,7 @@ from ray.tune import Callback
 from .datasets import load_dataset
 from .experts import ExpertSet, ensure_experts
 from .progress import Bar, Progress
+from .sequences import load_sequences, seq_task
 from .spec import Spec
 from .store import TrajectoryStore, library_versions
 from .tracking import ROLE_TAG, RunLogger, Workspace, ensure_experiment
@@ -65,11 +66,26 @@ def _git_commit() -> str | None:
         return None
 
 
+def load_data(spec: Spec):
+    """The spec's dataset: images (``ImageData``) or event sequences (``RecData`` / ``LMData``)."""
+    if spec.sequences:
+        return load_sequences(spec.dataset["name"], spec.dataset["root"])
+    return load_dataset(spec.dataset["name"], spec.dataset["root"])
+
+
 def _check_budgets(spec: Spec, data) -> None:
     import torch
 
     from .spec import SpecError
 
+    if spec.sequences:
+        n = len(seq_task(data, spec.model["max_len"]).train)
+        for name, algo in spec.algorithms.items():
+            too_big = [b for b in algo["budgets"] if b > n]
+            if too_big:
+                raise SpecError([f"{spec.path}: algorithms.{name}.budgets: {too_big} sequences exceed the {n} "
+                                 f"training sequences of {spec.dataset['name']}"])
+        return
     counts = torch.bincount(data.y_train, minlength=data.info.num_classes)
     smallest = int(counts.min())
     for name, algo in spec.algorithms.items():
@@ -80,8 +96,24 @@ def _check_budgets(spec: Spec, data) -> None:
 
 
 def train_experts(spec: Spec, ws: Workspace, progress: Progress | None = None) -> ExpertSet:
-    data = load_dataset(spec.dataset["name"], spec.dataset["root"])
+    data = load_data(spec)
     return ensure_experts(spec, data, TrajectoryStore(ws.trajectories), progress)
+
+
+def full_data_metrics(spec: Spec, data, experts: ExpertSet) -> dict[str, list[float]]:
+    """Sequences: every metric of the task for the experts' final parameters (trained on all the
+    real data): metric -> [mean, std] over the experts."""
+    import statistics
+
+    from algorithms.seqmodels import seeded_seq_model
+    from algorithms.seqtrain import task_metrics
+
+    from .store import open_trajectory
+
+    task = seq_task(data, spec.model["max_len"])
+    model = seeded_seq_model(spec.model, task.vocab_size, task.pad_id, 0)
+    runs = [task_metrics(model, open_trajectory(r.path).params[-1].clone(), task) for r in experts.forms["full"]]
+    return {k: [statistics.fmean(r[k] for r in runs), statistics.pstdev([r[k] for r in runs])] for k in runs[0]}
 
 
 class _TrialProgress(Callback):
@@ -128,9 +160,10 @@ class _TrialProgress(Callback):
 def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callback] | None = None) -> SweepResult:
     """Run the whole sweep of ``spec``; Ray must be initialised (see :func:`ray_session`).
     ``callbacks`` are extra Tune callbacks (driver side)."""
-    data = load_dataset(spec.dataset["name"], spec.dataset["root"])
+    data = load_data(spec)
     _check_budgets(spec, data)
     experts = ensure_experts(spec, data, TrajectoryStore(ws.trajectories), progress)
+    full = full_data_metrics(spec, data, experts) if spec.sequences else {"acc": list(experts.accuracy)}
 
     client = MlflowClient(ws.tracking_uri)
     experiment_id = ensure_experiment(client, spec.name, ws.artifact_root)
@@ -143,8 +176,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
                                      "orchestrate.spec_path": spec.path, **lineage})
     parent_id = parent.info.run_id
     plog = RunLogger(ws.tracking_uri, parent_id)
-    acc_mean, acc_std = experts.accuracy
-    plog.metrics({"full_data_acc_mean": acc_mean, "full_data_acc_std": acc_std,
+    plog.metrics({**{f"full_data_{k}_{s}": v[i] for k, v in full.items() for i, s in enumerate(("mean", "std"))},
                   "experts_trained": experts.trained, "experts_count": len(experts.records)}, step=0)
     plog.params({"dataset": spec.dataset["name"], "experts.count": spec.experts["count"],
                  "experts.epochs": spec.experts["epochs"], "experts.dir": experts.directory})
@@ -158,7 +190,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     ctx = TrialContext(data=data, spec=spec.to_dict(), spec_hash=spec.hash, expert_files=experts.files,
                        expert_sha256=[r.sha256 for recs in experts.forms.values() for r in recs], store_key=experts.key,
                        experts_acc=experts.accuracy, tracking_uri=ws.tracking_uri, experiment_id=experiment_id,
-                       parent_run_id=parent_id, tags=lineage)
+                       parent_run_id=parent_id, tags=lineage, full_data=full if spec.sequences else {})
     gpus = spec.resources["gpus_per_trial"]
     if gpus == "auto":
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0

@@ -9,7 +9,6 @@ reason in MLflow (run status FAILED) without stopping the sweep.
 from __future__ import annotations
 
 import hashlib
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,12 +20,16 @@ from ray import tune
 
 from algorithms.base import DivergenceError, SyntheticSet
 from algorithms.evaluate import EvalConfig, evaluate_set, random_real_subset
+from algorithms.farzi import FarziConfig, FarziDistiller, FarziSet
 from algorithms.mct import ConvexSampler, ConvexTrajectory, MCTConfig
 from algorithms.mtt import EpochSampler, MTTConfig, MTTDistiller
 from algorithms.networks import seeded_network
+from algorithms.seqmodels import seeded_seq_model
+from algorithms.seqtrain import SeqTask, SeqTrainConfig, evaluate_sequences
 
-from .artifacts import image_grid, load_state, save_state, save_synthetic
-from .spec import INTEGER_HPS
+from .artifacts import image_grid, load_state, save_sequences, save_state, save_synthetic
+from .sequences import seq_task
+from .spec import INTEGER_HPS, is_sequence
 from .store import convex_form, open_convex, open_trajectory
 from .tracking import RunLogger, find_or_create_child
 
@@ -42,11 +45,16 @@ class TrialContext:
     expert_files: dict[str, list[str]]  # store form -> one file per expert
     expert_sha256: list[str]
     store_key: str
-    experts_acc: tuple[float, float]
+    experts_acc: tuple[float, float]  # full-data result of the experts (images: test accuracy)
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     tags: dict[str, str] = field(default_factory=dict)
+    full_data: dict[str, list[float]] = field(default_factory=dict)  # sequences: metric -> [mean, std]
+
+    @property
+    def spec_sequences(self) -> bool:
+        return is_sequence(self.spec["dataset"]["name"])
 
 
 def eval_seed(spec: dict) -> int:
@@ -78,6 +86,12 @@ def build_distiller(point: dict, ctx: TrialContext, device: torch.device, seed: 
     elif algorithm == "mct":
         cfg = MCTConfig(ipc=point["budget"], **hp)
         sampler = ConvexSampler(load_convex(ctx, cfg), cfg.expert_epochs, cfg.max_start_epoch, cfg.continuous)
+    elif algorithm == "farzi":
+        task = _seq_task(ctx)
+        model = seeded_seq_model(spec["model"], task.vocab_size, task.pad_id, seed)
+        trajectories = [open_trajectory(p).params for p in ctx.expert_files["full"]]
+        return FarziDistiller(model, trajectories, task.train, task.vocab_size, task.pad_id,
+                              FarziConfig(budget=point["budget"], **hp), seed=seed, device=device)
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}")
     info = data.info
@@ -100,22 +114,53 @@ def load_convex(ctx: TrialContext, cfg: MCTConfig) -> list[ConvexTrajectory]:
     return out
 
 
-def _evaluate(ctx: TrialContext, syn: SyntheticSet, device) -> tuple[float, float]:
+def _evaluate(ctx: TrialContext, syn, device) -> dict[str, tuple[float, float]]:
+    """Train fresh networks on the set; metric -> (mean, std) over the networks."""
     d, spec = ctx.data, ctx.spec
     ev = spec["evaluation"]
+    if isinstance(syn, (FarziSet, torch.Tensor)):  # Farzi data, or real sequences (the random baseline)
+        task = _seq_task(ctx)
+        x = syn.probs() if isinstance(syn, FarziSet) else syn
+        cfg = SeqTrainConfig(epochs=ev["epochs"], lr=ev["lr"], batch_size=ev["batch_size"],
+                             weight_decay=ev["weight_decay"])
+        res = evaluate_sequences(spec["model"], task, x.detach().cpu(), cfg, ev["networks"], eval_seed(spec), device)
+        return {k: (res.metrics[k], res.std[k]) for k in res.metrics}
     cfg = EvalConfig(networks=ev["networks"], epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"])
     res = evaluate_set(spec["model"], d.info, syn.images, syn.labels, syn.lr, d.x_test, d.y_test, cfg,
                        seed=eval_seed(spec), device=device)
-    return res.mean, res.std
+    return {"acc": (res.mean, res.std)}
 
 
-def _log_outputs(log: RunLogger, ctx: TrialContext, syn: SyntheticSet, algorithm: str, point: dict,
+_TASKS: dict[tuple[int, int], SeqTask] = {}
+
+
+def _seq_task(ctx: TrialContext) -> SeqTask:
+    """The sequence task of a trial (built once per worker process and dataset)."""
+    key = (id(ctx.data), ctx.spec["model"]["max_len"])
+    if key not in _TASKS:
+        _TASKS[key] = seq_task(ctx.data, ctx.spec["model"]["max_len"])
+    return _TASKS[key]
+
+
+def primary_metric(ctx: TrialContext) -> tuple[str, bool]:
+    """The metric that picks the best evaluation, and whether higher is better."""
+    if not ctx.spec_sequences:
+        return "acc", True
+    return ("hr10", True) if _seq_task(ctx).kind == "recommendation" else ("ppl", False)
+
+
+def _log_outputs(log: RunLogger, ctx: TrialContext, syn, algorithm: str, point: dict,
                  iteration: int) -> None:
     info = ctx.data.info
+    extra = {"budget": point["budget"], "iteration": iteration, "spec_hash": ctx.spec_hash,
+             "store_key": ctx.store_key, "run_id": log.run_id}
     with tempfile.TemporaryDirectory() as tmp:
-        f = save_synthetic(Path(tmp) / "synthetic.safetensors", syn, info, algorithm,
-                           {"budget": point["budget"], "iteration": iteration, "spec_hash": ctx.spec_hash,
-                            "store_key": ctx.store_key, "run_id": log.run_id})
+        if ctx.spec_sequences:
+            f, samples = save_sequences(Path(tmp) / "synthetic.safetensors", syn, ctx.data, algorithm, extra)
+            log.artifact(f, "synthetic")
+            log.artifact(samples, "synthetic")
+            return
+        f = save_synthetic(Path(tmp) / "synthetic.safetensors", syn, info, algorithm, extra)
         log.artifact(f, "synthetic")
         g = image_grid(syn.images, syn.labels, info.mean, info.std, Path(tmp) / "synthetic_grid.png")
         log.artifact(g, "synthetic")
@@ -155,7 +200,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                 "dataset": spec["dataset"]["name"], **{f"hp.{k}": v for k, v in point["hp"].items()},
                 **{f"eval.{k}": v for k, v in spec["evaluation"].items()},
                 **{f"model.{k}": v for k, v in spec["model"].items()}})
-    common = {"full_data_acc_mean": ctx.experts_acc[0], "full_data_acc_std": ctx.experts_acc[1]}
+    full = ctx.full_data or {"acc": list(ctx.experts_acc)}
+    common = {f"full_data_{k}_{s}": v[i] for k, v in full.items() for i, s in enumerate(("mean", "std"))}
     try:
         if point["algorithm"] == "random":
             _run_random(point, ctx, log, common, device, seed)
@@ -173,27 +219,44 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 
 def _run_random(point: dict, ctx: TrialContext, log: RunLogger, common: dict, device, seed: int) -> None:
     """The random-real-subset baseline. With the same seed, a distiller initialised from real
-    images starts from exactly these images, so the comparison is paired."""
+    images starts from exactly these images, so the comparison is paired. For sequences: the
+    budget's number of real training sequences, drawn at random."""
     data, spec = ctx.data, ctx.spec
     g = torch.Generator().manual_seed(seed)
-    images, labels = random_real_subset(data.x_train, data.y_train, point["budget"], data.info.num_classes, g)
-    syn = SyntheticSet(images, labels, spec["experts"]["lr"])
-    mean, std = _evaluate(ctx, syn, device)
-    final = {"acc_mean": mean, "acc_std": std, **common}
+    if ctx.spec_sequences:
+        real = _seq_task(ctx).train
+        syn = real[torch.randperm(len(real), generator=g)[: point["budget"]]]
+    else:
+        images, labels = random_real_subset(data.x_train, data.y_train, point["budget"], data.info.num_classes, g)
+        syn = SyntheticSet(images, labels, spec["experts"]["lr"])
+    final = {**_final_metrics(ctx, _evaluate(ctx, syn, device)), **common}
     log.metrics(final, step=0)
     _log_outputs(log, ctx, syn, "random", point, 0)
     log.finish("FINISHED")
     tune.report({**final, "iteration": 0})
 
 
+def _final_metrics(ctx: TrialContext, evals: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """``<metric>_mean``, ``<metric>_std`` and, for sequences, ``<metric>_pct_of_full`` (100 = the
+    full-data result; for perplexity full / ours, so that above 100 is better, as for the others)."""
+    out = {}
+    for k, (mean, std) in evals.items():
+        out[f"{k}_mean"], out[f"{k}_std"] = mean, std
+        full = ctx.full_data.get(k)
+        if full and full[0] and mean:
+            out[f"{k}_pct_of_full"] = 100 * (full[0] / mean if k == "ppl" else mean / full[0])
+    return out
+
+
 def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: dict, device, seed: int,
                       restored: dict | None) -> None:
     spec = ctx.spec
     distiller = build_distiller(point, ctx, device, seed)
-    history: dict[str, Any] = {"evals": []}  # [(iteration, mean, std)]
+    history: dict[str, Any] = {"evals": []}  # [(iteration, {metric: [mean, std]})]
     if restored:
         distiller.load_state_dict(restored["distiller"])
         history = restored["history"]
+    primary, higher = primary_metric(ctx)
     iterations, interval = point["iterations"], spec["evaluation"]["interval"]
     ckpt_every = spec["checkpoint_interval"]
     t0, first = time.perf_counter(), distiller.iteration
@@ -202,33 +265,37 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
         metrics: dict[str, float] = {}
         if it >= iterations or (interval and it % interval == 0):
             if not history["evals"] or history["evals"][-1][0] != it:
-                mean, std = _evaluate(ctx, distiller.synthetic(), device)
-                history["evals"].append((it, mean, std))
-                log.metrics({"eval/acc_mean": mean, "eval/acc_std": std}, step=it)
-            metrics.update({"eval_acc_mean": history["evals"][-1][1], "eval_acc_std": history["evals"][-1][2]})
+                evals = _evaluate(ctx, distiller.synthetic(), device)
+                history["evals"].append((it, {k: list(v) for k, v in evals.items()}))
+                log.metrics({f"eval/{k}_{s}": v[i] for k, v in evals.items() for i, s in enumerate(("mean", "std"))},
+                            step=it)
+            last = history["evals"][-1][1]
+            metrics.update({f"eval_{k}_{s}": v[i] for k, v in last.items() for i, s in enumerate(("mean", "std"))})
         if it >= iterations:
             break
         t_iter = time.perf_counter()
         m = distiller.step()
-        log.metrics({"loss": m["loss"], "syn_lr": m["syn_lr"], "start_epoch": m.get("start_epoch", math.nan),
-                     "sec_per_iter": time.perf_counter() - t_iter},
-                    step=it + 1)
-        metrics.update({"loss": m["loss"], "syn_lr": m["syn_lr"], "iteration": distiller.iteration,
+        step_metrics = {k: v for k, v in m.items() if k not in ("expert",)}
+        log.metrics({**step_metrics, "sec_per_iter": time.perf_counter() - t_iter}, step=it + 1)
+        metrics.update({**{k: m[k] for k in ("loss", "syn_lr") if k in m}, "iteration": distiller.iteration,
                         "sec_per_iter": (time.perf_counter() - t0) / (distiller.iteration - first)})
         if distiller.iteration % ckpt_every == 0 and distiller.iteration < iterations:
             _report_with_checkpoint(metrics, distiller, history, log)
         else:
             tune.report(metrics)
     # the final evaluation is the last entry of history
-    it_final, mean, std = history["evals"][-1]
-    best_it, best_mean, best_std = max(history["evals"], key=lambda e: e[1])
-    final = {"acc_mean": mean, "acc_std": std, "acc_best_over_evals_mean": best_mean,
-             "acc_best_over_evals_std": best_std, "acc_best_over_evals_iteration": best_it,
-             "final_syn_lr": distiller.synthetic().lr, **common}
+    it_final, last = history["evals"][-1]
+    pick = max if higher else min
+    best_it, best = pick(history["evals"], key=lambda e: e[1][primary][0])
+    final = {**_final_metrics(ctx, {k: tuple(v) for k, v in last.items()}),
+             f"{primary}_best_over_evals_mean": best[primary][0], f"{primary}_best_over_evals_std": best[primary][1],
+             f"{primary}_best_over_evals_iteration": best_it, **common}
+    syn = distiller.synthetic()
+    final["final_syn_lr"] = syn.lr
     log.metrics(final, step=it_final)
-    log.tags({"orchestrate.best_over_evals": "acc_best_over_evals_* is the max over periodic evaluations "
-                                             "(test-set selection, as MTT reports); acc_mean is the final one"})
-    _log_outputs(log, ctx, distiller.synthetic(), point["algorithm"], point, it_final)
+    log.tags({"orchestrate.best_over_evals": f"{primary}_best_over_evals_* is the best over periodic evaluations "
+                                             f"(test-set selection, as MTT reports); {primary}_mean is the final one"})
+    _log_outputs(log, ctx, syn, point["algorithm"], point, it_final)
     log.flush()
     _report_with_checkpoint({**final, "iteration": distiller.iteration}, distiller, history, log, finish=True)
 

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from algorithms.farzi import (
-    AdamHP, FarziConfig, FarziDistiller, InnerProblem, decode, hvp, reverse_meta_grad, unrolled_meta_grad,
+    AdamHP,
+    FarziConfig,
+    FarziDistiller,
+    InnerProblem,
+    decode,
+    hvp,
+    reverse_meta_grad,
+    unrolled_meta_grad,
 )
 from algorithms.networks import flatten_params, functional_forward, manifest_of
 from algorithms.seqmodels import seeded_seq_model, sequence_loss, soft_loss

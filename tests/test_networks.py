@@ -2,8 +2,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algorithms.networks import (ConvNet, ConvNetConfig, accuracy, flatten_params, functional_forward, load_flat,
-                                 manifest_of, num_params, seeded_network, unflatten)
+from algorithms.networks import (
+    ConvNet,
+    ConvNetConfig,
+    accuracy,
+    flatten_params,
+    functional_forward,
+    load_flat,
+    manifest_of,
+    num_params,
+    seeded_network,
+    unflatten,
+)
 
 
 @pytest.mark.parametrize("channels,size,depth,feat", [(1, 8, 2, 2 * 2), (1, 8, 3, 1), (1, 28, 3, 4 * 4),

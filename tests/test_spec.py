@@ -130,3 +130,44 @@ def test_mct_spec_and_the_forms_the_experts_keep():
     spec["algorithms"]["mct"]["hyperparameters"]["max_start_epoch"] = 10.5
     with pytest.raises(SpecError, match=r"max_start_epoch \(10.5\) goes beyond the experts' 10 epochs"):
         validate(spec)
+
+
+SEQ = {
+    "name": "s",
+    "dataset": {"name": "ml-100k"},
+    "model": {"name": "sasrec", "max_len": 20},
+    "experts": {"count": 2, "epochs": 5},
+    "algorithms": {"farzi": {"budgets": [10], "iterations": 3, "hyperparameters": {"seq_len": 20}}},
+}
+
+
+def test_farzi_spec_and_shipped_sequence_specs_are_valid():
+    s = validate(SEQ)
+    assert s.sequences and s.model["dim"] == 64 and s.expert_forms() == ["full"]
+    hp = s.algorithms["farzi"]["hyperparameters"]
+    assert hp["grad_mode"] == "reverse" and hp["seq_len"] == 20 and "budget" not in hp
+    for name in ("farzi_ml100k", "farzi_ptb"):
+        spec = load_spec(default_spec_path().with_name(f"{name}.yaml"))
+        assert spec.sequences and set(spec.algorithms) == {"farzi"}
+
+
+@pytest.mark.parametrize("change, key, words", [
+    (("dataset", {"name": "digits"}), "algorithms.farzi", "does not apply to the image dataset"),
+    (("algorithms", {"mtt": {"budgets": [1]}}), "algorithms.mtt", "does not apply to the event-sequence"),
+    (("algorithms", {"farzi": {"budgets": [10], "hyperparameters": {"seq_len": 40}}}),
+     "algorithms.farzi.hyperparameters.seq_len", "exceeds model.max_len (20)"),
+    (("algorithms", {"farzi": {"budgets": [10], "hyperparameters": {"grad_mode": "tesla"}}}),
+     "algorithms.farzi.hyperparameters.grad_mode", "reverse, unrolled"),
+    (("algorithms", {"farzi": {"budgets": [0]}}), "algorithms.farzi.budgets", "synthetic sequences"),
+    (("model", {"name": "convnet"}), "model.name", "sasrec, transformer_lm"),
+    (("experts", {"keep": ["convex"]}), "experts.keep", "full trajectories only"),
+    (("evaluation", {"dsa": True}), "evaluation.dsa", "unknown key"),
+])
+def test_sequence_spec_errors_name_the_key(change, key, words):
+    spec = copy.deepcopy(SEQ)
+    spec[change[0]] = change[1]
+    if change[0] == "dataset":  # an image dataset with the sequence sections: the model is wrong too
+        spec["model"] = {"depth": 2}
+    with pytest.raises(SpecError) as e:
+        validate(spec, "seq.yaml")
+    assert any(p.startswith(f"seq.yaml: {key}:") and words in p for p in e.value.problems), e.value.problems

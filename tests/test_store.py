@@ -11,8 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from orchestrator.store import (CorruptTrajectoryError, TrajectoryStore, open_trajectory, store_key,
-                                write_trajectory)
+from orchestrator.store import CorruptTrajectoryError, TrajectoryStore, open_trajectory, store_key, write_trajectory
 
 MANIFEST = [("conv.weight", (4, 1, 3, 3)), ("conv.bias", (4,)), ("fc.weight", (10, 16)), ("fc.bias", (10,))]
 P = 36 + 4 + 160 + 10

@@ -1,0 +1,99 @@
+"""A tiny Farzi spec through `orchestrate launch`: sequence experts trained by the Ray pool into
+the Arrow store, a Farzi trial and its random baseline under Tune, MLflow runs with the metric
+curves, F and M as safetensors and readable samples. The data is a generated MovieLens-format
+``u.data`` (users walk through items in order, so next-item prediction is learnable)."""
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from safetensors import safe_open
+
+from orchestrator.artifacts import read_synthetic
+from orchestrator.cli import main
+from orchestrator.tracking import workspace
+
+
+def write_movielens(root, users=60, items=30, length=14, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(1, users + 1):
+        start = int(rng.integers(1, items + 1))
+        for t in range(length):
+            item = (start + t - 1) % items + 1
+            rows.append((u, item, int(rng.integers(1, 6)), 880000000 + 1000 * t + u))
+    rng.shuffle(rows)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{ts}\n" for u, i, r, ts in rows))
+    (root / "u.item").write_text("".join(f"{i}|Movie {i} (1990)|01-Jan-1990||x|0\n" for i in range(1, items + 1)),
+                                 encoding="latin-1")
+
+
+TINY = {
+    "name": "tiny-farzi",
+    "seed": 1,
+    "checkpoint_interval": 2,
+    "dataset": {"name": "ml-100k"},
+    "model": {"name": "sasrec", "dim": 16, "blocks": 1, "heads": 1, "max_len": 12},
+    "experts": {"count": 2, "epochs": 3, "lr": 0.01, "batch_size": 16},
+    "algorithms": {"farzi": {"budgets": [4], "iterations": 4,
+                             "hyperparameters": {"seq_len": 8, "latent_dim": 4, "inner_steps": 3, "inner_lr": 0.01,
+                                                 "real_batch": 16, "max_start_epoch": 2}}},
+    "evaluation": {"networks": 1, "epochs": 3, "interval": 2, "batch_size": 8, "lr": 0.01},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_farzi(tmp_path_factory, ray_cluster):
+    d = tmp_path_factory.mktemp("farzi-e2e")
+    write_movielens(d / "ml")
+    spec = d / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({**TINY, "dataset": {"name": "ml-100k", "root": str(d / "ml")}}))
+    root = d / "runs"
+    res = CliRunner().invoke(main, ["launch", str(spec), "--root", str(root)], catch_exceptions=False)
+    return spec, root, res
+
+
+def test_farzi_launch_end_to_end(tiny_farzi):
+    spec, root, res = tiny_farzi
+    assert res.exit_code == 0, res.output
+    client = MlflowClient(workspace(root).tracking_uri)
+    exp = client.get_experiment_by_name("tiny-farzi")
+    parent, = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrate.role` = 'sweep'")
+    assert 0 < parent.data.metrics["full_data_hr10_mean"] <= 1
+    children = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrate.role` = 'trial'")
+    assert sorted(c.data.tags["algorithm"] for c in children) == ["farzi", "random"]
+    for c in children:
+        assert c.info.status == "FINISHED", c.data.tags.get("orchestrate.failure_reason")
+        for k in ("hr10_mean", "ndcg10_mean", "hr10_pct_of_full", "full_data_hr10_mean"):
+            assert k in c.data.metrics, (c.data.tags["algorithm"], k)
+        assert 0 <= c.data.metrics["ndcg10_mean"] <= c.data.metrics["hr10_mean"] <= 1
+        files = sorted(a.path for a in client.list_artifacts(c.info.run_id, "synthetic"))
+        assert files == ["synthetic/samples.txt", "synthetic/synthetic.safetensors"]
+    farzi = next(c for c in children if c.data.tags["algorithm"] == "farzi")
+    assert sorted(m.step for m in client.get_metric_history(farzi.info.run_id, "loss")) == [1, 2, 3, 4]
+    assert sorted(m.step for m in client.get_metric_history(farzi.info.run_id, "eval/hr10_mean")) == [0, 2, 4]
+    local = client.download_artifacts(farzi.info.run_id, "synthetic", str(root / "dl"))
+    with safe_open(f"{local}/synthetic.safetensors", framework="pt") as f:
+        meta = f.metadata()
+        assert tuple(f.get_tensor("F").shape) == (4, 8, 4) and tuple(f.get_tensor("M").shape) == (4, 31)
+    assert meta["algorithm"] == "farzi" and meta["dataset"] == "ml-100k" and meta["task"] == "recommendation"
+    samples = open(f"{local}/samples.txt").read()
+    assert "Movie " in samples and "(1990)" in samples
+
+
+def test_results_show_sequence_metrics(tiny_farzi):
+    spec, root, _ = tiny_farzi
+    res = CliRunner().invoke(main, ["results", "--root", str(root), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    import json
+    rows = json.loads(res.output)
+    farzi = next(r for r in rows if r["algorithm"] == "farzi")
+    assert farzi["budget"] == 4 and farzi["hr10_mean"] is not None and farzi["random_hr10_mean"] is not None
+    table = CliRunner().invoke(main, ["results", "--root", str(root)])
+    assert "hr10" in table.output and "% of full" in table.output, table.output
+    out = root.parent / "farzi.safetensors"
+    res = CliRunner().invoke(main, ["export", farzi["run_id"], "-o", str(out), "--root", str(root)])
+    assert res.exit_code == 0, res.output
+    tensors, meta = read_synthetic(out)
+    assert set(tensors) == {"F", "M", "lr", "temperature"} and meta["algorithm"] == "farzi"
