@@ -49,10 +49,14 @@ def main() -> None:
 @uri_option
 @click.option("--address", default=None, help="Join an existing Ray cluster: 'auto' or HOST:PORT.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all).")
-def launch(spec, root, tracking_uri, address, num_cpus):
+@click.option("--fresh", is_flag=True, help="Start the sweep over instead of resuming the one with the spec's "
+                                          "name (the old one is moved aside, nothing is deleted).")
+def launch(spec, root, tracking_uri, address, num_cpus, fresh):
     """Train (or reuse) the experts, run the sweep of SPEC and print the results table.
 
-    Without SPEC, runs the embedded quickstart (search_spaces/quickstart.yaml, digits, CPU)."""
+    Without SPEC, runs the embedded quickstart (search_spaces/quickstart.yaml, digits, CPU).
+    Launching a spec whose sweep already exists (same name, same root) resumes it: finished
+    trials are kept, unfinished ones continue from their last checkpoint."""
     from . import results as res
     from .sweep import launch as run_launch
     from .sweep import ray_session
@@ -63,7 +67,7 @@ def launch(spec, root, tracking_uri, address, num_cpus):
     click.echo(f"launch {s.name} ({s.path}), spec hash {s.hash}", err=True)
     try:
         with ray_session(address, num_cpus), Progress(err_console) as progress:
-            out = run_launch(s, ws, progress)
+            out = run_launch(s, ws, progress, fresh=fresh)
     except SpecError as e:
         _fail(str(e))
     except (DatasetNotFoundError, DatasetFormatError) as e:
@@ -77,6 +81,9 @@ def launch(spec, root, tracking_uri, address, num_cpus):
     click.echo(f"results are in MLflow at {ws.tracking_uri}")
     ui_hint = "orchestrate ui" + (f" --root {ws.root}" if root else "")
     click.echo(f"browse them with: {ui_hint}   or: orchestrate results --format table|json|csv")
+    if out.interrupted:
+        click.echo("the sweep was interrupted; run the same command again to resume it (or add --fresh)", err=True)
+        sys.exit(130)
     if out.errors:
         sys.exit(1)
 
@@ -102,6 +109,16 @@ def experts(spec, root, address, num_cpus):
                   f"full-data test accuracy {100 * mean:.1f} ± {100 * std:.1f} %")
 
 
+def _check_sort(ctx, param, value):
+    from .results import SORT_FIELDS
+
+    for f in value:
+        if f.lstrip("-") not in SORT_FIELDS:
+            raise click.BadParameter(f"unknown field {f.lstrip('-')!r}; allowed (prefix - for descending): "
+                                     f"{', '.join(SORT_FIELDS)}", ctx=ctx, param=param)
+    return value
+
+
 @main.command()
 @root_option
 @uri_option
@@ -109,15 +126,37 @@ def experts(spec, root, address, num_cpus):
 @click.option("--sweep", default=None, help="Parent run id of a sweep (default: the latest).")
 @click.option("--all", "all_sweeps", is_flag=True, help="Every sweep, not only the latest.")
 @click.option("--experiment", default=None, help="Only this MLflow experiment (the spec's name).")
-def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment):
+@click.option("--algorithm", "algorithms", multiple=True, metavar="NAME",
+              help="Only this algorithm (repeatable: any of them).")
+@click.option("--dataset", "datasets", multiple=True, metavar="NAME", help="Only this dataset (repeatable).")
+@click.option("--budget", "budgets", multiple=True, type=int, metavar="N", help="Only this budget (repeatable).")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"], case_sensitive=False),
+              help="Only trials with this MLflow status (repeatable).")
+@click.option("--best", is_flag=True, help="Only the best trial per (sweep, dataset, algorithm, budget) by the final "
+                                           "metric: acc_mean, hr10_mean or the lowest ppl_mean.")
+@click.option("--sort", "sort_fields", multiple=True, metavar="FIELD", callback=_check_sort,
+              help="Sort by a row field, e.g. acc_mean; -FIELD: descending (repeatable: first is most "
+                   "significant). Default: the stored order.")
+def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, datasets, budgets, statuses, best,
+            sort_fields):
     """Print the results of a sweep from MLflow, one row per trial."""
+    from mlflow import MlflowClient
+
     from . import results as res
 
     ws = workspace(root, tracking_uri)
     try:
+        if sweep and not all_sweeps:  # an unknown sweep id is an error, not an empty table
+            res.get_runs(MlflowClient(ws.tracking_uri), [sweep])
         rows = res.collect(ws.tracking_uri, sweep=sweep, experiment=experiment, all_sweeps=all_sweeps)
     except LookupError as e:
         _fail(str(e), 1)
+    rows = res.filter_rows(rows, algorithms, datasets, budgets, statuses)
+    if best:
+        rows = res.best_per_group(rows)
+    if sort_fields:
+        rows = res.sort_rows(rows, sort_fields)
     if fmt == "json":
         click.echo(res.to_json(rows))
     elif fmt == "csv":
@@ -126,6 +165,31 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment):
         if not rows:
             click.echo(f"no trials found in {ws.tracking_uri}", err=True)
         console.print(res.table(rows))
+
+
+@main.command()
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID [RUN_ID ...]")
+@root_option
+@uri_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--only-diff", is_flag=True, help="Only the rows whose values differ between the runs.")
+def compare(run_ids, root, tracking_uri, fmt, only_diff):
+    """Show runs side by side: one column per run, one row per parameter, metric and tag."""
+    from . import results as res
+
+    ws = workspace(root, tracking_uri)
+    try:
+        cmp = res.compare_runs(ws.tracking_uri, list(run_ids))
+    except LookupError as e:
+        _fail(str(e), 1)
+    if only_diff:
+        cmp = res.only_differing(cmp)
+    if fmt == "json":
+        click.echo(res.compare_to_json(cmp))
+    elif fmt == "csv":
+        click.echo(res.compare_to_csv(cmp), nl=False)
+    else:
+        console.print(res.compare_table(cmp, title=f"{len(cmp['runs'])} runs"))
 
 
 @main.command()

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -12,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import ray
 import yaml
@@ -23,9 +24,10 @@ from ray.tune import Callback
 from .datasets import load_dataset
 from .experts import ExpertSet, ensure_experts
 from .progress import Bar, Progress
+from .results import summarise_sweep
 from .sequences import load_sequences, seq_task
-from .spec import Spec
-from .store import TrajectoryStore, library_versions
+from .spec import Spec, SpecError
+from .store import TrajectoryStore, atomic_write_bytes, library_versions
 from .tracking import ROLE_TAG, RunLogger, Workspace, ensure_experiment
 from .trial import TrialContext, run_trial, trial_name
 
@@ -36,6 +38,7 @@ class SweepResult:
     experiment_id: str
     experts: ExpertSet
     errors: list[str]
+    interrupted: bool = False
 
 
 @contextmanager
@@ -76,8 +79,6 @@ def load_data(spec: Spec):
 def _check_budgets(spec: Spec, data) -> None:
     import torch
 
-    from .spec import SpecError
-
     if spec.sequences:
         n = len(seq_task(data, spec.model["max_len"]).train)
         for name, algo in spec.algorithms.items():
@@ -117,18 +118,23 @@ def full_data_metrics(spec: Spec, data, experts: ExpertSet) -> dict[str, list[fl
 
 
 class _TrialProgress(Callback):
-    """Keeps a bar of finished trials and a line per running trial on the driver."""
+    """Keeps a bar of finished trials and a line per running trial on the driver. Tune pickles
+    its callbacks with the experiment; the display itself is looked up in ``_ACTIVE``, so a
+    restored sweep shows its progress too."""
 
-    def __init__(self, progress: Progress, total: int):
-        self.progress = progress
-        self.done = progress.task("trials", total=total)
-        self.bars: dict[str, Bar] = {}
+    def __init__(self):
+        self.progress, self.done, self.bars = None, None, {}
 
-    def __getstate__(self):  # Tune saves its callbacks with the experiment; the display stays here
+    def __getstate__(self):
         return {}
 
     def __setstate__(self, state):
-        self.progress, self.done, self.bars = None, None, {}
+        self.__init__()
+
+    def setup(self, **info):
+        self.progress = _ACTIVE.get("progress")
+        if self.progress is not None:
+            self.done = self.progress.task("trials", total=_ACTIVE.get("total", 0))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.progress is None:
@@ -157,11 +163,74 @@ class _TrialProgress(Callback):
         self.progress.warn(f"trial {trial.trial_id} ({trial_name(trial.config['trial'])}) failed")
 
 
-def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callback] | None = None) -> SweepResult:
+class _CloseStoppedRuns(Callback):
+    """A trial that Tune stops from outside (an early-stopping scheduler, the sweep's time
+    budget) ends without closing its MLflow run: the driver closes it as KILLED, with the reason."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str):
+        self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        client = MlflowClient(self.tracking_uri)
+        found = client.search_runs([self.experiment_id], filter_string=f"tags.`orchestrate.trial_id` = "
+                                   f"'{trial.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'")
+        for run in found:
+            if run.info.status == "RUNNING":
+                it = (trial.last_result or {}).get("iteration")
+                client.set_tag(run.info.run_id, "orchestrate.stopped_early",
+                               f"stopped by the Tune scheduler or the sweep's time budget at iteration {it}")
+                client.set_terminated(run.info.run_id, "KILLED")
+
+
+SIDECAR = "orchestrate.json"  # beside Tune's experiment state: which MLflow parent run the sweep logs to
+_ACTIVE: dict[str, Any] = {}  # the driver's display, for callbacks that Tune unpickles on restore
+
+
+def sweep_dir(spec: Spec, ws: Workspace) -> Path:
+    """Tune's experiment folder of a sweep: one per spec name, so that a re-launch finds it."""
+    return Path(ws.tune) / spec.name
+
+
+def _read_sidecar(exp_dir: Path) -> dict | None:
+    try:
+        return json.loads((exp_dir / SIDECAR).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _prepare(spec: Spec, ws: Workspace, fresh: bool, progress: Progress) -> tuple[Path, dict | None]:
+    """Decide between resuming and starting: returns the experiment folder and the state of the
+    sweep to resume (None: start a new one). ``fresh`` moves an existing sweep aside (nothing is
+    deleted: its folder is renamed and its MLflow runs stay)."""
+    exp_dir = sweep_dir(spec, ws)
+    if fresh and exp_dir.exists():
+        aside = exp_dir.with_name(f"{spec.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(exp_dir, aside)
+        progress.info(f"--fresh: the previous sweep {spec.name!r} was moved to {aside}")
+    state = _read_sidecar(exp_dir)
+    if state is None:
+        return exp_dir, None
+    if state.get("spec_hash") != spec.hash:
+        raise SpecError([f"{spec.path}: a sweep named {spec.name!r} already exists in {exp_dir} with another spec "
+                         f"(hash {state.get('spec_hash')}, this one {spec.hash}); re-launch with --fresh to start "
+                         f"over (the old sweep is kept aside), or give this spec another name"])
+    if not tune.Tuner.can_restore(str(exp_dir)):
+        # the driver stopped before Tune saved any state: no trial ran, start the Tune part again
+        return exp_dir, {**state, "tune_state": False}
+    return exp_dir, {**state, "tune_state": True}
+
+
+def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callback] | None = None,
+           fresh: bool = False) -> SweepResult:
     """Run the whole sweep of ``spec``; Ray must be initialised (see :func:`ray_session`).
-    ``callbacks`` are extra Tune callbacks (driver side)."""
+
+    A sweep is identified by the spec's name: launching a spec whose sweep exists resumes it with
+    ``Tuner.restore`` (finished trials are not rerun, unfinished ones continue from their last
+    checkpoint, errored ones are retried from theirs, every trial keeps its MLflow child run);
+    ``fresh`` starts over. ``callbacks`` are extra Tune callbacks (driver side)."""
     data = load_data(spec)
     _check_budgets(spec, data)
+    exp_dir, resume = _prepare(spec, ws, fresh, progress)
     experts = ensure_experts(spec, data, TrajectoryStore(ws.trajectories), progress)
     full = full_data_metrics(spec, data, experts) if spec.sequences else {"acc": list(experts.accuracy)}
 
@@ -169,23 +238,16 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     experiment_id = ensure_experiment(client, spec.name, ws.artifact_root)
     versions = library_versions() | {"ray": ray.__version__}
     lineage = {"orchestrate.spec_hash": spec.hash, "orchestrate.store_key": experts.key,
+               "orchestrate.dataset_digest": data.digest(),
                "orchestrate.git_commit": _git_commit() or "unknown",
                **{f"orchestrate.version.{k}": v for k, v in versions.items()}}
-    parent = client.create_run(experiment_id, run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                               tags={ROLE_TAG: "sweep", "dataset": spec.dataset["name"],
-                                     "orchestrate.spec_path": spec.path, **lineage})
-    parent_id = parent.info.run_id
+    if resume is not None:
+        parent_id = resume["parent_run_id"]
+        client.update_run(parent_id, status="RUNNING")
+        progress.info(f"resuming sweep {spec.name!r} (MLflow run {parent_id}) from {exp_dir}")
+    else:
+        parent_id = _start_parent(spec, ws, client, experiment_id, experts, full, lineage, exp_dir)
     plog = RunLogger(ws.tracking_uri, parent_id)
-    plog.metrics({**{f"full_data_{k}_{s}": v[i] for k, v in full.items() for i, s in enumerate(("mean", "std"))},
-                  "experts_trained": experts.trained, "experts_count": len(experts.records)}, step=0)
-    plog.params({"dataset": spec.dataset["name"], "experts.count": spec.experts["count"],
-                 "experts.epochs": spec.experts["epochs"], "experts.dir": experts.directory})
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / "spec.yaml"
-        p.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-        plog.artifact(p)
-        if Path(spec.path).exists():
-            plog.artifact(spec.path, "source")
 
     ctx = TrialContext(data=data, spec=spec.to_dict(), spec_hash=spec.hash, expert_files=experts.files,
                        expert_sha256=[r.sha256 for recs in experts.forms.values() for r in recs], store_key=experts.key,
@@ -197,21 +259,71 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"cpu": spec.resources["cpus_per_trial"], "gpu": gpus})
     points = spec.trial_points()
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search(points)},
-        tune_config=tune.TuneConfig(num_samples=spec.num_samples,
-                                    max_concurrent_trials=spec.resources["max_concurrent_trials"],
-                                    trial_name_creator=lambda t: f"{trial_name(t.config['trial'])}_{t.trial_id}",
-                                    trial_dirname_creator=lambda t: f"{trial_name(t.config['trial'])}_{t.trial_id}"),
-        run_config=tune.RunConfig(name=f"{spec.name}-{parent_id[:8]}", storage_path=str(ws.tune), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=1),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  callbacks=[_TrialProgress(progress, len(points) * spec.num_samples),
-                                             *(callbacks or [])]),
-    )
-    results = tuner.fit()
+    total = len(points) * spec.num_samples
+    _ACTIVE.update(progress=progress, total=total)
+    if resume is not None and resume["tune_state"]:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(points)},
+            tune_config=tune.TuneConfig(num_samples=spec.num_samples,
+                                        max_concurrent_trials=spec.resources["max_concurrent_trials"],
+                                        trial_name_creator=_trial_label, trial_dirname_creator=_trial_label),
+            run_config=tune.RunConfig(name=spec.name, storage_path=str(ws.tune), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      callbacks=[_TrialProgress(), _CloseStoppedRuns(ws.tracking_uri, experiment_id,
+                                                                                     parent_id),
+                                                 *(callbacks or [])]),
+        )
+    try:
+        results = tuner.fit()
+    finally:
+        _ACTIVE.clear()
     errors = [f"{r.path}: {r.error}" for r in results if r.error is not None]
+    finished = results.num_terminated + results.num_errors
     plog.tags({"orchestrate.tune_experiment": results.experiment_path})
-    plog.finish("FAILED" if errors else "FINISHED")
-    return SweepResult(parent_id, experiment_id, experts, errors)
+    with tempfile.TemporaryDirectory() as tmp:  # results.csv and the plot against budget, on the parent run
+        try:
+            summarise_sweep(ws.tracking_uri, parent_id, Path(tmp))
+        except Exception as e:  # noqa: BLE001 - a summary problem must not lose the sweep's status
+            progress.warn(f"could not write the sweep summary: {type(e).__name__}: {e}")
+    if finished < len(results):  # interrupted (Ctrl-C): resumable
+        progress.warn(f"sweep stopped with {len(results) - finished} of {len(results)} trials unfinished; "
+                      f"launch the same spec again to resume it")
+        plog.finish("KILLED")
+    else:
+        plog.finish("FAILED" if errors else "FINISHED")
+    return SweepResult(parent_id, experiment_id, experts, errors, interrupted=finished < len(results))
+
+
+def _trial_label(t) -> str:
+    return f"{trial_name(t.config['trial'])}_{t.trial_id}"
+
+
+def _start_parent(spec: Spec, ws: Workspace, client: MlflowClient, experiment_id: str, experts: ExpertSet,
+                  full: dict, lineage: dict, exp_dir: Path) -> str:
+    """The sweep's parent run (spec as an artifact, full-data metrics, lineage), recorded in the
+    sidecar file of the Tune experiment so that a re-launch continues the same run."""
+    parent = client.create_run(experiment_id, run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                               tags={ROLE_TAG: "sweep", "dataset": spec.dataset["name"],
+                                     "orchestrate.spec_path": spec.path, "orchestrate.sweep_dir": str(exp_dir),
+                                     **lineage})
+    parent_id = parent.info.run_id
+    plog = RunLogger(ws.tracking_uri, parent_id)
+    plog.metrics({**{f"full_data_{k}_{s}": v[i] for k, v in full.items() for i, s in enumerate(("mean", "std"))},
+                  "experts_trained": experts.trained, "experts_count": len(experts.records)}, step=0)
+    plog.params({"dataset": spec.dataset["name"], "experts.count": spec.experts["count"],
+                 "experts.epochs": spec.experts["epochs"], "experts.dir": experts.directory})
+    plog.flush()
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "spec.yaml"
+        p.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        plog.artifact(p)
+        if Path(spec.path).exists():
+            plog.artifact(spec.path, "source")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(exp_dir / SIDECAR, json.dumps({"parent_run_id": parent_id, "experiment_id": experiment_id,
+                                                      "spec_hash": spec.hash, "spec_path": spec.path}).encode())
+    return parent_id

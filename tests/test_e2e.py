@@ -120,8 +120,23 @@ def test_second_launch_reuses_the_experts(tiny):
     assert second.exit_code == 0, second.output
     assert "(0 trained, 2 reused)" in second.output
     assert {f: (f.stat().st_mtime_ns, f.stat().st_ino) for f in files} == before
+    # the same spec resumes its (finished) sweep: same parent run, no trial runs again
+    client, parents = runs_of(root, "sweep")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    _, children = runs_of(root, "trial")
+    assert len(children) == 2
+    assert all(len(client.get_metric_history(c.info.run_id, "acc_mean")) == 1 for c in children)
+    # --fresh starts over: a new parent run; the old sweep folder is kept aside
+    third = CliRunner().invoke(main, ["launch", str(spec), "--root", str(root), "--fresh"], catch_exceptions=False)
+    assert third.exit_code == 0, third.output
     _, parents = runs_of(root, "sweep")
     assert len(parents) == 2
+    assert len(list((root / "tune").glob("tiny.replaced-*"))) == 1
+    # a changed spec under the same name is refused with exit code 2 (nothing touched)
+    changed = spec.with_name("changed.yaml")
+    changed.write_text(yaml.safe_dump({**TINY, "seed": 4}))
+    res = CliRunner().invoke(main, ["launch", str(changed), "--root", str(root)])
+    assert res.exit_code == 2 and "already exists" in res.output and "--fresh" in res.output
 
 
 def test_experts_command_trains_only_experts_and_retrains_a_corrupt_one(tiny, tmp_path):

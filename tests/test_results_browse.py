@@ -1,0 +1,206 @@
+"""Browsing results: filters, the best trial per group and sorting on hand-made rows; then
+`orchestrate results` / `orchestrate compare` / `summarise_sweep` on a tiny digits sweep."""
+import copy
+import csv
+import io
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from orchestrator import results as res
+from orchestrator.cli import main
+from orchestrator.tracking import workspace
+from tests.test_e2e import TINY
+
+
+def row(algorithm="mtt", budget=1, status="FINISHED", acc=None, dataset="digits", sweep="s1", run_id=None, **extra):
+    r = {f: None for f in res.SORT_FIELDS}
+    r.update({"run_id": run_id or f"{algorithm}-{budget}-{acc}", "sweep": sweep, "algorithm": algorithm,
+              "dataset": dataset, "budget": budget, "status": status, "acc_mean": acc,
+              "acc_std": None if acc is None else 0.01, "iterations": 2, "hyperparameters": {}})
+    r.update(extra)
+    return r
+
+
+@pytest.fixture
+def rows():
+    return [
+        row("random", 1, acc=0.30, run_id="r1"),
+        row("mtt", 1, acc=0.50, run_id="a"),
+        row("mtt", 1, acc=0.70, run_id="b"),
+        row("mtt", 1, acc=0.70, run_id="c"),  # ties with b: the earlier row wins
+        row("mtt", 1, status="FAILED", run_id="d", failure_reason="diverged"),
+        row("mtt", 10, acc=0.80, run_id="e"),
+        row("mct", 10, status="FAILED", run_id="f"),  # a group with no metric at all
+        row("mtt", 1, acc=0.90, sweep="s2", run_id="g"),  # another sweep: its own group
+        # sequence rows: no acc; recommendation ranks by hr10 (higher), language modelling by ppl (lower)
+        row("farzi", 50, dataset="ml-100k", run_id="h1", hr10_mean=0.05, hr10_std=0.01),
+        row("farzi", 50, dataset="ml-100k", run_id="h2", hr10_mean=0.08, hr10_std=0.01),
+        row("farzi", 50, dataset="ptb", run_id="p1", ppl_mean=300.0, ppl_std=5.0),
+        row("farzi", 50, dataset="ptb", run_id="p2", ppl_mean=250.0, ppl_std=5.0),
+        row("farzi", 50, dataset="ptb", run_id="p3", status="FAILED"),
+    ]
+
+
+def ids(rs):
+    return [r["run_id"] for r in rs]
+
+
+def test_filter_rows(rows):
+    assert ids(res.filter_rows(rows)) == ids(rows)
+    assert ids(res.filter_rows(rows, algorithms=["mct", "RANDOM"])) == ["r1", "f"]
+    assert ids(res.filter_rows(rows, budgets=[10])) == ["e", "f"]
+    assert ids(res.filter_rows(rows, statuses=["failed"])) == ["d", "f", "p3"]
+    assert ids(res.filter_rows(rows, datasets=["ptb"], statuses=["FINISHED"])) == ["p1", "p2"]
+    assert ids(res.filter_rows(rows, algorithms=["mtt"], budgets=[1], datasets=["digits"])) == ["a", "b", "c", "d", "g"]
+    assert res.filter_rows(rows, algorithms=["nope"]) == []
+
+
+def test_best_per_group(rows):
+    best = res.best_per_group(rows)
+    # one per (sweep, dataset, algorithm, budget), in the order of the groups' first rows
+    assert ids(best) == ["r1", "b", "e", "f", "g", "h2", "p2"]
+    assert res.best_per_group([]) == []
+    # FAILED without a metric never beats a finished trial, wherever it stands
+    assert ids(res.best_per_group([rows[4], rows[1]])) == ["a"]
+    # the tie goes to the earlier row either way round
+    assert ids(res.best_per_group([rows[3], rows[2]])) == ["c"]
+
+
+def test_headline_metric(rows):
+    assert res.headline_metric(rows[:3]) == ("acc", True)
+    assert res.headline_metric(rows[8:10]) == ("hr10", True)
+    assert res.headline_metric(rows[12:] + rows[10:12]) == ("ppl", False)
+    assert res.row_metric(rows[4]) is None
+
+
+def test_sort_rows(rows):
+    digits = rows[:8]
+    asc = res.sort_rows(digits, "acc_mean")
+    assert ids(asc) == ["r1", "a", "b", "c", "e", "g", "d", "f"]  # stable on the tie, missing values last
+    desc = res.sort_rows(digits, "-acc_mean")
+    assert ids(desc) == ["g", "e", "b", "c", "a", "r1", "d", "f"]  # still stable, missing still last
+    assert ids(res.sort_rows(digits, ["-budget", "algorithm"])) == ["f", "e", "a", "b", "c", "d", "g", "r1"]
+    assert ids(res.sort_rows(rows, "ppl_mean")[:3]) == ["p2", "p1", "r1"]
+    assert ids(res.sort_rows(rows, [])) == ids(rows)
+    with pytest.raises(ValueError, match="hyperparameters.*allowed: run_id"):
+        res.sort_rows(rows, "hyperparameters")
+
+
+def test_tables_of_filtered_rows(rows):
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(res.table(res.filter_rows(rows, algorithms=["random"])))  # only the baseline: shown, not empty
+    assert "r1" in console.export_text()
+    console.print(res.table(res.filter_rows(rows, datasets=["ptb"])))
+    assert "p2" in console.export_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end on a tiny digits sweep
+
+SMALL = copy.deepcopy(TINY)
+SMALL.update({"name": "tiny-browse",
+              "experts": {**TINY["experts"], "count": 1, "epochs": 2},
+              "algorithms": {"mtt": {"budgets": [1], "iterations": 2,
+                                     "hyperparameters": {"syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 1}}},
+              "evaluation": {"networks": 1, "epochs": 2, "interval": 0}})
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, ray_cluster):
+    d = tmp_path_factory.mktemp("browse")
+    spec = d / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(SMALL))
+    root = d / "runs"
+    out = CliRunner().invoke(main, ["launch", str(spec), "--root", str(root)], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    uri = workspace(root).tracking_uri
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny-browse")
+    parent = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrate.role` = 'sweep'")[0]
+    return root, uri, parent.info.run_id
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_results_filters_best_and_sort(sweep):
+    root, _, parent = sweep
+    out = cli("results", "--root", root, "--algorithm", "mtt", "--format", "json")
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)
+    assert [r["algorithm"] for r in rows] == ["mtt"] and rows[0]["random_acc_mean"] is not None
+    both = json.loads(cli("results", "--root", root, "--sweep", parent, "--best", "--status", "finished",
+                          "--sort", "-acc_mean", "--format", "json").output)
+    assert sorted(r["algorithm"] for r in both) == ["mtt", "random"]
+    assert [r["acc_mean"] for r in both] == sorted((r["acc_mean"] for r in both), reverse=True)
+    assert json.loads(cli("results", "--root", root, "--budget", 10, "--format", "json").output) == []
+    table = cli("results", "--root", root, "--algorithm", "random")
+    assert table.exit_code == 0 and "random" in table.output
+    bad = cli("results", "--root", root, "--sort", "-nope")
+    assert bad.exit_code == 2 and "'nope'" in bad.output and "acc_mean" in bad.output and "Usage" in bad.output
+    missing = cli("results", "--root", root, "--sweep", "0" * 32)
+    assert missing.exit_code == 1 and "0" * 32 in missing.output
+
+
+def test_compare(sweep):
+    root, uri, parent = sweep
+    rows = res.collect(uri, sweep=parent)
+    a, b = (r["run_id"] for r in rows)
+    out = cli("compare", a, b, "--root", root, "--format", "json")
+    assert out.exit_code == 0, out.output
+    cmp = json.loads(out.output)
+    assert [r["run_id"] for r in cmp["runs"]] == [a, b]
+    by_name = {(r["section"], r["name"]): r for r in cmp["rows"]}
+    algo = by_name[("param", "algorithm")]
+    assert algo["differs"] and sorted(algo["values"].values()) == ["mtt", "random"]
+    assert not by_name[("param", "dataset")]["differs"] and not by_name[("run", "sweep")]["differs"]
+    assert by_name[("metric", "acc_mean")]["values"][a] == rows[0]["acc_mean"]
+    mtt = next(r["run_id"] for r in rows if r["algorithm"] == "mtt")
+    rnd = next(r["run_id"] for r in rows if r["algorithm"] == "random")
+    assert by_name[("metric", "loss")]["values"][mtt] is not None  # only mtt has a loss: a differing row
+    assert by_name[("metric", "loss")]["values"][rnd] is None and by_name[("metric", "loss")]["differs"]
+    diff = json.loads(cli("compare", a, b, "--root", root, "--format", "json", "--only-diff").output)
+    assert diff["rows"] and all(r["differs"] for r in diff["rows"])
+    assert ("param", "algorithm") in {(r["section"], r["name"]) for r in diff["rows"]}
+    table = cli("compare", a, b, "--root", root, "--only-diff")
+    assert table.exit_code == 0 and "algorithm" in table.output and "≠" in table.output
+    csv_rows = list(csv.reader(io.StringIO(cli("compare", a, b, "--root", root, "--format", "csv").output)))
+    assert csv_rows[0] == ["section", "name", "differs", a, b]
+    assert ["param", "algorithm", "True"] == csv_rows[[r[:2] for r in csv_rows].index(["param", "algorithm"])][:3]
+    unknown = cli("compare", a, "f" * 32, "--root", root)
+    assert unknown.exit_code == 1 and "f" * 32 in unknown.output and "error" in unknown.output
+
+
+def test_summarise_sweep(sweep, tmp_path):
+    _, uri, parent = sweep
+    paths = res.summarise_sweep(uri, parent, tmp_path / "summary")
+    assert [p.name for p in paths] == ["results.csv", "accuracy_vs_budget.png"]
+    csv_path, png = paths
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert csv_path.read_bytes().decode() == res.to_csv(res.collect(uri, sweep=parent))
+    written = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert sorted(r["algorithm"] for r in written) == ["mtt", "random"]
+    client = MlflowClient(uri)
+    assert sorted(a.path for a in client.list_artifacts(parent, "summary")) == [
+        "summary/accuracy_vs_budget.png", "summary/results.csv"]
+    with pytest.raises(LookupError, match="0" * 32):
+        res.summarise_sweep(uri, "0" * 32, tmp_path / "none")
+
+
+def test_summary_plot_of_sequence_rows_skips_failed_trials(tmp_path):
+    rows = [row("random", b, dataset="ptb", ppl_mean=400.0 - b, ppl_std=3.0, full_data_ppl_mean=150.0,
+                full_data_ppl_std=4.0) for b in (10, 100)]
+    rows += [row("farzi", b, dataset="ptb", ppl_mean=300.0 - b, ppl_std=3.0, full_data_ppl_mean=150.0,
+                 full_data_ppl_std=4.0) for b in (10, 100)]
+    rows += [row("farzi", 1000, dataset="ptb", status="FAILED")]
+    png = res._plot_vs_budget(rows, {}, tmp_path / "p.png", "ptb")
+    assert png.stat().st_size > 5000
+    empty = res._plot_vs_budget([row(status="FAILED")], {"full_data_acc_mean": 0.9}, tmp_path / "e.png", "none")
+    assert empty.stat().st_size > 2000
