@@ -67,6 +67,28 @@ def _prob(v):
 
 ALL_DATASETS = sorted({*DATASETS, *SEQUENCE_DATASETS})
 
+def _gpus(v):
+    """'auto', a number >= 0 (0.5 packs two trials per GPU), or a mapping budget -> number."""
+    if v == "auto" or (isinstance(v, NUM) and not isinstance(v, bool) and v >= 0):
+        return None
+    if isinstance(v, dict) and v and all(isinstance(k, int) and k > 0 for k in v) and \
+            all(isinstance(x, NUM) and not isinstance(x, bool) and x >= 0 for x in v.values()):
+        return None
+    return "must be 'auto', a number >= 0 (0.5: two trials per GPU) or a mapping budget -> number, e.g. {1: 0.25, 50: 1}"
+
+
+def _scheduler(v):
+    if set(v) - {"name", "grace_period", "reduction_factor", "max_t"}:
+        return f"unknown keys {sorted(set(v) - {'name', 'grace_period', 'reduction_factor', 'max_t'})}; " \
+               "allowed: name, grace_period, reduction_factor, max_t"
+    if v.get("name") != "asha":
+        return "name must be asha (ASHA early stopping on the evaluation metric, iterations as time)"
+    for k in ("grace_period", "reduction_factor", "max_t"):
+        if k in v and not (isinstance(v[k], int) and not isinstance(v[k], bool) and v[k] >= (2 if k == "reduction_factor" else 1)):
+            return f"{k} must be an integer >= {2 if k == 'reduction_factor' else 1}"
+    return None
+
+
 SCHEMA: dict[str, dict[str, tuple]] = {
     "dataset": {"name": (str, REQUIRED, lambda v: None if v.lower() in ALL_DATASETS else
                          f"unknown dataset {v!r}; known: {', '.join(ALL_DATASETS)}"),
@@ -89,9 +111,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                 "convex_smooth": (bool, False, None)},
     "evaluation": {"networks": (int, 5, _pos), "epochs": (int, 300, _pos), "interval": (int, 100, _nonneg),
                    "batch_size": (int, 256, _pos), "dsa": (bool, True, None)},
-    "resources": {"cpus_per_trial": (NUM, 1, _pos), "gpus_per_trial": ((str, int, float), "auto",
-                  lambda v: None if v == "auto" or (not isinstance(v, str) and v >= 0) else
-                  "must be 'auto' or a number >= 0"),
+    "resources": {"cpus_per_trial": (NUM, 1, _pos), "gpus_per_trial": ((str, int, float, dict), "auto", _gpus),
                   "cpus_per_expert": (NUM, 1, _pos),
                   "max_concurrent_trials": ((int, type(None)), None, lambda v: None if v is None or v > 0
                                             else "must be > 0 or null")},
@@ -119,7 +139,11 @@ def is_sequence(dataset: str) -> bool:
 TOP = {"name": (str, REQUIRED, None), "description": (str, "", None), "seed": (int, 0, _nonneg),
        "num_samples": (int, 1, _pos), "checkpoint_interval": (int, 50, _pos),
        "baselines": (list, ["random"], lambda v: None if all(b == "random" for b in v) else
-                     "only 'random' (a random real subset of the same budget) is known")}
+                     "only 'random' (a random real subset of the same budget) is known"),
+       # ASHA early stopping: {name: asha, grace_period: iterations, reduction_factor: 3}; null = none
+       "scheduler": ((dict, type(None)), None, _scheduler),
+       # a wall-clock budget for the whole sweep (seconds); unfinished trials are stopped, resumable
+       "time_budget_s": ((int, float, type(None)), None, lambda v: None if v > 0 else "must be > 0 or null")}
 
 # Per algorithm: the hyperparameters a spec may set (with the distiller config's defaults).
 ALGORITHMS: dict[str, type] = {"mtt": MTTConfig, "mct": MCTConfig, "farzi": FarziConfig}
@@ -173,6 +197,8 @@ class Spec:
     num_samples: int
     checkpoint_interval: int
     baselines: list[str]
+    scheduler: dict[str, Any] | None
+    time_budget_s: float | None
     dataset: dict[str, Any]
     model: dict[str, Any]
     experts: dict[str, Any]

@@ -25,7 +25,7 @@ from .datasets import load_dataset
 from .experts import ExpertSet, ensure_experts
 from .progress import Bar, Progress
 from .results import summarise_sweep
-from .sequences import load_sequences, seq_task
+from .sequences import RecData, load_sequences, seq_task
 from .spec import Spec, SpecError
 from .store import TrajectoryStore, atomic_write_bytes, library_versions
 from .tracking import ROLE_TAG, RunLogger, Workspace, ensure_experiment
@@ -253,11 +253,11 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
                        expert_sha256=[r.sha256 for recs in experts.forms.values() for r in recs], store_key=experts.key,
                        experts_acc=experts.accuracy, tracking_uri=ws.tracking_uri, experiment_id=experiment_id,
                        parent_run_id=parent_id, tags=lineage, full_data=full if spec.sequences else {})
-    gpus = spec.resources["gpus_per_trial"]
-    if gpus == "auto":
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    cpus, gpus = spec.resources["cpus_per_trial"], spec.resources["gpus_per_trial"]
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
-                                    {"cpu": spec.resources["cpus_per_trial"], "gpu": gpus})
+                                    lambda config: {"cpu": cpus, "gpu": gpus_for(gpus, config["trial"]["budget"],
+                                                                                  has_gpu)})
     points = spec.trial_points()
     total = len(points) * spec.num_samples
     _ACTIVE.update(progress=progress, total=total)
@@ -269,6 +269,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
             param_space={"trial": tune.grid_search(points)},
             tune_config=tune.TuneConfig(num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.resources["max_concurrent_trials"],
+                                        scheduler=_scheduler(spec, data), time_budget_s=spec.time_budget_s,
                                         trial_name_creator=_trial_label, trial_dirname_creator=_trial_label),
             run_config=tune.RunConfig(name=spec.name, storage_path=str(ws.tune), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1),
@@ -296,6 +297,37 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     else:
         plog.finish("FAILED" if errors else "FINISHED")
     return SweepResult(parent_id, experiment_id, experts, errors, interrupted=finished < len(results))
+
+
+def gpus_for(gpus, budget: int, has_gpu: bool) -> float:
+    """GPUs of one trial: ``auto`` (one when the cluster has GPUs, else none), a number (0.5 packs
+    two trials per GPU), or a mapping budget -> number read as steps (a budget gets the value of
+    the largest key not above it; budgets below every key get the smallest key's)."""
+    if gpus == "auto":
+        return 1.0 if has_gpu else 0.0
+    if isinstance(gpus, dict):
+        keys = sorted(int(k) for k in gpus)
+        below = [k for k in keys if k <= budget]
+        return float(gpus[below[-1] if below else keys[0]])
+    return float(gpus)
+
+
+def _scheduler(spec: Spec, data):
+    """ASHA on the evaluation metric (the last evaluation, reported with every result), with
+    distillation iterations as the time axis; baselines report once and are never stopped."""
+    if not spec.scheduler:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    if spec.sequences:
+        metric, mode = ("eval_hr10_mean", "max") if isinstance(data, RecData) else ("eval_ppl_mean", "min")
+    else:
+        metric, mode = "eval_acc_mean", "max"
+    sc = spec.scheduler
+    max_t = sc.get("max_t") or max(a["iterations"] for a in spec.algorithms.values())
+    return ASHAScheduler(time_attr="iteration", metric=metric, mode=mode, max_t=max_t,
+                         grace_period=sc.get("grace_period", max(1, spec.evaluation["interval"])),
+                         reduction_factor=sc.get("reduction_factor", 3))
 
 
 def _trial_label(t) -> str:

@@ -229,11 +229,13 @@ def _run_random(point: dict, ctx: TrialContext, log: RunLogger, common: dict, de
     else:
         images, labels = random_real_subset(data.x_train, data.y_train, point["budget"], data.info.num_classes, g)
         syn = SyntheticSet(images, labels, spec["experts"]["lr"])
-    final = {**_final_metrics(ctx, _evaluate(ctx, syn, device)), **common}
+    evals = _evaluate(ctx, syn, device)
+    final = {**_final_metrics(ctx, evals), **common}
     log.metrics(final, step=0)
     _log_outputs(log, ctx, syn, "random", point, 0)
     log.finish("FINISHED")
-    tune.report({**final, "iteration": 0})
+    tune.report({**final, **{f"eval_{k}_{s}": v[i] for k, v in evals.items() for i, s in enumerate(("mean", "std"))},
+                 "iteration": 0})
 
 
 def _final_metrics(ctx: TrialContext, evals: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -269,6 +271,7 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
                 history["evals"].append((it, {k: list(v) for k, v in evals.items()}))
                 log.metrics({f"eval/{k}_{s}": v[i] for k, v in evals.items() for i, s in enumerate(("mean", "std"))},
                             step=it)
+        if history["evals"]:  # the last evaluation goes with every result (schedulers compare on it)
             last = history["evals"][-1][1]
             metrics.update({f"eval_{k}_{s}": v[i] for k, v in last.items() for i, s in enumerate(("mean", "std"))})
         if it >= iterations:

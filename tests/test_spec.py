@@ -59,7 +59,7 @@ def test_quickstart_is_valid_and_defaults_are_filled():
     ("algorithms.mtt.hyperparameters.lr_img", {"gaussian": [0, 1]}, "algorithms.mtt.hyperparameters.lr_img",
      "one-key mapping"),
     ("algorithms.mtt.hyperparameters.syn_steps", 2.5, "algorithms.mtt.hyperparameters.syn_steps", "integer"),
-    ("resources.gpus_per_trial", -1, "resources.gpus_per_trial", "'auto' or a number"),
+    ("resources.gpus_per_trial", -1, "resources.gpus_per_trial", "'auto', a number"),
     ("name", None, "name", "is required"),
 ])
 def test_errors_name_the_file_and_the_key(path, value, key, words):

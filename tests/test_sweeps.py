@@ -1,0 +1,207 @@
+"""Sweeps researchers can trust: a NaN trial fails alone, bad specs stop before anything runs
+(exit code 2, one message per problem), fractional GPUs pack trials, and a sweep whose driver is
+killed with SIGKILL resumes with nothing lost and nothing run twice."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.progress import Progress
+from orchestrator.spec import validate
+from orchestrator.sweep import _scheduler, gpus_for, launch
+from orchestrator.tracking import workspace
+
+from .test_e2e import TINY
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def children_of(ws, out):
+    client = MlflowClient(ws.tracking_uri)
+    return client, client.search_runs([out.experiment_id], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+
+
+def test_a_diverging_trial_fails_alone_with_its_reason(tmp_path, ray_cluster):
+    raw = {**TINY, "name": "tiny-nan",
+           "algorithms": {"mtt": {**TINY["algorithms"]["mtt"],
+                                  "hyperparameters": {**TINY["algorithms"]["mtt"]["hyperparameters"],
+                                                      "lr_img": [30, 1.0e38]}}}}
+    spec = validate(raw, "tiny-nan.yaml")
+    ws = workspace(tmp_path / "runs")
+    out = launch(spec, ws, Progress())
+    assert out.errors == []  # divergence ends a trial, not the sweep
+    client, children = children_of(ws, out)
+    by_lr = {c.data.params.get("hp.lr_img"): c for c in children if c.data.tags["algorithm"] == "mtt"}
+    bad, good = by_lr["1e+38"], by_lr["30"]
+    assert bad.info.status == "FAILED"
+    assert "diverged" in bad.data.tags["orchestrate.failure_reason"]
+    assert good.info.status == "FINISHED" and "acc_mean" in good.data.metrics
+    random = next(c for c in children if c.data.tags["algorithm"] == "random")
+    assert random.info.status == "FINISHED"
+
+
+BAD_SPECS = [
+    ("unknown key", {"experts": {"count": 2, "epoch": 3}}, "experts.epoch", "did you mean 'epochs'"),
+    ("wrong type", {"experts": {"count": "two"}}, "experts.count", "must be int"),
+    ("empty budgets", {"algorithms": {"mtt": {"budgets": []}}}, "algorithms.mtt.budgets", "non-empty list"),
+    ("non-positive budget", {"algorithms": {"mtt": {"budgets": [0, 1]}}}, "algorithms.mtt.budgets", "positive"),
+    ("unknown algorithm", {"algorithms": {"dc": {"budgets": [1]}}}, "algorithms.dc", "known: mtt, mct, farzi"),
+    ("unknown dataset", {"dataset": {"name": "imagenet"}}, "dataset.name", "known:"),
+    ("start beyond experts", {"algorithms": {"mtt": {"budgets": [1], "hyperparameters": {"max_start_epoch": 9}}}},
+     "algorithms.mtt.hyperparameters.max_start_epoch", "beyond the experts' 4 epochs"),
+    ("farzi on images", {"algorithms": {"farzi": {"budgets": [1]}}}, "algorithms.farzi", "does not apply"),
+    ("bad scheduler", {"scheduler": {"name": "pbt"}}, "scheduler", "must be asha"),
+    ("bad gpus", {"resources": {"gpus_per_trial": {"one": 1}}}, "resources.gpus_per_trial", "mapping budget"),
+]
+
+
+@pytest.mark.parametrize("what, change, key, words", BAD_SPECS, ids=[b[0] for b in BAD_SPECS])
+def test_bad_specs_exit_2_naming_the_key_and_touch_nothing(tmp_path, what, change, key, words):
+    raw = {**TINY, **change}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    root = tmp_path / "runs"
+    res = CliRunner().invoke(main, ["launch", str(path), "--root", str(root)])
+    assert res.exit_code == 2, res.output
+    assert f"{path}: {key}:" in res.output and words in res.output, res.output
+    assert not root.exists()
+
+
+def test_two_problems_give_two_messages(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "experts": {"count": 0, "epoch": 3}}))
+    res = CliRunner().invoke(main, ["launch", str(path), "--root", str(tmp_path / "runs")])
+    assert res.exit_code == 2
+    assert res.output.count(f"{path}: experts.") == 2
+
+
+def test_a_missing_dataset_says_how_to_provide_it(tmp_path):
+    path = tmp_path / "mnist.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "dataset": {"name": "mnist", "root": str(tmp_path / "nowhere")}}))
+    res = CliRunner().invoke(main, ["launch", str(path), "--root", str(tmp_path / "runs")])
+    assert res.exit_code == 2
+    assert "train-images-idx3-ubyte" in res.output and "dataset.root" in res.output
+    assert not (tmp_path / "runs" / "trajectories").exists()
+
+
+def test_gpus_per_trial_forms_and_the_asha_scheduler():
+    assert gpus_for("auto", 1, True) == 1 and gpus_for("auto", 1, False) == 0
+    assert gpus_for(0.5, 10, True) == 0.5
+    steps = {1: 0.25, 10: 0.5, 50: 1}
+    assert [gpus_for(steps, b, True) for b in (1, 5, 10, 49, 50, 100)] == [0.25, 0.25, 0.5, 0.5, 1, 1]
+    spec = validate({**TINY, "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2}})
+    asha = _scheduler(spec, None)
+    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t) == ("iteration", "eval_acc_mean", "max", 6)
+    assert _scheduler(validate(TINY), None) is None
+
+
+FRACTIONAL = textwrap.dedent("""
+    import json, os, sys, time
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.tune import Callback
+    from orchestrator.progress import Progress
+    from orchestrator.spec import validate
+    from orchestrator.sweep import launch
+    from orchestrator.tracking import workspace
+
+    class Concurrency(Callback):
+        def __init__(self):
+            self.running, self.peak = set(), 0
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.add(trial.trial_id); self.peak = max(self.peak, len(self.running))
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.running.discard(trial.trial_id)
+
+    raw, root, gpus = json.loads(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 1})
+    ray.init(address=cluster.address, log_to_driver=False)
+    raw["resources"] = {"cpus_per_trial": 1, "gpus_per_trial": gpus}
+    c = Concurrency()
+    out = launch(validate(raw), workspace(root), Progress(), callbacks=[c])
+    print(json.dumps({"peak": c.peak, "errors": out.errors}))
+    ray.shutdown(); cluster.shutdown()
+""")
+
+
+def test_fractional_gpus_pack_two_trials_per_gpu(tmp_path):
+    """On a simulated cluster with 4 CPUs and one logical GPU, gpus_per_trial 0.5 runs two trials at
+    once (1 would run one): the GPU, not the CPUs, limits concurrency."""
+    raw = {**TINY, "name": "tiny-gpu", "baselines": [],
+           "algorithms": {"mtt": {**TINY["algorithms"]["mtt"], "iterations": 4,
+                                  "hyperparameters": {**TINY["algorithms"]["mtt"]["hyperparameters"],
+                                                      "lr_img": [10, 20, 30, 40]}}},
+           "evaluation": {"networks": 1, "epochs": 4, "interval": 0}}
+    script = tmp_path / "frac.py"
+    script.write_text(FRACTIONAL)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, str(script), json.dumps(raw), str(tmp_path / "runs"), "0.5"],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["errors"] == [] and out["peak"] == 2
+
+
+def _child_runs(root, name):
+    client = MlflowClient(workspace(root).tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client, []
+    return client, client.search_runs([exp.experiment_id], "tags.`orchestrate.role` = 'trial'")
+
+
+def test_a_sweep_killed_with_sigkill_resumes_with_nothing_lost_or_run_twice(tmp_path):
+    raw = {**TINY, "name": "tiny-resume", "checkpoint_interval": 2,
+           "algorithms": {"mtt": {**TINY["algorithms"]["mtt"], "budgets": [1, 2], "iterations": 30,
+                                  "hyperparameters": TINY["algorithms"]["mtt"]["hyperparameters"]}},
+           "evaluation": {"networks": 1, "epochs": 5, "interval": 10},
+           "resources": {"max_concurrent_trials": 1}}
+    spec, root = tmp_path / "resume.yaml", tmp_path / "runs"
+    spec.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--root", str(root), "--num-cpus", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # wait until the random baselines are done and a distillation trial is half way (one at a time)
+    deadline, state = time.time() + 400, None
+    while time.time() < deadline:
+        time.sleep(2)
+        client, runs = _child_runs(root, "tiny-resume")
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        running = [r for r in runs if r.info.status == "RUNNING" and r.data.tags["algorithm"] == "mtt"]
+        if len(finished) >= 2 and running:
+            steps = client.get_metric_history(running[0].info.run_id, "loss")
+            if len(steps) >= 12:  # checkpoints every 2 iterations are flushed to MLflow
+                state = {r.info.run_id: (r.info.end_time, r.data.tags["algorithm"]) for r in finished}
+                break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state is not None, "the sweep did not get half way in time"
+    time.sleep(2)
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    client, runs = _child_runs(root, "tiny-resume")
+    parents = client.search_runs([runs[0].info.experiment_id], "tags.`orchestrate.role` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # every trial of the spec exactly once: 2 random + 2 mtt
+    assert sorted((r.data.tags["algorithm"], r.data.tags["budget"]) for r in runs) == [
+        ("mtt", "1"), ("mtt", "2"), ("random", "1"), ("random", "2")]
+    for r in runs:
+        assert r.info.status == "FINISHED" and "acc_mean" in r.data.metrics
+        if r.info.run_id in state:  # finished before the kill: not run again
+            assert r.info.end_time == state[r.info.run_id][0]
+        assert len(client.get_metric_history(r.info.run_id, "acc_mean")) == 1
+        if r.data.tags["algorithm"] == "mtt":
+            steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss"))
+            assert steps == list(range(1, 31))  # nothing lost, nothing logged twice
