@@ -262,6 +262,10 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     iterations, interval = point["iterations"], spec["evaluation"]["interval"]
     ckpt_every = spec["checkpoint_interval"]
     t0, first = time.perf_counter(), distiller.iteration
+    # A restarted trial replays the iterations after its last checkpoint. Metrics are flushed to
+    # MLflow just before each checkpoint, so the run may already hold some of them: those steps
+    # are not logged again (the replay recomputes the same values from the same state and RNG).
+    logged = {"loss": _last_step(log, "loss"), "eval": _last_step(log, f"eval/{primary}_mean")}
     while True:
         it = distiller.iteration
         metrics: dict[str, float] = {}
@@ -269,8 +273,9 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
             if not history["evals"] or history["evals"][-1][0] != it:
                 evals = _evaluate(ctx, distiller.synthetic(), device)
                 history["evals"].append((it, {k: list(v) for k, v in evals.items()}))
-                log.metrics({f"eval/{k}_{s}": v[i] for k, v in evals.items() for i, s in enumerate(("mean", "std"))},
-                            step=it)
+                if it > logged["eval"]:
+                    log.metrics({f"eval/{k}_{s}": v[i] for k, v in evals.items()
+                                 for i, s in enumerate(("mean", "std"))}, step=it)
         if history["evals"]:  # the last evaluation goes with every result (schedulers compare on it)
             last = history["evals"][-1][1]
             metrics.update({f"eval_{k}_{s}": v[i] for k, v in last.items() for i, s in enumerate(("mean", "std"))})
@@ -279,7 +284,8 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
         t_iter = time.perf_counter()
         m = distiller.step()
         step_metrics = {k: v for k, v in m.items() if k not in ("expert",)}
-        log.metrics({**step_metrics, "sec_per_iter": time.perf_counter() - t_iter}, step=it + 1)
+        if it + 1 > logged["loss"]:
+            log.metrics({**step_metrics, "sec_per_iter": time.perf_counter() - t_iter}, step=it + 1)
         metrics.update({**{k: m[k] for k in ("loss", "syn_lr") if k in m}, "iteration": distiller.iteration,
                         "sec_per_iter": (time.perf_counter() - t0) / (distiller.iteration - first)})
         if distiller.iteration % ckpt_every == 0 and distiller.iteration < iterations:
@@ -301,6 +307,12 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     _log_outputs(log, ctx, syn, point["algorithm"], point, it_final)
     log.flush()
     _report_with_checkpoint({**final, "iteration": distiller.iteration}, distiller, history, log, finish=True)
+
+
+def _last_step(log: RunLogger, key: str) -> int:
+    """The last step of metric ``key`` already in the run (-1: none)."""
+    history = log.client.get_metric_history(log.run_id, key)
+    return max((m.step for m in history), default=-1)
 
 
 def _report_with_checkpoint(metrics: dict, distiller, history: dict, log: RunLogger, finish: bool = False) -> None:
