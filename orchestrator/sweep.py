@@ -270,6 +270,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
             tune_config=tune.TuneConfig(num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.resources["max_concurrent_trials"],
                                         scheduler=_scheduler(spec, data), time_budget_s=spec.time_budget_s,
+                                        reuse_actors=True,  # no worker start (imports: seconds) per trial
                                         trial_name_creator=_trial_label, trial_dirname_creator=_trial_label),
             run_config=tune.RunConfig(name=spec.name, storage_path=str(ws.tune), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1),
