@@ -248,9 +248,9 @@ class Spec:
         for base in self.baselines:
             points += [{"algorithm": base, "budget": b, "iterations": 0, "hp": {}} for b in budgets]
         for name, algo in self.algorithms.items():
-            hp = algo["hyperparameters"]
-            grid_keys = [k for k, v in hp.items() if isinstance(v, list)]
             for budget in algo["budgets"]:
+                hp = {**algo["hyperparameters"], **algo.get("per_budget", {}).get(budget, {})}
+                grid_keys = [k for k, v in hp.items() if isinstance(v, list)]
                 for combo in itertools.product(*(hp[k] for k in grid_keys)):
                     point = {**hp, **dict(zip(grid_keys, combo))}
                     points.append({"algorithm": name, "budget": budget, "iterations": algo["iterations"],
@@ -394,8 +394,8 @@ def _check_algorithms(given: Any, experts: dict, err, model: dict | None = None,
             err(key, "must be a mapping with budgets, iterations and hyperparameters")
             continue
         for k in body:
-            if k not in ("budgets", "iterations", "hyperparameters"):
-                err(f"{key}.{k}", _unknown(k, ("budgets", "iterations", "hyperparameters")))
+            if k not in ("budgets", "iterations", "hyperparameters", "per_budget"):
+                err(f"{key}.{k}", _unknown(k, ("budgets", "iterations", "hyperparameters", "per_budget")))
         budgets = body.get("budgets")
         if not isinstance(budgets, list) or not budgets:
             err(f"{key}.budgets", "must be a non-empty list of images per class, e.g. [1, 10]")
@@ -407,50 +407,76 @@ def _check_algorithms(given: Any, experts: dict, err, model: dict | None = None,
         if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
             err(f"{key}.iterations", f"must be a positive integer, got {iterations!r}")
         allowed = {f.name: f.default for f in fields(ALGORITHMS[name]) if f.name not in ("ipc", "budget")}
-        hp_given = body.get("hyperparameters") or {}
-        if not isinstance(hp_given, dict):
-            err(f"{key}.hyperparameters", "must be a mapping")
-            hp_given = {}
         hp = dict(allowed)
         if "lr_teacher" in hp:
             hp["lr_teacher"] = experts.get("lr", hp["lr_teacher"])
-        for k, v in hp_given.items():
-            if k not in allowed:
-                err(f"{key}.hyperparameters.{k}", _unknown(k, allowed))
+        hp.update(_check_hps(name, f"{key}.hyperparameters", body.get("hyperparameters"), allowed, err))
+        per_budget: dict[int, dict[str, Any]] = {}
+        given_pb = body.get("per_budget") or {}
+        if not isinstance(given_pb, dict):
+            err(f"{key}.per_budget", "must map a budget to the hyperparameters that differ at it, e.g. {10: {lr_lr: 1.0e-5}}")
+            given_pb = {}
+        for b, over in given_pb.items():
+            if b not in budgets:
+                err(f"{key}.per_budget.{b}", f"is not one of the budgets {budgets}")
                 continue
-            check = HP_CHECKS.get(k)
-            if k == "grad_mode":
-                modes = GRAD_MODES[name]
-                check = lambda v, modes=modes: None if v in modes else f"must be one of {', '.join(modes)}"  # noqa: E731
-            _check_hp_value(f"{key}.hyperparameters.{k}", v, check, err)
-            hp[k] = v
-        for int_key in INTEGER_HPS[name]:
-            bad = [b for b in _bounds(hp.get(int_key)) if not float(b).is_integer()]
-            if bad:
-                err(f"{key}.hyperparameters.{int_key}", f"must be an integer, got {bad[0]}")
-        starts, spans = _bounds(hp.get("max_start_epoch")), _bounds(hp.get("expert_epochs"))
-        if name in ("mct", "farzi"):  # mct clips the target at the last epoch; farzi only starts there
-            spans = [0]
-        if name == "farzi" and model and isinstance(model.get("max_len"), int):
-            long = [b for b in _bounds(hp.get("seq_len")) if b > model["max_len"]]
-            if long:
-                err(f"{key}.hyperparameters.seq_len", f"{max(long)} exceeds model.max_len ({model['max_len']})")
-        keep = experts.get("keep") or []
-        if name == "mtt" and "full" not in keep:
-            err("experts.keep", "mtt matches full trajectories: keep must include 'full'")
-        if name == "mct" and "full" not in keep:
-            want = {"waypoints": experts.get("convex_waypoints"), "beta": experts.get("convex_beta"),
-                    "smooth": experts.get("convex_smooth")}
-            for k, v in want.items():
-                if hp.get(k) != v:
-                    err(f"{key}.hyperparameters.{k}", f"is {hp.get(k)!r} but the experts keep only the compact form "
-                        f"with experts.convex_{k} = {v!r}; set them equal or keep 'full' to derive other forms")
-        if starts and spans and isinstance(experts.get("epochs"), int):
-            worst = max(starts) + max(spans)
-            if worst > experts["epochs"]:
-                what = (f"max_start_epoch ({max(starts)})" if name == "mct" else
-                        f"max_start_epoch ({max(starts)}) + expert_epochs ({max(spans)}) = {worst}")
-                err(f"{key}.hyperparameters.max_start_epoch",
-                    f"{what} goes beyond the experts' {experts['epochs']} epochs (experts.epochs)")
-        out[name] = {"budgets": budgets, "iterations": iterations, "hyperparameters": hp}
+            per_budget[b] = _check_hps(name, f"{key}.per_budget.{b}", over, allowed, err)
+        for b in ([None] + sorted(per_budget)):
+            _check_feasible(name, f"{key}.per_budget.{b}" if b is not None else f"{key}.hyperparameters",
+                            {**hp, **per_budget.get(b, {})}, experts, model, err)
+        out[name] = {"budgets": budgets, "iterations": iterations, "hyperparameters": hp,
+                     "per_budget": per_budget}
     return out
+
+
+def _check_hps(name: str, prefix: str, given: Any, allowed: dict, err) -> dict[str, Any]:
+    """Validate a mapping of hyperparameters of algorithm ``name``; returns the valid ones."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        err(prefix, "must be a mapping")
+        return {}
+    out = {}
+    for k, v in given.items():
+        if k not in allowed:
+            err(f"{prefix}.{k}", _unknown(k, allowed))
+            continue
+        check = HP_CHECKS.get(k)
+        if k == "grad_mode":
+            modes = GRAD_MODES[name]
+            check = lambda v, modes=modes: None if v in modes else f"must be one of {', '.join(modes)}"  # noqa: E731
+        _check_hp_value(f"{prefix}.{k}", v, check, err)
+        out[k] = v
+    return out
+
+
+def _check_feasible(name: str, prefix: str, hp: dict, experts: dict, model: dict | None, err) -> None:
+    """Combinations that cannot run: integer hyperparameters, windows beyond the experts, forms not kept."""
+    for int_key in INTEGER_HPS[name]:
+        bad = [b for b in _bounds(hp.get(int_key)) if not float(b).is_integer()]
+        if bad:
+            err(f"{prefix}.{int_key}", f"must be an integer, got {bad[0]}")
+    starts, spans = _bounds(hp.get("max_start_epoch")), _bounds(hp.get("expert_epochs"))
+    if name in ("mct", "farzi"):  # mct clips the target at the last epoch; farzi only starts there
+        spans = [0]
+    if name == "farzi" and model and isinstance(model.get("max_len"), int):
+        long = [b for b in _bounds(hp.get("seq_len")) if b > model["max_len"]]
+        if long:
+            err(f"{prefix}.seq_len", f"{max(long)} exceeds model.max_len ({model['max_len']})")
+    keep = experts.get("keep") or []
+    if name == "mtt" and "full" not in keep:
+        err("experts.keep", "mtt matches full trajectories: keep must include 'full'")
+    if name == "mct" and "full" not in keep:
+        want = {"waypoints": experts.get("convex_waypoints"), "beta": experts.get("convex_beta"),
+                "smooth": experts.get("convex_smooth")}
+        for k, v in want.items():
+            if hp.get(k) != v:
+                err(f"{prefix}.{k}", f"is {hp.get(k)!r} but the experts keep only the compact form "
+                    f"with experts.convex_{k} = {v!r}; set them equal or keep 'full' to derive other forms")
+    if starts and spans and isinstance(experts.get("epochs"), int):
+        worst = max(starts) + max(spans)
+        if worst > experts["epochs"]:
+            what = (f"max_start_epoch ({max(starts)})" if name == "mct" else
+                    f"max_start_epoch ({max(starts)}) + expert_epochs ({max(spans)}) = {worst}")
+            err(f"{prefix}.max_start_epoch", f"{what} goes beyond the experts' {experts['epochs']} epochs "
+                "(experts.epochs)")

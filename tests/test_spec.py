@@ -171,3 +171,29 @@ def test_sequence_spec_errors_name_the_key(change, key, words):
     with pytest.raises(SpecError) as e:
         validate(spec, "seq.yaml")
     assert any(p.startswith(f"seq.yaml: {key}:") and words in p for p in e.value.problems), e.value.problems
+
+
+def test_per_budget_hyperparameters_override_the_shared_ones():
+    raw = copy.deepcopy(BASE)
+    raw["algorithms"]["mtt"]["hyperparameters"]["lr_img"] = [10, 100]
+    raw["algorithms"]["mtt"]["per_budget"] = {5: {"lr_img": 1000, "max_start_epoch": 6}}
+    spec = validate(raw)
+    pts = [(p["budget"], p["hp"]["lr_img"], p["hp"]["max_start_epoch"]) for p in spec.trial_points()
+           if p["algorithm"] == "mtt"]
+    assert pts == [(1, 10, 4), (1, 100, 4), (5, 1000, 6)]
+    raw["algorithms"]["mtt"]["per_budget"] = {7: {"lr_img": 1}, 5: {"max_start_epoch": 9, "lr_im": 1}}
+    with pytest.raises(SpecError) as e:
+        validate(raw, "pb.yaml")
+    msgs = "\n".join(e.value.problems)
+    assert "pb.yaml: algorithms.mtt.per_budget.7: is not one of the budgets [1, 5]" in msgs
+    assert "pb.yaml: algorithms.mtt.per_budget.5.lr_im: unknown key (did you mean 'lr_img'?)" in msgs
+    assert "pb.yaml: algorithms.mtt.per_budget.5.max_start_epoch: max_start_epoch (9) + expert_epochs (2)" in msgs
+
+
+def test_every_shipped_search_space_is_valid():
+    folder = default_spec_path().parent
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    assert {"quickstart", "mnist", "cifar10", "mct_vs_mtt", "farzi_ml100k", "farzi_ptb"} <= set(names)
+    for name in names:
+        spec = load_spec(folder / f"{name}.yaml")
+        assert spec.trial_points(), name
