@@ -89,6 +89,16 @@ def _scheduler(v):
     return None
 
 
+def _search(v):
+    if set(v) - {"name", "seed"}:
+        return f"unknown keys {sorted(set(v) - {'name', 'seed'})}; allowed: name, seed"
+    if v.get("name") != "optuna":
+        return "name must be optuna (grids and Tune distributions need no search section)"
+    if "seed" in v and not (isinstance(v["seed"], int) and not isinstance(v["seed"], bool)):
+        return "seed must be an integer"
+    return None
+
+
 SCHEMA: dict[str, dict[str, tuple]] = {
     "dataset": {"name": (str, REQUIRED, lambda v: None if v.lower() in ALL_DATASETS else
                          f"unknown dataset {v!r}; known: {', '.join(ALL_DATASETS)}"),
@@ -142,6 +152,8 @@ TOP = {"name": (str, REQUIRED, None), "description": (str, "", None), "seed": (i
                      "only 'random' (a random real subset of the same budget) is known"),
        # ASHA early stopping: {name: asha, grace_period: iterations, reduction_factor: 3}; null = none
        "scheduler": ((dict, type(None)), None, _scheduler),
+       # Optuna (Ray Tune's OptunaSearch) instead of grid + random sampling: {name: optuna, seed: 0}
+       "search": ((dict, type(None)), None, _search),
        # a wall-clock budget for the whole sweep (seconds); unfinished trials are stopped, resumable
        "time_budget_s": ((int, float, type(None)), None, lambda v: None if v > 0 else "must be > 0 or null")}
 
@@ -198,6 +210,7 @@ class Spec:
     checkpoint_interval: int
     baselines: list[str]
     scheduler: dict[str, Any] | None
+    search: dict[str, Any] | None
     time_budget_s: float | None
     dataset: dict[str, Any]
     model: dict[str, Any]
@@ -320,6 +333,17 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
                                   if s != "dataset"}}
     algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err, sec["model"], sequences,
                                    dataset.get("name", "?"))
+    if top.get("search") and algorithms:
+        pairs = [(a, b) for a, body in algorithms.items() for b in body["budgets"]]
+        if len(pairs) != 1:
+            err("search", f"Optuna tunes one algorithm at one budget per sweep; this spec has {len(pairs)} "
+                "(algorithm, budget) pairs: split it into one spec per pair")
+        if top.get("baselines"):
+            err("baselines", "must be [] with search: optuna (every trial comes from the search); run the "
+                "random baseline from a grid spec")
+    if (top.get("search") or top.get("scheduler")) and sec["evaluation"].get("interval") == 0:
+        err("evaluation.interval", "must be > 0 with a scheduler or a search: they compare trials on the "
+            "periodic evaluation")
     if problems:
         raise SpecError(problems)
     return Spec(path=source, raw=raw, algorithms=algorithms, **top, **sec)

@@ -258,16 +258,28 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     lambda config: {"cpu": cpus, "gpu": gpus_for(gpus, config["trial"]["budget"],
                                                                                   has_gpu)})
-    points = spec.trial_points()
-    total = len(points) * spec.num_samples
+    points = [{**pt, "hp": {k: tune_value(v) for k, v in pt["hp"].items()}} for pt in spec.trial_points()]
+    total = spec.num_samples if spec.search else len(points) * spec.num_samples
     _ACTIVE.update(progress=progress, total=total)
     if resume is not None and resume["tune_state"]:
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
+        metric, mode = eval_metric(spec, data)
+        if spec.search:  # Optuna samples the one (algorithm, budget) point's distributions and lists
+            from ray.tune.search.optuna import OptunaSearch
+
+            (name, algo), = spec.algorithms.items()
+            budget = algo["budgets"][0]
+            hp = {**algo["hyperparameters"], **algo["per_budget"].get(budget, {})}
+            space = {"trial": {"algorithm": name, "budget": budget, "iterations": algo["iterations"],
+                               "hp": {k: tune_value(v, choice_lists=True) for k, v in hp.items()}}}
+            search = OptunaSearch(metric=metric, mode=mode, seed=spec.search.get("seed", spec.seed))
+        else:
+            space, search = {"trial": tune.grid_search(points)}, None
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(points)},
-            tune_config=tune.TuneConfig(num_samples=spec.num_samples,
+            param_space=space,
+            tune_config=tune.TuneConfig(num_samples=spec.num_samples, search_alg=search,
                                         max_concurrent_trials=spec.resources["max_concurrent_trials"],
                                         scheduler=_scheduler(spec, data), time_budget_s=spec.time_budget_s,
                                         reuse_actors=True,  # no worker start (imports: seconds) per trial
@@ -300,6 +312,21 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     return SweepResult(parent_id, experiment_id, experts, errors, interrupted=finished < len(results))
 
 
+def tune_value(v, choice_lists: bool = False):
+    """A spec's hyperparameter value for Tune: ``{loguniform: [a, b]}``, ``uniform``, ``randint``
+    and ``choice`` become Tune distributions (sampled per trial, ``num_samples`` times); with
+    ``choice_lists`` (Optuna) a list is a choice too, otherwise lists were expanded into a grid."""
+    if isinstance(v, dict) and len(v) == 1:
+        (kind, args), = v.items()
+        if kind == "choice":
+            return tune.choice([tune_value(a) for a in args])
+        if kind in ("uniform", "loguniform", "randint"):
+            return getattr(tune, kind)(*args)
+    if choice_lists and isinstance(v, list):
+        return tune.choice(v)
+    return v
+
+
 def gpus_for(gpus, budget: int, has_gpu: bool) -> float:
     """GPUs of one trial: ``auto`` (one when the cluster has GPUs, else none), a number (0.5 packs
     two trials per GPU), or a mapping budget -> number read as steps (a budget gets the value of
@@ -313,6 +340,13 @@ def gpus_for(gpus, budget: int, has_gpu: bool) -> float:
     return float(gpus)
 
 
+def eval_metric(spec: Spec, data) -> tuple[str, str]:
+    """The periodic evaluation's headline, as every trial result carries it, and its direction."""
+    if spec.sequences:
+        return ("eval_hr10_mean", "max") if isinstance(data, RecData) else ("eval_ppl_mean", "min")
+    return "eval_acc_mean", "max"
+
+
 def _scheduler(spec: Spec, data):
     """ASHA on the evaluation metric (the last evaluation, reported with every result), with
     distillation iterations as the time axis; baselines report once and are never stopped."""
@@ -320,10 +354,7 @@ def _scheduler(spec: Spec, data):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    if spec.sequences:
-        metric, mode = ("eval_hr10_mean", "max") if isinstance(data, RecData) else ("eval_ppl_mean", "min")
-    else:
-        metric, mode = "eval_acc_mean", "max"
+    metric, mode = eval_metric(spec, data)
     sc = spec.scheduler
     max_t = sc.get("max_t") or max(a["iterations"] for a in spec.algorithms.values())
     return ASHAScheduler(time_attr="iteration", metric=metric, mode=mode, max_t=max_t,

@@ -306,7 +306,9 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
                                              f"(test-set selection, as MTT reports); {primary}_mean is the final one"})
     _log_outputs(log, ctx, syn, point["algorithm"], point, it_final)
     log.flush()
-    _report_with_checkpoint({**final, "iteration": distiller.iteration}, distiller, history, log, finish=True)
+    _report_with_checkpoint({**final, **{f"eval_{k}_{s}": v[i] for k, v in last.items()
+                                         for i, s in enumerate(("mean", "std"))},
+                             "iteration": distiller.iteration}, distiller, history, log, finish=True)
 
 
 def _last_step(log: RunLogger, key: str) -> int:

@@ -205,3 +205,37 @@ def test_a_sweep_killed_with_sigkill_resumes_with_nothing_lost_or_run_twice(tmp_
         if r.data.tags["algorithm"] == "mtt":
             steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss"))
             assert steps == list(range(1, 31))  # nothing lost, nothing logged twice
+
+
+def test_spec_distributions_become_tune_domains():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from orchestrator.sweep import tune_value
+
+    lr = tune_value({"loguniform": [1e-7, 1e-5]})
+    assert isinstance(lr, Float) and all(1e-7 <= lr.sample() <= 1e-5 for _ in range(20))
+    assert isinstance(tune_value({"randint": [2, 5]}), Integer)
+    assert isinstance(tune_value({"choice": [10, {"uniform": [0, 1]}]}), Categorical)
+    assert tune_value([1, 2]) == [1, 2] and isinstance(tune_value([1, 2], choice_lists=True), Categorical)
+    assert tune_value(30) == 30
+
+
+def test_optuna_search_runs_one_point_and_logs_every_trial(tmp_path, ray_cluster):
+    raw = {**TINY, "name": "tiny-optuna", "baselines": [], "num_samples": 3, "search": {"name": "optuna", "seed": 1},
+           "algorithms": {"mtt": {**TINY["algorithms"]["mtt"], "iterations": 2,
+                                  "hyperparameters": {**TINY["algorithms"]["mtt"]["hyperparameters"],
+                                                      "lr_img": {"loguniform": [10, 100]}}}},
+           "evaluation": {"networks": 1, "epochs": 4, "interval": 2}}
+    spec = validate(raw, "tiny-optuna.yaml")
+    ws = workspace(tmp_path / "runs")
+    out = launch(spec, ws, Progress())
+    assert out.errors == []
+    client, children = children_of(ws, out)
+    lrs = [float(c.data.params["hp.lr_img"]) for c in children]
+    assert len(children) == 3 and len(set(lrs)) == 3 and all(10 <= v <= 100 for v in lrs)
+    assert all(c.info.status == "FINISHED" and "acc_mean" in c.data.metrics for c in children)
+    bad = {**raw, "baselines": ["random"], "algorithms": {"mtt": {**raw["algorithms"]["mtt"], "budgets": [1, 2]}}}
+    with pytest.raises(Exception) as e:
+        validate(bad, "bad.yaml")
+    assert "bad.yaml: search: Optuna tunes one algorithm at one budget" in str(e.value)
+    assert "bad.yaml: baselines: must be [] with search: optuna" in str(e.value)
