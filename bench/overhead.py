@@ -25,6 +25,7 @@ import tempfile
 import time
 
 import torch
+from common import bench_console, bench_parser, machine_info, print_load, quick_defaults, write_results
 from rich.table import Table
 
 from orchestrator.progress import Progress
@@ -32,8 +33,6 @@ from orchestrator.spec import load_spec, validate
 from orchestrator.sweep import launch, load_data, ray_session, train_experts
 from orchestrator.tracking import workspace
 from orchestrator.trial import TrialContext, _evaluate, build_distiller
-
-from common import bench_console, bench_parser, machine_info, print_load, quick_defaults, write_results
 
 
 def tiny_spec(trials: int):
@@ -142,7 +141,8 @@ def main(argv=None) -> int:
     print_load(console, load_start)
     if args.json:
         import ray
-        write_results(console, args.json, "overhead", machine_info("cpu", load_start, versions={"ray": ray.__version__}),
+        machine = machine_info("cpu", load_start, versions={"ray": ray.__version__})
+        write_results(console, args.json, "overhead", machine,
                       {"trials": args.trials, "cpus": args.cpus, "quick": args.quick},
                       wall_s=wall, concurrency=concurrency, per_trial_wall_s=per_trial, trial_work_s=work,
                       child_run_median_s=in_trial, overhead_per_trial_s=overhead, typical_trial=typical,
