@@ -87,7 +87,7 @@ from algorithms.seqtrain import (
     task_metrics,
     train_seq_model,
 )
-from orchestrator.sequences import LMData, load_sequences
+from orchestrator.sequences import load_sequences, seq_task
 
 DATA_ROOT = Path("/work/shared/data")
 DATASETS = ("ml-100k", "ptb")
@@ -133,14 +133,7 @@ TRIED = [
 
 # -- data, experts --------------------------------------------------------------------------------
 def load_task(name: str, root: str | None, max_len: int) -> SeqTask:
-    data = load_sequences(name, root or DATA_ROOT / name)
-    info = data.info
-    if isinstance(data, LMData):
-        return SeqTask("language_model", info.vocab_size, None, data.chunks("train", max_len),
-                       data.chunks("test", max_len))
-    inputs, targets, seen = data.eval_inputs("test", max_len)
-    return SeqTask("recommendation", info.vocab_size, info.pad_id, data.train_matrix(max_len), inputs, targets,
-                   seen)
+    return seq_task(load_sequences(name, root or DATA_ROOT / name), max_len)
 
 
 def train_experts(spec: dict, task: SeqTask, cfg: SeqTrainConfig, n: int, seed: int, device: str,
