@@ -279,7 +279,9 @@ class FarziConfig:
     second_moment: bool = True
     precision: str = "float32"  # float32 | float64: the model in the inner loop
     reverse_precision: str = "float64"  # float32 | float64: Adam's state and its reversal
-    checkpoint_every: int = 0  # reverse mode: keep (theta, m, v) every k inner steps (0: never)
+    # reverse mode: keep (theta, m, v) every k inner steps (0: never). Without, the reversal drifts on long
+    # horizons (measured vs unrolled: rel. error 5e-7 at T=50, 12 at T=75, 57 at T=100; 1e-7 with k=25)
+    checkpoint_every: int = 25
     init_scale: float = 1.0  # std of F; M starts N(0, 1/d)
 
     def __post_init__(self):

@@ -135,16 +135,19 @@ def train_seq_model(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: Se
         model.train()
         perm = torch.randperm(len(data), generator=gen)
         total, count = 0.0, 0
-        for i in range(0, len(data), cfg.batch_size):
-            xb = data[perm[i : i + cfg.batch_size]].to(device)
-            loss = sequence_loss(model(xb), xb, task.pad_id)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"sequence model seed {seed}: loss {loss.item()} at epoch {epoch}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(xb)
-            count += len(xb)
+        with torch.random.fork_rng(devices=[torch.device(device).index or 0] if torch.device(device).type == "cuda"
+                                   else []):
+            torch.manual_seed(seed * 1009 + epoch)  # dropout masks depend on the seed only
+            for i in range(0, len(data), cfg.batch_size):
+                xb = data[perm[i : i + cfg.batch_size]].to(device)
+                loss = sequence_loss(model(xb), xb, task.pad_id)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"sequence model seed {seed}: loss {loss.item()} at epoch {epoch}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(xb)
+                count += len(xb)
         yield Checkpoint(epoch, flatten_params(model).cpu(), total / count, metric(epoch))
 
 
