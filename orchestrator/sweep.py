@@ -296,20 +296,26 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     finally:
         _ACTIVE.clear()
     errors = [f"{r.path}: {r.error}" for r in results if r.error is not None]
-    finished = results.num_terminated + results.num_errors
+    # Interrupted (Ctrl-C, time budget): Tune counts the stopped trials as terminated, but their
+    # MLflow runs are still open, and trials that never started have none.
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50000)
+    open_runs = [c.info.run_id for c in children if c.info.status == "RUNNING"]
+    unfinished = len(open_runs) + max(0, total - len(children))
     plog.tags({"orchestrate.tune_experiment": results.experiment_path})
     with tempfile.TemporaryDirectory() as tmp:  # results.csv and the plot against budget, on the parent run
         try:
             summarise_sweep(ws.tracking_uri, parent_id, Path(tmp))
         except Exception as e:  # noqa: BLE001 - a summary problem must not lose the sweep's status
             progress.warn(f"could not write the sweep summary: {type(e).__name__}: {e}")
-    if finished < len(results):  # interrupted (Ctrl-C): resumable
-        progress.warn(f"sweep stopped with {len(results) - finished} of {len(results)} trials unfinished; "
+    if unfinished:  # resumable: the same spec continues it
+        progress.warn(f"sweep stopped with {unfinished} of {total} trials unfinished; "
                       f"launch the same spec again to resume it")
+        for run_id in open_runs:
+            client.set_terminated(run_id, "KILLED")  # reopened (RUNNING) when the trial resumes
         plog.finish("KILLED")
     else:
         plog.finish("FAILED" if errors else "FINISHED")
-    return SweepResult(parent_id, experiment_id, experts, errors, interrupted=finished < len(results))
+    return SweepResult(parent_id, experiment_id, experts, errors, interrupted=bool(unfinished))
 
 
 def tune_value(v, choice_lists: bool = False):
