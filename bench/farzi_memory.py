@@ -75,6 +75,7 @@ from common import (  # bench/common.py: run as a script, this folder is first o
 from distill import PeakRSS, sync  # bench/distill.py
 from mct_vs_mtt import LiveSavedTensors  # bench/mct_vs_mtt.py
 from rich.table import Table
+from safetensors.torch import load_file, save_file
 
 from algorithms.farzi import PRECISIONS, FarziConfig, FarziDistiller, meta_gradient
 from algorithms.networks import flatten_params
@@ -135,7 +136,7 @@ def run_one(cfg: dict, mode: str, steps: int, device: str, repeats: int, grads_p
         if device.startswith("cuda"):
             cuda_peaks.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
     if grads_path:
-        torch.save([g.detach().cpu() for g in res.grads], grads_path)
+        save_file({f"g{i}": g.detach().cpu().contiguous() for i, g in enumerate(res.grads)}, grads_path)
     gnorm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in res.grads)))
     return {"mode": mode, "T": steps, "sec": statistics.median(times), "times_s": times, "warmup_s": warmup_s,
             "saved_live_mb": saved.peak_bytes / 2**20, "saved_cumulative_mb": saved.bytes / 2**20,
@@ -155,7 +156,7 @@ def worker(payload: str) -> int:
 # -- the driver -------------------------------------------------------------------------------------
 def run_job(cfg: dict, mode: str, steps: int, args, tmp: Path) -> dict:
     """(mode, T) in a fresh subprocess (or in this process with ``--in-process``)."""
-    grads = str(tmp / f"grads-{mode}-{steps}.pt")
+    grads = str(tmp / f"grads-{mode}-{steps}.safetensors")
     if args.in_process:
         r = run_one(cfg, mode, steps, args.device, args.repeats, grads)
     else:
@@ -194,7 +195,8 @@ def memory_limit_gb(device: str) -> float:
 
 
 def rel_err(a_path: str, b_path: str) -> float:
-    a, b = torch.load(a_path), torch.load(b_path)
+    a, b = load_file(a_path), load_file(b_path)
+    a, b = [a[k] for k in sorted(a)], [b[k] for k in sorted(b)]
     num = sum(float(((x.double() - y.double()) ** 2).sum()) for x, y in zip(a, b))
     den = sum(float((y.double() ** 2).sum()) for y in b)
     return math.sqrt(num / den) if den > 0 else math.nan

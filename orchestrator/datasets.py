@@ -211,7 +211,11 @@ def dataset_info(name: str) -> DatasetInfo:
 
 def resolve_root(name: str, root: str | os.PathLike | None) -> pathlib.Path:
     """Data root: explicit ``root``, else ``$ORCHESTRATE_DATA/<name>``, else ``./data/<name>``."""
-    key = dataset_info(name).name
+    return data_root(dataset_info(name).name, root)
+
+
+def data_root(key: str, root: str | os.PathLike | None) -> pathlib.Path:
+    """The root rule for any registered dataset name ``key`` (images and event sequences)."""
     if root is not None and str(root) != "":
         path = pathlib.Path(root).expanduser()
     elif os.environ.get(DATA_ENV_VAR):

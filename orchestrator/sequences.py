@@ -24,7 +24,7 @@ import torch
 
 from algorithms.seqtrain import SeqTask
 
-from .datasets import DATA_ENV_VAR, DatasetFormatError, DatasetNotFoundError
+from .datasets import DATA_ENV_VAR, DatasetFormatError, DatasetNotFoundError, data_root
 
 __all__ = [
     "MIN_INTERACTIONS",
@@ -248,14 +248,7 @@ def is_sequence_dataset(name: str) -> bool:
 
 def resolve_sequence_root(name: str, root: str | os.PathLike | None = None) -> pathlib.Path:
     """Data root: explicit ``root``, else ``$ORCHESTRATE_DATA/<name>``, else ``./data/<name>``."""
-    key = sequence_info(name).name
-    if root is not None and str(root) != "":
-        path = pathlib.Path(root).expanduser()
-    elif os.environ.get(DATA_ENV_VAR):
-        path = pathlib.Path(os.environ[DATA_ENV_VAR]).expanduser() / key
-    else:
-        path = pathlib.Path("data") / key
-    return path.resolve()
+    return data_root(sequence_info(name).name, root)
 
 
 _CACHE: dict[tuple[str, str], RecData | LMData] = {}
