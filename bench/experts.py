@@ -83,7 +83,7 @@ def _warm_up(data_ref, model: dict, seed: int) -> int:
 
 
 def run_config(workers: int, spec: Spec, data, repeats: int, warmup: bool, console: Console) -> dict:
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
         warm_pids: list[int] = []
         if warmup:

@@ -43,17 +43,20 @@ class SweepResult:
 
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
-    """Join the cluster at ``address`` (``auto`` or HOST:PORT), or start a local Ray with no
-    dashboard. A Ray session that is already up (tests, notebooks) is used as it is."""
+    """Join the cluster at ``address`` (``auto`` or HOST:PORT; inside a Ray job, ``RAY_ADDRESS``),
+    or start a new local Ray with no dashboard. Without an address a stale ``ray start`` on this
+    machine is never joined by accident (Ray's own default would). A Ray session that is already
+    up (tests, notebooks) is used as it is."""
     if ray.is_initialized():
         yield
         return
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter honours verbose=0: our bars show progress
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

@@ -12,10 +12,11 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session (2 CPUs, no dashboard)."""
+    """One new local Ray for the whole session (2 CPUs, no dashboard); never a cluster left running
+    on this machine (``/tmp/ray/ray_current_cluster``) by something else."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

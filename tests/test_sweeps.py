@@ -239,3 +239,24 @@ def test_optuna_search_runs_one_point_and_logs_every_trial(tmp_path, ray_cluster
         validate(bad, "bad.yaml")
     assert "bad.yaml: search: Optuna tunes one algorithm at one budget" in str(e.value)
     assert "bad.yaml: baselines: must be [] with search: optuna" in str(e.value)
+
+
+def test_a_stale_ray_cluster_file_is_not_joined_without_an_address(tmp_path):
+    """A ``ray start`` (or a crashed simulated cluster) leaves ``ray_current_cluster`` behind; Ray's
+    own ``ray.init()`` would try to join it. ``orchestrate`` without ``--address`` starts its own."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    try:
+        os.makedirs(os.path.join(tmp, "ray"))
+        with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write("127.0.0.1:9")  # nothing listens there
+        code = ("import ray; from orchestrator.sweep import ray_session\n"
+                "with ray_session(None, 1):\n    print(int(ray.cluster_resources()['CPU']))")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(PYTHONPATH=str(REPO), RAY_TMPDIR=tmp)
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and res.stdout.strip().splitlines()[-1] == "1", res.stderr[-3000:]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
