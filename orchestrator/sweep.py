@@ -20,6 +20,7 @@ import yaml
 from mlflow import MlflowClient
 from ray import tune
 from ray.tune import Callback
+from ray.tune.schedulers import FIFOScheduler
 
 from .datasets import load_dataset
 from .experts import ExpertSet, ensure_experts
@@ -356,19 +357,73 @@ def eval_metric(spec: Spec, data) -> tuple[str, str]:
     return "eval_acc_mean", "max"
 
 
+class GroupedASHA(FIFOScheduler):
+    """ASHA early stopping within each (algorithm, budget) group.
+
+    A sweep over budgets must not stop an IPC 1 trial because IPC 50 trials score higher, nor
+    an MCT trial because of MTT's: each group gets its own ``ASHAScheduler`` (Tune's, unchanged)
+    and this class only routes each trial to the one of its group. Trials run in submission
+    order (FIFO), as with a single ASHA."""
+
+    def __init__(self, **asha: Any):
+        super().__init__()
+        self._asha, self._groups, self._of = asha, {}, {}
+
+    @property
+    def metric(self):
+        return self._asha["metric"]
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return metric in (None, self._asha["metric"]) and mode in (None, self._asha["mode"])
+
+    def group(self, trial) -> tuple[str, int]:
+        point = trial.config["trial"]
+        return point["algorithm"], point["budget"]
+
+    def on_trial_add(self, tune_controller, trial):
+        from ray.tune.schedulers import ASHAScheduler
+
+        key = self.group(trial)
+        if key not in self._groups:
+            self._groups[key] = ASHAScheduler(**self._asha)
+        self._of[trial.trial_id] = self._groups[key]
+        self._groups[key].on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        asha = self._of.get(trial.trial_id)
+        return asha.on_trial_result(tune_controller, trial, result) if asha else self.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        asha = self._of.pop(trial.trial_id, None)
+        if asha is not None:
+            asha.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        asha = self._of.pop(trial.trial_id, None)
+        if asha is not None:
+            asha.on_trial_remove(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial):
+        self.on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "ASHA per (algorithm, budget): " + "; ".join(
+            f"{a} {b}: stopped {s._num_stopped}" for (a, b), s in sorted(self._groups.items()))
+
+
 def _scheduler(spec: Spec, data):
     """ASHA on the evaluation metric (the last evaluation, reported with every result), with
-    distillation iterations as the time axis; baselines report once and are never stopped."""
+    distillation iterations as the time axis, within each (algorithm, budget) group; baselines
+    report once and are never stopped."""
     if not spec.scheduler:
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     metric, mode = eval_metric(spec, data)
     sc = spec.scheduler
     max_t = sc.get("max_t") or max(a["iterations"] for a in spec.algorithms.values())
-    return ASHAScheduler(time_attr="iteration", metric=metric, mode=mode, max_t=max_t,
-                         grace_period=sc.get("grace_period", max(1, spec.evaluation["interval"])),
-                         reduction_factor=sc.get("reduction_factor", 3))
+    # stop_last_trials=False: a trial that reaches max_t ends by itself, after its final evaluation
+    return GroupedASHA(time_attr="iteration", metric=metric, mode=mode, max_t=max_t, stop_last_trials=False,
+                       grace_period=sc.get("grace_period", max(1, spec.evaluation["interval"])),
+                       reduction_factor=sc.get("reduction_factor", 3))
 
 
 def _trial_label(t) -> str:

@@ -211,6 +211,12 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         log.tags({"orchestrate.failure_reason": str(e)})
         log.finish("FAILED")
         tune.report({"diverged": 1.0, "failure_reason": str(e)})
+    except (SystemExit, KeyboardInterrupt):
+        # Tune ends the trial from outside (an early-stopping scheduler, the time budget, Ctrl-C):
+        # keep every step computed so far; the driver closes the run with the reason (or a
+        # resumed sweep continues it)
+        log.flush()
+        raise
     except BaseException as e:
         log.tags({"orchestrate.failure_reason": f"{type(e).__name__}: {e}"})
         log.finish("FAILED")
@@ -266,29 +272,34 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     # MLflow just before each checkpoint, so the run may already hold some of them: those steps
     # are not logged again (the replay recomputes the same values from the same state and RNG).
     logged = {"loss": _last_step(log, "loss"), "eval": _last_step(log, f"eval/{primary}_mean")}
-    while True:
-        it = distiller.iteration
-        metrics: dict[str, float] = {}
-        if it >= iterations or (interval and it % interval == 0):
-            if not history["evals"] or history["evals"][-1][0] != it:
-                evals = _evaluate(ctx, distiller.synthetic(), device)
-                history["evals"].append((it, {k: list(v) for k, v in evals.items()}))
-                if it > logged["eval"]:
-                    log.metrics({f"eval/{k}_{s}": v[i] for k, v in evals.items()
-                                 for i, s in enumerate(("mean", "std"))}, step=it)
-        if history["evals"]:  # the last evaluation goes with every result (schedulers compare on it)
-            last = history["evals"][-1][1]
-            metrics.update({f"eval_{k}_{s}": v[i] for k, v in last.items() for i, s in enumerate(("mean", "std"))})
-        if it >= iterations:
-            break
+
+    def evaluate_if_due(it: int) -> None:
+        if (it >= iterations or (interval and it % interval == 0)) and \
+                (not history["evals"] or history["evals"][-1][0] != it):
+            evals = _evaluate(ctx, distiller.synthetic(), device)
+            history["evals"].append((it, {k: list(v) for k, v in evals.items()}))
+            if it > logged["eval"]:
+                log.metrics({f"eval/{k}_{s}": v[i] for k, v in evals.items()
+                             for i, s in enumerate(("mean", "std"))}, step=it)
+
+    evaluate_if_due(distiller.iteration)
+    while distiller.iteration < iterations:
         t_iter = time.perf_counter()
         m = distiller.step()
-        step_metrics = {k: v for k, v in m.items() if k not in ("expert",)}
-        if it + 1 > logged["loss"]:
-            log.metrics({**step_metrics, "sec_per_iter": time.perf_counter() - t_iter}, step=it + 1)
-        metrics.update({**{k: m[k] for k in ("loss", "syn_lr") if k in m}, "iteration": distiller.iteration,
-                        "sec_per_iter": (time.perf_counter() - t0) / (distiller.iteration - first)})
-        if distiller.iteration % ckpt_every == 0 and distiller.iteration < iterations:
+        it = distiller.iteration
+        if it > logged["loss"]:
+            log.metrics({**{k: v for k, v in m.items() if k != "expert"},
+                         "sec_per_iter": time.perf_counter() - t_iter}, step=it)
+        # the result of iteration `it` carries the evaluation of iteration `it` when one is due
+        # there (schedulers decide on it), else the last one before
+        evaluate_if_due(it)
+        if it >= iterations:
+            break  # the final result goes with the final metrics and checkpoint below
+        last = history["evals"][-1][1] if history["evals"] else {}  # none yet with interval 0
+        metrics = {**{k: m[k] for k in ("loss", "syn_lr") if k in m}, "iteration": it,
+                   "sec_per_iter": (time.perf_counter() - t0) / (it - first),
+                   **{f"eval_{k}_{s}": v[i] for k, v in last.items() for i, s in enumerate(("mean", "std"))}}
+        if it % ckpt_every == 0:
             _report_with_checkpoint(metrics, distiller, history, log)
         else:
             tune.report(metrics)

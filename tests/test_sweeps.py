@@ -50,6 +50,42 @@ def test_a_diverging_trial_fails_alone_with_its_reason(tmp_path, ray_cluster):
     assert random.info.status == "FINISHED"
 
 
+
+def test_asha_stops_the_weak_trial_of_a_group_and_only_compares_within_it(tmp_path, ray_cluster):
+    """One trial at a time, so that ASHA's decisions are deterministic: IPC 1 from real images,
+    IPC 1 from noise, then IPC 10 from noise. The IPC 1 noise trial is stopped at the first rung,
+    against the real one of its group. The IPC 10 one scores below that rung's median too, so one
+    ASHA over all trials would have stopped it; alone in its group it runs to the end. The
+    stopped run is closed KILLED with its reason and every step it ran."""
+    mtt = TINY["algorithms"]["mtt"]
+    raw = {**TINY, "name": "tiny-asha", "baselines": [],
+           "algorithms": {"mtt": {"budgets": [1, 10], "iterations": 8,
+                                  "hyperparameters": {**mtt["hyperparameters"], "pix_init": "noise"},
+                                  "per_budget": {1: {"pix_init": ["real", "noise"]}}}},
+           "evaluation": {"networks": 1, "epochs": 10, "interval": 2},
+           "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
+           "resources": {"max_concurrent_trials": 1}}
+    ws = workspace(tmp_path / "runs")
+    out = launch(validate(raw, "tiny-asha.yaml"), ws, Progress())
+    assert out.errors == []
+    client, children = children_of(ws, out)
+    runs = {(int(c.data.tags["budget"]), c.data.params["hp.pix_init"]): c for c in children}
+    assert sorted(runs) == [(1, "noise"), (1, "real"), (10, "noise")]
+
+    def history(run, key):
+        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+
+    loss = {k: sorted(history(r, "loss")) for k, r in runs.items()}
+    rung = {k: history(r, "eval/acc_mean")[2] for k, r in runs.items()}
+    assert rung[(10, "noise")] < (rung[(1, "real")] + rung[(1, "noise")]) / 2 and rung[(1, "noise")] < rung[(1, "real")]
+    for k in ((1, "real"), (10, "noise")):
+        assert runs[k].info.status == "FINISHED" and loss[k] == list(range(1, 9)) and "acc_mean" in runs[k].data.metrics
+    stopped = runs[(1, "noise")]
+    assert stopped.info.status == "KILLED" and "orchestrate.failure_reason" not in stopped.data.tags
+    assert "stopped by the Tune scheduler" in stopped.data.tags["orchestrate.stopped_early"]
+    assert 2 <= len(loss[(1, "noise")]) < 8 and loss[(1, "noise")] == list(range(1, len(loss[(1, "noise")]) + 1))
+
+
 BAD_SPECS = [
     ("unknown key", {"experts": {"count": 2, "epoch": 3}}, "experts.epoch", "did you mean 'epochs'"),
     ("wrong type", {"experts": {"count": "two"}}, "experts.count", "must be int"),
@@ -101,7 +137,7 @@ def test_gpus_per_trial_forms_and_the_asha_scheduler():
     assert [gpus_for(steps, b, True) for b in (1, 5, 10, 49, 50, 100)] == [0.25, 0.25, 0.5, 0.5, 1, 1]
     spec = validate({**TINY, "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2}})
     asha = _scheduler(spec, None)
-    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t) == ("iteration", "eval_acc_mean", "max", 6)
+    assert asha.metric == "eval_acc_mean" and asha._asha == dict(time_attr="iteration", metric="eval_acc_mean", mode="max", max_t=6, stop_last_trials=False, grace_period=2, reduction_factor=2)
     assert _scheduler(validate(TINY), None) is None
 
 
