@@ -237,7 +237,8 @@ def _run_random(point: dict, ctx: TrialContext, log: RunLogger, common: dict, de
         syn = SyntheticSet(images, labels, spec["experts"]["lr"])
     evals = _evaluate(ctx, syn, device)
     final = {**_final_metrics(ctx, evals), **common}
-    log.metrics(final, step=0)
+    if _last_step(log, next(iter(final))) < 0:  # rerun after a kill between this and the report: once
+        log.metrics(final, step=0)
     _log_outputs(log, ctx, syn, "random", point, 0)
     log.finish("FINISHED")
     tune.report({**final, **{f"eval_{k}_{s}": v[i] for k, v in evals.items() for i, s in enumerate(("mean", "std"))},
@@ -312,7 +313,8 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
              f"{primary}_best_over_evals_iteration": best_it, **common}
     syn = distiller.synthetic()
     final["final_syn_lr"] = syn.lr
-    log.metrics(final, step=it_final)
+    if _last_step(log, f"{primary}_mean") < it_final:  # a replay after a kill past this point logs it once
+        log.metrics(final, step=it_final)
     log.tags({"orchestrate.best_over_evals": f"{primary}_best_over_evals_* is the best over periodic evaluations "
                                              f"(test-set selection, as MTT reports); {primary}_mean is the final one"})
     _log_outputs(log, ctx, syn, point["algorithm"], point, it_final)

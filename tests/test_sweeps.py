@@ -197,7 +197,23 @@ def _child_runs(root, name):
     return client, client.search_runs([exp.experiment_id], "tags.`orchestrate.role` = 'trial'")
 
 
-def test_a_sweep_killed_with_sigkill_resumes_with_nothing_lost_or_run_twice(tmp_path):
+def _wait_for(root, name, condition, what, deadline_s=400):
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        time.sleep(1)
+        client, runs = _child_runs(root, name)
+        steps = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "loss")) for r in runs
+                 if r.info.status == "RUNNING" and r.data.tags["algorithm"] == "mtt"}
+        if condition(runs, steps):
+            return {r.info.run_id: r.info.end_time for r in runs if r.info.status == "FINISHED"}
+    raise AssertionError(f"the sweep did not get {what} in time")
+
+
+def test_a_sweep_stopped_with_ctrl_c_then_killed_resumes_with_nothing_lost_or_run_twice(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) half way through the first
+    distillation trial: exit code 130, every run closed. Relaunched, then SIGKILL half way through
+    the second one. Relaunched again: every trial of the spec exactly once in MLflow, complete,
+    and no trial that had finished ran again."""
     raw = {**TINY, "name": "tiny-resume", "checkpoint_interval": 2,
            "algorithms": {"mtt": {**TINY["algorithms"]["mtt"], "budgets": [1, 2], "iterations": 30,
                                   "hyperparameters": TINY["algorithms"]["mtt"]["hyperparameters"]}},
@@ -207,23 +223,34 @@ def test_a_sweep_killed_with_sigkill_resumes_with_nothing_lost_or_run_twice(tmp_
     spec.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--root", str(root), "--num-cpus", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    # wait until the random baselines are done and a distillation trial is half way (one at a time)
-    deadline, state = time.time() + 400, None
-    while time.time() < deadline:
-        time.sleep(2)
-        client, runs = _child_runs(root, "tiny-resume")
-        finished = [r for r in runs if r.info.status == "FINISHED"]
-        running = [r for r in runs if r.info.status == "RUNNING" and r.data.tags["algorithm"] == "mtt"]
-        if len(finished) >= 2 and running:
-            steps = client.get_metric_history(running[0].info.run_id, "loss")
-            if len(steps) >= 12:  # checkpoints every 2 iterations are flushed to MLflow
-                state = {r.info.run_id: (r.info.end_time, r.data.tags["algorithm"]) for r in finished}
-                break
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert state is not None, "the sweep did not get half way in time"
+
+    def start():
+        return subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    def half_way(n_finished):  # checkpoints every 2 iterations are flushed to MLflow
+        return lambda runs, steps: (sum(r.info.status == "FINISHED" for r in runs) >= n_finished
+                                    and any(n >= 12 for n in steps.values()))
+
+    proc = start()
+    try:
+        _wait_for(root, "tiny-resume", half_way(2), "half way through the first trial")  # 2 random baselines done
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "run the same command again to resume" in err
+    client, runs = _child_runs(root, "tiny-resume")
+    parent = client.search_runs([runs[0].info.experiment_id], "tags.`orchestrate.role` = 'sweep'")
+    assert [p.info.status for p in parent] == ["KILLED"]
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]  # nothing left RUNNING
+
+    proc = start()
+    try:
+        state = _wait_for(root, "tiny-resume", half_way(3), "half way through the second trial")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
     time.sleep(2)
     res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -233,10 +260,11 @@ def test_a_sweep_killed_with_sigkill_resumes_with_nothing_lost_or_run_twice(tmp_
     # every trial of the spec exactly once: 2 random + 2 mtt
     assert sorted((r.data.tags["algorithm"], r.data.tags["budget"]) for r in runs) == [
         ("mtt", "1"), ("mtt", "2"), ("random", "1"), ("random", "2")]
+    assert len(state) == 3  # the baselines and the first mtt trial had finished before the SIGKILL
     for r in runs:
         assert r.info.status == "FINISHED" and "acc_mean" in r.data.metrics
         if r.info.run_id in state:  # finished before the kill: not run again
-            assert r.info.end_time == state[r.info.run_id][0]
+            assert r.info.end_time == state[r.info.run_id]
         assert len(client.get_metric_history(r.info.run_id, "acc_mean")) == 1
         if r.data.tags["algorithm"] == "mtt":
             steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss"))
