@@ -1,17 +1,24 @@
-"""Orchestration overhead per trial: Tune scheduling, worker start, checkpoints and MLflow logging.
+"""Orchestration overhead per trial: Tune scheduling, checkpoints and MLflow logging.
 
-A sweep of ``--trials`` near-zero-work MTT trials on digits (1 distillation iteration of 2 student
-steps, one evaluation network trained for 1 epoch, no baselines) runs through ``launch`` exactly as
+Sweeps of near-zero-work MTT trials on digits (1 distillation iteration of 2 student steps, one
+evaluation network trained for 1 epoch, no baselines) run through ``launch`` exactly as
 ``orchestrate launch`` does (Ray, Tune, one MLflow child run per trial with params, metrics, the
-synthetic set and its PNG). The experts are trained first and not timed.
+synthetic set and its PNG). The experts are trained first and not timed. After an untimed warm-up sweep, two sweep sizes
+(``--trials`` and a third of it) separate what a sweep pays once (Tune's start, the parent run, the summary plot) from what each further trial costs:
 
-- ``wall``: the sweep's wall time (parent run, Tune, every trial, the summary);
-- ``work``: the same trial's computation done in this process without Ray or MLflow (building the
-  distiller from the stored trajectories, its step, the evaluation): the median of 5;
-- ``overhead per trial`` = wall x concurrency / trials - work, where concurrency is the number of
-  trials that run at once (``--cpus`` with 1 CPU per trial);
+- ``wall per trial`` of the larger sweep: wall(N) / N, fixed costs included, an upper bound on
+  the issue's "seconds per trial";
+- ``marginal wall per trial`` = (wall(N) - wall(N/3)) / (N - N/3): what one more trial adds to a
+  sweep's wall time with ``--cpus`` trials at once (noisy on a loaded machine: the fixed costs
+  vary by seconds from sweep to sweep);
+- ``fixed cost per sweep`` = wall(N/3) - marginal x N/3;
+- ``work``: the same trial's computation in this process without Ray or MLflow (median of 5);
+- ``Tune alone``: the same two sizes of a bare Tune sweep (same settings, actors reused, a
+  trainable that only reports once with a checkpoint: no work, no MLflow, no data), the floor
+  that Tune itself puts under any per-trial number on this machine;
+- ``MLflow child run open -> closed``: the median time from a trial's run creation to its close;
 - the fraction of a *typical* digits trial: the quickstart's MTT trial at IPC 10 (200 iterations,
-  3 evaluations of 3 networks x 300 epochs), timed in this process from 5 iterations and one
+  3 evaluations of 3 networks x 300 epochs), timed in this process from a few iterations and one
   evaluation and extrapolated linearly.
 
     python bench/overhead.py --quick --json /tmp/overhead.json
@@ -19,6 +26,7 @@ synthetic set and its PNG). The experts are trained first and not timed.
 from __future__ import annotations
 
 import os
+import pathlib
 import statistics
 import sys
 import tempfile
@@ -37,7 +45,8 @@ from orchestrator.trial import TrialContext, _evaluate, build_distiller
 
 def tiny_spec(trials: int):
     return validate({
-        "name": "bench-overhead", "seed": 0, "checkpoint_interval": 1000, "baselines": [],
+        # one sweep per size (a second launch of the same name would resume it)
+        "name": f"bench-overhead-{trials}", "seed": 0, "checkpoint_interval": 1000, "baselines": [],
         "dataset": {"name": "digits"}, "model": {"depth": 1, "width": 8},
         "experts": {"count": 1, "epochs": 2, "lr": 0.03, "batch_size": 64},
         "algorithms": {"mtt": {"budgets": [1], "iterations": 1,
@@ -89,64 +98,112 @@ def typical_trial(ws, repeats_iter: int) -> dict:
             "evaluations": evals, "seconds": per_iter * point["iterations"] + per_eval * evals}
 
 
+def _bare_trial(config):
+    import tempfile as tf
+
+    from ray import tune
+    with tf.TemporaryDirectory() as d:
+        pathlib.Path(d, "state").write_bytes(b"x" * 1024)
+        tune.report({"acc": config["x"], "iteration": 1}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def tune_floor(trials: int, root: str) -> float:
+    """Wall seconds of a bare Tune sweep with the same settings (grid of ``trials`` points, 1 CPU
+    each, actors reused, one report with a checkpoint per trial) and no work, no MLflow: what
+    Tune itself costs per trial on this machine."""
+    from ray import tune
+    tuner = tune.Tuner(tune.with_resources(_bare_trial, {"cpu": 1}),
+                       param_space={"x": tune.grid_search(list(range(trials)))},
+                       tune_config=tune.TuneConfig(reuse_actors=True),
+                       run_config=tune.RunConfig(name=f"floor-{trials}", storage_path=root, verbose=0,
+                                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    t0 = time.perf_counter()
+    tuner.fit()
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
-    ap = bench_parser(__doc__, "20 trials, typical trial from 3 iterations (under 3 minutes on 2 cores)")
-    ap.add_argument("--trials", type=int, default=None, help="trials in the sweep (default 50, --quick 20)")
+    ap = bench_parser(__doc__, "sweeps of 6 and 18 trials, typical trial from 3 iterations (about 2 minutes on 2 cores)")
+    ap.add_argument("--trials", type=int, default=None, help="trials in the larger sweep (default 45, --quick 18)")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray (trials at once; default 2)")
     ap.add_argument("--typical-iters", type=int, default=None, help="timed iterations of the typical trial")
     args = ap.parse_args(argv)
-    quick_defaults(args, trials=(20, 50), typical_iters=(3, 10))
+    quick_defaults(args, trials=(18, 45), typical_iters=(3, 10))
+    sizes = (max(2, args.trials // 3), args.trials)
     load_start = os.getloadavg()
     console = bench_console(120)
     root = tempfile.mkdtemp(prefix="bench-overhead-")
     ws = workspace(root)
-    spec = tiny_spec(args.trials)
-    data = load_data(spec)
+    walls, floors, child_runs, outs = {}, {}, [], []
     with ray_session(num_cpus=args.cpus):
-        experts = train_experts(spec, ws, None)
-        t0 = time.perf_counter()
-        out = launch(spec, ws, Progress())
-        wall = time.perf_counter() - t0
-    if out.errors:
-        console.print(f"[red]{len(out.errors)} trials failed: {out.errors[:2]}[/red]")
-        return 1
-    ctx = context(spec, ws, experts, data)
-    point = spec.trial_points()[0]
-    work = statistics.median(trial_work(spec, ctx, point, 1, 1) for _ in range(5))
+        # a first sweep pays for the trial workers' start (imports of torch, MLflow, the data):
+        # a small untimed one warms them, so that both sizes below see the same warm Ray
+        warm = tiny_spec(2)
+        train_experts(warm, ws, None)
+        launch(warm, ws, Progress())
+        tune_floor(2, os.path.join(root, "floor"))
+        for n in sizes:
+            spec = tiny_spec(n)
+            data = load_data(spec)
+            experts = train_experts(spec, ws, None)
+            t0 = time.perf_counter()
+            out = launch(spec, ws, Progress())
+            walls[n] = time.perf_counter() - t0
+            if out.errors:
+                console.print(f"[red]{len(out.errors)} trials failed: {out.errors[:2]}[/red]")
+                return 1
+            outs.append(out)
+            floors[n] = tune_floor(n, os.path.join(root, "floor"))
 
     from mlflow import MlflowClient
     client = MlflowClient(ws.tracking_uri)
-    runs = client.search_runs([out.experiment_id], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
-    in_trial = statistics.median((r.info.end_time - r.info.start_time) / 1000 for r in runs)
-    concurrency = min(args.cpus, args.trials)
-    per_trial = wall * concurrency / args.trials
-    overhead = per_trial - work
+    for out in outs:
+        child_runs += client.search_runs([out.experiment_id], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+    in_trial = statistics.median((r.info.end_time - r.info.start_time) / 1000 for r in child_runs)
+    (s_n, l_n) = sizes
+    marginal = (walls[l_n] - walls[s_n]) / (l_n - s_n)
+    fixed = walls[s_n] - marginal * s_n
+    floor_marginal = (floors[l_n] - floors[s_n]) / (l_n - s_n)
+    floor_fixed = floors[s_n] - floor_marginal * s_n
+    ctx = context(spec, ws, experts, data)
+    work = statistics.median(trial_work(spec, ctx, spec.trial_points()[0], 1, 1) for _ in range(5))
     typical = typical_trial(workspace(tempfile.mkdtemp(prefix="bench-overhead-qs-")), args.typical_iters)
+    concurrency = min(args.cpus, s_n)
 
-    t = Table(title=f"orchestration overhead: {args.trials} trials, {concurrency} at once")
-    for col in ("quantity", "seconds"):
+    t = Table(title=f"orchestration overhead: sweeps of {s_n} and {l_n} trials, {concurrency} at once")
+    for col in ("quantity", "orchestrate", "bare Tune"):
         t.add_column(col, justify="left" if col == "quantity" else "right")
-    rows = [("sweep wall time (parent run, Tune, trials, summary)", wall),
-            ("wall per trial x concurrency", per_trial),
-            ("trial work without Ray/MLflow (median of 5)", work),
-            ("MLflow child run open -> closed (median)", in_trial),
-            ("overhead per trial", overhead),
-            ("typical digits trial (quickstart MTT IPC 10, extrapolated)", typical["seconds"])]
-    for name, v in rows:
-        t.add_row(name, f"{v:.2f}")
+    rows = [(f"sweep wall time, {s_n} trials", walls[s_n], floors[s_n]),
+            (f"sweep wall time, {l_n} trials", walls[l_n], floors[l_n]),
+            (f"wall per trial, {l_n} trials (fixed costs included: an upper bound)", walls[l_n] / l_n,
+             floors[l_n] / l_n),
+            ("marginal wall per trial", marginal, floor_marginal),
+            ("fixed cost per sweep", fixed, floor_fixed),
+            ("marginal trial-slot seconds per trial (x concurrency)", marginal * concurrency,
+             floor_marginal * concurrency),
+            ("trial work without Ray/MLflow (median of 5)", work, None),
+            ("MLflow child run open -> closed (median)", in_trial, None),
+            ("typical digits trial (quickstart MTT IPC 10, extrapolated)", typical["seconds"], None)]
+    for name, v, f in rows:
+        t.add_row(name, f"{v:.2f}", "" if f is None else f"{f:.2f}")
     console.print(t)
-    frac = overhead / typical["seconds"]
-    console.print(f"overhead per trial {overhead:.2f} s = {100 * frac:.1f}% of a typical digits trial "
-                  f"({typical['seconds']:.0f} s); {len(runs)} MLflow child runs")
+    frac = marginal * concurrency / typical["seconds"]
+    console.print(f"one more trial adds {marginal:.2f} s of wall time ({marginal - floor_marginal:+.2f} s over bare "
+                  f"Tune); its slot time {marginal * concurrency:.2f} s is {100 * frac:.1f}% of a typical digits "
+                  f"trial ({typical['seconds']:.0f} s); {len(child_runs)} MLflow child runs")
     print_load(console, load_start)
     if args.json:
         import ray
         machine = machine_info("cpu", load_start, versions={"ray": ray.__version__})
         write_results(console, args.json, "overhead", machine,
-                      {"trials": args.trials, "cpus": args.cpus, "quick": args.quick},
-                      wall_s=wall, concurrency=concurrency, per_trial_wall_s=per_trial, trial_work_s=work,
-                      child_run_median_s=in_trial, overhead_per_trial_s=overhead, typical_trial=typical,
-                      overhead_fraction_of_typical=frac, child_runs=len(runs))
+                      {"trials": list(sizes), "cpus": args.cpus, "quick": args.quick},
+                      wall_s={str(k): v for k, v in walls.items()},
+                      tune_floor_wall_s={str(k): v for k, v in floors.items()}, concurrency=concurrency,
+                      marginal_wall_per_trial_s=marginal, fixed_cost_s=fixed,
+                      wall_per_trial_upper_bound_s=walls[l_n] / l_n,
+                      tune_floor_marginal_wall_per_trial_s=floor_marginal, tune_floor_fixed_cost_s=floor_fixed,
+                      trial_work_s=work, child_run_median_s=in_trial, typical_trial=typical,
+                      overhead_fraction_of_typical=frac, child_runs=len(child_runs))
     return 0
 
 
