@@ -1,4 +1,4 @@
-"""The ``orchestrate`` command: launch | experts | results | export | ui."""
+"""The ``orchestrate`` command: launch | experts | results | export | ui | submit | status | logs."""
 from __future__ import annotations
 
 import os
@@ -23,6 +23,11 @@ root_option = click.option("--root", type=click.Path(file_okay=False), default=N
                                 "trajectories). Default: ./orchestrate-runs")
 uri_option = click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
                           help="MLflow tracking URI (default: the SQLite database in --root).")
+storage_option = click.option(
+    "--storage", default=None, envvar="ORCHESTRATE_STORAGE", metavar="URI",
+    help="Shared storage for the trajectories, Tune's results and (with a local MLflow database) the artifacts: "
+         "a folder, file://, s3://bucket/prefix, gs://... Credentials and endpoint from the environment "
+         "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL). Default: --root.")
 
 
 def _fail(message: str, code: int = 2):
@@ -31,11 +36,32 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def _shared_workspace(root, tracking_uri, storage):
+    """The workspace of a run that writes to the shared storage, which must be reachable."""
+    from .storage import StorageError, check_access
+
+    try:
+        ws = workspace(root, tracking_uri, storage)
+        check_access(ws.store_root)
+    except StorageError as e:
+        _fail(str(e))
+    return ws
+
+
 def _load(spec_path: str | None):
     try:
         return load_spec(spec_path)
     except SpecError as e:
         _fail(str(e))
+
+
+def _check_cluster_options(address: str | None, num_cpus: int | None) -> None:
+    """``--num-cpus`` sizes a new local Ray; a cluster that is joined has its own CPUs."""
+    joined = address or os.environ.get("RAY_ADDRESS")
+    if joined and num_cpus is not None:
+        how = "--address" if address else "RAY_ADDRESS (set inside a Ray job)"
+        _fail(f"--num-cpus {num_cpus} sizes a new local Ray, but this run joins the cluster at {joined} ({how}); "
+              f"a cluster's CPUs are set where its nodes start (ray start --num-cpus N): drop --num-cpus")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,11 +73,12 @@ def main() -> None:
 @click.argument("spec", required=False, type=click.Path(dir_okay=False))
 @root_option
 @uri_option
+@storage_option
 @click.option("--address", default=None, help="Join an existing Ray cluster: 'auto' or HOST:PORT.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all).")
 @click.option("--fresh", is_flag=True, help="Start the sweep over instead of resuming the one with the spec's "
                                           "name (the old one is moved aside, nothing is deleted).")
-def launch(spec, root, tracking_uri, address, num_cpus, fresh):
+def launch(spec, root, tracking_uri, storage, address, num_cpus, fresh):
     """Train (or reuse) the experts, run the sweep of SPEC and print the results table.
 
     Without SPEC, runs the embedded quickstart (search_spaces/quickstart.yaml, digits, CPU).
@@ -61,8 +88,9 @@ def launch(spec, root, tracking_uri, address, num_cpus, fresh):
     from .sweep import launch as run_launch
     from .sweep import ray_session
 
+    _check_cluster_options(address, num_cpus)
     s = _load(spec)
-    ws = workspace(root, tracking_uri)
+    ws = _shared_workspace(root, tracking_uri, storage)
     t0 = time.time()
     click.echo(f"launch {s.name} ({s.path}), spec hash {s.hash}", err=True)
     try:
@@ -79,8 +107,12 @@ def launch(spec, root, tracking_uri, address, num_cpus, fresh):
     click.echo(f"finished in {time.time() - t0:.0f} s; experts: {out.experts.directory} "
                   f"({out.experts.trained} trained, {len(out.experts.records) - out.experts.trained} reused)")
     click.echo(f"results are in MLflow at {ws.tracking_uri}")
-    ui_hint = "orchestrate ui" + (f" --root {ws.root}" if root else "")
-    click.echo(f"browse them with: {ui_hint}   or: orchestrate results --format table|json|csv")
+    where = (f" --root {ws.root}" if root else "") + (f" --tracking-uri {ws.tracking_uri}" if tracking_uri else "")
+    if ws.is_local:
+        browse = f"orchestrate ui{where}"
+    else:  # a tracking server serves its own UI (orchestrate ui refuses it)
+        browse, where = f"a browser at {ws.tracking_uri}", f" --tracking-uri {ws.tracking_uri}"
+    click.echo(f"browse them with: {browse}   or: orchestrate results{where} --format table|json|csv")
     if out.interrupted:
         click.echo("the sweep was interrupted; run the same command again to resume it (or add --fresh)", err=True)
         sys.exit(130)
@@ -91,14 +123,16 @@ def launch(spec, root, tracking_uri, address, num_cpus, fresh):
 @main.command()
 @click.argument("spec", required=False, type=click.Path(dir_okay=False))
 @root_option
+@storage_option
 @click.option("--address", default=None, help="Join an existing Ray cluster: 'auto' or HOST:PORT.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all).")
-def experts(spec, root, address, num_cpus):
+def experts(spec, root, storage, address, num_cpus):
     """Train only the experts of SPEC (stored experts are verified and reused)."""
     from .sweep import ray_session, train_experts
 
+    _check_cluster_options(address, num_cpus)
     s = _load(spec)
-    ws = workspace(root)  # only the trajectory store is used; MLflow is not touched
+    ws = _shared_workspace(root, None, storage)  # only the trajectory store is used; MLflow is not touched
     try:
         with ray_session(address, num_cpus), Progress(err_console) as progress:
             out = train_experts(s, ws, progress)
@@ -247,6 +281,12 @@ def ui(root, tracking_uri, host, port, workers):
     sys.stderr.flush()
     os.execve(sys.executable, cmd, env)  # signals (Ctrl-C, SIGTERM) now reach MLflow itself
 
+
+# Ray Jobs (orchestrator/jobs.py): submit a launch to a cluster, follow it
+from .jobs import logs, status, submit
+
+for _command in (submit, status, logs):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -93,7 +93,8 @@ def _train_one(data, model: dict, training: dict, seed: int, index: int, paths: 
         net = seeded_network(model, info.channels, info.num_classes, info.size, seed)
         checkpoints = list(train_expert(model, data, ExpertConfig(**training), seed=seed, device=device))
     return write_forms(index, checkpoints, manifest_of(net), paths, convex_opts,
-                       {**meta, "seed": seed, "expert_index": index, "device": device})
+                       {**meta, "seed": seed, "expert_index": index, "device": device,
+                        "node_id": ray.get_runtime_context().get_node_id()})
 
 
 def _derive_convex(path_full: str, path: str, convex_opts: dict, index: int, meta: dict) -> ExpertRecord:
@@ -139,12 +140,15 @@ def ensure_experts(spec: Spec, data, store: TrajectoryStore, progress: Progress 
         gpus = ray.cluster_resources().get("GPU", 0)
         cpus = spec.resources["cpus_per_expert"]
         opts = {"num_gpus": 1, "num_cpus": 1} if gpus >= 1 else {"num_cpus": cpus}
-        task = ray.remote(max_retries=2)(_train_one).options(**opts)
+        # SPREAD: experts go to every node (one per GPU) before doubling up on one. A task whose
+        # worker or node is lost is retried on another node; an error of its own (a NaN) is not
+        task = ray.remote(max_retries=2, retry_exceptions=False)(_train_one)
         data_ref = ray.put(data)
         # a retrained expert is rewritten in every kept form (same seed: the same trajectory)
-        pending = [task.remote(data_ref, spec.model, spec.expert_training(), expert_seed(spec.experts["seed"], i), i,
-                               {f: str(store.expert_path(key, name, i, f)) for f in forms}, convex_opts, meta,
-                               int(opts.get("num_cpus", 1))) for i in sorted(todo)]
+        pending = [task.options(name=f"expert_{i:05d}", scheduling_strategy="SPREAD", **opts).remote(
+                       data_ref, spec.model, spec.expert_training(), expert_seed(spec.experts["seed"], i), i,
+                       {f: str(store.expert_path(key, name, i, f)) for f in forms}, convex_opts, meta,
+                       int(opts.get("num_cpus", 1))) for i in sorted(todo)]
         reused = count - len(todo)
         bar = progress.task(f"experts ({reused} reused)", total=count, completed=reused) if progress else None
         while pending:

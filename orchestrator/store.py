@@ -10,11 +10,16 @@ with plain pyarrow.
 Writes are atomic: a hidden temporary file in the same folder, fsync, rename, fsync of the
 folder. Reads are memory-mapped (zero copy). A truncated or corrupt file fails verification,
 is moved aside (never deleted, never used) and reported as missing, so it gets retrained.
+
+The store may also live behind a URI (``s3://bucket/prefix/trajectories``, see
+:mod:`orchestrator.storage`): files are then written whole to a temporary key and moved under
+their name (server-side copy), and read through a node-local cache that is memory-mapped.
 """
 from __future__ import annotations
 
 import base64
 import contextlib
+import fnmatch
 import hashlib
 import json
 import math
@@ -30,6 +35,8 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 import torch
+
+from . import storage
 
 FORMAT_VERSION = "1"
 META_PREFIX = "distill."
@@ -152,28 +159,78 @@ def read_meta(schema: pa.Schema) -> dict[str, Any]:
 
 
 def open_trajectory(path: str | Path, verify: bool = True) -> Trajectory:
-    """Memory-map one expert file; with ``verify`` the parameters' checksum is recomputed."""
-    path = Path(path)
+    """Memory-map one expert file; with ``verify`` the parameters' checksum is recomputed.
+    ``path`` may be a remote URI: the file is then read from a node-local copy (downloaded once,
+    see :func:`_open_remote`)."""
+    if storage.is_remote(path):
+        return _open_remote(path, verify)
+    return _open_local(storage.local_path(path), verify, None)
+
+
+def _open_remote(uri: str, verify: bool) -> Trajectory:
+    """A remote trajectory file, memory-mapped from a node-local copy.
+
+    Trials memory-map the expert trajectories they sample from: downloading them into each
+    trial's memory would hold every expert of a sweep once per trial process (MTT's 100 CIFAR-10
+    experts are 6.5 GB), whereas the processes of a node share one memory-mapped copy through
+    the page cache. Copies are content-addressed: the file's footer (its schema, with the
+    parameters' SHA-256 and every other metadata entry) is read first, a few kilobytes, and names
+    the copy, so a copy is never stale; a download is verified before it is kept."""
+    fs, fs_path = storage.resolve(uri)
+    try:
+        with fs.open_input_file(fs_path) as f:
+            size = f.size()
+            schema = pa.ipc.open_file(f).schema
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise CorruptTrajectoryError(f"{uri}: not a readable trajectory file ({type(e).__name__}: {e})") from e
+    h = hashlib.sha256(str(size).encode())
+    for k, v in sorted((schema.metadata or {}).items()):
+        h.update(len(k).to_bytes(8, "little") + k + len(v).to_bytes(8, "little") + v)
+    local = storage.cache_dir() / f"{h.hexdigest()[:32]}.arrow"
+    if local.exists():
+        try:
+            return _open_local(local, verify, uri)
+        except CorruptTrajectoryError:  # a damaged copy: fetch it again
+            with contextlib.suppress(FileNotFoundError):
+                local.unlink()
+    tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        try:
+            storage.download(uri, tmp)
+        except (pa.ArrowException, OSError) as e:
+            raise CorruptTrajectoryError(f"{uri}: could not be read ({type(e).__name__}: {e})") from e
+        traj = _open_local(tmp, verify, uri)
+        os.replace(tmp, local)  # the memory map stays valid across the rename
+        return traj
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _open_local(path: Path, verify: bool, uri: str | None) -> Trajectory:
+    """Open the local file ``path``; errors and ``Trajectory.path`` name ``uri`` when it is the
+    cached copy of a remote file."""
+    shown = uri or path
     try:
         source = pa.memory_map(str(path), "r")
         table = pa.ipc.open_file(source).read_all()
         meta = read_meta(table.schema)
-        traj = Trajectory(path, table, meta)
+        traj = Trajectory(shown, table, meta)
     except (pa.ArrowInvalid, pa.ArrowException, OSError, KeyError, ValueError, json.JSONDecodeError) as e:
-        raise CorruptTrajectoryError(f"{path}: not a readable trajectory file ({type(e).__name__}: {e})") from e
+        raise CorruptTrajectoryError(f"{shown}: not a readable trajectory file ({type(e).__name__}: {e})") from e
     if verify:
         expected = meta.get("params_sha256")
         actual = _params_digest(traj.epochs, traj._flat)
         if expected != actual:
-            raise CorruptTrajectoryError(f"{path}: checksum mismatch (metadata says {expected}, data hashes to "
+            raise CorruptTrajectoryError(f"{shown}: checksum mismatch (metadata says {expected}, data hashes to "
                                          f"{actual}); the file is corrupt")
     return traj
 
 
 def write_trajectory(path: str | Path, checkpoints: Iterable, manifest, info: dict[str, Any]) -> tuple[str, int]:
     """Write the checkpoints (objects with ``epoch, params, train_loss, test_acc``) of one expert
-    atomically. Returns (params SHA-256, bytes on disk). ``info`` goes into the schema metadata."""
-    path = Path(path)
+    atomically. Returns (params SHA-256, bytes on disk). ``info`` goes into the schema metadata.
+    ``path`` may be a remote URI (the whole file is built in memory, then stored atomically)."""
     epochs, rows, losses, accs = [], [], [], []
     for c in checkpoints:
         epochs.append(c.epoch)
@@ -191,6 +248,14 @@ def write_trajectory(path: str | Path, checkpoints: Iterable, manifest, info: di
     flat = pa.array(params.reshape(-1), type=pa.float32())
     table = pa.table([pa.array(epochs_np), pa.FixedSizeListArray.from_arrays(flat, params.shape[1]),
                       pa.array(losses, pa.float32()), pa.array(accs, pa.float32())], schema=schema)
+    if storage.is_remote(path):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table, max_chunksize=max(1, len(table)))
+        buf = sink.getvalue()
+        storage.atomic_write(path, buf)
+        return digest, buf.size
+    path = storage.local_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -248,58 +313,79 @@ def convex_of(t: Trajectory, verify: bool = True):
 class TrajectoryStore:
     """A folder of expert sets, each addressed by :func:`store_key`. Every expert may be kept
     in several *forms*: ``full`` (``expert_00003.arrow``, every epoch) and compact convexified
-    ones (``expert_00003.convex-w2-path.arrow``, see :func:`convex_form`)."""
+    ones (``expert_00003.convex-w2-path.arrow``, see :func:`convex_form`).
+
+    ``root`` is a local folder (locations are ``Path`` objects) or a remote URI such as
+    ``s3://bucket/runs/trajectories`` (locations are URI strings)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
+        self.root = storage.normalise(root)
+        self.remote = storage.is_remote(self.root)
 
-    def dir(self, key: str, dataset: str) -> Path:
-        return self.root / f"{dataset}-{key}"
+    def dir(self, key: str, dataset: str) -> Path | str:
+        return storage.join(self.root, f"{dataset}-{key}")
 
     @staticmethod
     def expert_name(index: int, form: str = "full") -> str:
         return f"expert_{index:05d}.arrow" if form == "full" else f"expert_{index:05d}.{form}.arrow"
 
-    def expert_path(self, key: str, dataset: str, index: int, form: str = "full") -> Path:
-        return self.dir(key, dataset) / self.expert_name(index, form)
+    def expert_path(self, key: str, dataset: str, index: int, form: str = "full") -> Path | str:
+        return storage.join(self.dir(key, dataset), self.expert_name(index, form))
+
+    def _exists(self, loc) -> bool:
+        return storage.exists(loc) if self.remote else loc.exists()
+
+    def _write(self, loc, data: bytes) -> None:
+        if self.remote:
+            storage.atomic_write(loc, data)
+        else:
+            atomic_write_bytes(loc, data)
 
     def describe(self, key: str, dataset: str, what: dict[str, Any]) -> None:
         """Record (once) what the key stands for, readable by people."""
-        p = self.dir(key, dataset) / "key.json"
-        if not p.exists():
-            atomic_write_bytes(p, json.dumps({"key": key, **what}, indent=2, default=str).encode())
+        p = storage.join(self.dir(key, dataset), "key.json")
+        if not self._exists(p):
+            self._write(p, json.dumps({"key": key, **what}, indent=2, default=str).encode())
 
     def check(self, key: str, dataset: str, count: int, form: str = "full"
               ) -> tuple[list[ExpertRecord], list[int], list[str]]:
         """Verify experts 0..count-1 in ``form``: returns (valid records, indices missing, problems).
         A corrupt file is renamed to ``*.corrupt-<id>`` so it is never used and never lost."""
         valid, todo, problems = [], [], []
+        present = storage.list_files(self.dir(key, dataset)) if self.remote else None  # one listing, not a HEAD each
         for i in range(count):
             p = self.expert_path(key, dataset, i, form)
-            if not p.exists():
+            if not (storage.name(p) in present if self.remote else p.exists()):
                 todo.append(i)
                 continue
             try:
                 t = open_trajectory(p)
                 if form != "full":
                     convex_of(t)  # checks the beta table too
-                valid.append(ExpertRecord(i, str(p), t.meta["params_sha256"], p.stat().st_size, t.final_test_acc))
+                nbytes = present[storage.name(p)] if self.remote else p.stat().st_size
+                valid.append(ExpertRecord(i, str(p), t.meta["params_sha256"], nbytes, t.final_test_acc))
             except CorruptTrajectoryError as e:
-                aside = p.with_name(f"{p.name}.corrupt-{uuid.uuid4().hex[:6]}")
-                os.replace(p, aside)
-                problems.append(f"{e}; moved to {aside.name} and rebuilding it")
+                aside = f"{storage.name(p)}.corrupt-{uuid.uuid4().hex[:6]}"
+                if self.remote:
+                    storage.move(p, storage.join(storage.parent(p), aside))
+                else:
+                    os.replace(p, p.with_name(aside))
+                problems.append(f"{e}; moved to {aside} and rebuilding it")
                 todo.append(i)
         return valid, todo, problems
 
-    def write_manifest(self, key: str, dataset: str, records: dict[str, list[ExpertRecord]]) -> Path:
-        p = self.dir(key, dataset) / "manifest.json"
-        body = {"key": key, "forms": {form: [r.__dict__ | {"path": Path(r.path).name}
+    def write_manifest(self, key: str, dataset: str, records: dict[str, list[ExpertRecord]]) -> Path | str:
+        p = storage.join(self.dir(key, dataset), "manifest.json")
+        body = {"key": key, "forms": {form: [r.__dict__ | {"path": storage.name(r.path) if self.remote
+                                                           else Path(r.path).name}
                                              for r in sorted(recs, key=lambda r: r.index)]
                                       for form, recs in records.items()}}
-        atomic_write_bytes(p, json.dumps(body, indent=2).encode())
+        self._write(p, json.dumps(body, indent=2).encode())
         return p
 
     def nbytes(self, key: str, dataset: str, form: str = "full") -> int:
         d = self.dir(key, dataset)
         pattern = "expert_[0-9]*[0-9].arrow" if form == "full" else f"expert_*.{form}.arrow"
+        if self.remote:
+            return sum(n for f, n in storage.list_files(d).items() if fnmatch.fnmatchcase(f, pattern))
         return sum(p.stat().st_size for p in d.glob(pattern)) if d.exists() else 0

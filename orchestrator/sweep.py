@@ -27,6 +27,7 @@ from .experts import ExpertSet, ensure_experts
 from .progress import Bar, Progress
 from .results import summarise_sweep
 from .sequences import RecData, load_sequences, seq_task
+from . import storage
 from .spec import Spec, SpecError
 from .store import TrajectoryStore, atomic_write_bytes, library_versions
 from .tracking import ROLE_TAG, RunLogger, Workspace, ensure_experiment
@@ -190,26 +191,43 @@ SIDECAR = "orchestrate.json"  # beside Tune's experiment state: which MLflow par
 _ACTIVE: dict[str, Any] = {}  # the driver's display, for callbacks that Tune unpickles on restore
 
 
-def sweep_dir(spec: Spec, ws: Workspace) -> Path:
-    """Tune's experiment folder of a sweep: one per spec name, so that a re-launch finds it."""
-    return Path(ws.tune) / spec.name
+def sweep_dir(spec: Spec, ws: Workspace) -> Path | str:
+    """Tune's experiment folder of a sweep: one per spec name, so that a re-launch finds it
+    (a URI string when the workspace's storage is remote)."""
+    return storage.join(ws.tune, spec.name)
 
 
-def _read_sidecar(exp_dir: Path) -> dict | None:
+def _tune_path(loc: Path | str) -> tuple[str, Any]:
+    """(path, filesystem) as Tune takes them: a local path and None (Tune's own), or the path
+    inside the resolved remote filesystem and that filesystem (so that the endpoint and region
+    resolved here are the ones Tune and its trial workers use)."""
+    if not storage.is_remote(loc):
+        return str(loc), None
+    fs, path = storage.resolve(loc)
+    return path, fs
+
+
+def _read_sidecar(exp_dir: Path | str) -> dict | None:
     try:
+        if storage.is_remote(exp_dir):
+            return json.loads(storage.read_bytes(storage.join(exp_dir, SIDECAR)))
         return json.loads((exp_dir / SIDECAR).read_text())
     except (OSError, ValueError):
         return None
 
 
-def _prepare(spec: Spec, ws: Workspace, fresh: bool, progress: Progress) -> tuple[Path, dict | None]:
+def _prepare(spec: Spec, ws: Workspace, fresh: bool, progress: Progress) -> tuple[Path | str, dict | None]:
     """Decide between resuming and starting: returns the experiment folder and the state of the
     sweep to resume (None: start a new one). ``fresh`` moves an existing sweep aside (nothing is
     deleted: its folder is renamed and its MLflow runs stay)."""
     exp_dir = sweep_dir(spec, ws)
-    if fresh and exp_dir.exists():
-        aside = exp_dir.with_name(f"{spec.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(exp_dir, aside)
+    remote = storage.is_remote(exp_dir)
+    if fresh and (storage.exists(exp_dir) if remote else exp_dir.exists()):
+        aside = storage.join(storage.parent(exp_dir), f"{spec.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        if remote:  # object stores have no folder rename: every object is moved (server-side copies)
+            storage.move(exp_dir, aside)
+        else:
+            os.replace(exp_dir, aside)
         progress.info(f"--fresh: the previous sweep {spec.name!r} was moved to {aside}")
     state = _read_sidecar(exp_dir)
     if state is None:
@@ -218,7 +236,7 @@ def _prepare(spec: Spec, ws: Workspace, fresh: bool, progress: Progress) -> tupl
         raise SpecError([f"{spec.path}: a sweep named {spec.name!r} already exists in {exp_dir} with another spec "
                          f"(hash {state.get('spec_hash')}, this one {spec.hash}); re-launch with --fresh to start "
                          f"over (the old sweep is kept aside), or give this spec another name"])
-    if not tune.Tuner.can_restore(str(exp_dir)):
+    if not tune.Tuner.can_restore(*_tune_path(exp_dir)):
         # the driver stopped before Tune saved any state: no trial ran, start the Tune part again
         return exp_dir, {**state, "tune_state": False}
     return exp_dir, {**state, "tune_state": True}
@@ -266,7 +284,9 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     total = spec.num_samples if spec.search else len(points) * spec.num_samples
     _ACTIVE.update(progress=progress, total=total)
     if resume is not None and resume["tune_state"]:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        path, fs = _tune_path(exp_dir)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
     else:
         metric, mode = eval_metric(spec, data)
         if spec.search:  # Optuna samples the one (algorithm, budget) point's distributions and lists
@@ -280,6 +300,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
             search = OptunaSearch(metric=metric, mode=mode, seed=spec.search.get("seed", spec.seed))
         else:
             space, search = {"trial": tune.grid_search(points)}, None
+        storage_path, storage_fs = _tune_path(ws.tune)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -288,7 +309,8 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
                                         scheduler=_scheduler(spec, data), time_budget_s=spec.time_budget_s,
                                         reuse_actors=True,  # no worker start (imports: seconds) per trial
                                         trial_name_creator=_trial_label, trial_dirname_creator=_trial_label),
-            run_config=tune.RunConfig(name=spec.name, storage_path=str(ws.tune), verbose=0,
+            run_config=tune.RunConfig(name=spec.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                      verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[_TrialProgress(), _CloseStoppedRuns(ws.tracking_uri, experiment_id,
@@ -431,7 +453,7 @@ def _trial_label(t) -> str:
 
 
 def _start_parent(spec: Spec, ws: Workspace, client: MlflowClient, experiment_id: str, experts: ExpertSet,
-                  full: dict, lineage: dict, exp_dir: Path) -> str:
+                  full: dict, lineage: dict, exp_dir: Path | str) -> str:
     """The sweep's parent run (spec as an artifact, full-data metrics, lineage), recorded in the
     sidecar file of the Tune experiment so that a re-launch continues the same run."""
     parent = client.create_run(experiment_id, run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -451,7 +473,11 @@ def _start_parent(spec: Spec, ws: Workspace, client: MlflowClient, experiment_id
         plog.artifact(p)
         if Path(spec.path).exists():
             plog.artifact(spec.path, "source")
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(exp_dir / SIDECAR, json.dumps({"parent_run_id": parent_id, "experiment_id": experiment_id,
-                                                      "spec_hash": spec.hash, "spec_path": spec.path}).encode())
+    sidecar = json.dumps({"parent_run_id": parent_id, "experiment_id": experiment_id, "spec_hash": spec.hash,
+                          "spec_path": spec.path}).encode()
+    if storage.is_remote(exp_dir):
+        storage.atomic_write(storage.join(exp_dir, SIDECAR), sidecar)
+    else:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(exp_dir / SIDECAR, sidecar)
     return parent_id

@@ -3,7 +3,10 @@
 The local default is one folder (``./orchestrate-runs``) holding the SQLite database
 (``mlflow.db``), the artifacts (``artifacts/``), Tune's results (``tune/``) and the trajectory
 store (``trajectories/``). ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` point at another
-store (an ``http://`` server, say); the rest stays in the folder.
+store (an ``http://`` server, say); the rest stays in the folder. ``--storage`` or
+``ORCHESTRATE_STORAGE`` (a folder or a URI such as ``s3://bucket/runs``, see
+:mod:`orchestrator.storage`) moves the trajectories, Tune's results and, with a local database,
+the artifacts there; the database stays in the folder.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.store.db.db_types import DATABASE_ENGINES  # postgresql, mysql, sqlite, mssql
+
+from . import storage as _storage
 
 ROOT_ENV = "ORCHESTRATE_ROOT"
 DEFAULT_ROOT = "orchestrate-runs"
@@ -26,34 +32,51 @@ ROLE_TAG = "orchestrate.role"  # sweep | trial
 class Workspace:
     root: Path
     tracking_uri: str
+    storage: Path | str | None = None  # shared storage: a folder (Path) or a remote URI (str); None: root
 
     @property
-    def trajectories(self) -> Path:
-        return self.root / "trajectories"
+    def store_root(self) -> Path | str:
+        return self.root if self.storage is None else self.storage
 
     @property
-    def tune(self) -> Path:
-        return self.root / "tune"
+    def remote(self) -> bool:
+        return _storage.is_remote(self.store_root)
+
+    @property
+    def trajectories(self) -> Path | str:
+        return _storage.join(self.store_root, "trajectories")
+
+    @property
+    def tune(self) -> Path | str:
+        return _storage.join(self.store_root, "tune")
 
     @property
     def artifact_root(self) -> str | None:
-        """Where new experiments put artifacts: beside the database for a local SQLite store;
-        the server's own choice for a remote tracking server."""
-        if self.tracking_uri.startswith("sqlite:"):
-            return (self.root / "artifacts").as_uri()
+        """Where new experiments put artifacts: ``<root>/artifacts`` when this process opens the
+        database itself (SQLite, or PostgreSQL/MySQL/MSSQL by URI); the server's own choice (its
+        ``--artifacts-destination``, proxied) for a tracking server."""
+        if self.is_local:
+            artifacts = _storage.join(self.store_root, "artifacts")
+            return artifacts if self.remote else artifacts.as_uri()
         return None
 
     @property
     def is_local(self) -> bool:
-        return self.tracking_uri.startswith("sqlite:")
+        """The store is a database (an SQLAlchemy URI) rather than a tracking server (http://...)."""
+        return self.tracking_uri.split(":", 1)[0].split("+", 1)[0].lower() in DATABASE_ENGINES
 
 
-def workspace(root: str | os.PathLike | None = None, tracking_uri: str | None = None) -> Workspace:
+def workspace(root: str | os.PathLike | None = None, tracking_uri: str | None = None,
+              storage: str | os.PathLike | None = None) -> Workspace:
+    """``storage`` (else ``ORCHESTRATE_STORAGE``, else the root folder) holds the shared files;
+    raises :class:`orchestrator.storage.StorageError` for a URI that cannot be used."""
     root_path = Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser().resolve()
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root_path / 'mlflow.db'}"
     if uri.startswith("sqlite:"):
         root_path.mkdir(parents=True, exist_ok=True)
-    return Workspace(root_path, uri)
+    where = storage or os.environ.get(_storage.STORAGE_ENV) or None
+    shared = _storage.normalise(where) if where else None
+    return Workspace(root_path, uri, None if shared == root_path else shared)
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
