@@ -197,16 +197,16 @@ def _child_runs(root, name):
     return client, client.search_runs([exp.experiment_id], "tags.`orchestrate.role` = 'trial'")
 
 
-def _wait_for(root, name, condition, what, deadline_s=400):
+def _wait_for(root, name, condition, what, proc, deadline_s=400):
     deadline = time.time() + deadline_s
-    while time.time() < deadline:
-        time.sleep(1)
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
         client, runs = _child_runs(root, name)
         steps = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "loss")) for r in runs
                  if r.info.status == "RUNNING" and r.data.tags["algorithm"] == "mtt"}
         if condition(runs, steps):
             return {r.info.run_id: r.info.end_time for r in runs if r.info.status == "FINISHED"}
-    raise AssertionError(f"the sweep did not get {what} in time")
+    raise AssertionError(f"the sweep did not get {what} in time (launch exit code {proc.poll()})")
 
 
 def test_a_sweep_stopped_with_ctrl_c_then_killed_resumes_with_nothing_lost_or_run_twice(tmp_path):
@@ -214,9 +214,12 @@ def test_a_sweep_stopped_with_ctrl_c_then_killed_resumes_with_nothing_lost_or_ru
     distillation trial: exit code 130, every run closed. Relaunched, then SIGKILL half way through
     the second one. Relaunched again: every trial of the spec exactly once in MLflow, complete,
     and no trial that had finished ran again."""
+    # 30 student steps per iteration: a trial lasts seconds even on an idle machine, so that the
+    # polling below finds it half way
     raw = {**TINY, "name": "tiny-resume", "checkpoint_interval": 2,
-           "algorithms": {"mtt": {**TINY["algorithms"]["mtt"], "budgets": [1, 2], "iterations": 30,
-                                  "hyperparameters": TINY["algorithms"]["mtt"]["hyperparameters"]}},
+           "algorithms": {"mtt": {**TINY["algorithms"]["mtt"], "budgets": [1, 2], "iterations": 40,
+                                  "hyperparameters": {**TINY["algorithms"]["mtt"]["hyperparameters"],
+                                                      "syn_steps": 30}}},
            "evaluation": {"networks": 1, "epochs": 5, "interval": 10},
            "resources": {"max_concurrent_trials": 1}}
     spec, root = tmp_path / "resume.yaml", tmp_path / "runs"
@@ -224,9 +227,12 @@ def test_a_sweep_stopped_with_ctrl_c_then_killed_resumes_with_nothing_lost_or_ru
     cmd = [sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--root", str(root), "--num-cpus", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
-    def start():
-        return subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "launch.err"
+
+    def start():  # stderr to a file: a pipe nobody reads fills up and blocks the launch
+        with open(log, "w") as err:
+            return subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                                    stderr=err)
 
     def half_way(n_finished):  # checkpoints every 2 iterations are flushed to MLflow
         return lambda runs, steps: (sum(r.info.status == "FINISHED" for r in runs) >= n_finished
@@ -234,10 +240,13 @@ def test_a_sweep_stopped_with_ctrl_c_then_killed_resumes_with_nothing_lost_or_ru
 
     proc = start()
     try:
-        _wait_for(root, "tiny-resume", half_way(2), "half way through the first trial")  # 2 random baselines done
+        _wait_for(root, "tiny-resume", half_way(2), "half way through the first trial", proc)  # 2 random baselines done
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the launch said: {log.read_text()[-3000:]}") from None
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=180)
+    proc.wait(timeout=180)
+    err = log.read_text()
     assert proc.returncode == 130, err[-3000:]
     assert "run the same command again to resume" in err
     client, runs = _child_runs(root, "tiny-resume")
@@ -247,10 +256,10 @@ def test_a_sweep_stopped_with_ctrl_c_then_killed_resumes_with_nothing_lost_or_ru
 
     proc = start()
     try:
-        state = _wait_for(root, "tiny-resume", half_way(3), "half way through the second trial")
+        state = _wait_for(root, "tiny-resume", half_way(3), "half way through the second trial", proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        proc.wait()
     time.sleep(2)
     res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -268,7 +277,7 @@ def test_a_sweep_stopped_with_ctrl_c_then_killed_resumes_with_nothing_lost_or_ru
         assert len(client.get_metric_history(r.info.run_id, "acc_mean")) == 1
         if r.data.tags["algorithm"] == "mtt":
             steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss"))
-            assert steps == list(range(1, 31))  # nothing lost, nothing logged twice
+            assert steps == list(range(1, 41))  # nothing lost, nothing logged twice
 
 
 def test_spec_distributions_become_tune_domains():
