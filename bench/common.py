@@ -18,6 +18,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shared_data(name: str) -> Path:
+    """Where the benchmarks find the real data set ``name``: ``$ORCHESTRATE_DATA/<name>``, else
+    ``../shared/data/<name>`` beside the repository (never a path of one machine)."""
+    base = os.environ.get("ORCHESTRATE_DATA")
+    return (Path(base).expanduser() if base else REPO.parent / "shared" / "data") / name
+
 
 # -- command line, output -------------------------------------------------------------------------
 def bench_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:

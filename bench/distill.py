@@ -26,7 +26,7 @@ Ratios are against ``syn_steps=10`` at the same IPC (2.0 and 4.0 mean exactly li
 
     python bench/distill.py --quick --json /tmp/bench_distill.json
     python bench/distill.py --device cuda
-    python bench/distill.py --dataset mnist --data-root /work/shared/data/mnist --trajectories random
+    python bench/distill.py --dataset mnist --data-root ../shared/data/mnist --trajectories random
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def bench_config(ipc: int, syn_steps: int, hp: dict, trajectories, model: dict, 
 def main(argv: list[str] | None = None) -> int:
     ap = bench_parser(__doc__, "3 timed iterations instead of 10 (under a minute)")
     ap.add_argument("--dataset", default="digits", help="digits (default, bundled) or mnist, cifar10, ...")
-    ap.add_argument("--data-root", default=None, help="folder of the dataset files (e.g. /work/shared/data/mnist)")
+    ap.add_argument("--data-root", default=None, help="folder of the dataset files (e.g. ../shared/data/mnist)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--syn-steps", type=int, nargs="+", default=[10, 20, 40], help="default: 10 20 40")

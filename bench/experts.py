@@ -19,7 +19,7 @@ two free cores; other load on the machine lowers it). The checksums of the traje
 two configurations are compared too: the same seeds must give bit-identical experts.
 
     python bench/experts.py --quick --json /tmp/bench_experts.json
-    python bench/experts.py --dataset mnist --data-root /work/shared/data/mnist --epochs 2
+    python bench/experts.py --dataset mnist --data-root ../shared/data/mnist --epochs 2
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def run_config(workers: int, spec: Spec, data, repeats: int, warmup: bool, conso
 def main(argv: list[str] | None = None) -> int:
     ap = bench_parser(__doc__, "fewer epochs and repeats (about a minute on 2 cores)")
     ap.add_argument("--dataset", default="digits", help="digits (default, bundled) or mnist")
-    ap.add_argument("--data-root", default=None, help="folder of the dataset files (e.g. /work/shared/data/mnist)")
+    ap.add_argument("--data-root", default=None, help="folder of the dataset files (e.g. ../shared/data/mnist)")
     ap.add_argument("--experts", type=int, default=4, help="experts per run (default 4)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per expert (default 30, --quick 8)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per worker count (default 3, --quick 2)")

@@ -71,6 +71,7 @@ from common import (  # bench/common.py: run as a script, this folder is first o
     machine_info,
     print_load,
     quick_defaults,
+    shared_data,
     write_results,
 )
 from rich.console import Console
@@ -89,7 +90,6 @@ from algorithms.seqtrain import (
 )
 from orchestrator.sequences import load_sequences, seq_task
 
-DATA_ROOT = Path("/work/shared/data")
 DATASETS = ("ml-100k", "ptb")
 # per-dataset defaults of the options left unset: (with --quick, without)
 DATASET_DEFAULTS = {
@@ -133,7 +133,7 @@ TRIED = [
 
 # -- data, experts --------------------------------------------------------------------------------
 def load_task(name: str, root: str | None, max_len: int) -> SeqTask:
-    return seq_task(load_sequences(name, root or DATA_ROOT / name), max_len)
+    return seq_task(load_sequences(name, root or shared_data(name)), max_len)
 
 
 def train_experts(spec: dict, task: SeqTask, cfg: SeqTrainConfig, n: int, seed: int, device: str,
@@ -347,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    ap.add_argument("--ml100k-root", default=None, help=f"default {DATA_ROOT / 'ml-100k'}")
-    ap.add_argument("--ptb-root", default=None, help=f"default {DATA_ROOT / 'ptb'}")
+    ap.add_argument("--ml100k-root", default=None, help=f"default {shared_data('ml-100k')}")
+    ap.add_argument("--ptb-root", default=None, help=f"default {shared_data('ptb')}")
     g = ap.add_argument_group("model and experts")
     g.add_argument("--max-len", type=int, default=20, help="model max_len = sequence length = xi (default 20)")
     g.add_argument("--dim", type=int, default=32)

@@ -55,7 +55,7 @@ storage from random walks. Defaults (tens of minutes on a CPU): IPC 1 and 10, 3 
 
     python bench/mct_vs_mtt.py --quick --json /tmp/bench_mct.json
     python bench/mct_vs_mtt.py --json /tmp/bench_mct.json --root ./orchestrate-runs
-    python bench/mct_vs_mtt.py --datasets digits,mnist --data-root /work/shared/data/mnist
+    python bench/mct_vs_mtt.py --datasets digits,mnist --data-root ../shared/data/mnist
 """
 from __future__ import annotations
 
@@ -86,13 +86,12 @@ from orchestrator.store import (
 )
 
 from common import (  # bench/common.py: run as a script, this folder is first on sys.path
-    bench_console, bench_parser, machine_info, print_load, quick_defaults, write_results,
+    bench_console, bench_parser, machine_info, print_load, quick_defaults, shared_data, write_results,
 )
 from distill import PeakRSS, SavedTensors, build_trajectories, sync  # bench/distill.py
 
 METHODS = ("mtt", "mct")
 SPEC_PATH = Path(__file__).resolve().parent.parent / "search_spaces" / "mct_vs_mtt.yaml"
-MNIST_ROOT = "/work/shared/data/mnist"
 EXPERIMENT = "bench-mct-vs-mtt"
 CONVEX = {"num_waypoints": 2, "beta": "path", "smooth": False}
 
@@ -426,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", default="digits",
                     help="comma-separated: digits (default), mnist (opt-in, slow on a CPU)")
     ap.add_argument("--data-root", default=None,
-                    help=f"folder of the MNIST files (default {MNIST_ROOT} when it exists)")
+                    help=f"folder of the MNIST files (default {shared_data('mnist')} when it exists)")
     ap.add_argument("--ipc", type=int, nargs="+", default=None, help="budgets (default: the spec's, 1 10; --quick 1)")
     ap.add_argument("--seeds", type=int, default=None, help="distillation seeds (default 3, --quick 2)")
     ap.add_argument("--iterations", type=int, default=None, help="distillation iterations (default 200, --quick 60)")
@@ -469,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = spec.seed
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available here")
-    if args.data_root is None and os.path.isdir(MNIST_ROOT):
-        args.data_root = MNIST_ROOT
+    if args.data_root is None and shared_data('mnist').is_dir():
+        args.data_root = str(shared_data('mnist'))
     datasets = [d.strip().lower() for d in args.datasets.split(",") if d.strip()]
     target_kind, target_value = parse_target(args.target)
     torch.set_num_threads(max(1, args.threads))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from .conftest import real_data
 from orchestrator import datasets as ds
 from orchestrator.datasets import (
     DATASETS,
@@ -22,7 +23,6 @@ from orchestrator.datasets import (
     resolve_root,
 )
 
-MNIST_DIR = pathlib.Path("/work/shared/data/mnist")
 MNIST_NAMES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -235,10 +235,9 @@ def test_load_is_cached_per_root(tmp_path):
 
 @pytest.fixture(scope="module")
 def mnist() -> ImageData:
-    if not MNIST_DIR.is_dir():
-        pytest.skip(f"real MNIST files not available at {MNIST_DIR}")
+    folder = real_data("mnist", *(f"{n}.gz" for n in MNIST_NAMES))
     ds.clear_cache()
-    return load_dataset("mnist", str(MNIST_DIR))
+    return load_dataset("mnist", str(folder))
 
 
 def test_mnist_real(mnist):
@@ -430,3 +429,20 @@ def test_cifar_bad_contents(tmp_path, case):
     with pytest.raises(DatasetFormatError) as exc:
         load_dataset("cifar100", str(tmp_path))
     assert str(target) in str(exc.value)
+
+
+def test_real_data_skips_where_absent_and_fails_where_required(tmp_path, monkeypatch):
+    """CI sets ORCHESTRATE_REQUIRE_DATA=1 where ../shared/data exists: a real-data test whose files
+    are missing then fails instead of skipping, so a skip never hides in its log."""
+    from tests import conftest
+
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "a.gz").write_bytes(b"")
+    monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path)
+    monkeypatch.setattr(conftest, "REQUIRE_DATA", False)
+    assert conftest.real_data("mnist", "a.gz") == tmp_path / "mnist"
+    with pytest.raises(pytest.skip.Exception, match="'mnist' not found: b.gz missing under"):
+        conftest.real_data("mnist", "a.gz", "b.gz")
+    monkeypatch.setattr(conftest, "REQUIRE_DATA", True)
+    with pytest.raises(pytest.fail.Exception, match="ORCHESTRATE_REQUIRE_DATA=1"):
+        conftest.real_data("ptb", "ptb.train.txt")

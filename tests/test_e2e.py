@@ -19,17 +19,9 @@ from orchestrator.spec import validate
 from orchestrator.sweep import launch
 from orchestrator.tracking import workspace
 
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "checkpoint_interval": 2,
-    "dataset": {"name": "digits"},
-    "model": {"depth": 1, "width": 8},
-    "experts": {"count": 2, "epochs": 4, "lr": 0.03, "batch_size": 64},
-    "algorithms": {"mtt": {"budgets": [1], "iterations": 6,
-                           "hyperparameters": {"syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2}}},
-    "evaluation": {"networks": 2, "epochs": 10, "interval": 3},
-}
+from .conftest import TINY
+
+pytestmark = pytest.mark.slow  # every test launches a sweep on Ray
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +103,11 @@ def test_results_and_export(tiny, tmp_path):
     assert bad.exit_code != 0
 
 
-def test_second_launch_reuses_the_experts(tiny):
-    spec, root, _ = tiny
+def test_second_launch_reuses_the_experts(tiny, tmp_path):
+    # its own root: the launches below add runs that the tests of the shared sweep must not see
+    spec, root = tiny[0], tmp_path / "runs"
+    first = CliRunner().invoke(main, ["launch", str(spec), "--root", str(root)], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
     files = sorted((root / "trajectories").glob("*/expert_*.arrow"))
     assert len(files) == 2
     before = {f: (f.stat().st_mtime_ns, f.stat().st_ino) for f in files}

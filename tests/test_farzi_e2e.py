@@ -13,6 +13,8 @@ from orchestrator.artifacts import read_synthetic
 from orchestrator.cli import main
 from orchestrator.tracking import workspace
 
+pytestmark = pytest.mark.slow  # every test launches a sweep on Ray
+
 
 def write_movielens(root, users=60, items=30, length=14, seed=0):
     rng = np.random.default_rng(seed)

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from orchestrator.store import open_trajectory
 from orchestrator.tracking import workspace
 
-from .test_e2e import TINY
+from .conftest import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 

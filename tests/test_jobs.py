@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.jobs import launch_entrypoint
 
-from .test_e2e import TINY
+from .conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # `ray` and `orchestrate` of this environment

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 
-from .test_e2e import TINY
+from .conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 DB_USER = "orchestrate_test"

@@ -10,6 +10,8 @@ from algorithms.networks import seeded_network
 from orchestrator.datasets import load_dataset
 from orchestrator.spec import load_spec
 
+pytestmark = pytest.mark.slow  # distils digits for about a minute
+
 QUICKSTART = load_spec()
 MODEL = QUICKSTART.model
 EVAL = EvalConfig(networks=3, epochs=300)

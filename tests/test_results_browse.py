@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from orchestrator import results as res
 from orchestrator.cli import main
 from orchestrator.tracking import workspace
-from tests.test_e2e import TINY
+from tests.conftest import TINY
 
 
 def row(algorithm="mtt", budget=1, status="FINISHED", acc=None, dataset="digits", sweep="s1", run_id=None, **extra):
@@ -130,6 +130,7 @@ def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_results_filters_best_and_sort(sweep):
     root, _, parent = sweep
     out = cli("results", "--root", root, "--algorithm", "mtt", "--format", "json")
@@ -149,6 +150,7 @@ def test_results_filters_best_and_sort(sweep):
     assert missing.exit_code == 1 and "0" * 32 in missing.output
 
 
+@pytest.mark.slow
 def test_compare(sweep):
     root, uri, parent = sweep
     rows = res.collect(uri, sweep=parent)
@@ -178,6 +180,7 @@ def test_compare(sweep):
     assert unknown.exit_code == 1 and "f" * 32 in unknown.output and "error" in unknown.output
 
 
+@pytest.mark.slow
 def test_summarise_sweep(sweep, tmp_path):
     _, uri, parent = sweep
     paths = res.summarise_sweep(uri, parent, tmp_path / "summary")

@@ -7,12 +7,11 @@ import pathlib
 import pytest
 import torch
 
+from .conftest import real_data
 from orchestrator import sequences as sq
 from orchestrator.datasets import DatasetFormatError, DatasetNotFoundError
 from orchestrator.sequences import LMData, RecData, load_sequences
 
-ML100K_DIR = pathlib.Path("/work/shared/data/ml-100k")
-PTB_DIR = pathlib.Path("/work/shared/data/ptb")
 
 
 @pytest.fixture(autouse=True)
@@ -274,9 +273,9 @@ def test_lm_oov_without_unk_and_empty_file(tmp_path):
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.skipif(not (ML100K_DIR / "u.data").is_file(), reason=f"MovieLens-100k not present at {ML100K_DIR}")
 def test_real_ml100k():
-    data = load_sequences("ml-100k", ML100K_DIR)
+    folder = real_data("ml-100k", "u.data", "u.item")
+    data = load_sequences("ml-100k", folder)
     assert (data.num_users, data.num_items, data.info.vocab_size) == (943, 1682, 1683)
     assert data.user_original_ids.tolist() == list(range(1, 944))
     assert data.item_original_ids.tolist() == [-1, *range(1, 1683)]
@@ -285,15 +284,14 @@ def test_real_ml100k():
     assert int(lengths.min()) == 20 - 2  # every user has >= 20 ratings (SOURCE.md)
     # per user: train length = interactions - 2
     counts = torch.bincount(torch.tensor(
-        [int(line.split()[0]) for line in (ML100K_DIR / "u.data").read_text().splitlines()]))[1:]
+        [int(line.split()[0]) for line in (folder / "u.data").read_text().splitlines()]))[1:]
     assert torch.equal(lengths, counts - 2)
     assert data.titles is not None and data.decode([1]) == ["Toy Story (1995)"]
     assert data.train_matrix(50).shape == (943, 50)
 
 
-@pytest.mark.skipif(not (PTB_DIR / "ptb.train.txt").is_file(), reason=f"PTB not present at {PTB_DIR}")
 def test_real_ptb():
-    data = load_sequences("ptb", PTB_DIR)
+    data = load_sequences("ptb", real_data("ptb", "ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"))
     assert len(data.vocab) == data.info.vocab_size == 10000
     assert "<eos>" in data.stoi and "<unk>" in data.stoi
     assert (len(data.train), len(data.valid), len(data.test)) == (929589, 73760, 82430)  # SOURCE.md

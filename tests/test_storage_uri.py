@@ -24,7 +24,7 @@ from orchestrator.cli import main
 from orchestrator.store import CorruptTrajectoryError, TrajectoryStore, open_trajectory, write_trajectory
 from orchestrator.tracking import workspace
 
-from .test_e2e import TINY
+from .conftest import TINY
 from .test_store import MANIFEST, checkpoints
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ from orchestrator.spec import validate
 from orchestrator.sweep import _scheduler, gpus_for, launch
 from orchestrator.tracking import workspace
 
-from .test_e2e import TINY
+from .conftest import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,6 +31,7 @@ def children_of(ws, out):
     return client, client.search_runs([out.experiment_id], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_fails_alone_with_its_reason(tmp_path, ray_cluster):
     raw = {**TINY, "name": "tiny-nan",
            "algorithms": {"mtt": {**TINY["algorithms"]["mtt"],
@@ -51,6 +52,7 @@ def test_a_diverging_trial_fails_alone_with_its_reason(tmp_path, ray_cluster):
 
 
 
+@pytest.mark.slow
 def test_asha_stops_the_weak_trial_of_a_group_and_only_compares_within_it(tmp_path, ray_cluster):
     """One trial at a time, so that ASHA's decisions are deterministic: IPC 1 from real images,
     IPC 1 from noise, then IPC 10 from noise. The IPC 1 noise trial is stopped at the first rung,
@@ -130,6 +132,7 @@ def test_a_missing_dataset_says_how_to_provide_it(tmp_path):
     assert not (tmp_path / "runs" / "trajectories").exists()
 
 
+@pytest.mark.slow
 def test_gpus_per_trial_forms_and_the_asha_scheduler():
     assert gpus_for("auto", 1, True) == 1 and gpus_for("auto", 1, False) == 0
     assert gpus_for(0.5, 10, True) == 0.5
@@ -171,6 +174,7 @@ FRACTIONAL = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_fractional_gpus_pack_two_trials_per_gpu(tmp_path):
     """On a simulated cluster with 4 CPUs and one logical GPU, gpus_per_trial 0.5 runs two trials at
     once (1 would run one): the GPU, not the CPUs, limits concurrency."""
@@ -209,6 +213,7 @@ def _wait_for(root, name, condition, what, proc, deadline_s=400):
     raise AssertionError(f"the sweep did not get {what} in time (launch exit code {proc.poll()})")
 
 
+@pytest.mark.slow
 def test_a_sweep_stopped_with_ctrl_c_then_killed_resumes_with_nothing_lost_or_run_twice(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) half way through the first
     distillation trial: exit code 130, every run closed. Relaunched, then SIGKILL half way through
@@ -293,6 +298,7 @@ def test_spec_distributions_become_tune_domains():
     assert tune_value(30) == 30
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_one_point_and_logs_every_trial(tmp_path, ray_cluster):
     raw = {**TINY, "name": "tiny-optuna", "baselines": [], "num_samples": 3, "search": {"name": "optuna", "seed": 1},
            "algorithms": {"mtt": {**TINY["algorithms"]["mtt"], "iterations": 2,
@@ -314,6 +320,7 @@ def test_optuna_search_runs_one_point_and_logs_every_trial(tmp_path, ray_cluster
     assert "bad.yaml: baselines: must be [] with search: optuna" in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_stale_ray_cluster_file_is_not_joined_without_an_address(tmp_path):
     """A ``ray start`` (or a crashed simulated cluster) leaves ``ray_current_cluster`` behind; Ray's
     own ``ray.init()`` would try to join it. ``orchestrate`` without ``--address`` starts its own."""

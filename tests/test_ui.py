@@ -32,6 +32,7 @@ def listening_addresses(port: int) -> set[str]:
     return out
 
 
+@pytest.mark.slow  # starts an MLflow server (seconds)
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp to see the bound address")
 def test_ui_serves_the_store_on_loopback(tmp_path):
     port = free_port()
