@@ -366,20 +366,26 @@ def _duplicate_keys(loader: SpecLoader, root: yaml.Node, source: str) -> list[st
     return problems
 
 
-def read_yaml(text: str, source: str = "<spec>") -> Any:
-    """Parse a spec's text with :class:`SpecLoader`; duplicate keys raise :class:`SpecError`
-    (all of them, each naming both lines). YAML syntax errors raise ``yaml.YAMLError``."""
+def _read(text: str, source: str) -> tuple[Any, list[str]]:
+    """The document (a key given twice keeps its last value) and the duplicate-key problems."""
     loader = SpecLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
-            return None
+            return None, []
         problems = _duplicate_keys(loader, node, source)
-        if problems:
-            raise SpecError(problems)
-        return loader.construct_document(node)
+        return loader.construct_document(node), problems
     finally:
         loader.dispose()
+
+
+def read_yaml(text: str, source: str = "<spec>") -> Any:
+    """Parse a spec's text with :class:`SpecLoader`; duplicate keys raise :class:`SpecError`
+    (all of them, each naming both lines). YAML syntax errors raise ``yaml.YAMLError``."""
+    data, problems = _read(text, source)
+    if problems:
+        raise SpecError(problems)
+    return data
 
 
 def load_spec(path: str | Path | None = None) -> Spec:
@@ -392,10 +398,16 @@ def load_spec(path: str | Path | None = None) -> Spec:
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError([f"{path}: cannot read the spec: {e}"]) from e
     try:
-        raw = read_yaml(text, str(path))
+        raw, duplicates = _read(text, str(path))
     except yaml.YAMLError as e:
         raise SpecError([f"{path}: not valid YAML: {e}"]) from e
-    return validate(raw, str(path))
+    try:
+        spec = validate(raw, str(path))
+    except SpecError as e:  # every problem at once: the duplicates first
+        raise SpecError(duplicates + e.problems) from None
+    if duplicates:
+        raise SpecError(duplicates)
+    return spec
 
 
 def validate(raw: Any, source: str = "<spec>") -> Spec:

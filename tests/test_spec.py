@@ -277,7 +277,7 @@ def test_duplicate_keys_name_both_lines(tmp_path):
                  "dataset: {name: digits}\n"  # 2
                  "experts:\n"                 # 3
                  "  count: 2\n"               # 4
-                 "  epochs: 10\n"             # 5
+                 "  epochs: 20\n"             # 5
                  "  count: 3\n"               # 6
                  "algorithms:\n"              # 7
                  "  mtt:\n"                   # 8
@@ -289,6 +289,10 @@ def test_duplicate_keys_name_both_lines(tmp_path):
     assert e.value.problems == [f"{p}: experts.count: duplicate key, lines 4 and 6",
                                 f"{p}: algorithms.mtt.per_budget.1: duplicate key, lines 10 and 10",
                                 f"{p}: name: duplicate key, lines 1 and 11"]
+    p.write_text(p.read_text().replace("epochs: 20", "epochs: 20\n  dsa: 1"))  # and the other problems with them
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert len(e.value.problems) == 4 and e.value.problems[3] == f"{p}: experts.dsa: must be bool, got int 1"
 
 
 def test_yaml_merge_keys_are_not_duplicates(tmp_path):
