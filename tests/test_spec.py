@@ -434,3 +434,15 @@ def test_mtt_window_edge_matches_the_sampler(start, ok):
     assert e.value.problems == [f"my.yaml: {HP}.max_start_epoch: max_start_epoch (10) - 1 + expert_epochs (2) = 11 "
                                 "goes beyond the experts' 10 epochs (experts.epochs): starts are drawn from "
                                 "[0, max_start_epoch)"]
+
+
+def test_per_budget_values_are_typed_too_and_max_trials_leaves_the_hash_alone():
+    raw = copy.deepcopy(BASE)
+    raw["algorithms"]["mtt"]["per_budget"] = {5: {"syn_steps": "two", "lr_img": {"choice": [1, None]}}}
+    with pytest.raises(SpecError) as e:
+        validate(raw, "pb.yaml")
+    assert e.value.problems == [
+        "pb.yaml: algorithms.mtt.per_budget.5.syn_steps: must be a number, got str 'two'",
+        "pb.yaml: algorithms.mtt.per_budget.5.lr_img: must be a number, got null (in {choice: [1, None]})"]
+    # max_trials is a guard, not part of the sweep: a sweep launched before it existed still resumes
+    assert validate(BASE).hash == validate(with_change("resources.max_trials", 50)).hash
