@@ -33,15 +33,19 @@ class TrajectorySampler(Protocol):
 
 class EpochSampler:
     """MTT's sampling: a random expert, a start epoch t uniform in {0, …, max_start_epoch−1},
-    the target ``expert_epochs`` epochs later. ``trajectories`` are [epochs+1, P] tensors."""
+    the target ``expert_epochs`` epochs later. ``trajectories`` are [epochs+1, P] tensors
+    (checkpoints 0..epochs), so the last start plus ``expert_epochs`` must be at most ``epochs``."""
 
     def __init__(self, trajectories: Sequence[torch.Tensor], expert_epochs: int, max_start_epoch: int):
         if not trajectories:
             raise ValueError("no expert trajectories to sample from")
         epochs = min(len(t) for t in trajectories) - 1
-        if max_start_epoch < 1 or expert_epochs < 1 or max_start_epoch + expert_epochs > epochs:
-            raise ValueError(f"max_start_epoch ({max_start_epoch}) + expert_epochs ({expert_epochs}) "
-                             f"must be at most the experts' {epochs} epochs")
+        if max_start_epoch < 1 or expert_epochs < 1:
+            raise ValueError(f"max_start_epoch ({max_start_epoch}) and expert_epochs ({expert_epochs}) must be >= 1")
+        if max_start_epoch - 1 + expert_epochs > epochs:
+            raise ValueError(f"max_start_epoch ({max_start_epoch}) - 1 + expert_epochs ({expert_epochs}) = "
+                             f"{max_start_epoch - 1 + expert_epochs} goes beyond the experts' {epochs} epochs "
+                             "(starts are drawn from [0, max_start_epoch))")
         self.trajectories, self.expert_epochs, self.max_start_epoch = trajectories, expert_epochs, max_start_epoch
 
     def sample(self, generator):

@@ -16,6 +16,8 @@ import hashlib
 import itertools
 import json
 import math
+import re
+import typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -124,7 +126,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "resources": {"cpus_per_trial": (NUM, 1, _pos), "gpus_per_trial": ((str, int, float, dict), "auto", _gpus),
                   "cpus_per_expert": (NUM, 1, _pos),
                   "max_concurrent_trials": ((int, type(None)), None, lambda v: None if v is None or v > 0
-                                            else "must be > 0 or null")},
+                                            else "must be > 0 or null"),
+                  # the most trials a sweep may have (Tune generates them all up front, on the driver)
+                  "max_trials": (int, 10000, _pos)},
 }
 # Event-sequence datasets (ml-100k, ml-1m, ptb) replace the image sections' schemas with these.
 SEQ_SCHEMA: dict[str, dict[str, tuple]] = {
@@ -146,7 +150,24 @@ def is_sequence(dataset: str) -> bool:
     return str(dataset).lower() in SEQUENCE_DATASETS
 
 
-TOP = {"name": (str, REQUIRED, None), "description": (str, "", None), "seed": (int, 0, _nonneg),
+NAME_BYTES = 200  # a folder name (with ".replaced-YYYYmmdd-HHMMSS" added by --fresh) stays under 255 bytes
+
+
+def _safe_name(v: str):
+    """A spec's name is a folder name (under the store's ``tune/``) and an MLflow experiment name:
+    letters (unicode too), digits, ``-``, ``_`` and ``.``; not empty, not ``.`` or ``..``."""
+    if v in ("", ".", ".."):
+        return f"must be a folder name, not {v!r}: use letters, digits, '-', '_' and '.'"
+    bad = "".join(dict.fromkeys(c for c in v if not (c.isalnum() or c in "-_.")))
+    if bad:
+        return (f"{v!r} is not a safe folder name: {bad!r} not allowed (use letters, digits, '-', '_' and '.'; "
+                "no path separators or spaces)")
+    if len(v.encode()) > NAME_BYTES:
+        return f"{v[:20]!r}... is too long for a folder name ({len(v.encode())} bytes, at most {NAME_BYTES})"
+    return None
+
+
+TOP = {"name": (str, REQUIRED, _safe_name), "description": (str, "", None), "seed": (int, 0, _nonneg),
        "num_samples": (int, 1, _pos), "checkpoint_interval": (int, 50, _pos),
        "baselines": (list, ["random"], lambda v: None if all(b == "random" for b in v) else
                      "only 'random' (a random real subset of the same budget) is known"),
@@ -178,6 +199,27 @@ HP_CHECKS = {"syn_steps": _pos, "expert_epochs": _pos, "max_start_epoch": _pos, 
              "checkpoint_every": _nonneg, "init_scale": _pos}
 # grad_mode is shared by name but not by values
 GRAD_MODES = {"mtt": ("full", "tesla"), "mct": ("full", "tesla"), "farzi": ("reverse", "unrolled")}
+
+
+def _hp_kinds(cfg: type) -> dict[str, tuple[str, bool]]:
+    """key -> (kind, nullable) from the distiller config's annotations: ``number`` (int or float,
+    integrality is checked with the windows), ``bool`` or ``str``; nullable when the annotation
+    allows None (``batch_syn: int | None``)."""
+    hints = typing.get_type_hints(cfg)
+    out = {}
+    for f in fields(cfg):
+        args = typing.get_args(hints[f.name]) or (hints[f.name],)
+        base = [a for a in args if a is not type(None)]
+        kind = ("bool" if base == [bool] else "str" if base == [str] else
+                "number" if base and set(base) <= {int, float} else None)
+        if kind is None:
+            raise TypeError(f"{cfg.__name__}.{f.name}: no spec type for {hints[f.name]}")
+        out[f.name] = (kind, type(None) in args)
+    return out
+
+
+HP_KINDS = {name: _hp_kinds(cfg) for name, cfg in ALGORITHMS.items()}
+_KIND_NAMES = {"number": "a number", "bool": "true or false", "str": "a string"}
 
 
 def _type_name(t) -> str:
@@ -225,7 +267,9 @@ class Spec:
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        d = self.to_dict()
+        d["resources"].pop("max_trials", None)  # a guard, not part of the sweep: sweeps from before it resume
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def expert_training(self) -> dict[str, Any]:
         """The training config that (with dataset, model and seed) determines the trajectories."""
@@ -253,6 +297,10 @@ class Spec:
         """An event-sequence spec (Farzi on ml-100k, ml-1m, ptb) rather than an image one."""
         return is_sequence(self.dataset["name"])
 
+    def trial_count(self) -> int:
+        """How many trials Tune runs for this spec (computed, not expanded): see :func:`count_trials`."""
+        return count_trials(self.algorithms, self.baselines, self.num_samples, self.search)
+
     def trial_points(self) -> list[dict[str, Any]]:
         """One point per (algorithm, budget, grid point); values may still be Tune distributions.
         Baselines come first so that their rows exist when the distilled trials report."""
@@ -271,16 +319,95 @@ class Spec:
         return points
 
 
+class SpecLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (no Python tags), reading numbers as YAML 1.2 does: ``1e-6``,
+    ``1E5``, ``-2e+3`` and ``1.0e5`` are floats (YAML 1.1, PyYAML's default, wants a dot in the
+    mantissa and a sign in the exponent, and reads them as strings)."""
+
+
+# only the forms YAML 1.1 misses (an exponent without a dot or without a sign): the rest resolves as before
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _duplicate_keys(loader: SpecLoader, root: yaml.Node, source: str) -> list[str]:
+    """Every key given twice in one mapping (PyYAML keeps the last silently), with both lines."""
+    problems: list[str] = []
+    seen: set[int] = set()
+
+    def walk(node: yaml.Node, path: str) -> None:
+        if id(node) in seen:  # an alias: walked where its anchor is
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *anchor may be overridden
+                    walk(value_node, path)
+                    continue
+                if not isinstance(key_node, yaml.ScalarNode):
+                    walk(value_node, path)
+                    continue
+                key = loader.construct_object(key_node)
+                label = f"{path}.{key}" if path else str(key)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    problems.append(f"{source}: {label}: duplicate key, lines {first[key]} and {line}")
+                else:
+                    first[key] = line
+                walk(value_node, label)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{path}[{i}]")
+
+    walk(root, "")
+    return problems
+
+
+def _read(text: str, source: str) -> tuple[Any, list[str]]:
+    """The document (a key given twice keeps its last value) and the duplicate-key problems."""
+    loader = SpecLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, []
+        problems = _duplicate_keys(loader, node, source)
+        return loader.construct_document(node), problems
+    finally:
+        loader.dispose()
+
+
+def read_yaml(text: str, source: str = "<spec>") -> Any:
+    """Parse a spec's text with :class:`SpecLoader`; duplicate keys raise :class:`SpecError`
+    (all of them, each naming both lines). YAML syntax errors raise ``yaml.YAMLError``."""
+    data, problems = _read(text, source)
+    if problems:
+        raise SpecError(problems)
+    return data
+
+
 def load_spec(path: str | Path | None = None) -> Spec:
     """Read and validate a spec file (the quickstart when ``path`` is None)."""
     path = Path(path) if path is not None else default_spec_path()
     if not path.exists():
         raise SpecError([f"{path}: no such spec file"])
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([f"{path}: cannot read the spec: {e}"]) from e
+    try:
+        raw, duplicates = _read(text, str(path))
     except yaml.YAMLError as e:
         raise SpecError([f"{path}: not valid YAML: {e}"]) from e
-    return validate(raw, str(path))
+    try:
+        spec = validate(raw, str(path))
+    except SpecError as e:  # every problem at once: the duplicates first
+        raise SpecError(duplicates + e.problems) from None
+    if duplicates:
+        raise SpecError(duplicates)
+    return spec
 
 
 def validate(raw: Any, source: str = "<spec>") -> Spec:
@@ -318,7 +445,9 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
             if not _is(v, types):
                 err(key, f"must be {_type_name(types)}, got {type(v).__name__} {v!r}")
                 continue
-            if check is not None and v is not None and (msg := check(v)):
+            if isinstance(v, float) and not math.isfinite(v):
+                err(key, f"must be finite, got {v!r}")
+            elif check is not None and v is not None and (msg := check(v)):
                 err(key, msg)
             out[k] = v
         return out
@@ -341,6 +470,14 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
         if top.get("baselines"):
             err("baselines", "must be [] with search: optuna (every trial comes from the search); run the "
                 "random baseline from a grid spec")
+    limit = sec["resources"].get("max_trials")
+    if algorithms and isinstance(limit, int) and isinstance(top.get("num_samples"), int):
+        n = count_trials(algorithms, top.get("baselines") or [], top["num_samples"], top.get("search"))
+        if n > limit:
+            how = ("num_samples" if top.get("search") else
+                   f"{n // top['num_samples']} grid points and baseline rows x num_samples {top['num_samples']}")
+            err("resources.max_trials", f"the sweep has {n} trials ({how}), above the limit of {limit}: make the "
+                "grid smaller, or raise resources.max_trials (Tune generates every trial up front)")
     if (top.get("search") or top.get("scheduler")) and sec["evaluation"].get("interval") == 0:
         err("evaluation.interval", "must be > 0 with a scheduler or a search: they compare trials on the "
             "periodic evaluation")
@@ -349,53 +486,124 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
     return Spec(path=source, raw=raw, algorithms=algorithms, **top, **sec)
 
 
+def count_trials(algorithms: dict, baselines: list, num_samples: int, search: dict | None) -> int:
+    """The trials of a sweep without expanding its grid: Optuna runs ``num_samples``; otherwise
+    Tune runs every point of :meth:`Spec.trial_points` (one baseline row per budget, and per
+    (algorithm, budget) the product of the grid lists' lengths, ``per_budget`` applied)
+    ``num_samples`` times."""
+    if search:
+        return num_samples
+    budgets = {b for a in algorithms.values() for b in a["budgets"]}
+    points = len(baselines) * len(budgets)
+    for algo in algorithms.values():
+        for budget in algo["budgets"]:
+            hp = {**algo["hyperparameters"], **algo.get("per_budget", {}).get(budget, {})}
+            points += math.prod(len(v) for v in hp.values() if isinstance(v, list))
+    return points * num_samples
+
+
 def _bounds(v: Any) -> list[float]:
-    """The extreme values a hyperparameter can take (for feasibility checks)."""
+    """The extreme values a hyperparameter can take (for feasibility checks); malformed parts,
+    reported by :func:`_check_hp_value`, are skipped."""
     if isinstance(v, list):
         return [x for item in v for x in _bounds(item)]
     if isinstance(v, dict):
+        if len(v) != 1:
+            return []
         (kind, args), = v.items()
+        if not isinstance(args, list):
+            return []
         if kind == "randint":
-            return [args[0], args[1] - 1]
-        return _bounds(list(args))
-    return [v] if isinstance(v, NUM) and not isinstance(v, bool) else []
+            return [args[0], args[1] - 1] if len(args) == 2 and all(_is(a, int) for a in args) else []
+        return _bounds(args)
+    return [v] if _is(v, NUM) and math.isfinite(v) else []
 
 
-def _check_hp_value(key: str, v: Any, check, err) -> None:
+def _short(v: Any, width: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= width else r[:width - 5] + " ...]"
+
+
+def _check_scalar(key: str, v: Any, kind: tuple[str, bool], check, err, where: str = "") -> bool:
+    """One plain value of a hyperparameter: its type (from the config dataclass), then its check."""
+    what, nullable = kind
+    if v is None:
+        if nullable:
+            return True
+        err(key, f"must be {_KIND_NAMES[what]}, got null{where}")
+        return False
+    ok = {"number": _is(v, NUM), "bool": isinstance(v, bool), "str": isinstance(v, str)}[what]
+    if not ok:
+        got = "a mapping" if isinstance(v, dict) else f"{type(v).__name__} {_short(v)}"
+        err(key, f"must be {_KIND_NAMES[what]}{' or null' if nullable else ''}, got {got}{where}")
+        return False
+    if isinstance(v, float) and not math.isfinite(v):
+        err(key, f"must be finite, got {v!r}{where}")
+        return False
+    if check and (msg := check(v)):
+        err(key, f"{msg}, got {v!r}{where}")
+        return False
+    return True
+
+
+def _check_hp_value(key: str, v: Any, kind: tuple[str, bool], check, err) -> bool:
+    """A hyperparameter's value: a plain value, a grid (a flat list of plain values or
+    distributions) or a distribution; every element is checked. Returns whether it is valid."""
     if isinstance(v, list):
         if not v:
             err(key, "an empty list gives no trials; give at least one value")
+            return False
+        where, ok = f" (in the grid {_short(v)})", True
         for item in v:
-            _check_hp_value(key, item, check, err)
-        return
+            if isinstance(item, list):
+                err(key, f"a grid is a flat list of values, got the nested list {_short(item)}{where}")
+                ok = False
+            elif isinstance(item, dict):
+                ok = _check_distribution(key, item, kind, check, err) and ok
+            else:
+                ok = _check_scalar(key, item, kind, check, err, where) and ok
+        return ok
     if isinstance(v, dict):
-        if len(v) != 1 or next(iter(v)) not in DISTRIBUTIONS:
-            err(key, f"a distribution is a one-key mapping, one of {', '.join(DISTRIBUTIONS)}; got {v!r}")
-            return
-        (kind, args), = v.items()
-        if not isinstance(args, list) or not args:
-            err(key, f"{kind} needs a list of arguments, e.g. {{{kind}: [low, high]}}")
-            return
-        if kind == "choice":
-            for item in args:
-                _check_hp_value(key, item, check, err)
-            return
-        if len(args) != 2 or not all(_is(a, NUM) for a in args) or not args[0] < args[1]:
-            err(key, f"{kind} needs [low, high] with low < high, got {args!r}")
-            return
-        if kind == "loguniform" and args[0] <= 0:
-            err(key, "loguniform needs low > 0")
-        if kind == "randint" and not all(isinstance(a, int) for a in args):
-            err(key, "randint needs integer bounds")
-        for a in ([args[0], args[1] - 1] if kind == "randint" else args):
-            if check and (msg := check(a)):
-                err(key, f"bound {a}: {msg}")
-        return
-    if check and v is not None and not isinstance(v, bool) and isinstance(v, (int, float, str)):
-        if isinstance(v, float) and not math.isfinite(v):
-            err(key, "must be finite")
-        elif (msg := check(v)):
-            err(key, msg)
+        return _check_distribution(key, v, kind, check, err)
+    return _check_scalar(key, v, kind, check, err)
+
+
+def _check_distribution(key: str, v: dict, kind: tuple[str, bool], check, err) -> bool:
+    if len(v) != 1 or next(iter(v)) not in DISTRIBUTIONS:
+        err(key, f"a distribution is a one-key mapping, one of {', '.join(DISTRIBUTIONS)}; got {_short(v)}")
+        return False
+    (dist, args), = v.items()
+    if not isinstance(args, list) or not args:
+        err(key, f"{dist} needs a list of arguments, e.g. {{{dist}: [low, high]}}, got {_short(args)}")
+        return False
+    if dist == "choice":
+        where, ok = f" (in {{choice: {_short(args)}}})", True
+        for item in args:
+            if isinstance(item, (list, dict)):
+                err(key, f"choice takes plain values, got {_short(item)}{where}")
+                ok = False
+            else:
+                ok = _check_scalar(key, item, kind, check, err, where) and ok
+        return ok
+    if kind[0] != "number":
+        err(key, f"{dist} draws numbers, but this hyperparameter is {_KIND_NAMES[kind[0]]}: use "
+            f"{{choice: [...]}} or a list")
+        return False
+    if len(args) != 2 or not all(_is(a, NUM) and math.isfinite(a) for a in args) or not args[0] < args[1]:
+        err(key, f"{dist} needs [low, high], finite numbers with low < high, got {_short(args)}")
+        return False
+    if dist == "loguniform" and args[0] <= 0:
+        err(key, f"loguniform needs low > 0, got {args!r}")
+        return False
+    if dist == "randint" and not all(isinstance(a, int) for a in args):
+        err(key, f"randint needs integer bounds, got {args!r}")
+        return False
+    ok = True
+    for a in ([args[0], args[1] - 1] if dist == "randint" else args):
+        if check and (msg := check(a)):
+            err(key, f"bound {a}: {msg}")
+            ok = False
+    return ok
 
 
 def _check_algorithms(given: Any, experts: dict, err, model: dict | None = None, sequences: bool = False,
@@ -469,8 +677,8 @@ def _check_hps(name: str, prefix: str, given: Any, allowed: dict, err) -> dict[s
         if k == "grad_mode":
             modes = GRAD_MODES[name]
             check = lambda v, modes=modes: None if v in modes else f"must be one of {', '.join(modes)}"  # noqa: E731
-        _check_hp_value(f"{prefix}.{k}", v, check, err)
-        out[k] = v
+        _check_hp_value(f"{prefix}.{k}", v, HP_KINDS[name][k], check, err)
+        out[k] = v  # kept when wrong too: the spec is refused, and the windows are checked on what was given
     return out
 
 
@@ -497,10 +705,17 @@ def _check_feasible(name: str, prefix: str, hp: dict, experts: dict, model: dict
             if hp.get(k) != v:
                 err(f"{prefix}.{k}", f"is {hp.get(k)!r} but the experts keep only the compact form "
                     f"with experts.convex_{k} = {v!r}; set them equal or keep 'full' to derive other forms")
+    # The windows, as the samplers draw them (experts of E epochs have checkpoints 0..E):
+    # mtt: start in [0, max_start_epoch), target start + expert_epochs <= E (EpochSampler);
+    # mct: start in [0, max_start_epoch) with max_start_epoch <= E, target clipped at E (ConvexSampler);
+    # farzi: start in 0..max_start_epoch (both included) <= E, no target.
     if starts and spans and isinstance(experts.get("epochs"), int):
-        worst = max(starts) + max(spans)
+        if name == "mtt":
+            worst = max(starts) - 1 + max(spans)
+            what = f"max_start_epoch ({max(starts)}) - 1 + expert_epochs ({max(spans)}) = {worst}"
+            why = ": starts are drawn from [0, max_start_epoch)"
+        else:
+            worst, what, why = max(starts), f"max_start_epoch ({max(starts)})", ""
         if worst > experts["epochs"]:
-            what = (f"max_start_epoch ({max(starts)})" if name == "mct" else
-                    f"max_start_epoch ({max(starts)}) + expert_epochs ({max(spans)}) = {worst}")
             err(f"{prefix}.max_start_epoch", f"{what} goes beyond the experts' {experts['epochs']} epochs "
-                "(experts.epochs)")
+                f"(experts.epochs){why}")

@@ -193,8 +193,23 @@ _ACTIVE: dict[str, Any] = {}  # the driver's display, for callbacks that Tune un
 
 def sweep_dir(spec: Spec, ws: Workspace) -> Path | str:
     """Tune's experiment folder of a sweep: one per spec name, so that a re-launch finds it
-    (a URI string when the workspace's storage is remote)."""
-    return storage.join(ws.tune, spec.name)
+    (a URI string when the workspace's storage is remote). A name that would put it anywhere but
+    directly inside ``ws.tune`` raises :class:`SpecError` (validation refuses such names; this
+    guards specs built in code)."""
+    return _inside_tune(spec, ws, storage.join(ws.tune, spec.name))
+
+
+def _inside_tune(spec: Spec, ws: Workspace, loc: Path | str) -> Path | str:
+    """``loc`` when it resolves to a folder directly inside ``ws.tune`` (symbolic links and
+    ``..`` followed), else :class:`SpecError` naming the spec's ``name``."""
+    if storage.is_remote(loc):
+        inside = storage.parent(loc) == str(ws.tune).rstrip("/") and storage.name(loc) not in ("", ".", "..")
+    else:
+        inside = Path(loc).resolve().parent == Path(ws.tune).resolve()
+    if not inside:
+        raise SpecError([f"{spec.path}: name: {spec.name!r} puts the sweep folder at {loc}, outside {ws.tune}; "
+                         "a name is one folder name (letters, digits, '-', '_', '.')"])
+    return loc
 
 
 def _tune_path(loc: Path | str) -> tuple[str, Any]:
@@ -223,7 +238,8 @@ def _prepare(spec: Spec, ws: Workspace, fresh: bool, progress: Progress) -> tupl
     exp_dir = sweep_dir(spec, ws)
     remote = storage.is_remote(exp_dir)
     if fresh and (storage.exists(exp_dir) if remote else exp_dir.exists()):
-        aside = storage.join(storage.parent(exp_dir), f"{spec.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = _inside_tune(spec, ws, storage.join(storage.parent(exp_dir),
+                                                    f"{spec.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
         if remote:  # object stores have no folder rename: every object is moved (server-side copies)
             storage.move(exp_dir, aside)
         else:

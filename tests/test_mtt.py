@@ -92,5 +92,24 @@ def test_nan_stops_with_a_clear_reason():
 
 
 def test_sampler_refuses_windows_beyond_the_experts():
-    with pytest.raises(ValueError, match="at most the experts' 3 epochs"):
-        EpochSampler(fake_trajectories(), expert_epochs=2, max_start_epoch=2)
+    with pytest.raises(ValueError, match=r"max_start_epoch \(3\) - 1 \+ expert_epochs \(2\) = 4 .* experts' 3 epochs"):
+        EpochSampler(fake_trajectories(), expert_epochs=2, max_start_epoch=3)
+
+
+def test_sampler_window_reaches_the_last_checkpoint():
+    """Experts of 2 epochs have checkpoints 0, 1, 2: start 0 and target 2 fit max_start_epoch 1,
+    expert_epochs 2 (MTT's rule: start in [0, max_start_epoch), target = start + expert_epochs)."""
+    trajs = [t[:3] for t in fake_trajectories()]  # 2 epochs: checkpoints 0, 1, 2
+    sampler = EpochSampler(trajs, expert_epochs=2, max_start_epoch=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        start, target, info = sampler.sample(g)
+        assert info["start_epoch"] == 0
+        assert torch.equal(start, trajs[info["expert"]][0]) and torch.equal(target, trajs[info["expert"]][2])
+    four = fake_trajectories()  # 3 epochs: starts 0 and 1 both reach a checkpoint with expert_epochs 2
+    seen = {EpochSampler(four, 2, 2).sample(g)[2]["start_epoch"] for _ in range(40)}
+    assert seen == {0, 1}
+    with pytest.raises(ValueError, match="experts' 2 epochs"):
+        EpochSampler(trajs, expert_epochs=2, max_start_epoch=2)
+    with pytest.raises(ValueError, match="experts' 2 epochs"):
+        EpochSampler(trajs, expert_epochs=3, max_start_epoch=1)

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import yaml
@@ -50,9 +51,9 @@ def test_quickstart_is_valid_and_defaults_are_filled():
     ("algorithms.mtt.iterations", 0, "algorithms.mtt.iterations", "positive integer"),
     ("algorithms.mct2", {"budgets": [1]}, "algorithms.mct2", "unknown algorithm"),
     ("algorithms.mtt.hyperparameters.lr_imgs", 10, "algorithms.mtt.hyperparameters.lr_imgs", "lr_img"),
-    ("algorithms.mtt.hyperparameters.max_start_epoch", 9, "algorithms.mtt.hyperparameters.max_start_epoch",
+    ("algorithms.mtt.hyperparameters.max_start_epoch", 10, "algorithms.mtt.hyperparameters.max_start_epoch",
      "beyond the experts' 10 epochs"),
-    ("algorithms.mtt.hyperparameters.max_start_epoch", [2, 9], "algorithms.mtt.hyperparameters.max_start_epoch",
+    ("algorithms.mtt.hyperparameters.max_start_epoch", [2, 10], "algorithms.mtt.hyperparameters.max_start_epoch",
      "beyond"),
     ("algorithms.mtt.hyperparameters.lr_lr", {"loguniform": [0, 1]}, "algorithms.mtt.hyperparameters.lr_lr",
      "low > 0"),
@@ -181,13 +182,13 @@ def test_per_budget_hyperparameters_override_the_shared_ones():
     pts = [(p["budget"], p["hp"]["lr_img"], p["hp"]["max_start_epoch"]) for p in spec.trial_points()
            if p["algorithm"] == "mtt"]
     assert pts == [(1, 10, 4), (1, 100, 4), (5, 1000, 6)]
-    raw["algorithms"]["mtt"]["per_budget"] = {7: {"lr_img": 1}, 5: {"max_start_epoch": 9, "lr_im": 1}}
+    raw["algorithms"]["mtt"]["per_budget"] = {7: {"lr_img": 1}, 5: {"max_start_epoch": 10, "lr_im": 1}}
     with pytest.raises(SpecError) as e:
         validate(raw, "pb.yaml")
     msgs = "\n".join(e.value.problems)
     assert "pb.yaml: algorithms.mtt.per_budget.7: is not one of the budgets [1, 5]" in msgs
     assert "pb.yaml: algorithms.mtt.per_budget.5.lr_im: unknown key (did you mean 'lr_img'?)" in msgs
-    assert "pb.yaml: algorithms.mtt.per_budget.5.max_start_epoch: max_start_epoch (9) + expert_epochs (2)" in msgs
+    assert "pb.yaml: algorithms.mtt.per_budget.5.max_start_epoch: max_start_epoch (10) - 1 + expert_epochs (2)" in msgs
 
 
 def test_every_shipped_search_space_is_valid():
@@ -197,3 +198,251 @@ def test_every_shipped_search_space_is_valid():
     for name in names:
         spec = load_spec(folder / f"{name}.yaml")
         assert spec.trial_points(), name
+
+
+# --- hardening: names, duplicate keys, types, sweep size, the sampler's window ----------------------------
+
+@pytest.mark.parametrize("name", ["../evil", "/tmp/elsewhere", "..", ".", "", "a/b", "a\\b", "two words",
+                                  "tab\there", "nul\x00", "semi;colon", "a\u2215b"])
+def test_path_like_names_are_refused(name):
+    with pytest.raises(SpecError) as e:
+        validate(with_change("name", name), "my.yaml")
+    (problem,) = e.value.problems
+    assert problem.startswith("my.yaml: name: ") and repr(name) in problem, problem
+
+
+@pytest.mark.parametrize("name", ["t", "mtt-cifar10_ipc.1", ".hidden-ok", "café", "数据集", "Ünïcödé-2"])
+def test_safe_names_are_accepted(name):
+    assert validate(with_change("name", name)).name == name
+
+
+def test_cli_refuses_a_path_like_name_before_anything_is_written(tmp_path):
+    bad = tmp_path / "spec.yaml"
+    bad.write_text(yaml.safe_dump(with_change("name", "../evil")))
+    root = tmp_path / "runs"
+    result = CliRunner().invoke(main, ["launch", str(bad), "--root", str(root)])
+    assert result.exit_code == 2, result.output
+    assert f"{bad}: name: " in result.output and "'../evil'" in result.output
+    assert not root.exists() and not (tmp_path / "evil").exists()
+
+
+def _unchecked(name: str):
+    """A spec carrying a name that validation would refuse (as a Spec built in code could)."""
+    return dataclasses.replace(validate(BASE, "my.yaml"), name=name)
+
+
+@pytest.mark.parametrize("name", ["../evil", "..", ".", "", "a/../../b"])
+def test_sweep_dir_stays_inside_the_tune_folder(tmp_path, name):
+    from orchestrator.sweep import sweep_dir
+    from orchestrator.tracking import workspace
+
+    ws = workspace(tmp_path / "runs")
+    assert sweep_dir(_unchecked("fine"), ws) == ws.tune / "fine"
+    with pytest.raises(SpecError) as e:
+        sweep_dir(_unchecked(name), ws)
+    (problem,) = e.value.problems
+    assert problem.startswith("my.yaml: name: ") and "outside" in problem, problem
+    remote = dataclasses.replace(ws, storage="s3://bucket/runs")  # nothing is contacted
+    assert sweep_dir(_unchecked("fine"), remote) == "s3://bucket/runs/tune/fine"
+    with pytest.raises(SpecError, match="my.yaml: name: .*outside"):
+        sweep_dir(_unchecked(name), remote)
+
+
+def test_fresh_never_moves_a_folder_outside_the_store(tmp_path):
+    from orchestrator.progress import Progress
+    from orchestrator.sweep import _prepare
+    from orchestrator.tracking import workspace
+
+    mine = tmp_path / "my-thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("precious")
+    ws = workspace(tmp_path / "runs")
+    with pytest.raises(SpecError, match="my.yaml: name: "):
+        _prepare(_unchecked(str(mine)), ws, True, Progress())
+    assert (mine / "chapter1.tex").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-thesis", "runs"]
+    # a proper name is still moved aside, next to itself inside tune/
+    (ws.tune / "fine").mkdir(parents=True)
+    exp_dir, state = _prepare(_unchecked("fine"), ws, True, Progress())
+    assert exp_dir == ws.tune / "fine" and state is None
+    (aside,) = [p.name for p in ws.tune.iterdir()]
+    assert aside.startswith("fine.replaced-")
+
+
+def test_duplicate_keys_name_both_lines(tmp_path):
+    from orchestrator.spec import load_spec
+
+    p = tmp_path / "dup.yaml"
+    p.write_text("name: first\n"              # 1
+                 "dataset: {name: digits}\n"  # 2
+                 "experts:\n"                 # 3
+                 "  count: 2\n"               # 4
+                 "  epochs: 20\n"             # 5
+                 "  count: 3\n"               # 6
+                 "algorithms:\n"              # 7
+                 "  mtt:\n"                   # 8
+                 "    budgets: [1]\n"         # 9
+                 "    per_budget: {1: {lr_img: 10}, 1: {lr_img: 20}}\n"  # 10
+                 "name: second\n")            # 11
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert e.value.problems == [f"{p}: experts.count: duplicate key, lines 4 and 6",
+                                f"{p}: algorithms.mtt.per_budget.1: duplicate key, lines 10 and 10",
+                                f"{p}: name: duplicate key, lines 1 and 11"]
+    p.write_text(p.read_text().replace("epochs: 20", "epochs: 20\n  dsa: 1"))  # and the other problems with them
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    assert len(e.value.problems) == 4 and e.value.problems[3] == f"{p}: experts.dsa: must be bool, got int 1"
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    p = tmp_path / "merge.yaml"
+    p.write_text("name: m\ndataset: {name: digits}\nexperts: {count: 2, epochs: 10}\n"
+                 "model:\n  <<: {depth: 2, width: 16}\n  width: 8\n"
+                 "algorithms: {mtt: {budgets: [1], hyperparameters: {max_start_epoch: 4}}}\n")
+    assert load_spec(p).model == {"name": "convnet", "depth": 2, "width": 8, "norm": "instancenorm",
+                                  "pooling": "avgpooling"}
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1e-6", 1e-6), ("1E5", 1e5), (".5", 0.5), ("-2e+3", -2000.0), ("1.0e5", 1e5), ("+3.5E-2", 0.035),
+    ("1.0e-7", 1e-7), ("10", 10), ("-3", -3), ("1e", "1e"), ("e5", "e5"), ("09", "09"), ("1e-6x", "1e-6x"),
+])
+def test_numbers_are_read_as_yaml_1_2_does(tmp_path, text, value):
+    from orchestrator.spec import read_yaml
+
+    got = read_yaml(f"a: {text}\nb: [{text}]\n", "n.yaml")
+    assert got == {"a": value, "b": [value]} and type(got["a"]) is type(value)
+
+
+def test_lr_lr_written_1e_6_is_a_number(tmp_path):
+    p = tmp_path / "lr.yaml"
+    raw = yaml.safe_dump(BASE).replace("max_start_epoch: 4", "max_start_epoch: 4\n      lr_lr: 1e-6\n"
+                                       "      lr_img: {loguniform: [1e1, 1E3]}")
+    p.write_text(raw)
+    hp = load_spec(p).algorithms["mtt"]["hyperparameters"]
+    assert hp["lr_lr"] == 1e-6 and hp["lr_img"] == {"loguniform": [10.0, 1000.0]}
+
+
+HP = "algorithms.mtt.hyperparameters"
+
+
+@pytest.mark.parametrize("path, value, words", [
+    (f"{HP}.syn_steps", "two", "must be a number, got str 'two'"),
+    (f"{HP}.lr_img", [30, "abc"], "must be a number, got str 'abc'"),
+    (f"{HP}.lr_img", {"choice": [30, "x"]}, "must be a number, got str 'x'"),
+    (f"{HP}.lr_img", [30, None], "must be a number, got null"),
+    (f"{HP}.lr_img", [30, [1, 2]], "nested list [1, 2]"),
+    (f"{HP}.lr_img", True, "must be a number, got bool True"),
+    (f"{HP}.lr_img", {"choice": [30, [1, 2]]}, "plain values, got [1, 2]"),
+    (f"{HP}.lr_img", {"uniform": [1, float("inf")]}, "finite"),
+    (f"{HP}.lr_lr", float("nan"), "finite"),
+    (f"{HP}.max_start_epoch", {"randint": [1, "5"]}, "'5'"),
+    (f"{HP}.max_start_epoch", {"uniform": [1, 2], "choice": [1]}, "one-key mapping"),
+    (f"{HP}.dsa", "yes", "must be true or false, got str 'yes'"),
+    (f"{HP}.dsa", [True, "no"], "must be true or false, got str 'no'"),
+    (f"{HP}.dsa", {"uniform": [0, 1]}, "uniform draws numbers"),
+    (f"{HP}.pix_init", 3, "must be a string, got int 3"),
+    (f"{HP}.pix_init", {"choice": ["real", "nois"]}, "must be real or noise, got 'nois'"),
+    (f"{HP}.grad_mode", None, "must be a string, got null"),
+    (f"{HP}.batch_syn", "all", "must be a number or null, got str 'all'"),
+    ("experts.dsa", "yes", "must be bool, got str 'yes'"),
+    ("evaluation.dsa", "yes", "must be bool, got str 'yes'"),
+])
+def test_wrong_types_name_the_key_and_the_value(path, value, words):
+    with pytest.raises(SpecError) as e:
+        validate(with_change(path, value), "my.yaml")
+    assert any(p.startswith(f"my.yaml: {path}: ") and words in p for p in e.value.problems), e.value.problems
+
+
+def test_a_bad_element_is_reported_with_every_other_one():
+    spec = with_change(f"{HP}.lr_img", [30, None, [1, 2]])
+    with pytest.raises(SpecError) as e:
+        validate(spec, "my.yaml")
+    assert [p.split(": ", 2)[2].split(",")[0] for p in e.value.problems] == \
+        ["must be a number", "a grid is a flat list of values"]
+
+
+def test_null_is_allowed_where_the_default_is_null_and_mct_farzi_types():
+    spec = with_change(f"{HP}.batch_syn", [None, 4])
+    assert validate(spec).algorithms["mtt"]["hyperparameters"]["batch_syn"] == [None, 4]
+    mct = copy.deepcopy(BASE)
+    mct["algorithms"] = {"mct": {"budgets": [1], "hyperparameters": {"smooth": "yes", "continuous": 1,
+                                                                     "expert_epochs": {"uniform": [1.5, 3]}}}}
+    with pytest.raises(SpecError) as e:
+        validate(mct, "m.yaml")
+    assert sorted(p.split(": ")[1] for p in e.value.problems) == [
+        "algorithms.mct.hyperparameters.continuous", "algorithms.mct.hyperparameters.smooth"]
+    seq = copy.deepcopy(SEQ)
+    seq["algorithms"]["farzi"]["hyperparameters"].update(second_moment="no", precision=64, inner_lr="1e-3")
+    with pytest.raises(SpecError) as e:
+        validate(seq, "f.yaml")
+    msgs = "\n".join(e.value.problems)
+    assert "f.yaml: algorithms.farzi.hyperparameters.second_moment: must be true or false, got str 'no'" in msgs
+    assert "f.yaml: algorithms.farzi.hyperparameters.precision: must be a string, got int 64" in msgs
+    assert "f.yaml: algorithms.farzi.hyperparameters.inner_lr: must be a number, got str '1e-3'" in msgs
+
+
+def test_sweep_size_is_counted_without_expanding_it():
+    raw = copy.deepcopy(BASE)
+    raw["algorithms"]["mtt"]["hyperparameters"].update(
+        {k: [float(v) for v in range(1, 11)] for k in ("lr_img", "lr_lr", "lr_teacher", "momentum")})
+    raw["algorithms"]["mtt"]["hyperparameters"].update(syn_steps=list(range(1, 11)), batch_syn=list(range(1, 11)))
+    with pytest.raises(SpecError) as e:
+        validate(raw, "big.yaml")
+    (problem,) = e.value.problems
+    assert problem.startswith("big.yaml: resources.max_trials: ") and "2000002 trials" in problem \
+        and "limit of 10000" in problem, problem
+    raw["resources"] = {"max_trials": 2_000_002}
+    assert validate(raw).trial_count() == 2_000_002
+
+
+def test_trial_count_matches_the_points_tune_runs():
+    raw = copy.deepcopy(BASE)
+    raw["num_samples"] = 3
+    raw["algorithms"]["mtt"]["hyperparameters"].update(lr_img=[10, 100, 1000], lr_lr={"loguniform": [1e-7, 1e-5]})
+    raw["algorithms"]["mtt"]["per_budget"] = {5: {"syn_steps": [2, 4], "lr_img": 50}}
+    spec = validate(raw)
+    assert spec.trial_count() == len(spec.trial_points()) * 3 == (2 + 3 + 2) * 3
+    raw["resources"] = {"max_trials": 20}
+    with pytest.raises(SpecError, match=r"resources.max_trials: .*21 trials .*limit of 20"):
+        validate(raw, "s.yaml")
+    for bad in (0, -1, 2.5, True, "many"):
+        raw["resources"] = {"max_trials": bad}
+        with pytest.raises(SpecError, match="s.yaml: resources.max_trials: "):
+            validate(raw, "s.yaml")
+
+
+def test_search_sweeps_count_num_samples():
+    raw = copy.deepcopy(BASE)
+    raw.update(search={"name": "optuna"}, baselines=[], num_samples=10001)
+    raw["algorithms"]["mtt"].update(budgets=[1], hyperparameters={"lr_img": [10, 100], "expert_epochs": 2,
+                                                                   "max_start_epoch": 4})
+    with pytest.raises(SpecError, match="10001 trials"):
+        validate(raw, "o.yaml")
+
+
+@pytest.mark.parametrize("start, ok", [(9, True), (10, False)])
+def test_mtt_window_edge_matches_the_sampler(start, ok):
+    """Starts are drawn from [0, max_start_epoch): the last start plus expert_epochs must be a checkpoint."""
+    spec = with_change(f"{HP}.max_start_epoch", start)  # experts.epochs 10, expert_epochs 2
+    if ok:
+        assert validate(spec).algorithms["mtt"]["hyperparameters"]["max_start_epoch"] == 9
+        return
+    with pytest.raises(SpecError) as e:
+        validate(spec, "my.yaml")
+    assert e.value.problems == [f"my.yaml: {HP}.max_start_epoch: max_start_epoch (10) - 1 + expert_epochs (2) = 11 "
+                                "goes beyond the experts' 10 epochs (experts.epochs): starts are drawn from "
+                                "[0, max_start_epoch)"]
+
+
+def test_per_budget_values_are_typed_too_and_max_trials_leaves_the_hash_alone():
+    raw = copy.deepcopy(BASE)
+    raw["algorithms"]["mtt"]["per_budget"] = {5: {"syn_steps": "two", "lr_img": {"choice": [1, None]}}}
+    with pytest.raises(SpecError) as e:
+        validate(raw, "pb.yaml")
+    assert e.value.problems == [
+        "pb.yaml: algorithms.mtt.per_budget.5.syn_steps: must be a number, got str 'two'",
+        "pb.yaml: algorithms.mtt.per_budget.5.lr_img: must be a number, got null (in {choice: [1, None]})"]
+    # max_trials is a guard, not part of the sweep: a sweep launched before it existed still resumes
+    assert validate(BASE).hash == validate(with_change("resources.max_trials", 50)).hash
