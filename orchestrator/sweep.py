@@ -341,7 +341,7 @@ def check_resume_trust(exp_dir: Path | str) -> None:
             f"experiment_state-*.json, ...), which runs any code written into them, so they must be writable by "
             f"you alone (as ssh requires of its keys), and these are not:\n  {shown}\n"
             f"If you trust their contents, make them yours and remove the write permission of group and others "
-            f"(chown -R {_name(me).split(' ')[0]} {exp_dir}; chmod -R go-w {exp_dir} {exp_dir.parent}); otherwise "
+            f"(chown -R {_name(me).split(' ')[0]} {exp_dir}; chmod -R go-w {exp_dir}; chmod go-w {exp_dir.parent}); otherwise "
             f"launch with --fresh, which moves the folder aside without reading it.")
 
 

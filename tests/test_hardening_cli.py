@@ -192,7 +192,7 @@ def test_resume_refuses_a_tune_folder_that_others_can_write(tmp_path):
         assert isinstance(e.value, sweep_mod.ResumeTrustError)
         msg = str(e.value)
         assert f"refusing to resume the sweep in {exp_dir}" in msg and f"{path}: {what}" in msg, msg
-        assert "unpickling" in msg and "--fresh" in msg and "chmod -R go-w" in msg
+        assert "unpickling" in msg and "--fresh" in msg and f"chmod -R go-w {exp_dir}; chmod go-w {exp_dir.parent}" in msg
         path.chmod(before)
     # the owner's files, writable by the owner only: resumed (Tune's state exists)
     exp, resume = sweep_mod._prepare(spec, ws, False, Progress())
