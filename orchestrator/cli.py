@@ -240,7 +240,7 @@ def _export_target_problem(path: Path, force: bool) -> str | None:
     regular file, is replaced (never what a link points to, a device, a folder or a pipe)."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a new file (or one that cannot be: said when writing)
         return None
     if not stat.S_ISREG(st.st_mode):
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "special file")
@@ -322,6 +322,8 @@ def export(run_id, output, force, root, tracking_uri):
             _write_export(Path(output), data, replace=force)
         except FileExistsError:
             _fail(f"-o {output}: a file appeared there while exporting; add --force to overwrite it")
+        except OSError as e:
+            _fail(f"-o {output}: cannot write it: {e.strerror or e}")
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items() if v.ndim)
     lr = f", lr {float(tensors['lr']):.5g}" if "lr" in tensors else ""
     click.echo(f"wrote {'stdout' if to_stdout else output}: {shapes}{lr}, dataset {meta['dataset']}, "
