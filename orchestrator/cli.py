@@ -1,10 +1,13 @@
 """The ``orchestrate`` command: launch | experts | results | export | ui | submit | status | logs."""
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import click
@@ -179,10 +182,12 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, 
 
     from . import results as res
 
+    if sweep and all_sweeps:
+        _fail(f"--sweep {sweep} and --all contradict each other: give --sweep for one sweep, --all for every one")
     ws = workspace(root, tracking_uri)
     try:
-        if sweep and not all_sweeps:  # an unknown sweep id is an error, not an empty table
-            res.get_runs(MlflowClient(ws.tracking_uri), [sweep])
+        if sweep:  # an unknown id, or a run that is not a sweep, is an error, not an empty table
+            res.check_sweep(MlflowClient(ws.tracking_uri), sweep, experiment)
         rows = res.collect(ws.tracking_uri, sweep=sweep, experiment=experiment, all_sweeps=all_sweeps)
     except LookupError as e:
         _fail(str(e), 1)
@@ -226,20 +231,73 @@ def compare(run_ids, root, tracking_uri, fmt, only_diff):
         console.print(res.compare_table(cmp, title=f"{len(cmp['runs'])} runs"))
 
 
+_KINDS = ((stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "folder"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"))
+
+
+def _export_target_problem(path: Path, force: bool) -> str | None:
+    """Why ``export`` must not write to ``path``: only a new file, or with ``force`` an existing
+    regular file, is replaced (never what a link points to, a device, a folder or a pipe)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # a new file (or one that cannot be: said when writing)
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "special file")
+        return (f"-o {path}: it is a {kind}, and export writes regular files only (even with --force); "
+                f"to stream the set, write to stdout with -o - and redirect it")
+    if not force:
+        return f"-o {path}: the file exists; add --force to overwrite it"
+    return None
+
+
+def _write_export(path: Path, data: bytes, replace: bool) -> None:
+    """Write ``path`` whole or not at all (a hidden temporary file beside it, fsync'd, then renamed
+    over an existing regular file when ``replace``, or hard-linked: refused if anything appeared there)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # atomic, and never replaces anything
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: an exclusive create instead
+            with open(path, "xb") as f:
+                f.write(data)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 @main.command()
 @click.argument("run_id")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write (.safetensors).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Where to write (.safetensors); - writes to stdout (the summary then goes to stderr).")
+@click.option("--force", is_flag=True, help="Overwrite an existing regular file (never a link, device, folder or pipe).")
 @root_option
 @uri_option
-def export(run_id, output, root, tracking_uri):
-    """Write the synthetic set of trial RUN_ID to a safetensors file."""
+def export(run_id, output, force, root, tracking_uri):
+    """Write the synthetic set of trial RUN_ID to a safetensors file (a new one unless --force)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from .artifacts import read_synthetic
-    from .store import atomic_write_bytes
     from .trial import SYNTHETIC_ARTIFACT
 
+    to_stdout = output == "-"
+    if to_stdout and sys.stdout.isatty():
+        _fail("-o - writes binary safetensors to stdout, which is a terminal here: redirect it (> set.safetensors) "
+              "or pipe it")
+    problem = None if to_stdout else _export_target_problem(Path(output), force)
+    if problem:
+        _fail(problem)
     ws = workspace(root, tracking_uri)
     client = MlflowClient(ws.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,10 +309,25 @@ def export(run_id, output, root, tracking_uri):
             tensors, meta = read_synthetic(local)
         except ValueError as e:
             _fail(str(e), 1)
-        atomic_write_bytes(Path(output), Path(local).read_bytes())
+        data = Path(local).read_bytes()
+    if to_stdout:
+        out = click.get_binary_stream("stdout")
+        out.write(data)
+        out.flush()
+    else:
+        problem = _export_target_problem(Path(output), force)  # again: the download took a while
+        if problem:
+            _fail(problem)
+        try:
+            _write_export(Path(output), data, replace=force)
+        except FileExistsError:
+            _fail(f"-o {output}: a file appeared there while exporting; add --force to overwrite it")
+        except OSError as e:
+            _fail(f"-o {output}: cannot write it: {e.strerror or e}")
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items() if v.ndim)
     lr = f", lr {float(tensors['lr']):.5g}" if "lr" in tensors else ""
-    click.echo(f"wrote {output}: {shapes}{lr}, dataset {meta['dataset']}, algorithm {meta['algorithm']}")
+    click.echo(f"wrote {'stdout' if to_stdout else output}: {shapes}{lr}, dataset {meta['dataset']}, "
+               f"algorithm {meta['algorithm']}", err=to_stdout)
 
 
 @main.command()

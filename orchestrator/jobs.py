@@ -3,7 +3,7 @@
 ``submit`` validates the spec here (a bad spec never reaches the cluster), then gives the
 cluster's job server (part of Ray's dashboard: ``ray[default]``, the ``cluster`` extra) a job
 whose runtime_env ``working_dir`` is a folder holding only the spec, and whose entrypoint is
-``orchestrate launch SPEC --address auto --root ROOT ...``. Inside a job ``RAY_ADDRESS`` is set,
+``orchestrate launch --address auto --root ROOT ... -- SPEC``. Inside a job ``RAY_ADDRESS`` is set,
 so the launch joins the cluster it runs on. The cluster's nodes need this package installed
 (``orchestrate`` on their PATH); ``--root``, ``--storage`` and the spec's paths (``dataset.root``)
 are paths on the cluster. Jobs carry ``orchestrate.*`` metadata, which ``status`` uses to list
@@ -56,15 +56,19 @@ def _fail(message: str, code: int = 1):
 
 def launch_entrypoint(spec_file: str, root: str, tracking_uri: str | None = None, storage: str | None = None,
                       fresh: bool = False) -> str:
-    """The shell command a submitted job runs, quoted with ``shlex`` (spaces in paths survive)."""
-    args = ["orchestrate", "launch", spec_file, "--address", "auto", "--root", root]
+    """The shell command a submitted job runs, quoted with ``shlex`` (spaces in paths survive).
+
+    The spec comes last, after ``--``: a spec file named ``--fresh`` (or ``--help``, ...) is then a
+    file name, not an option of ``launch``. Every option value is its own word right after its
+    option, which click takes as the value whatever it begins with."""
+    args = ["orchestrate", "launch", "--address", "auto", "--root", root]
     if tracking_uri:
         args += ["--tracking-uri", tracking_uri]
     if storage:
         args += ["--storage", storage]
     if fresh:
         args.append("--fresh")
-    return shlex.join(args)
+    return shlex.join(args + ["--", spec_file])
 
 
 def _headers() -> dict | None:

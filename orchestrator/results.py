@@ -39,9 +39,30 @@ def latest_sweep(client: MlflowClient, experiment: str | None = None) -> str | N
     return runs[0].info.run_id if runs else None
 
 
+def check_sweep(client: MlflowClient, run_id: str, experiment: str | None = None):
+    """The parent run of sweep ``run_id``; LookupError when there is no such run, when it is not a
+    sweep (a trial: the message names its sweep) or when it is not in ``experiment``."""
+    run = get_runs(client, [run_id])[0]
+    role, parent = run.data.tags.get(ROLE_TAG), run.data.tags.get(PARENT_TAG)
+    if role != "sweep":
+        if role == "trial" and parent:
+            raise LookupError(f"run {run_id} is a trial of sweep {parent}, not a sweep: use --sweep {parent} "
+                              f"(and `orchestrate compare {run_id}` for this trial alone)")
+        raise LookupError(f"run {run_id} is not a sweep: its tag {ROLE_TAG} is "
+                          f"{'missing' if role is None else repr(role)}, a sweep's parent run has {ROLE_TAG} = sweep")
+    if experiment:
+        exp = client.get_experiment(run.info.experiment_id)
+        if exp.name != experiment:
+            raise LookupError(f"sweep {run_id} is in experiment {exp.name!r}, not {experiment!r}")
+    return run
+
+
 def collect(tracking_uri: str, sweep: str | None = None, experiment: str | None = None,
             all_sweeps: bool = False) -> list[dict[str, Any]]:
-    """Rows for the trials of one sweep (default: the latest) or of every sweep."""
+    """Rows for the trials of one sweep (default: the latest) or of every sweep (``all_sweeps``,
+    which excludes ``sweep``: ValueError)."""
+    if sweep and all_sweeps:
+        raise ValueError(f"either one sweep ({sweep}) or all of them, not both")
     client = MlflowClient(tracking_uri)
     exps = _experiments(client, experiment)
     if not exps:

@@ -5,8 +5,12 @@
 """
 from __future__ import annotations
 
+import functools
+import grp
 import json
 import os
+import pwd
+import stat
 import subprocess
 import tempfile
 import time
@@ -46,23 +50,61 @@ class SweepResult:
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Join the cluster at ``address`` (``auto`` or HOST:PORT; inside a Ray job, ``RAY_ADDRESS``),
-    or start a new local Ray with no dashboard. Without an address a stale ``ray start`` on this
-    machine is never joined by accident (Ray's own default would). A Ray session that is already
-    up (tests, notebooks) is used as it is."""
+    or start a new local Ray with no dashboard, every port of it on 127.0.0.1 (see
+    :func:`_loopback_only`; a cluster that is joined keeps its own settings). Without an address a
+    stale ``ray start`` on this machine is never joined by accident (Ray's own default would). A Ray
+    session that is already up (tests, notebooks) is used as it is."""
     if ray.is_initialized():
         yield
         return
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter honours verbose=0: our bars show progress
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    restore = None if address else _loopback_only()
     try:
-        yield
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     _node_ip_address=LOOPBACK)
+        try:
+            yield
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        if restore is not None:
+            restore()
+
+
+LOOPBACK = "127.0.0.1"
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for a node that is never part of a cluster
+
+
+def _loopback_only():
+    """Make the local Ray that is about to start listen on 127.0.0.1 only, and return what undoes it.
+
+    Ray's processes bind their gRPC servers (GCS, raylet's node and object managers, every worker,
+    the dashboard and runtime-env agents, the metrics agent) to the node's IP address when it is
+    the loopback address and to every interface otherwise, and ``ray.init`` turns a
+    ``_node_ip_address`` of 127.0.0.1 into the machine's routable address, except when Ray clusters
+    are off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's default on macOS and Windows, where it
+    keeps a local Ray on loopback). So clusters are turned off for this process while the session
+    lasts (Ray read the variable when it was imported: its constant is set too) and for the processes
+    it starts (the variable, which they inherit)."""
+    from ray._private import ray_constants
+
+    saved_env, saved_const = os.environ.get(LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+    def restore():
+        ray_constants.ENABLE_RAY_CLUSTER = saved_const
+        if saved_env is None:
+            os.environ.pop(LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = saved_env
+
+    return restore
 
 
 def _git_commit() -> str | None:
@@ -231,6 +273,93 @@ def _read_sidecar(exp_dir: Path | str) -> dict | None:
         return None
 
 
+class ResumeTrustError(SpecError):
+    """Tune's saved state of a sweep could have been written by someone else (exit code 2)."""
+
+    def __init__(self, message: str):
+        self.problems = [message]
+        ValueError.__init__(self, message)
+
+
+@functools.lru_cache(maxsize=None)
+def _private_group(gid: int, uid: int) -> bool:
+    """Group ``gid`` has one member, user ``uid`` (a user private group, as with umask 002): its
+    write permission lets nobody else write. The rule of Debian's OpenSSH for group-writable keys."""
+    try:
+        group, owner = grp.getgrgid(gid), pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    primary = [p.pw_uid for p in pwd.getpwall() if p.pw_gid == gid]
+    if any(u != uid for u in primary) or group.gr_mem not in ([], [owner.pw_name]):
+        return False
+    return bool(primary or group.gr_mem)
+
+
+def _name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _trust_problem(st: os.stat_result, me: int) -> str | None:
+    """Why a file or folder with status ``st`` could have been written by a user other than ``me``."""
+    if st.st_uid not in (me, 0):
+        return f"owned by {_name(st.st_uid)}"
+    if st.st_mode & stat.S_IWOTH:
+        return f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid, st.st_uid):
+        try:
+            group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            group = str(st.st_gid)
+        return f"writable by group {group} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def check_resume_trust(exp_dir: Path | str) -> None:
+    """Refuse to resume a sweep whose Tune folder someone else could have written.
+
+    ``Tuner.restore`` unpickles ``tuner.pkl`` and more (the trials in ``experiment_state-*.json``
+    carry cloudpickled fields; searcher and callback states are pickles): whoever can write them
+    runs code as the user who resumes. So, as ssh does with its keys, the Tune folder, its parent
+    and everything in it must be owned by this user (or root) and writable by nobody else (a group
+    whose only member is the owner is fine). Raises :class:`ResumeTrustError`. Remote storage
+    (s3://, gs://) cannot be checked here: its access control is the bucket's."""
+    if storage.is_remote(exp_dir):
+        return
+    exp_dir, me = Path(exp_dir), os.geteuid()
+    problems = []
+
+    def check(path: Path, follow: bool) -> None:
+        try:
+            st = path.stat() if follow else path.lstat()
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):  # the link's own owner, then what it points to
+            if st.st_uid not in (me, 0):
+                problems.append(f"{path}: a symbolic link owned by {_name(st.st_uid)}")
+            return check(path, True)
+        why = _trust_problem(st, me)
+        if why:
+            problems.append(f"{path}: {why}")
+
+    check(exp_dir.parent, True)
+    check(exp_dir, True)
+    for folder, dirs, files in os.walk(exp_dir):
+        for name in dirs + files:
+            check(Path(folder, name), False)
+    if problems:
+        shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ResumeTrustError(
+            f"refusing to resume the sweep in {exp_dir}: Ray Tune restores it by unpickling its files (tuner.pkl, "
+            f"experiment_state-*.json, ...), which runs any code written into them, so they must be writable by "
+            f"you alone (as ssh requires of its keys), and these are not:\n  {shown}\n"
+            f"If you trust their contents, make them yours and remove the write permission of group and others "
+            f"(chown -R {_name(me).split(' ')[0]} {exp_dir}; chmod -R go-w {exp_dir}; chmod go-w {exp_dir.parent}); otherwise "
+            f"launch with --fresh, which moves the folder aside without reading it.")
+
+
 def _prepare(spec: Spec, ws: Workspace, fresh: bool, progress: Progress) -> tuple[Path | str, dict | None]:
     """Decide between resuming and starting: returns the experiment folder and the state of the
     sweep to resume (None: start a new one). ``fresh`` moves an existing sweep aside (nothing is
@@ -248,6 +377,7 @@ def _prepare(spec: Spec, ws: Workspace, fresh: bool, progress: Progress) -> tupl
     state = _read_sidecar(exp_dir)
     if state is None:
         return exp_dir, None
+    check_resume_trust(exp_dir)
     if state.get("spec_hash") != spec.hash:
         raise SpecError([f"{spec.path}: a sweep named {spec.name!r} already exists in {exp_dir} with another spec "
                          f"(hash {state.get('spec_hash')}, this one {spec.hash}); re-launch with --fresh to start "

@@ -73,10 +73,22 @@ def workspace(root: str | os.PathLike | None = None, tracking_uri: str | None = 
     root_path = Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser().resolve()
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root_path / 'mlflow.db'}"
     if uri.startswith("sqlite:"):
-        root_path.mkdir(parents=True, exist_ok=True)
+        make_private_dir(root_path)
     where = storage or os.environ.get(_storage.STORAGE_ENV) or None
     shared = _storage.normalise(where) if where else None
     return Workspace(root_path, uri, None if shared == root_path else shared)
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) with the new folder itself readable and writable by
+    its owner only (0700): the store holds what Tune unpickles on resume. An existing folder keeps
+    its mode (a user who wants a shared root creates it first, with the mode of their choice)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:

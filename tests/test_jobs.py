@@ -36,11 +36,11 @@ def orchestrate(*args, env=None):
 
 def test_entrypoint_quotes_paths_with_spaces():
     cmd = launch_entrypoint("my spec.yaml", "/data/my runs", "http://mlflow:5000", "s3://b/my runs", fresh=True)
-    assert shlex.split(cmd) == ["orchestrate", "launch", "my spec.yaml", "--address", "auto", "--root",
-                                "/data/my runs", "--tracking-uri", "http://mlflow:5000", "--storage", "s3://b/my runs",
-                                "--fresh"]
+    assert shlex.split(cmd) == ["orchestrate", "launch", "--address", "auto", "--root", "/data/my runs",
+                                "--tracking-uri", "http://mlflow:5000", "--storage", "s3://b/my runs", "--fresh",
+                                "--", "my spec.yaml"]
     assert shlex.split(launch_entrypoint("a'b;rm -x.yaml", "/r")) == [
-        "orchestrate", "launch", "a'b;rm -x.yaml", "--address", "auto", "--root", "/r"]
+        "orchestrate", "launch", "--address", "auto", "--root", "/r", "--", "a'b;rm -x.yaml"]
 
 
 def test_submit_refuses_bad_input_before_contacting_any_cluster(tmp_path):
@@ -158,8 +158,8 @@ def test_a_submitted_launch_runs_on_the_cluster_and_is_followed_by_status_and_lo
     assert job.startswith("raysubmit_") and f"orchestrate logs {job} --follow" in r.stderr
     info = client.get_job_info(job)
     assert info.metadata["orchestrate.spec"] == "tiny-job" and info.runtime_env["working_dir"].startswith("gcs://")
-    assert shlex.split(info.entrypoint) == ["orchestrate", "launch", "my spec.yaml", "--address", "auto",
-                                            "--root", str(root)]
+    assert shlex.split(info.entrypoint) == ["orchestrate", "launch", "--address", "auto", "--root", str(root),
+                                            "--", "my spec.yaml"]
     # the same sweep again while it runs: refused, nothing submitted
     again = orchestrate("submit", spec, "--address", head, "--root", root)
     assert again.exit_code == 1 and f"job {job}" in again.stderr and "already running" in again.stderr, again.output
