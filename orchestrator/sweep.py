@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,16 +20,17 @@ from typing import Any, Iterator
 import ray
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler
 
 from .datasets import load_dataset
-from .experts import ExpertSet, ensure_experts
+from .experts import ExpertSet, ensure_experts, expert_key
 from .progress import Bar, Progress
 from .results import summarise_sweep
 from .sequences import RecData, load_sequences, seq_task
-from . import storage
+from . import locks, storage
 from .spec import Spec, SpecError
 from .store import TrajectoryStore, atomic_write_bytes, library_versions
 from .tracking import ROLE_TAG, RunLogger, Workspace, ensure_experiment
@@ -81,7 +84,14 @@ def load_data(spec: Spec):
     return load_dataset(spec.dataset["name"], spec.dataset["root"])
 
 
-def _check_budgets(spec: Spec, data) -> None:
+class LaunchError(RuntimeError):
+    """A state of the store that stops a launch before anything runs (the message names the file
+    and what to do); ``orchestrate`` exits with code 2."""
+
+
+def check_budgets(spec: Spec, data) -> None:
+    """Refuse budgets that the data cannot fill (a SpecError naming the file and the key): the
+    CLI calls it before Ray starts, :func:`launch` again for callers of the API."""
     import torch
 
     if spec.sequences:
@@ -101,9 +111,55 @@ def _check_budgets(spec: Spec, data) -> None:
                              f"{smallest} training images of the smallest class of {spec.dataset['name']}"])
 
 
-def train_experts(spec: Spec, ws: Workspace, progress: Progress | None = None) -> ExpertSet:
-    data = load_data(spec)
-    return ensure_experts(spec, data, TrajectoryStore(ws.trajectories), progress)
+def train_experts(spec: Spec, ws: Workspace, progress: Progress | None = None, data=None) -> ExpertSet:
+    """The spec's experts in the store (``data``: the spec's dataset, when the caller loaded it)."""
+    data = load_data(spec) if data is None else data
+    return _locked_experts(spec, data, ws, progress)
+
+
+def _locked_experts(spec: Spec, data, ws: Workspace, progress: Progress | None) -> ExpertSet:
+    """:func:`ensure_experts` under the lock of the expert set (one per store key, see
+    :mod:`orchestrator.locks`): a launch that needs experts another process is training waits for
+    them, then reuses them, rather than training them a second time."""
+    store = TrajectoryStore(ws.trajectories)
+    key = expert_key(spec, data)
+    say = progress.info if progress is not None else print
+    with locks.hold(locks.experts_lock_path(ws.root, spec.dataset["name"], key),
+                    f"the experts {store.dir(key, spec.dataset['name'])}", wait=True, on_wait=say):
+        return ensure_experts(spec, data, store, progress)
+
+
+def check_resume(spec: Spec, ws: Workspace, fresh: bool) -> None:
+    """Before Ray starts: a sweep to resume must still have its MLflow parent run.
+
+    The sidecar ``tune/<name>/orchestrate.json`` names the parent run. When the tracking store
+    lost it (``mlflow.db`` deleted or replaced), the launch is refused with what happened and
+    ``--fresh``. Recreating a parent run and resuming would not be sound: the child runs of the
+    finished trials went with the database, and Tune, resuming, would not run those trials again,
+    so the sweep would end "finished" with their results missing from MLflow and from its table.
+    Starting over (``--fresh``: the old Tune folder is moved aside) is the honest way."""
+    if fresh:
+        return
+    exp_dir = sweep_dir(spec, ws)
+    state = _read_sidecar(exp_dir)
+    if state is None or state.get("spec_hash") != spec.hash or not state.get("parent_run_id"):
+        return  # nothing to resume, or another spec under this name: _prepare says so
+    run_id, sidecar = state["parent_run_id"], storage.join(exp_dir, SIDECAR)
+    try:
+        run = MlflowClient(ws.tracking_uri).get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise LaunchError(
+            f"{sidecar}: parent_run_id: the sweep {spec.name!r} logs to MLflow run {run_id}, which is not in "
+            f"the tracking store {ws.tracking_uri} (was the database deleted or replaced?). Its trials' runs are "
+            f"gone with it, so the sweep cannot be resumed: re-launch with --fresh to start it over (the old Tune "
+            f"folder is moved aside), or point --tracking-uri/--root at the store that holds the run") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise LaunchError(
+            f"{sidecar}: parent_run_id: the sweep {spec.name!r} logs to MLflow run {run_id}, which was deleted in "
+            f"{ws.tracking_uri}; restore it (`mlflow runs restore --run-id {run_id}`) to resume the sweep, or "
+            f"re-launch with --fresh to start it over")
 
 
 def full_data_metrics(spec: Spec, data, experts: ExpertSet) -> dict[str, list[float]]:
@@ -243,17 +299,18 @@ def _prepare(spec: Spec, ws: Workspace, fresh: bool, progress: Progress) -> tupl
 
 
 def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callback] | None = None,
-           fresh: bool = False) -> SweepResult:
+           fresh: bool = False, data=None) -> SweepResult:
     """Run the whole sweep of ``spec``; Ray must be initialised (see :func:`ray_session`).
 
     A sweep is identified by the spec's name: launching a spec whose sweep exists resumes it with
     ``Tuner.restore`` (finished trials are not rerun, unfinished ones continue from their last
     checkpoint, errored ones are retried from theirs, every trial keeps its MLflow child run);
-    ``fresh`` starts over. ``callbacks`` are extra Tune callbacks (driver side)."""
-    data = load_data(spec)
-    _check_budgets(spec, data)
+    ``fresh`` starts over. ``callbacks`` are extra Tune callbacks (driver side). ``data``: the
+    spec's dataset when the caller loaded it already (the CLI does, before Ray starts)."""
+    data = load_data(spec) if data is None else data
+    check_budgets(spec, data)
     exp_dir, resume = _prepare(spec, ws, fresh, progress)
-    experts = ensure_experts(spec, data, TrajectoryStore(ws.trajectories), progress)
+    experts = _locked_experts(spec, data, ws, progress)
     full = full_data_metrics(spec, data, experts) if spec.sequences else {"acc": list(experts.accuracy)}
 
     client = MlflowClient(ws.tracking_uri)
@@ -317,10 +374,16 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
                                                                                      parent_id),
                                                  *(callbacks or [])]),
         )
+    # Tune replaces the SIGINT handler in fit() by one that only asks its loop to stop, and puts the
+    # previous one back only when a SIGINT comes: after a fit() that ended by itself, Ctrl-C would
+    # set a flag nobody reads any more. The handler of before is put back whatever happens.
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         results = tuner.fit()
     finally:
         _ACTIVE.clear()
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
     errors = [f"{r.path}: {r.error}" for r in results if r.error is not None]
     # Interrupted (Ctrl-C, time budget): Tune counts the stopped trials as terminated, but their
     # MLflow runs are still open, and trials that never started have none.

@@ -11,6 +11,7 @@ the artifacts there; the database stays in the folder.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,54 @@ def workspace(root: str | os.PathLike | None = None, tracking_uri: str | None = 
     where = storage or os.environ.get(_storage.STORAGE_ENV) or None
     shared = _storage.normalise(where) if where else None
     return Workspace(root_path, uri, None if shared == root_path else shared)
+
+
+class TrackingStoreError(RuntimeError):
+    """A tracking store that cannot be used (the message names the file)."""
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of an SQLite tracking URI (``sqlite:///abs/path``); None for other stores."""
+    if not tracking_uri.lower().startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(tracking_uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+MLFLOW_TABLES = ("experiments", "runs", "alembic_version")  # present in every MLflow schema version
+
+
+def check_tracking_store(tracking_uri: str, write: bool = True) -> None:
+    """Open a local SQLite tracking store read-only and check that it is MLflow's, before anything
+    else is started: a corrupt file otherwise surfaces as an SQLAlchemy traceback naming no file,
+    later. A missing or empty file is fine (MLflow creates the schema). Other stores (a server,
+    PostgreSQL) are left to MLflow. ``write``: the file must be writable too. Raises
+    :class:`TrackingStoreError` naming the file."""
+    path = sqlite_file(tracking_uri)
+    if path is None or not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return
+    advice = (f"move it aside (e.g. `mv {path} {path}.broken`) to start a new tracking store, or give another "
+              f"--root or --tracking-uri")
+    if not path.is_file():
+        raise TrackingStoreError(f"{path}: the MLflow tracking database is not a file; {advice}")
+    try:
+        con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise TrackingStoreError(f"{path}: the MLflow tracking database cannot be read (sqlite: {e}); {advice}"
+                                 ) from e
+    missing = [t for t in MLFLOW_TABLES if t not in tables]
+    if missing:
+        raise TrackingStoreError(f"{path}: an SQLite file, but not an MLflow tracking database (no table "
+                                 f"{', '.join(missing)}); {advice}")
+    if write and not os.access(path, os.W_OK):
+        raise TrackingStoreError(f"{path}: the MLflow tracking database is read-only for this user; make it "
+                                 f"writable, or give another --root or --tracking-uri")
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:

@@ -1,0 +1,233 @@
+"""Hardening of `orchestrate launch` / `experts` (issue "Hardening from an adversarial pass",
+items 4, 5, 7-11): what cannot work is refused before Ray starts and names the file or folder,
+two launches of one sweep are kept apart, and Ctrl-C ends a launch in any phase with exit 130.
+
+The fast tests replace ``ray_session`` by one that fails the test: they show that the launch
+stopped before Ray would have started."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from orchestrator import locks
+from orchestrator.cli import main
+from orchestrator.spec import validate
+from orchestrator.store import atomic_write_bytes
+
+REPO = Path(__file__).resolve().parent.parent
+
+# the tiny digits spec of tests/test_e2e.py (to move into conftest.py)
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "checkpoint_interval": 2,
+    "dataset": {"name": "digits"},
+    "model": {"depth": 1, "width": 8},
+    "experts": {"count": 2, "epochs": 4, "lr": 0.03, "batch_size": 64},
+    "algorithms": {"mtt": {"budgets": [1], "iterations": 6,
+                           "hyperparameters": {"syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2}}},
+    "evaluation": {"networks": 2, "epochs": 10, "interval": 3},
+}
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Ray must not start: ``ray_session`` fails the test if it is reached."""
+    calls = []
+
+    @contextmanager
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("Ray was started")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr("orchestrator.sweep.ray_session", refuse)
+    return calls
+
+
+def write_spec(tmp_path, **changes):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# -- item 10: a store that cannot be written ------------------------------------------------------
+def test_a_failed_atomic_write_raises_its_own_error_not_the_cleanup_one(tmp_path):
+    """The temporary file was never created (the folder is read-only): removing it in the
+    ``finally`` block fails too, and that second error must not replace the first."""
+    real_open = open
+
+    def no_create(path, *a, **k):
+        if ".tmp-" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    with mock.patch("builtins.open", no_create), \
+            mock.patch("pathlib.Path.unlink", side_effect=PermissionError(13, "unlink refused")):
+        with pytest.raises(PermissionError) as e:
+            atomic_write_bytes(tmp_path / "x.json", b"{}")
+    assert e.value.strerror == "Permission denied" and ".tmp-" in e.value.filename
+
+
+def test_a_file_in_place_of_the_trajectory_folder_stops_the_launch_before_ray(tmp_path, no_ray):
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "trajectories").write_text("not a folder")
+    res = invoke("launch", write_spec(tmp_path), "--root", root)
+    assert res.exit_code == 2, res.output
+    assert f"{root / 'trajectories'}: cannot write there" in res.output and "trajectories/" in res.output
+    assert not no_ray and not (root / "tune").exists()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="runs as root: chmod does not stop root from writing")
+@pytest.mark.parametrize("command", ["launch", "experts"])
+def test_a_read_only_store_is_named_before_ray_starts(tmp_path, no_ray, command):
+    root = tmp_path / "runs"
+    (root / "trajectories").mkdir(parents=True)
+    (root / "trajectories").chmod(0o555)
+    try:
+        res = invoke(command, write_spec(tmp_path), "--root", root)
+    finally:
+        (root / "trajectories").chmod(0o755)
+    assert res.exit_code == 2, res.output
+    assert f"{root / 'trajectories'}: cannot write there (Permission denied)" in res.output
+    assert not no_ray
+
+
+# -- item 9: a corrupt mlflow.db ------------------------------------------------------------------
+def test_a_corrupt_tracking_database_is_named_before_ray_starts(tmp_path, no_ray):
+    root = tmp_path / "runs"
+    root.mkdir()
+    db = root / "mlflow.db"
+    db.write_bytes(os.urandom(8192))
+    res = invoke("launch", write_spec(tmp_path), "--root", root)
+    assert res.exit_code == 2, res.output
+    assert f"{db}: the MLflow tracking database cannot be read" in res.output and "Traceback" not in res.output
+    assert not no_ray and not (root / "tune").exists() and not (root / "trajectories").exists()
+    res = invoke("results", "--root", root)  # reading it says the same
+    assert res.exit_code == 2 and f"{db}: the MLflow tracking database cannot be read" in res.output
+
+
+def test_an_sqlite_file_that_is_not_mlflows_is_named(tmp_path):
+    import sqlite3
+
+    from orchestrator.tracking import TrackingStoreError, check_tracking_store
+
+    db = tmp_path / "mlflow.db"
+    sqlite3.connect(db).execute("CREATE TABLE t (x)").connection.commit()
+    with pytest.raises(TrackingStoreError, match="not an MLflow tracking database"):
+        check_tracking_store(f"sqlite:///{db}")
+    check_tracking_store(f"sqlite:///{tmp_path / 'absent.db'}")  # MLflow creates a missing one
+    check_tracking_store("http://127.0.0.1:5000")  # a server is MLflow's business
+
+
+# -- item 8: mlflow.db deleted under a sweep -------------------------------------------------------
+def _sidecar(root, spec_path, run_id="0" * 32):
+    spec = validate(yaml.safe_load(spec_path.read_text()), str(spec_path))
+    d = root / "tune" / spec.name
+    d.mkdir(parents=True)
+    (d / "orchestrate.json").write_text(json.dumps({"parent_run_id": run_id, "experiment_id": "1",
+                                                    "spec_hash": spec.hash, "spec_path": str(spec_path)}))
+    return d / "orchestrate.json"
+
+
+def test_a_sweep_whose_parent_run_is_gone_is_refused_before_ray_with_fresh_as_the_way(tmp_path, no_ray):
+    spec = write_spec(tmp_path)
+    root = tmp_path / "runs"
+    sidecar = _sidecar(root, spec)  # as a launch leaves it; mlflow.db was then deleted
+    res = invoke("launch", spec, "--root", root)
+    assert res.exit_code == 2, res.output
+    assert f"{sidecar}: parent_run_id" in res.output and "0" * 32 in res.output
+    assert "--fresh" in res.output and "not found" not in res.output
+    assert not no_ray
+    # --fresh goes past the check (up to Ray, refused here)
+    res = invoke("launch", spec, "--root", root, "--fresh")
+    assert no_ray and "parent_run_id" not in res.output
+
+
+# -- item 5: budgets the data cannot fill ----------------------------------------------------------
+@pytest.mark.parametrize("command", ["launch", "experts"])
+def test_budgets_beyond_the_data_are_refused_before_ray_and_write_nothing(tmp_path, no_ray, command):
+    spec = write_spec(tmp_path, algorithms={"mtt": {**TINY["algorithms"]["mtt"], "budgets": [1, 500]}})
+    root = tmp_path / "runs"
+    t0 = time.time()
+    res = invoke(command, spec, "--root", root)
+    assert res.exit_code == 2, res.output
+    assert f"{spec}: algorithms.mtt.budgets: [500] images per class exceed" in res.output
+    assert not no_ray and time.time() - t0 < 30
+    assert not (root / "trajectories").exists() and not (root / "tune").exists() and not (root / "locks").exists()
+
+
+# -- item 7: two launches of one sweep ------------------------------------------------------------
+def test_a_second_launch_of_a_running_sweep_exits_3_naming_the_holder(tmp_path, no_ray):
+    spec = write_spec(tmp_path)
+    root = tmp_path / "runs"
+    ws_tune = (root / "tune").resolve()
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from orchestrator import locks
+        with locks.hold(locks.sweep_lock_path(Path({str(root.resolve())!r}), "tiny", {str(ws_tune)!r}), "x"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        res = invoke("launch", spec, "--root", root)
+        assert res.exit_code == 3, res.output
+        assert f"pid {proc.pid} on " in res.output and "started" in res.output and "sweep 'tiny'" in res.output
+        assert not no_ray
+    finally:
+        proc.kill()
+        proc.wait()
+    # the holder is dead: its lock file stays, but is no lock
+    lock = locks.sweep_lock_path(root.resolve(), "tiny", str(ws_tune))
+    assert lock.exists() and locks.read_holder(lock)["pid"] == proc.pid
+    res = invoke("launch", spec, "--root", root)
+    assert no_ray, res.output  # got past the lock, up to Ray
+
+
+def test_the_expert_lock_makes_a_second_trainer_wait_then_go_on(tmp_path):
+    path = tmp_path / "locks" / "experts-digits-0123.lock"
+    holder = textwrap.dedent(f"""
+        import time
+        from orchestrator import locks
+        with locks.hold({str(path)!r}, "the experts"):
+            print("held", flush=True)
+            time.sleep(1.5)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        said = []
+        t0 = time.time()
+        with locks.hold(path, "the experts", wait=True, on_wait=said.append):
+            waited = time.time() - t0
+            assert locks.read_holder(path)["pid"] == os.getpid()
+        assert len(said) == 1 and f"pid {proc.pid}" in said[0] and waited > 0.5
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(locks.LockHeld):  # without wait, a held lock is an error at once
+        with locks.hold(path, "the experts"):
+            with locks.hold(path, "the experts"):
+                pass
