@@ -5,10 +5,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -193,6 +195,7 @@ class _TrialProgress(Callback):
         self.__init__()
 
     def setup(self, **info):
+        _ACTIVE["tune_ready"] = True  # Tune's loop is next: Ctrl-C now stops it gracefully
         self.progress = _ACTIVE.get("progress")
         if self.progress is not None:
             self.done = self.progress.task("trials", total=_ACTIVE.get("total", 0))
@@ -374,16 +377,15 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
                                                                                      parent_id),
                                                  *(callbacks or [])]),
         )
-    # Tune replaces the SIGINT handler in fit() by one that only asks its loop to stop, and puts the
-    # previous one back only when a SIGINT comes: after a fit() that ended by itself, Ctrl-C would
-    # set a flag nobody reads any more. The handler of before is put back whatever happens.
-    sigint = signal.getsignal(signal.SIGINT)
     try:
-        results = tuner.fit()
+        with _ctrl_c_during_fit():
+            results = tuner.fit()
+    except KeyboardInterrupt:  # stopped at once (Tune's set-up, or a second Ctrl-C): the sweep is resumable
+        with contextlib.suppress(Exception):
+            client.set_terminated(parent_id, "KILLED")
+        raise
     finally:
         _ACTIVE.clear()
-        if sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, sigint)
     errors = [f"{r.path}: {r.error}" for r in results if r.error is not None]
     # Interrupted (Ctrl-C, time budget): Tune counts the stopped trials as terminated, but their
     # MLflow runs are still open, and trials that never started have none.
@@ -509,6 +511,53 @@ def _scheduler(spec: Spec, data):
     return GroupedASHA(time_attr="iteration", metric=metric, mode=mode, max_t=max_t, stop_last_trials=False,
                        grace_period=sc.get("grace_period", max(1, spec.evaluation["interval"])),
                        reduction_factor=sc.get("reduction_factor", 3))
+
+
+@contextmanager
+def _ctrl_c_during_fit() -> Iterator[None]:
+    """Ctrl-C (SIGINT) during ``Tuner.fit()``, in every phase of it.
+
+    Tune's own handler (``ray.tune.tune._setup_signal_catching``) only sets a flag that its trial
+    loop reads between steps, then puts the previous handler back. Everything Tune does before
+    its loop (building the controller, restoring the experiment state, generating the variants of
+    the search space, which for a huge grid takes minutes) goes on regardless: the first Ctrl-C
+    is swallowed there. And after a fit() that ends without a SIGINT its handler stays installed,
+    so that a Ctrl-C later in the launch sets a flag nobody reads any more.
+
+    So Tune's SIGINT handler is turned off (``TUNE_DISABLE_SIGINT_HANDLER``; it keeps its SIGUSR1
+    one, the same stop request) and ours decides: once Tune has set up its callbacks (its loop is
+    about to run or running), the first Ctrl-C asks Tune to stop the trials gracefully (their state
+    is saved, their MLflow runs are closed, the launch exits 130 with the resume hint); before
+    that, or a second Ctrl-C, raises KeyboardInterrupt at once. The previous handler and the
+    variable are put back after fit(), whatever happens."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread: Tune's behaviour as it is
+        return
+    asked = []
+
+    def on_sigint(sig, frame):
+        stop = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+        if _ACTIVE.get("tune_ready") and not asked and callable(stop):
+            asked.append(time.time())
+            sys.stderr.write("\nCtrl-C: stopping the trials (their state is saved); Ctrl-C again stops at once\n")
+            stop(sig, frame)
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    usr1 = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+    env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if usr1 is not None:
+            signal.signal(signal.SIGUSR1, usr1)
+        if env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
 
 
 def _trial_label(t) -> str:

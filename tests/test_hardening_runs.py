@@ -231,3 +231,104 @@ def test_the_expert_lock_makes_a_second_trainer_wait_then_go_on(tmp_path):
         with locks.hold(path, "the experts"):
             with locks.hold(path, "the experts"):
                 pass
+
+
+# -- items 11 and 4: Ctrl-C in every phase --------------------------------------------------------
+# `orchestrate launch` in a new session, and SIGINT to its process group, as a terminal sends it
+LAUNCH_WITH = textwrap.dedent("""
+    import sys, time
+    def slow(*args, **kwargs):  # stands for a long phase in Tune's set-up (a huge grid's variants)
+        print("SLOW PHASE", file=sys.stderr, flush=True)
+        time.sleep(120)
+    if sys.argv[1] == "slow-tune-setup":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+        BasicVariantGenerator.add_configurations = slow
+    from orchestrator.cli import main
+    main(sys.argv[2:])
+""")
+
+
+def _start(tmp_path, raw, patch="none"):
+    spec, root, log = tmp_path / "spec.yaml", tmp_path / "runs", tmp_path / "launch.err"
+    spec.write_text(yaml.safe_dump(raw))
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCH_WITH)
+    with open(log, "w") as err:  # a file: a pipe nobody reads would block the launch
+        proc = subprocess.Popen([sys.executable, str(script), patch, "launch", str(spec), "--root", str(root),
+                                 "--num-cpus", "2"], env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+    return proc, root, log
+
+
+def _interrupt_when(proc, log, ready, what, deadline_s=300):
+    """SIGINT to the launch's process group once ``ready()``; returns (exit code, seconds to exit)."""
+    deadline = time.time() + deadline_s
+    try:
+        while not ready():
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the launch never reached {what} (exit code {proc.poll()}): "
+                                     f"{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        time.sleep(1)
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the launch ignored Ctrl-C {what} for 60 s: {log.read_text()[-3000:]}") from None
+        return proc.returncode, time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _assert_interrupted(code, seconds, log, what):
+    err = log.read_text()
+    print(f"Ctrl-C {what}: exit {code} after {seconds:.1f} s")
+    assert code == 130, err[-3000:]
+    assert "interrupted (Ctrl-C)" in err and "run the same command again" in err, err[-3000:]
+    assert "Aborted!" not in err and "Traceback" not in err, err[-3000:]
+    assert seconds < 30, f"{seconds:.0f} s to stop"
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_experts_train_exits_130_with_the_resume_hint(tmp_path):
+    raw = {**TINY, "name": "tiny-int-experts", "experts": {**TINY["experts"], "epochs": 400}}
+    proc, root, log = _start(tmp_path, raw)
+    code, seconds = _interrupt_when(proc, log, lambda: list((root / "trajectories").glob("*/key.json")),
+                                    "while the experts train")
+    _assert_interrupted(code, seconds, log, "while the experts train")
+    assert not list((root / "trajectories").glob("*/expert_*.arrow"))  # 400 epochs: none was done
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_waiting_for_another_launchs_experts_exits_130(tmp_path):
+    """A launch that waits for the experts another process trains (the expert lock)."""
+    from orchestrator.experts import expert_key
+    from orchestrator.sweep import load_data
+
+    raw = {**TINY, "name": "tiny-int-wait"}
+    spec = validate(raw, "x.yaml")
+    lock = locks.experts_lock_path((tmp_path / "runs").resolve(), "digits", expert_key(spec, load_data(spec)))
+    with locks.hold(lock, "the experts (held by the test)"):
+        proc, root, log = _start(tmp_path, raw)
+        code, seconds = _interrupt_when(proc, log, lambda: "waiting: the experts" in log.read_text(),
+                                        "while waiting for the experts")
+    _assert_interrupted(code, seconds, log, "while waiting for the experts")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_long_tune_set_up_exits_130_at_once(tmp_path):
+    """Tune's own handler would only set a flag that its trial loop reads: a long set-up (here a
+    stand-in for a huge grid's variants, 120 s) would go on regardless."""
+    proc, root, log = _start(tmp_path, {**TINY, "name": "tiny-int-tune"}, patch="slow-tune-setup")
+    code, seconds = _interrupt_when(proc, log, lambda: "SLOW PHASE" in log.read_text(), "in Tune's set-up")
+    _assert_interrupted(code, seconds, log, "in Tune's set-up")
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import workspace
+
+    client = MlflowClient(workspace(root).tracking_uri)
+    parent, = client.search_runs([client.get_experiment_by_name("tiny-int-tune").experiment_id])
+    assert parent.info.status == "KILLED"  # not left RUNNING
