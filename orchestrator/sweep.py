@@ -113,6 +113,20 @@ def check_budgets(spec: Spec, data) -> None:
                              f"{smallest} training images of the smallest class of {spec.dataset['name']}"])
 
 
+def check_budgets_if_data_here(spec: Spec) -> bool:
+    """:func:`check_budgets` where the data may not be on this machine (``orchestrate submit``:
+    the job reads it on the cluster). Returns whether the check ran: data that is not here (or
+    not readable here) is the cluster's business, where the launch checks it before Ray's work."""
+    from .datasets import DatasetFormatError, DatasetNotFoundError
+
+    try:
+        data = load_data(spec)
+    except (DatasetNotFoundError, DatasetFormatError, OSError):
+        return False
+    check_budgets(spec, data)
+    return True
+
+
 def train_experts(spec: Spec, ws: Workspace, progress: Progress | None = None, data=None) -> ExpertSet:
     """The spec's experts in the store (``data``: the spec's dataset, when the caller loaded it)."""
     data = load_data(spec) if data is None else data

@@ -174,6 +174,17 @@ def test_budgets_beyond_the_data_are_refused_before_ray_and_write_nothing(tmp_pa
     assert not (root / "trajectories").exists() and not (root / "tune").exists() and not (root / "locks").exists()
 
 
+def test_submit_refuses_budgets_beyond_the_data_when_the_data_is_here(tmp_path):
+    """digits ships with scikit-learn: the client can check the budgets before contacting the
+    cluster (nothing listens on the address). Data that is not here is not required."""
+    spec = write_spec(tmp_path, algorithms={"mtt": {**TINY["algorithms"]["mtt"], "budgets": [500]}})
+    res = invoke("submit", spec, "--address", "http://127.0.0.1:9", "--root", "/srv/runs")
+    assert res.exit_code == 2 and f"{spec}: algorithms.mtt.budgets: [500] images per class exceed" in res.output
+    elsewhere = write_spec(tmp_path, dataset={"name": "mnist", "root": str(tmp_path / "only-on-the-cluster")})
+    res = invoke("submit", elsewhere, "--address", "http://127.0.0.1:9", "--root", "/srv/runs")
+    assert res.exit_code == 1 and "cannot reach a Ray job server" in res.output, res.output
+
+
 # -- item 7: two launches of one sweep ------------------------------------------------------------
 def test_a_second_launch_of_a_running_sweep_exits_3_naming_the_holder(tmp_path, no_ray):
     spec = write_spec(tmp_path)
