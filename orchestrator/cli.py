@@ -82,7 +82,7 @@ def _before_ray(s, ws, tracking: bool):
     tracking database (``tracking``; a local SQLite file), the store's folders. Returns the data."""
     from .store import StoreNotWritableError, check_writable
     from .sweep import check_budgets, load_data
-    from .tracking import TrackingStoreError, check_tracking_store
+    from .tracking import TrackingStoreError, check_tracking_store, open_tracking_store
 
     try:
         data = load_data(s)
@@ -99,6 +99,8 @@ def _before_ray(s, ws, tracking: bool):
             if tracking:
                 check_writable(ws.tune, "Ray Tune's sweep folders (tune/)")
         check_writable(ws.root / "locks", "the launch locks (locks/)")
+        if tracking:  # two new launches in one new root would both create the schema: one at a time
+            open_tracking_store(ws)
     except (TrackingStoreError, StoreNotWritableError) as e:
         _fail(str(e))
     return data

@@ -128,6 +128,22 @@ def check_tracking_store(tracking_uri: str, write: bool = True) -> None:
                                  f"writable, or give another --root or --tracking-uri")
 
 
+def open_tracking_store(ws: "Workspace") -> None:
+    """Create (or upgrade) a local SQLite tracking database under a lock (``<root>/locks/``).
+
+    MLflow creates its schema with Alembic migrations when a process first opens the database;
+    two launches that do so at once in a new root race, and one dies with
+    ``alembic.util.exc.CommandError: Online migration expected to match one row``. Opening it
+    under a lock lets the second find the schema made. Other stores are MLflow's business."""
+    if sqlite_file(ws.tracking_uri) is None:
+        return
+    from .locks import hold
+
+    with hold(ws.root / "locks" / "mlflow-db.lock", f"the tracking database {sqlite_file(ws.tracking_uri)}",
+              wait=True):
+        MlflowClient(ws.tracking_uri).search_experiments(max_results=1)
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:

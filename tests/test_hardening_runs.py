@@ -259,15 +259,15 @@ LAUNCH_WITH = textwrap.dedent("""
 """)
 
 
-def _start(tmp_path, raw, patch="none"):
-    spec, root, log = tmp_path / "spec.yaml", tmp_path / "runs", tmp_path / "launch.err"
+def _start(tmp_path, raw, patch="none", tag="launch"):
+    spec, root, log = tmp_path / f"{tag}.yaml", tmp_path / "runs", tmp_path / f"{tag}.err"
     spec.write_text(yaml.safe_dump(raw))
     script = tmp_path / "launch.py"
     script.write_text(LAUNCH_WITH)
-    with open(log, "w") as err:  # a file: a pipe nobody reads would block the launch
+    with open(log, "w") as err, open(log.with_suffix(".out"), "w") as out:  # files: an unread pipe blocks
         proc = subprocess.Popen([sys.executable, str(script), patch, "launch", str(spec), "--root", str(root),
                                  "--num-cpus", "2"], env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
-                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+                                start_new_session=True, stdout=out, stderr=err)
     return proc, root, log
 
 
@@ -343,3 +343,43 @@ def test_ctrl_c_during_a_long_tune_set_up_exits_130_at_once(tmp_path):
     client = MlflowClient(workspace(root).tracking_uri)
     parent, = client.search_runs([client.get_experiment_by_name("tiny-int-tune").experiment_id])
     assert parent.info.status == "KILLED"  # not left RUNNING
+
+
+@pytest.mark.slow
+def test_two_launches_of_one_sweep_and_a_second_sweep_on_the_same_experts(tmp_path):
+    """A and C (another spec, the same experts) start together: one trains the experts, the other
+    waits for them, then reuses them. B, A's spec again while A runs, exits 3 at once naming A."""
+    quick = {"algorithms": {"mtt": {**TINY["algorithms"]["mtt"], "iterations": 2}}, "baselines": [],
+             "evaluation": {"networks": 1, "epochs": 2, "interval": 0}}
+    raw = {**TINY, **quick, "name": "tiny-two", "experts": {**TINY["experts"], "epochs": 300}}
+    root = tmp_path / "runs"
+    lock = locks.sweep_lock_path(root.resolve(), "tiny-two", str((root / "tune").resolve()))
+    procs = {}
+    try:
+        procs["a"] = _start(tmp_path, raw, tag="a")[0]
+        procs["c"] = _start(tmp_path, {**raw, "name": "tiny-two-other"}, tag="c")[0]
+        a = procs["a"]
+        deadline = time.time() + 300
+        while locks.read_holder(lock).get("pid") != a.pid:  # A holds its sweep's lock
+            assert a.poll() is None and time.time() < deadline, (tmp_path / "a.err").read_text()[-3000:]
+            time.sleep(0.2)
+        t0 = time.time()
+        b = subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", str(tmp_path / "a.yaml"),
+                            "--root", str(root)], env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        print(f"second launch of the sweep refused in {time.time() - t0:.1f} s")
+        assert b.returncode == 3, b.stderr[-3000:]
+        assert f"the sweep 'tiny-two' is in use by pid {a.pid} on " in b.stderr and "started" in b.stderr
+        assert a.poll() is None  # A goes on
+        for tag, p in procs.items():
+            assert p.wait(timeout=400) == 0, (tmp_path / f"{tag}.err").read_text()[-3000:]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    out = {t: (tmp_path / f"{t}.out").read_text() + (tmp_path / f"{t}.err").read_text() for t in procs}
+    trainer, waiter = ("a", "c") if "(2 trained, 0 reused)" in out["a"] else ("c", "a")
+    assert "(2 trained, 0 reused)" in out[trainer] and "(0 trained, 2 reused)" in out[waiter], out
+    assert "waiting: the experts" in out[waiter] and f"in use by pid {procs[trainer].pid}" in out[waiter]
+    assert len(list((root / "trajectories").glob("*/expert_*.arrow"))) == 2
