@@ -248,12 +248,12 @@ def test_the_expert_lock_makes_a_second_trainer_wait_then_go_on(tmp_path):
 # `orchestrate launch` in a new session, and SIGINT to its process group, as a terminal sends it
 LAUNCH_WITH = textwrap.dedent("""
     import sys, time
-    def slow(*args, **kwargs):  # stands for a long phase in Tune's set-up (a huge grid's variants)
+    def slow(*args, **kwargs):  # stands for Tune generating a huge grid's variants (its first step)
         print("SLOW PHASE", file=sys.stderr, flush=True)
         time.sleep(120)
-    if sys.argv[1] == "slow-tune-setup":
+    if sys.argv[1] == "slow-variants":
         from ray.tune.search.basic_variant import BasicVariantGenerator
-        BasicVariantGenerator.add_configurations = slow
+        BasicVariantGenerator.next_trial = slow
     from orchestrator.cli import main
     main(sys.argv[2:])
 """)
@@ -330,12 +330,13 @@ def test_ctrl_c_while_waiting_for_another_launchs_experts_exits_130(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_a_long_tune_set_up_exits_130_at_once(tmp_path):
-    """Tune's own handler would only set a flag that its trial loop reads: a long set-up (here a
-    stand-in for a huge grid's variants, 120 s) would go on regardless."""
-    proc, root, log = _start(tmp_path, {**TINY, "name": "tiny-int-tune"}, patch="slow-tune-setup")
-    code, seconds = _interrupt_when(proc, log, lambda: "SLOW PHASE" in log.read_text(), "in Tune's set-up")
-    _assert_interrupted(code, seconds, log, "in Tune's set-up")
+def test_ctrl_c_while_tune_generates_the_variants_exits_130_at_once(tmp_path):
+    """Tune generates every variant of a grid in the first step of its loop (a grid of 200,000
+    points: minutes); its own handler only sets a flag read after that step. Here a stand-in,
+    120 s long, for that generation."""
+    proc, root, log = _start(tmp_path, {**TINY, "name": "tiny-int-tune"}, patch="slow-variants")
+    code, seconds = _interrupt_when(proc, log, lambda: "SLOW PHASE" in log.read_text(), "while Tune generates the variants")
+    _assert_interrupted(code, seconds, log, "while Tune generates the variants")
     from mlflow import MlflowClient
 
     from orchestrator.tracking import workspace
