@@ -60,10 +60,11 @@ RESUME_HINT = "run the same command again to resume it (or add --fresh)"
 
 
 def _ctrl_c(hint: str = RESUME_HINT):
-    """Ctrl-C in whatever phase of the command (imports, data, Ray's start, experts, MLflow, Tune's
+    """Ctrl-C in whatever phase of the command (data, checks, Ray's start, experts, MLflow, Tune's
     set-up, the wrap-up) ends it with the exit code of a shell's SIGINT, 130, and says how to go
-    on, rather than click's "Aborted!" and 1. Tune's own handler covers the trials: it stops them
-    gracefully and the command exits 130 by itself."""
+    on, rather than click's "Aborted!" and 1. During the trials the first Ctrl-C stops them
+    gracefully (``sweep._ctrl_c_during_fit``) and the launch exits 130 by itself; a second one
+    ends up here."""
     def wrap(command):
         @functools.wraps(command)
         def run(*args, **kwargs):
