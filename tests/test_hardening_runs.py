@@ -384,3 +384,33 @@ def test_two_launches_of_one_sweep_and_a_second_sweep_on_the_same_experts(tmp_pa
     assert "(2 trained, 0 reused)" in out[trainer] and "(0 trained, 2 reused)" in out[waiter], out
     assert "waiting: the experts" in out[waiter] and f"in use by pid {procs[trainer].pid}" in out[waiter]
     assert len(list((root / "trajectories").glob("*/expert_*.arrow"))) == 2
+
+
+def test_sigint_during_fit_stops_at_once_before_tunes_loop_then_gracefully_once(monkeypatch):
+    """The handler around Tuner.fit(), without Ray: before Tune's first step, Ctrl-C raises at
+    once; after it, the first asks Tune's stop (its SIGUSR1 handler), the second raises; Tune's
+    handlers and TUNE_DISABLE_SIGINT_HANDLER are put back afterwards."""
+    from orchestrator.sweep import _ACTIVE, _ctrl_c_during_fit
+
+    monkeypatch.delenv("TUNE_DISABLE_SIGINT_HANDLER", raising=False)
+    before_int, before_usr1 = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
+    stops = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _ctrl_c_during_fit():
+                assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"
+                os.kill(os.getpid(), signal.SIGINT)  # Tune still setting up
+                time.sleep(1)
+        with pytest.raises(KeyboardInterrupt):
+            with _ctrl_c_during_fit():
+                signal.signal(signal.SIGUSR1, lambda *a: stops.append(1))  # as Tune's fit() does
+                _ACTIVE["tune_ready"] = True  # a step of Tune's loop has completed
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                assert stops == [1]  # graceful: no exception
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+    finally:
+        _ACTIVE.clear()
+    assert signal.getsignal(signal.SIGINT) is before_int and signal.getsignal(signal.SIGUSR1) is before_usr1
+    assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
