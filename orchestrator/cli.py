@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 import sys
@@ -58,6 +59,68 @@ def _load(spec_path: str | None):
         _fail(str(e))
 
 
+RESUME_HINT = "run the same command again to resume it (or add --fresh)"
+
+
+def _ctrl_c(hint: str = RESUME_HINT):
+    """Ctrl-C in whatever phase of the command (data, checks, Ray's start, experts, MLflow, Tune's
+    set-up, the wrap-up) ends it with the exit code of a shell's SIGINT, 130, and says how to go
+    on, rather than click's "Aborted!" and 1. During the trials the first Ctrl-C stops them
+    gracefully (``sweep._ctrl_c_during_fit``) and the launch exits 130 by itself; a second one
+    ends up here."""
+    def wrap(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                click.echo(f"\ninterrupted (Ctrl-C); {hint}", err=True)
+                sys.exit(130)
+        return run
+    return wrap
+
+
+def _before_ray(s, ws, tracking: bool):
+    """Everything that can be checked without Ray, so that a launch that cannot succeed stops
+    before Ray starts and before anything is written: the data and the budgets it must fill, the
+    tracking database (``tracking``; a local SQLite file), the store's folders. Returns the data."""
+    from .store import StoreNotWritableError, check_writable
+    from .sweep import check_budgets, load_data
+    from .tracking import TrackingStoreError, check_tracking_store, open_tracking_store
+
+    try:
+        data = load_data(s)
+        check_budgets(s, data)
+    except SpecError as e:
+        _fail(str(e))
+    except (DatasetNotFoundError, DatasetFormatError) as e:
+        _fail(str(e))
+    try:
+        if tracking:
+            check_tracking_store(ws.tracking_uri)
+        if not ws.remote:  # remote stores are checked by _shared_workspace (check_access)
+            check_writable(ws.trajectories, "the expert trajectories (trajectories/)")
+            if tracking:
+                check_writable(ws.tune, "Ray Tune's sweep folders (tune/)")
+        check_writable(ws.root / "locks", "the launch locks (locks/)")
+        if tracking:  # two new launches in one new root would both create the schema: one at a time
+            open_tracking_store(ws)
+    except (TrackingStoreError, StoreNotWritableError) as e:
+        _fail(str(e))
+    return data
+
+
+def _check_tracking(ws) -> None:
+    """A local SQLite tracking database that cannot be read is named before MLflow's SQLAlchemy
+    traceback (which names no file)."""
+    from .tracking import TrackingStoreError, check_tracking_store
+
+    try:
+        check_tracking_store(ws.tracking_uri, write=False)
+    except TrackingStoreError as e:
+        _fail(str(e))
+
+
 def _check_cluster_options(address: str | None, num_cpus: int | None) -> None:
     """``--num-cpus`` sizes a new local Ray; a cluster that is joined has its own CPUs."""
     joined = address or os.environ.get("RAY_ADDRESS")
@@ -81,15 +144,17 @@ def main() -> None:
 @click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all).")
 @click.option("--fresh", is_flag=True, help="Start the sweep over instead of resuming the one with the spec's "
                                           "name (the old one is moved aside, nothing is deleted).")
+@_ctrl_c()
 def launch(spec, root, tracking_uri, storage, address, num_cpus, fresh):
     """Train (or reuse) the experts, run the sweep of SPEC and print the results table.
 
     Without SPEC, runs the embedded quickstart (search_spaces/quickstart.yaml, digits, CPU).
     Launching a spec whose sweep already exists (same name, same root) resumes it: finished
     trials are kept, unfinished ones continue from their last checkpoint."""
+    from . import locks
     from . import results as res
+    from .sweep import LaunchError, check_resume, ray_session, sweep_dir
     from .sweep import launch as run_launch
-    from .sweep import ray_session
 
     _check_cluster_options(address, num_cpus)
     s = _load(spec)
@@ -97,9 +162,17 @@ def launch(spec, root, tracking_uri, storage, address, num_cpus, fresh):
     t0 = time.time()
     click.echo(f"launch {s.name} ({s.path}), spec hash {s.hash}", err=True)
     try:
-        with ray_session(address, num_cpus), Progress(err_console) as progress:
-            out = run_launch(s, ws, progress, fresh=fresh)
-    except SpecError as e:
+        data = _before_ray(s, ws, tracking=True)
+        # one launch of a sweep at a time (exit 3); a dead holder's lock is released by the kernel
+        with locks.hold(locks.sweep_lock_path(ws.root, s.name, str(ws.tune)), f"the sweep {s.name!r}"):
+            check_resume(s, ws, fresh)
+            with ray_session(address, num_cpus), Progress(err_console) as progress:
+                out = run_launch(s, ws, progress, fresh=fresh, data=data)
+    except locks.LockHeld as e:
+        _fail(f"{e}; two launches of one sweep would train and log every trial twice into the same Tune folder "
+              f"({sweep_dir(s, ws)}). Wait for it to end, or stop it (Ctrl-C, or kill {e.holder.get('pid', 'it')})",
+              3)
+    except (SpecError, LaunchError) as e:
         _fail(str(e))
     except (DatasetNotFoundError, DatasetFormatError) as e:
         _fail(str(e))
@@ -117,7 +190,7 @@ def launch(spec, root, tracking_uri, storage, address, num_cpus, fresh):
         browse, where = f"a browser at {ws.tracking_uri}", f" --tracking-uri {ws.tracking_uri}"
     click.echo(f"browse them with: {browse}   or: orchestrate results{where} --format table|json|csv")
     if out.interrupted:
-        click.echo("the sweep was interrupted; run the same command again to resume it (or add --fresh)", err=True)
+        click.echo(f"the sweep was interrupted; {RESUME_HINT}", err=True)
         sys.exit(130)
     if out.errors:
         sys.exit(1)
@@ -129,6 +202,7 @@ def launch(spec, root, tracking_uri, storage, address, num_cpus, fresh):
 @storage_option
 @click.option("--address", default=None, help="Join an existing Ray cluster: 'auto' or HOST:PORT.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all).")
+@_ctrl_c("run the same command again: the experts already stored are verified and reused")
 def experts(spec, root, storage, address, num_cpus):
     """Train only the experts of SPEC (stored experts are verified and reused)."""
     from .sweep import ray_session, train_experts
@@ -137,8 +211,9 @@ def experts(spec, root, storage, address, num_cpus):
     s = _load(spec)
     ws = _shared_workspace(root, None, storage)  # only the trajectory store is used; MLflow is not touched
     try:
+        data = _before_ray(s, ws, tracking=False)
         with ray_session(address, num_cpus), Progress(err_console) as progress:
-            out = train_experts(s, ws, progress)
+            out = train_experts(s, ws, progress, data=data)
     except (DatasetNotFoundError, DatasetFormatError) as e:
         _fail(str(e))
     mean, std = out.accuracy
@@ -185,6 +260,7 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, 
     if sweep and all_sweeps:
         _fail(f"--sweep {sweep} and --all contradict each other: give --sweep for one sweep, --all for every one")
     ws = workspace(root, tracking_uri)
+    _check_tracking(ws)
     try:
         if sweep:  # an unknown id, or a run that is not a sweep, is an error, not an empty table
             res.check_sweep(MlflowClient(ws.tracking_uri), sweep, experiment)
@@ -217,6 +293,7 @@ def compare(run_ids, root, tracking_uri, fmt, only_diff):
     from . import results as res
 
     ws = workspace(root, tracking_uri)
+    _check_tracking(ws)
     try:
         cmp = res.compare_runs(ws.tracking_uri, list(run_ids))
     except LookupError as e:
@@ -341,6 +418,7 @@ def ui(root, tracking_uri, host, port, workers):
     ws = workspace(root, tracking_uri)
     if not ws.is_local:
         _fail(f"{ws.tracking_uri} is a tracking server: open it in a browser instead", 1)
+    _check_tracking(ws)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.tracking_uri, "--host", host,
            "--port", str(port), "--workers", str(workers)]
     if ws.artifact_root:

@@ -151,12 +151,17 @@ def ensure_experts(spec: Spec, data, store: TrajectoryStore, progress: Progress 
                        int(opts.get("num_cpus", 1))) for i in sorted(todo)]
         reused = count - len(todo)
         bar = progress.task(f"experts ({reused} reused)", total=count, completed=reused) if progress else None
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for form, rec in ray.get(done[0]).items():
-                records[form][rec.index] = rec
-            if bar is not None:
-                bar.advance()
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for form, rec in ray.get(done[0]).items():
+                    records[form][rec.index] = rec
+                if bar is not None:
+                    bar.advance()
+        except BaseException:  # Ctrl-C, or one expert failed: on a cluster the others would train on
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
     elif progress:
         progress.info(f"experts: reusing all {count} stored experts ({store.dir(key, name)})")
     ordered = {f: [records[f][i] for i in range(count)] for f in forms}

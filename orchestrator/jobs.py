@@ -182,6 +182,9 @@ def submit(spec, address, root, tracking_uri, storage, fresh):
     `orchestrate logs JOB_ID --follow`). Without SPEC, the embedded quickstart."""
     try:
         s = load_spec(spec)
+        from .sweep import check_budgets_if_data_here
+
+        check_budgets_if_data_here(s)  # budgets the data cannot fill, when the data is here too (digits is)
     except SpecError as e:
         _fail(str(e), 2)
     if not root:

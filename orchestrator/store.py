@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -76,6 +77,35 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file in a ``finally`` block. It may not exist (its creation is what
+    failed, e.g. in a read-only folder) and removing it may fail too: neither may replace the
+    exception that is on its way out, which names the real problem."""
+    with contextlib.suppress(OSError):
+        tmp.unlink()
+
+
+class StoreNotWritableError(RuntimeError):
+    """A folder of the store that this process cannot write to (the message names it)."""
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Make sure ``folder`` exists (creating it) and that a file can be created in it: the
+    honest test (``os.access`` misses read-only mounts, ACLs and a file in the folder's place).
+    Raises :class:`StoreNotWritableError` naming the folder and ``what`` it holds."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        if isinstance(e, FileExistsError) or (folder.exists() and not folder.is_dir()):
+            reason = "a file is in the way of the folder"
+        raise StoreNotWritableError(f"{folder}: cannot write there ({reason}); it holds {what}. "
+                                    f"Make it writable for this user, or choose another --root/--storage") from e
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (hidden temporary file, fsync, rename)."""
     path = Path(path)
@@ -89,8 +119,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _discard(tmp)
 
 
 def _params_digest(epochs: np.ndarray, params: np.ndarray) -> str:
@@ -203,8 +232,7 @@ def _open_remote(uri: str, verify: bool) -> Trajectory:
         os.replace(tmp, local)  # the memory map stays valid across the rename
         return traj
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _discard(tmp)
 
 
 def _open_local(path: Path, verify: bool, uri: str | None) -> Trajectory:
@@ -267,8 +295,7 @@ def write_trajectory(path: str | Path, checkpoints: Iterable, manifest, info: di
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _discard(tmp)
     return digest, path.stat().st_size
 
 

@@ -5,14 +5,18 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import grp
 import json
 import os
 import pwd
+import signal
 import stat
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,16 +26,17 @@ from typing import Any, Iterator
 import ray
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler
 
 from .datasets import load_dataset
-from .experts import ExpertSet, ensure_experts
+from .experts import ExpertSet, ensure_experts, expert_key
 from .progress import Bar, Progress
 from .results import summarise_sweep
 from .sequences import RecData, load_sequences, seq_task
-from . import storage
+from . import locks, storage
 from .spec import Spec, SpecError
 from .store import TrajectoryStore, atomic_write_bytes, library_versions
 from .tracking import ROLE_TAG, RunLogger, Workspace, ensure_experiment
@@ -123,7 +128,14 @@ def load_data(spec: Spec):
     return load_dataset(spec.dataset["name"], spec.dataset["root"])
 
 
-def _check_budgets(spec: Spec, data) -> None:
+class LaunchError(RuntimeError):
+    """A state of the store that stops a launch before anything runs (the message names the file
+    and what to do); ``orchestrate`` exits with code 2."""
+
+
+def check_budgets(spec: Spec, data) -> None:
+    """Refuse budgets that the data cannot fill (a SpecError naming the file and the key): the
+    CLI calls it before Ray starts, :func:`launch` again for callers of the API."""
     import torch
 
     if spec.sequences:
@@ -143,9 +155,70 @@ def _check_budgets(spec: Spec, data) -> None:
                              f"{smallest} training images of the smallest class of {spec.dataset['name']}"])
 
 
-def train_experts(spec: Spec, ws: Workspace, progress: Progress | None = None) -> ExpertSet:
-    data = load_data(spec)
-    return ensure_experts(spec, data, TrajectoryStore(ws.trajectories), progress)
+def check_budgets_if_data_here(spec: Spec) -> bool:
+    """:func:`check_budgets` where the data may not be on this machine (``orchestrate submit``:
+    the job reads it on the cluster). Returns whether the check ran: data that is not here (or
+    not readable here) is the cluster's business, where the launch checks it before Ray's work."""
+    from .datasets import DatasetFormatError, DatasetNotFoundError
+
+    try:
+        data = load_data(spec)
+    except (DatasetNotFoundError, DatasetFormatError, OSError):
+        return False
+    check_budgets(spec, data)
+    return True
+
+
+def train_experts(spec: Spec, ws: Workspace, progress: Progress | None = None, data=None) -> ExpertSet:
+    """The spec's experts in the store (``data``: the spec's dataset, when the caller loaded it)."""
+    data = load_data(spec) if data is None else data
+    return _locked_experts(spec, data, ws, progress)
+
+
+def _locked_experts(spec: Spec, data, ws: Workspace, progress: Progress | None) -> ExpertSet:
+    """:func:`ensure_experts` under the lock of the expert set (one per store key, see
+    :mod:`orchestrator.locks`): a launch that needs experts another process is training waits for
+    them, then reuses them, rather than training them a second time."""
+    store = TrajectoryStore(ws.trajectories)
+    key = expert_key(spec, data)
+    say = progress.info if progress is not None else print
+    with locks.hold(locks.experts_lock_path(ws.root, spec.dataset["name"], key),
+                    f"the experts {store.dir(key, spec.dataset['name'])}", wait=True, on_wait=say):
+        return ensure_experts(spec, data, store, progress)
+
+
+def check_resume(spec: Spec, ws: Workspace, fresh: bool) -> None:
+    """Before Ray starts: a sweep to resume must still have its MLflow parent run.
+
+    The sidecar ``tune/<name>/orchestrate.json`` names the parent run. When the tracking store
+    lost it (``mlflow.db`` deleted or replaced), the launch is refused with what happened and
+    ``--fresh``. Recreating a parent run and resuming would not be sound: the child runs of the
+    finished trials went with the database, and Tune, resuming, would not run those trials again,
+    so the sweep would end "finished" with their results missing from MLflow and from its table.
+    Starting over (``--fresh``: the old Tune folder is moved aside) is the honest way."""
+    if fresh:
+        return
+    exp_dir = sweep_dir(spec, ws)
+    state = _read_sidecar(exp_dir)
+    if state is None or state.get("spec_hash") != spec.hash or not state.get("parent_run_id"):
+        return  # nothing to resume, or another spec under this name: _prepare says so
+    check_resume_trust(exp_dir)  # before anything reads Tune's pickles (and before Ray starts)
+    run_id, sidecar = state["parent_run_id"], storage.join(exp_dir, SIDECAR)
+    try:
+        run = MlflowClient(ws.tracking_uri).get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise LaunchError(
+            f"{sidecar}: parent_run_id: the sweep {spec.name!r} logs to MLflow run {run_id}, which is not in "
+            f"the tracking store {ws.tracking_uri} (was the database deleted or replaced?). Its trials' runs are "
+            f"gone with it, so the sweep cannot be resumed: re-launch with --fresh to start it over (the old Tune "
+            f"folder is moved aside), or point --tracking-uri/--root at the store that holds the run") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise LaunchError(
+            f"{sidecar}: parent_run_id: the sweep {spec.name!r} logs to MLflow run {run_id}, which was deleted in "
+            f"{ws.tracking_uri}; restore it (`mlflow runs restore --run-id {run_id}`) to resume the sweep, or "
+            f"re-launch with --fresh to start it over")
 
 
 def full_data_metrics(spec: Spec, data, experts: ExpertSet) -> dict[str, list[float]]:
@@ -182,6 +255,11 @@ class _TrialProgress(Callback):
         self.progress = _ACTIVE.get("progress")
         if self.progress is not None:
             self.done = self.progress.task("trials", total=_ACTIVE.get("total", 0))
+
+    def on_step_end(self, iteration, trials, **info):
+        # Tune's first step generates the search space's variants (all of a grid's, minutes for a
+        # huge one) before it reads its stop flag: Ctrl-C stops gracefully only after it
+        _ACTIVE["tune_ready"] = True
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.progress is None:
@@ -389,17 +467,18 @@ def _prepare(spec: Spec, ws: Workspace, fresh: bool, progress: Progress) -> tupl
 
 
 def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callback] | None = None,
-           fresh: bool = False) -> SweepResult:
+           fresh: bool = False, data=None) -> SweepResult:
     """Run the whole sweep of ``spec``; Ray must be initialised (see :func:`ray_session`).
 
     A sweep is identified by the spec's name: launching a spec whose sweep exists resumes it with
     ``Tuner.restore`` (finished trials are not rerun, unfinished ones continue from their last
     checkpoint, errored ones are retried from theirs, every trial keeps its MLflow child run);
-    ``fresh`` starts over. ``callbacks`` are extra Tune callbacks (driver side)."""
-    data = load_data(spec)
-    _check_budgets(spec, data)
+    ``fresh`` starts over. ``callbacks`` are extra Tune callbacks (driver side). ``data``: the
+    spec's dataset when the caller loaded it already (the CLI does, before Ray starts)."""
+    data = load_data(spec) if data is None else data
+    check_budgets(spec, data)
     exp_dir, resume = _prepare(spec, ws, fresh, progress)
-    experts = ensure_experts(spec, data, TrajectoryStore(ws.trajectories), progress)
+    experts = _locked_experts(spec, data, ws, progress)
     full = full_data_metrics(spec, data, experts) if spec.sequences else {"acc": list(experts.accuracy)}
 
     client = MlflowClient(ws.tracking_uri)
@@ -464,7 +543,15 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
                                                  *(callbacks or [])]),
         )
     try:
-        results = tuner.fit()
+        with _ctrl_c_during_fit():
+            results = tuner.fit()
+    except KeyboardInterrupt:  # stopped at once (Tune's set-up, or a second Ctrl-C): the sweep is resumable
+        with contextlib.suppress(Exception):  # no run left RUNNING (a resumed trial reopens its own)
+            for c in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                        f"attributes.status = 'RUNNING'", max_results=50000):
+                client.set_terminated(c.info.run_id, "KILLED")
+            client.set_terminated(parent_id, "KILLED")
+        raise
     finally:
         _ACTIVE.clear()
     errors = [f"{r.path}: {r.error}" for r in results if r.error is not None]
@@ -592,6 +679,58 @@ def _scheduler(spec: Spec, data):
     return GroupedASHA(time_attr="iteration", metric=metric, mode=mode, max_t=max_t, stop_last_trials=False,
                        grace_period=sc.get("grace_period", max(1, spec.evaluation["interval"])),
                        reduction_factor=sc.get("reduction_factor", 3))
+
+
+@contextmanager
+def _ctrl_c_during_fit() -> Iterator[None]:
+    """Ctrl-C (SIGINT) during ``Tuner.fit()``, in every phase of it.
+
+    Tune's own handler (``ray.tune.tune._setup_signal_catching``) only sets a flag that its trial
+    loop reads between steps, then puts the previous handler back. Everything Tune does before
+    its loop (building the controller, restoring the experiment state, generating the variants of
+    the search space, which for a huge grid takes minutes) goes on regardless: the first Ctrl-C
+    is swallowed there. And after a fit() that ends without a SIGINT its handler stays installed,
+    so that a Ctrl-C later in the launch sets a flag nobody reads any more.
+
+    Measured (Ray 2.60, a grid of 200,000 points): the first step of Tune's loop generates every
+    variant of the grid (``variant_generator._grid_search_generator``) and a Ctrl-C 15 s in was
+    still not acted on 5 minutes later.
+
+    So Tune's SIGINT handler is turned off (``TUNE_DISABLE_SIGINT_HANDLER``; it keeps its SIGUSR1
+    one, the same stop request) and ours decides: once Tune's loop has completed a step (trials
+    may be running), the first Ctrl-C asks Tune to stop the trials gracefully (their state is
+    saved, their MLflow runs are closed, the launch exits 130 with the resume hint); before that,
+    or a second Ctrl-C, raises KeyboardInterrupt at once (the sweep stays resumable: Tune's state
+    as last saved, or none and its trials start again under the same parent run). The previous
+    handler and the variable are put back after fit(), whatever happens."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread: Tune's behaviour as it is
+        return
+    asked = []
+
+    def on_sigint(sig, frame):
+        stop = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+        if _ACTIVE.get("tune_ready") and not asked and callable(stop):
+            asked.append(time.time())
+            sys.stderr.write("\nCtrl-C: stopping the trials (their state is saved); Ctrl-C again stops at once\n")
+            stop(sig, frame)
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    usr1 = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+    env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if usr1 is not None:
+            signal.signal(signal.SIGUSR1, usr1)
+        if env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
 
 
 def _trial_label(t) -> str:

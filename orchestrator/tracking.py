@@ -11,6 +11,7 @@ the artifacts there; the database stays in the folder.
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,70 @@ def make_private_dir(path: Path) -> None:
     except FileExistsError:
         if not path.is_dir():
             raise
+
+
+class TrackingStoreError(RuntimeError):
+    """A tracking store that cannot be used (the message names the file)."""
+
+
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of an SQLite tracking URI (``sqlite:///abs/path``); None for other stores."""
+    if not tracking_uri.lower().startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(tracking_uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+MLFLOW_TABLES = ("experiments", "runs", "alembic_version")  # present in every MLflow schema version
+
+
+def check_tracking_store(tracking_uri: str, write: bool = True) -> None:
+    """Open a local SQLite tracking store read-only and check that it is MLflow's, before anything
+    else is started: a corrupt file otherwise surfaces as an SQLAlchemy traceback naming no file,
+    later. A missing or empty file is fine (MLflow creates the schema). Other stores (a server,
+    PostgreSQL) are left to MLflow. ``write``: the file must be writable too. Raises
+    :class:`TrackingStoreError` naming the file."""
+    path = sqlite_file(tracking_uri)
+    if path is None or not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return
+    advice = (f"move it aside (e.g. `mv {path} {path}.broken`) to start a new tracking store, or give another "
+              f"--root or --tracking-uri")
+    if not path.is_file():
+        raise TrackingStoreError(f"{path}: the MLflow tracking database is not a file; {advice}")
+    try:
+        con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise TrackingStoreError(f"{path}: the MLflow tracking database cannot be read (sqlite: {e}); {advice}"
+                                 ) from e
+    missing = [t for t in MLFLOW_TABLES if t not in tables]
+    if missing:
+        raise TrackingStoreError(f"{path}: an SQLite file, but not an MLflow tracking database (no table "
+                                 f"{', '.join(missing)}); {advice}")
+    if write and not os.access(path, os.W_OK):
+        raise TrackingStoreError(f"{path}: the MLflow tracking database is read-only for this user; make it "
+                                 f"writable, or give another --root or --tracking-uri")
+
+
+def open_tracking_store(ws: "Workspace") -> None:
+    """Create (or upgrade) a local SQLite tracking database under a lock (``<root>/locks/``).
+
+    MLflow creates its schema with Alembic migrations when a process first opens the database;
+    two launches that do so at once in a new root race, and one dies with
+    ``alembic.util.exc.CommandError: Online migration expected to match one row``. Opening it
+    under a lock lets the second find the schema made. Other stores are MLflow's business."""
+    if sqlite_file(ws.tracking_uri) is None:
+        return
+    from .locks import hold
+
+    with hold(ws.root / "locks" / "mlflow-db.lock", f"the tracking database {sqlite_file(ws.tracking_uri)}",
+              wait=True):
+        MlflowClient(ws.tracking_uri).search_experiments(max_results=1)
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:

@@ -220,12 +220,13 @@ def test_resume_refuses_files_of_another_user_or_a_shared_group(tmp_path):
 
 
 def test_launch_with_an_untrusted_tune_folder_exits_2_before_tune_reads_it(tmp_path, monkeypatch):
-    """Through the command line (Ray's start replaced by nothing: the check comes before any trial)."""
+    """Through the command line, before Ray starts (its start fails the test)."""
     spec, ws, exp_dir, marker = _planted_sweep(tmp_path)
     (exp_dir / "tuner.pkl").chmod(0o666)
 
     @contextmanager
     def no_ray(*a, **k):
+        raise AssertionError("Ray started before the Tune folder was checked")
         yield
 
     monkeypatch.setattr(sweep_mod, "ray_session", no_ray)
