@@ -61,7 +61,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch

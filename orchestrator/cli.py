@@ -1,14 +1,12 @@
 """The ``orchestrate`` command: launch | experts | results | export | ui | submit | status | logs."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import stat
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import click
@@ -328,31 +326,6 @@ def _export_target_problem(path: Path, force: bool) -> str | None:
     return None
 
 
-def _write_export(path: Path, data: bytes, replace: bool) -> None:
-    """Write ``path`` whole or not at all (a hidden temporary file beside it, fsync'd, then renamed
-    over an existing regular file when ``replace``, or hard-linked: refused if anything appeared there)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-            return
-        try:
-            os.link(tmp, path)  # atomic, and never replaces anything
-        except FileExistsError:
-            raise
-        except OSError:  # a file system without hard links: an exclusive create instead
-            with open(path, "xb") as f:
-                f.write(data)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 @main.command()
 @click.argument("run_id")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
@@ -366,6 +339,7 @@ def export(run_id, output, force, root, tracking_uri):
     from mlflow.exceptions import MlflowException
 
     from .artifacts import read_synthetic
+    from .store import atomic_write_bytes
     from .trial import SYNTHETIC_ARTIFACT
 
     to_stdout = output == "-"
@@ -396,7 +370,7 @@ def export(run_id, output, force, root, tracking_uri):
         if problem:
             _fail(problem)
         try:
-            _write_export(Path(output), data, replace=force)
+            atomic_write_bytes(Path(output), data, replace=force)
         except FileExistsError:
             _fail(f"-o {output}: a file appeared there while exporting; add --force to overwrite it")
         except OSError as e:

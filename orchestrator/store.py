@@ -106,17 +106,29 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
                                     f"Make it writable for this user, or choose another --root/--storage") from e
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (hidden temporary file, fsync, rename)."""
+def atomic_write_bytes(path: Path, data: bytes, replace: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (hidden temporary file, fsync, then renamed into
+    place). With ``replace=False`` nothing that exists at ``path`` is ever replaced: the file is
+    hard-linked into place (``FileExistsError`` if anything appeared there meanwhile), or created
+    exclusively on a file system without hard links."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic, and never replaces anything
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here: an exclusive create instead
+                with open(path, "xb") as f:
+                    f.write(data)
         _fsync_dir(path.parent)
     finally:
         _discard(tmp)

@@ -33,7 +33,7 @@ from ray.tune.schedulers import FIFOScheduler
 
 from .datasets import load_dataset
 from .experts import ExpertSet, ensure_experts, expert_key
-from .progress import Bar, Progress
+from .progress import Progress
 from .results import summarise_sweep
 from .sequences import RecData, load_sequences, seq_task
 from . import locks, storage

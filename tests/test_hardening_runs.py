@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,20 +24,9 @@ from orchestrator.cli import main
 from orchestrator.spec import validate
 from orchestrator.store import atomic_write_bytes
 
-REPO = Path(__file__).resolve().parent.parent
+from .conftest import TINY
 
-# the tiny digits spec of tests/test_e2e.py (to move into conftest.py)
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "checkpoint_interval": 2,
-    "dataset": {"name": "digits"},
-    "model": {"depth": 1, "width": 8},
-    "experts": {"count": 2, "epochs": 4, "lr": 0.03, "batch_size": 64},
-    "algorithms": {"mtt": {"budgets": [1], "iterations": 6,
-                           "hyperparameters": {"syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2}}},
-    "evaluation": {"networks": 2, "epochs": 10, "interval": 3},
-}
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
