@@ -84,7 +84,7 @@ def _before_ray(s, ws, tracking: bool):
     tracking database (``tracking``; a local SQLite file), the store's folders. Returns the data."""
     from .store import StoreNotWritableError, check_writable
     from .sweep import check_budgets, load_data
-    from .tracking import TrackingStoreError, check_tracking_store, open_tracking_store
+    from .tracking import TrackingStoreError, open_tracking_store
 
     try:
         data = load_data(s)
@@ -94,15 +94,13 @@ def _before_ray(s, ws, tracking: bool):
     except (DatasetNotFoundError, DatasetFormatError) as e:
         _fail(str(e))
     try:
-        if tracking:
-            check_tracking_store(ws.tracking_uri)
+        check_writable(ws.root / "locks", "the launch locks (locks/)")
+        if tracking:  # checked, and created when new, under a lock: two new launches in one root race
+            open_tracking_store(ws)
         if not ws.remote:  # remote stores are checked by _shared_workspace (check_access)
             check_writable(ws.trajectories, "the expert trajectories (trajectories/)")
             if tracking:
                 check_writable(ws.tune, "Ray Tune's sweep folders (tune/)")
-        check_writable(ws.root / "locks", "the launch locks (locks/)")
-        if tracking:  # two new launches in one new root would both create the schema: one at a time
-            open_tracking_store(ws)
     except (TrackingStoreError, StoreNotWritableError) as e:
         _fail(str(e))
     return data

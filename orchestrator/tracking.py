@@ -146,13 +146,17 @@ def open_tracking_store(ws: "Workspace") -> None:
     MLflow creates its schema with Alembic migrations when a process first opens the database;
     two launches that do so at once in a new root race, and one dies with
     ``alembic.util.exc.CommandError: Online migration expected to match one row``. Opening it
-    under a lock lets the second find the schema made. Other stores are MLflow's business."""
+    under a lock lets the second find the schema made. The file is checked
+    (:func:`check_tracking_store`) under the same lock: a schema half made by another launch is not
+    a corrupt database. Other stores are MLflow's business."""
     if sqlite_file(ws.tracking_uri) is None:
+        check_tracking_store(ws.tracking_uri)
         return
     from .locks import hold
 
     with hold(ws.root / "locks" / "mlflow-db.lock", f"the tracking database {sqlite_file(ws.tracking_uri)}",
               wait=True):
+        check_tracking_store(ws.tracking_uri)
         MlflowClient(ws.tracking_uri).search_experiments(max_results=1)
 
 

@@ -125,6 +125,38 @@ def test_an_sqlite_file_that_is_not_mlflows_is_named(tmp_path):
     check_tracking_store("http://127.0.0.1:5000")  # a server is MLflow's business
 
 
+def test_a_schema_half_made_by_another_launch_is_waited_for_not_called_corrupt(tmp_path):
+    """Two new launches in one root: the second checks the database under the lock the first holds
+    while MLflow creates the schema (found in CI: it judged the half-made file "not MLflow's")."""
+    import sqlite3
+    import threading
+
+    from orchestrator import cli
+    from orchestrator.tracking import sqlite_file, workspace
+
+    ws = workspace(tmp_path / "runs")
+    spec = validate(dict(TINY), "tiny.yaml")
+    db = sqlite_file(ws.tracking_uri)
+    sqlite3.connect(db).execute("CREATE TABLE experiments (x)").connection.commit()  # the first launch, half way
+    outcome = []
+
+    def second():  # the checks of a launch before Ray starts
+        try:
+            cli._before_ray(spec, ws, tracking=True)
+            outcome.append("ok")
+        except BaseException as e:  # noqa: BLE001 - SystemExit from the CLI's error path included
+            outcome.append(e)
+
+    with locks.hold(ws.root / "locks" / "mlflow-db.lock", "the first launch's schema creation"):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(3.0)
+        assert t.is_alive() and outcome == []  # waiting for the lock, not judging the half-made file
+        db.unlink()  # the first launch ends (here: it leaves MLflow to make the schema afresh)
+    t.join(60)
+    assert outcome == ["ok"]
+
+
 # -- item 8: mlflow.db deleted under a sweep -------------------------------------------------------
 def _sidecar(root, spec_path, run_id="0" * 32):
     spec = validate(yaml.safe_load(spec_path.read_text()), str(spec_path))
