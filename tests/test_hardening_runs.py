@@ -205,6 +205,14 @@ def test_submit_refuses_budgets_beyond_the_data_when_the_data_is_here(tmp_path):
     assert res.exit_code == 1 and "cannot reach a Ray job server" in res.output, res.output
 
 
+def _start_holder(code: str) -> subprocess.Popen:
+    """A process that takes a lock (``code`` prints "held" once it has it), started and waited for."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 # -- item 7: two launches of one sweep ------------------------------------------------------------
 def test_a_second_launch_of_a_running_sweep_exits_3_naming_the_holder(tmp_path, no_ray):
     spec = write_spec(tmp_path)
@@ -218,10 +226,8 @@ def test_a_second_launch_of_a_running_sweep_exits_3_naming_the_holder(tmp_path, 
             print("held", flush=True)
             time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = _start_holder(holder)
     try:
-        assert proc.stdout.readline().strip() == "held"
         res = invoke("launch", spec, "--root", root)
         assert res.exit_code == 3, res.output
         assert f"pid {proc.pid} on " in res.output and "started" in res.output and "sweep 'tiny'" in res.output
@@ -245,10 +251,8 @@ def test_the_expert_lock_makes_a_second_trainer_wait_then_go_on(tmp_path):
             print("held", flush=True)
             time.sleep(1.5)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = _start_holder(holder)
     try:
-        assert proc.stdout.readline().strip() == "held"
         said = []
         t0 = time.time()
         with locks.hold(path, "the experts", wait=True, on_wait=said.append):
