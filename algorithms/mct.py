@@ -28,10 +28,14 @@ from .networks import Manifest
 
 
 def waypoint_epochs(num_epochs: int, num_waypoints: int) -> list[int]:
-    """Evenly spaced waypoint epochs from 0 to ``num_epochs`` (e.g. 50, 4 -> 0, 17, 33, 50)."""
+    """Waypoint epochs from 0 to ``num_epochs``, spaced as the released MCT code spaces them
+    (``exps/trajectory_compression.py``): every (K+1)//(W−1) epochs, then K. For K = 50 and four
+    waypoints that is 0, 17, 34, 50. (The released code adds extra waypoints when that spacing
+    does not reach K in W−1 steps, e.g. five on a 4-epoch expert; here there are always W.)"""
     if not 2 <= num_waypoints <= num_epochs + 1:
         raise ValueError(f"waypoints must be between 2 and epochs + 1 = {num_epochs + 1}, got {num_waypoints}")
-    return sorted({round(i * num_epochs / (num_waypoints - 1)) for i in range(num_waypoints)})
+    step = (num_epochs + 1) // (num_waypoints - 1)
+    return [i * step for i in range(num_waypoints - 1)] + [num_epochs]
 
 
 def layer_bounds(manifest: Manifest) -> list[tuple[int, int]]:

@@ -21,7 +21,10 @@ def random_walk(k=10, seed=0):
 
 def test_waypoint_epochs():
     assert waypoint_epochs(50, 2) == [0, 50]
-    assert waypoint_epochs(50, 4) == [0, 17, 33, 50]
+    assert waypoint_epochs(50, 4) == [0, 17, 34, 50]  # MCT's trajectory_compression.py: K // 3 spacing
+    assert waypoint_epochs(50, 3) == [0, 25, 50]
+    assert waypoint_epochs(50, 5) == [0, 12, 24, 36, 50]
+    assert waypoint_epochs(4, 4) == [0, 1, 2, 4]
     assert waypoint_epochs(10, 11) == list(range(11))
     with pytest.raises(ValueError):
         waypoint_epochs(10, 12)
