@@ -260,6 +260,27 @@ def decode(F: torch.Tensor, M: torch.Tensor, temperature: float, pad_id: int | N
     return logits.softmax(-1)
 
 
+def real_init(F: torch.Tensor, M: torch.Tensor, real: torch.Tensor, pad_id: int | None, temperature: float,
+              generator: torch.Generator) -> torch.Tensor:
+    """``F`` whose decoded sequences start as ``len(F)`` random real sequences: position t of
+    synthetic sequence i is the latent vector ``a M[:, j] / ||M[:, j]||^2`` of item j, the item at
+    the same distance from the end of real sequence i (real sequences are left-padded, synthetic
+    ones are aligned to their end), so that j's logit is ``a / tau = 10``. Positions a shorter real
+    sequence does not reach (padding) keep their entries of ``F``."""
+    mu, xi, _ = F.shape
+    rows = real[torch.randperm(len(real), generator=generator)[:mu]]
+    if len(rows) < mu:
+        raise ValueError(f"init 'real' needs {mu} real sequences, there are {len(real)}")
+    ids = rows[:, -xi:] if rows.shape[1] >= xi else torch.nn.functional.pad(rows, (xi - rows.shape[1], 0),
+                                                                           value=-1 if pad_id is None else pad_id)
+    keep = ids != (-1 if pad_id is None else pad_id)
+    cols = M.t()[ids.clamp_min(0)]  # [mu, xi, d]
+    a = 10.0 * temperature
+    out = F.clone()
+    out[keep] = (a * cols / (cols ** 2).sum(-1, keepdim=True).clamp_min(1e-12))[keep]
+    return out
+
+
 @dataclass(frozen=True)
 class FarziConfig:
     budget: int  # mu: number of synthetic sequences
@@ -283,6 +304,12 @@ class FarziConfig:
     # horizons (measured vs unrolled: rel. error 5e-7 at T=50, 12 at T=75, 57 at T=100; 1e-7 with k=25)
     checkpoint_every: int = 25
     init_scale: float = 1.0  # std of F; M starts N(0, 1/d)
+    # F's start: "random" (N(0, init_scale)) or "real": each position of synthetic sequence i starts as
+    # the item at that position of a random real sequence (F[i, t] = a M[:, item] / ||M[:, item]||^2, so
+    # that item's logit is a = 10 tau and the rest ~ N(0, (a/sqrt(d))^2)-ish); padding positions stay random
+    init: str = "random"
+    outer_schedule: str = "constant"  # constant | cosine: outer_lr * (1 + cos(pi * it / iterations)) / 2
+    clip_norm: float | None = None  # clip the meta-gradient of (F, M) to this global L2 norm
 
     def __post_init__(self):
         if self.grad_mode not in GRAD_MODES:
@@ -295,6 +322,12 @@ class FarziConfig:
                 raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
         if self.seq_len < 2:
             raise ValueError("seq_len must be at least 2 (next-token targets)")
+        if self.init not in ("random", "real"):
+            raise ValueError(f"init {self.init!r}: expected 'random' or 'real'")
+        if self.outer_schedule not in ("constant", "cosine"):
+            raise ValueError(f"outer_schedule {self.outer_schedule!r}: expected 'constant' or 'cosine'")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -305,11 +338,12 @@ class FarziDistiller:
 
     ``model`` is a template (its own parameters are unused); ``trajectories`` are the experts'
     flat parameters per epoch (``[epochs+1, P]`` each); ``real`` holds the real training sequences
-    ``[N, L]`` (int64, left-padded with ``pad_id`` for recommendation)."""
+    ``[N, L]`` (int64, left-padded with ``pad_id`` for recommendation). ``iterations`` is the
+    number of outer steps planned, which the cosine schedule of the outer learning rate needs."""
 
     def __init__(self, model: nn.Module, trajectories: Sequence[torch.Tensor], real: torch.Tensor,
                  vocab_size: int, pad_id: int | None, cfg: FarziConfig, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", iterations: int | None = None):
         max_len = getattr(getattr(model, "cfg", None), "max_len", None)
         if max_len is not None and cfg.seq_len > max_len:
             raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_len {max_len}")
@@ -320,8 +354,13 @@ class FarziDistiller:
         self.trajectories = list(trajectories)
         self.real = real
         self.gen = torch.Generator().manual_seed(seed)
+        if cfg.outer_schedule == "cosine" and not iterations:
+            raise ValueError("outer_schedule 'cosine' needs the number of outer iterations")
+        self.iterations = iterations
         F0 = torch.randn(cfg.budget, cfg.seq_len, cfg.latent_dim, generator=self.gen) * cfg.init_scale
         M0 = torch.randn(cfg.latent_dim, vocab_size, generator=self.gen) / math.sqrt(cfg.latent_dim)
+        if cfg.init == "real":
+            F0 = real_init(F0, M0, real, pad_id, cfg.temperature, self.gen)
         # F and M live in the model's precision (float64 makes the two grad modes agree to 1e-6)
         self.F = F0.to(self.device, self.dtype).requires_grad_(True)
         self.M = M0.to(self.device, self.dtype).requires_grad_(True)
@@ -361,15 +400,28 @@ class FarziDistiller:
         for p, gr in zip((self.F, self.M), res.grads):
             check_finite(f"meta-gradient of {'F' if p is self.F else 'M'}", gr, self.iteration)
             p.grad = gr.to(p.dtype)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.iteration += 1
         with torch.no_grad():
             gnorm = float(torch.sqrt(sum((gr.double() ** 2).sum() for gr in res.grads)))
         if not math.isfinite(gnorm):
-            raise DivergenceError(f"meta-gradient norm is {gnorm} at iteration {self.iteration}")
+            raise DivergenceError(f"meta-gradient norm is {gnorm} at iteration {self.iteration + 1}")
+        if cfg.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_([self.F, self.M], cfg.clip_norm)
+        lr = self.outer_lr(self.iteration)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.iteration += 1
         return {"loss": res.outer_loss, "inner_loss_first": res.inner_first, "inner_loss_last": res.inner_last,
-                "grad_norm": gnorm, "entropy": self.synthetic().entropy(), **info}
+                "grad_norm": gnorm, "outer_lr": lr, "entropy": self.synthetic().entropy(), **info}
+
+    def outer_lr(self, iteration: int) -> float:
+        """The outer Adam step size of 0-based step ``iteration`` (a function of the step alone, so a
+        restored distiller continues the schedule exactly)."""
+        cfg = self.cfg
+        if cfg.outer_schedule == "cosine":
+            return cfg.outer_lr * 0.5 * (1 + math.cos(math.pi * min(iteration, self.iterations) / self.iterations))
+        return cfg.outer_lr
 
     def synthetic(self) -> FarziSet:
         return FarziSet(self.F.detach(), self.M.detach(), self.cfg.temperature, self.pad_id, self.cfg.inner_lr)

@@ -7,6 +7,11 @@ full ones). The padding id is never ranked and, by default, neither are the item
 user's input sequence (``mask_seen``): MovieLens users rate a movie once, so a seen item cannot be
 the next one. Ties count against the target (its rank is the number of other items scored at least
 as high), so a constant scorer gets no credit.
+
+When the task carries sampled negatives (``test_negatives``: per user, items drawn uniformly from
+those the user never saw, fixed by a seed), the same models are also ranked against the target
+plus those negatives only, the protocol of SASRec's paper and of the follow-up distillation
+literature (e.g. TD3): ``hr10_s100`` and ``ndcg10_s100`` for 100 negatives.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class SeqTask:
     test_targets: torch.Tensor | None = None  # rec: [U] held-out items
     test_seen: list[torch.Tensor] | None = None  # rec: the items of each input (masked when ranking)
     k: int = 10
+    test_negatives: torch.Tensor | None = None  # rec: [U, n] sampled negatives per user (sampled metrics)
 
     @property
     def primary(self) -> str:
@@ -63,6 +69,25 @@ def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return (scores >= t).sum(1) - 1
 
 
+def sample_negatives(vocab_size: int, pad_id: int | None, seen: list[torch.Tensor], targets: torch.Tensor,
+                     n: int = 100, seed: int = 0) -> torch.Tensor:
+    """``[U, n]`` distinct items per user, uniform over the items that are neither padding, nor in
+    the user's input, nor the target; fixed by ``seed`` (every evaluation ranks the same ones)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(len(targets), n, dtype=torch.int64)
+    for u, (items, tgt) in enumerate(zip(seen, targets.tolist())):
+        allowed = torch.ones(vocab_size, dtype=torch.bool)
+        allowed[items] = False
+        allowed[tgt] = False
+        if pad_id is not None:
+            allowed[pad_id] = False
+        pool = allowed.nonzero().view(-1)
+        if len(pool) < n:
+            raise ValueError(f"user {u}: only {len(pool)} unseen items for {n} sampled negatives")
+        out[u] = pool[torch.randperm(len(pool), generator=g)[:n]]
+    return out
+
+
 def hr_ndcg(ranks: torch.Tensor, k: int = 10) -> tuple[float, float]:
     """HR@k (fraction with rank < k) and NDCG@k (1/log2(rank+2) when rank < k, else 0)."""
     hit = ranks < k
@@ -75,11 +100,17 @@ def recommendation_metrics(model: CausalTransformer, flat: torch.Tensor, task: S
                            mask_seen: bool = True) -> dict[str, float]:
     model.eval()
     ranks = []
+    sampled = []
     man = manifest_of(model)
     dev = flat.device
     for i in range(0, len(task.test_inputs), batch_size):
         x = task.test_inputs[i : i + batch_size].to(dev)
         scores = functional_forward(model, flat, x, man)[:, -1].double()
+        if task.test_negatives is not None:  # the target (column 0) among its sampled negatives
+            cand = torch.cat([task.test_targets[i : i + batch_size].view(-1, 1),
+                              task.test_negatives[i : i + batch_size]], 1).to(dev)
+            sampled.append(rank_of_targets(scores.gather(1, cand), torch.zeros(len(cand), dtype=torch.long,
+                                                                                 device=dev)).cpu())
         if task.pad_id is not None:
             scores[:, task.pad_id] = -math.inf
         tgt = task.test_targets[i : i + batch_size].to(dev)
@@ -89,7 +120,11 @@ def recommendation_metrics(model: CausalTransformer, flat: torch.Tensor, task: S
                 scores[r, seen.to(dev)] = -math.inf
         ranks.append(rank_of_targets(scores, tgt).cpu())
     hr, ndcg = hr_ndcg(torch.cat(ranks), task.k)
-    return {"hr10": hr, "ndcg10": ndcg}
+    out = {"hr10": hr, "ndcg10": ndcg}
+    if sampled:
+        n = task.test_negatives.shape[1]
+        out[f"hr10_s{n}"], out[f"ndcg10_s{n}"] = hr_ndcg(torch.cat(sampled), task.k)
+    return out
 
 
 @torch.no_grad()

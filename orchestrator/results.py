@@ -19,7 +19,7 @@ FIELDS = ["run_id", "sweep", "algorithm", "dataset", "budget", "status", "acc_me
           "full_data_acc_mean", "full_data_acc_std", "syn_lr", "iterations", "failure_reason"]
 
 # event-sequence trials (Farzi and its baseline): recommendation HR@10 / NDCG@10, LM perplexity
-SEQ_METRICS = ("hr10", "ndcg10", "ppl", "token_acc")
+SEQ_METRICS = ("hr10", "ndcg10", "hr10_s100", "ndcg10_s100", "ppl", "token_acc")
 SEQ_FIELDS = [f"{p}{k}_{s}" for k in SEQ_METRICS for p in ("", "random_", "full_data_") for s in ("mean", "std")] + \
     [f"{k}_pct_of_full" for k in SEQ_METRICS]
 
@@ -126,7 +126,8 @@ def _seq_table(rows: list[dict[str, Any]], title: str) -> Table:
                       fmt(r[f"random_{k}_mean"], r[f"random_{k}_std"]),
                       fmt(r[f"full_data_{k}_mean"], r[f"full_data_{k}_std"]), "-" if pct is None else f"{pct:.0f}%",
                       status, r["run_id"])
-    t.caption = ("HR@10 / NDCG@10 (%, full ranking) or perplexity, mean ± std over the evaluation networks; "
+    t.caption = ("HR@10 / NDCG@10 (%, full ranking; _s100: against 100 sampled negatives) or perplexity, "
+                 "mean ± std over the evaluation networks; "
                  "% of full: ours ÷ full data (perplexity: full ÷ ours)")
     return t
 

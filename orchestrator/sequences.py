@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from algorithms.seqtrain import SeqTask
+from algorithms.seqtrain import SeqTask, sample_negatives
 
 from .datasets import DATA_ENV_VAR, DatasetFormatError, DatasetNotFoundError, data_root
 
@@ -477,13 +477,18 @@ _LOADERS: dict[str, Callable[[SequenceInfo, pathlib.Path], RecData | LMData]] = 
 }
 
 
+SAMPLED_NEGATIVES = 100  # per test user, for hr10_s100 / ndcg10_s100
+
+
 def seq_task(data: RecData | LMData, max_len: int) -> SeqTask:
     """What training and evaluation need (``algorithms.seqtrain.SeqTask``): the real training
     sequences cut to the model's ``max_len`` and the test split (recommendation: each user's
-    history with the held-out last item; language modelling: the test stream in chunks)."""
+    history with the held-out last item, and 100 sampled negatives per user, seed 0, for the
+    sampled metrics; language modelling: the test stream in chunks)."""
     if isinstance(data, RecData):
         inputs, targets, seen = data.eval_inputs("test", max_len)
+        negatives = sample_negatives(data.info.vocab_size, data.info.pad_id, seen, targets, SAMPLED_NEGATIVES)
         return SeqTask("recommendation", data.info.vocab_size, data.info.pad_id, data.train_matrix(max_len),
-                       inputs, targets, seen)
+                       inputs, targets, seen, test_negatives=negatives)
     return SeqTask("language_model", data.info.vocab_size, None, data.chunks("train", max_len),
                    data.chunks("test", max_len))

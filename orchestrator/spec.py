@@ -196,7 +196,10 @@ HP_CHECKS = {"syn_steps": _pos, "expert_epochs": _pos, "max_start_epoch": _pos, 
              "beta2": lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "eps": _pos,
              "precision": lambda v: None if v in ("float32", "float64") else "must be float32 or float64",
              "reverse_precision": lambda v: None if v in ("float32", "float64") else "must be float32 or float64",
-             "checkpoint_every": _nonneg, "init_scale": _pos}
+             "checkpoint_every": _nonneg, "init_scale": _pos,
+             "init": lambda v: None if v in ("random", "real") else "must be random or real",
+             "outer_schedule": lambda v: None if v in ("constant", "cosine") else "must be constant or cosine",
+             "clip_norm": lambda v: None if v is None or v > 0 else "must be > 0 or null (no clipping)"}
 # grad_mode is shared by name but not by values
 GRAD_MODES = {"mtt": ("full", "tesla"), "mct": ("full", "tesla"), "farzi": ("reverse", "unrolled")}
 

@@ -91,7 +91,8 @@ def build_distiller(point: dict, ctx: TrialContext, device: torch.device, seed: 
         model = seeded_seq_model(spec["model"], task.vocab_size, task.pad_id, seed)
         trajectories = [open_trajectory(p).params for p in ctx.expert_files["full"]]
         return FarziDistiller(model, trajectories, task.train, task.vocab_size, task.pad_id,
-                              FarziConfig(budget=point["budget"], **hp), seed=seed, device=device)
+                              FarziConfig(budget=point["budget"], **hp), seed=seed, device=device,
+                              iterations=point["iterations"])
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}")
     info = data.info

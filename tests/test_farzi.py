@@ -18,7 +18,7 @@ from algorithms.farzi import (
 )
 from algorithms.networks import flatten_params, functional_forward, manifest_of
 from algorithms.seqmodels import seeded_seq_model, sequence_loss, soft_loss
-from algorithms.seqtrain import hr_ndcg, rank_of_targets
+from algorithms.seqtrain import SeqTask, hr_ndcg, rank_of_targets, recommendation_metrics, sample_negatives
 
 V, L = 13, 6
 
@@ -153,12 +153,13 @@ def test_ranking_metrics_on_hand_made_scores():
     assert hr_ndcg(rank_of_targets(s, torch.tensor([9])), 10) == pytest.approx((1.0, 1 / math.log2(11)))
 
 
-def _distiller(seed=0, **kw):
+def _distiller(seed=0, iterations=None, **kw):
     model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8}, 15, 0, 0)
     trajs = [torch.stack([flatten_params(model) + 0.01 * i * torch.ones(1) for i in range(3)])]
     real = torch.randint(1, 15, (20, 8), generator=torch.Generator().manual_seed(1))
-    cfg = FarziConfig(budget=4, seq_len=6, latent_dim=4, inner_steps=3, inner_lr=0.01, real_batch=8, **kw)
-    return FarziDistiller(model, trajs, real, 15, 0, cfg, seed=seed)
+    cfg = FarziConfig(**{"budget": 4, "seq_len": 6, "latent_dim": 4, "inner_steps": 3, "inner_lr": 0.01,
+                         "real_batch": 8, **kw})
+    return FarziDistiller(model, trajs, real, 15, 0, cfg, seed=seed, iterations=iterations)
 
 
 def test_distiller_resumes_exactly():
@@ -201,3 +202,71 @@ def test_sequence_training_is_reproducible_whatever_ran_before():
     torch.rand(100)  # disturb the global RNG
     b = list(train_seq_model(spec, task, data, cfg, seed=3))[-1].params
     assert torch.equal(a, b)
+
+
+def test_sampled_negatives_exclude_seen_target_and_padding_and_are_fixed_by_the_seed():
+    seen = [torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([1, 5, 6, 7])]
+    targets = torch.tensor([4, 9, 2])
+    neg = sample_negatives(12, 0, seen, targets, n=5, seed=3)
+    assert neg.shape == (3, 5)
+    for u in range(3):
+        row = set(neg[u].tolist())
+        assert len(row) == 5  # distinct
+        assert not row & (set(seen[u].tolist()) | {int(targets[u]), 0})
+    assert torch.equal(neg, sample_negatives(12, 0, seen, targets, n=5, seed=3))
+    assert not torch.equal(neg, sample_negatives(12, 0, seen, targets, n=5, seed=4))
+    # user 2 has 12 - 1 (pad) - 4 (seen) - 1 (target) = 6 candidates: 7 negatives cannot be drawn
+    with pytest.raises(ValueError, match="user 2: only 6 unseen items"):
+        sample_negatives(12, 0, seen, targets, n=7)
+
+
+def test_sampled_metrics_rank_the_target_among_its_negatives_only():
+    """The sampled rank counts the negatives scored at least as high as the target; items outside
+    the candidate list (here item 9, scored highest by the model) do not count, unlike full ranking."""
+    vocab, dim = 12, 8
+    model = seeded_seq_model({"name": "sasrec", "dim": dim, "blocks": 1, "heads": 1, "max_len": 4}, vocab, 0, 0)
+    flat = flatten_params(model)
+    inputs = torch.tensor([[0, 1, 2, 3], [0, 0, 4, 5]])
+    scores = functional_forward(model, flat, inputs, manifest_of(model))[:, -1]
+    order = scores.argsort(1, descending=True)  # items by score, best first
+    targets = order[:, 3]  # each target is the 4th best item of its user's full ranking
+    negatives = torch.stack([order[0, [0, 6, 7]], order[1, [8, 9, 10]]])  # user 0: one above; user 1: none
+    task = SeqTask("recommendation", vocab, None, inputs, inputs, targets, None, k=1, test_negatives=negatives)
+    m = recommendation_metrics(model, flat, task, mask_seen=False)
+    assert m["hr10"] == 0.0  # full ranking: rank 3 for both, not within k=1
+    assert m["hr10_s3"] == 0.5 and m["ndcg10_s3"] == pytest.approx(0.5)  # sampled: ranks 1 and 0
+
+
+def test_cosine_outer_schedule_and_clipping_resume_exactly():
+    a = _distiller(outer_schedule="cosine", clip_norm=1e-3, outer_lr=0.1, iterations=4)
+    lrs = [a.step()["outer_lr"] for _ in range(2)]
+    assert lrs == pytest.approx([0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2])
+    # clipped to norm 1e-3: Adam's first moment after one step is (1 - beta1) x the clipped gradient
+    b = _distiller(clip_norm=1e-3)
+    out = b.step()
+    assert out["grad_norm"] > 1e-2  # the raw meta-gradient is far above the clip
+    m = [b.opt.state[p]["exp_avg"] for p in (b.F, b.M)]
+    assert float(torch.sqrt(sum((x.double() ** 2).sum() for x in m))) == pytest.approx(0.1 * 1e-3, rel=1e-4)
+    state = a.state_dict()
+    ref = [a.step() for _ in range(2)]
+    c = _distiller(outer_schedule="cosine", clip_norm=1e-3, outer_lr=0.1, iterations=4)
+    c.load_state_dict(state)
+    again = [c.step() for _ in range(2)]
+    assert [r["outer_lr"] for r in again] == pytest.approx([0.1 * (1 + math.cos(math.pi * i / 4)) / 2 for i in (2, 3)])
+    assert [r["loss"] for r in again] == [r["loss"] for r in ref]
+    with pytest.raises(ValueError, match="needs the number of outer iterations"):
+        _distiller(outer_schedule="cosine")
+
+
+def test_real_init_starts_each_synthetic_sequence_as_a_real_one():
+    d = _distiller(init="real", latent_dim=12)
+    probs = d.synthetic().probs()  # [4, 6, 15]
+    top = probs.argmax(-1)
+    # which real rows were drawn: replay the generator (seeded 0; F's and M's draws come first)
+    g = torch.Generator().manual_seed(0)
+    torch.randn(4, 6, 12, generator=g)
+    torch.randn(12, 15, generator=g)
+    rows = d.real[torch.randperm(len(d.real), generator=g)[:4]][:, -6:]
+    assert (top == rows).float().mean() >= 0.9
+    assert float(probs.max(-1).values.mean()) > 0.5  # peaked, not the near-uniform random start
+    assert float(_distiller().synthetic().probs().max(-1).values.mean()) < 0.3
