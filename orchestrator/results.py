@@ -89,13 +89,20 @@ def collect(tracking_uri: str, sweep: str | None = None, experiment: str | None 
             "hyperparameters": {k[3:]: v for k, v in p.items() if k.startswith("hp.")},
             **{f: m.get(f) for f in SEQ_FIELDS if not f.startswith("random_")},
         })
+    attach_baselines(rows)
+    rows.sort(key=lambda r: (r["sweep"] or "", r["algorithm"] != "random", r["algorithm"] or "", r["budget"]))
+    return rows
+
+
+def attach_baselines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give every row (in place) the ``random_<metric>_mean`` / ``_std`` of the random-subset
+    trial of the same sweep, dataset and budget (None where there is none); returns ``rows``."""
     baseline = {(r["sweep"], r["dataset"], r["budget"]): r for r in rows if r["algorithm"] == "random"}
     for r in rows:
         b = baseline.get((r["sweep"], r["dataset"], r["budget"]), {})
         r["random_acc_mean"], r["random_acc_std"] = b.get("acc_mean"), b.get("acc_std")
         for k in SEQ_METRICS:
             r[f"random_{k}_mean"], r[f"random_{k}_std"] = b.get(f"{k}_mean"), b.get(f"{k}_std")
-    rows.sort(key=lambda r: (r["sweep"] or "", r["algorithm"] != "random", r["algorithm"] or "", r["budget"]))
     return rows
 
 

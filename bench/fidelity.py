@@ -1,0 +1,404 @@
+"""Fidelity report: the reference sweeps against the published numbers (issue 11, section 4).
+
+For each reference spec (default: every ``search_spaces/reference/*.yaml``; positional arguments
+name others) it reads the latest sweep of that spec (MLflow experiment = the spec's name) from the
+store of ``--root`` and prints one row per (dataset, method, budget): iterations done of planned,
+the final evaluation (mean ± std over the evaluation networks), the best of the periodic
+evaluations (the ``eval/<metric>_mean`` history, with its iteration; selected on the test set, as
+MTT reports), the random real subset of the same budget from the same sweep, % of the full-data
+result, the published number with its source, and the trial's wall time (MLflow run start to
+end, or to now for a trial still running). Images report test accuracy; ML-100k HR@10 (and
+NDCG@10 on a second line); PTB perplexity. A sweep still running is read as it stands.
+
+    orchestrate launch search_spaces/reference/mnist_ipc1.yaml --root ~/runs-ref   # hours on a CPU
+    python bench/fidelity.py --root ~/runs-ref            # read the sweeps of the reference specs
+    python bench/fidelity.py SPEC.yaml --root R --run     # orchestrate launch SPEC --root R, then read
+    python bench/fidelity.py --quick --json /tmp/fid.json # a tiny digits sweep in a temporary root
+
+``--run`` launches each spec with ``orchestrate launch SPEC --root ROOT`` in a subprocess (the
+command users run; a sweep that exists is resumed), then reads. ``--quick`` writes a CI-sized
+digits spec (MTT at IPC 1 and 10, a random subset of each) to a temporary folder and runs it so,
+into a temporary root (or ``--root``): a few minutes on 2 CPU cores; digits has no published
+number, so that column shows none.
+
+Published numbers (``PUBLISHED``; nothing else is compared against): MNIST DC and DSA from the
+DatasetCondensation README; MTT/MCT on MNIST have no paper number, so DSA's is shown as the level
+to reach; CIFAR-10 MTT from the MTT paper; Farzi on ML-100k as the paper's claim of 98-120% of
+full-data performance. JSON (``--json``): ``rows`` with the logged values (accuracy, HR@10,
+NDCG@10 as fractions of 1, perplexity as is) and the published numbers as their sources state
+them (percent), ``sweeps``, the machine.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from common import REPO, bench_console, bench_parser, machine_info, write_results
+from rich.table import Table
+
+sys.path.insert(0, str(REPO))
+
+from orchestrator.results import best_per_group, headline_metric, row_metric  # noqa: E402
+
+# -- published numbers ----------------------------------------------------------------------------
+DC_README = "VICO-UoE/DatasetCondensation README, ConvNet-3"
+MTT_PAPER = "Cazenavette et al. 2022 (MTT), Table 1, with ZCA"
+FARZI_PAPER = "Sachdeva et al. 2023 (Farzi), abstract"
+
+# (dataset, method, budget or None for any budget) -> what the source states
+PUBLISHED: dict[tuple[str, str, int | None], dict[str, Any]] = {
+    **{("mnist", "dc", b): {"value": v, "unit": "acc %", "source": DC_README}
+       for b, v in ((1, 91.7), (10, 97.4), (50, 98.8))},
+    **{("mnist", "dsa", b): {"value": v, "unit": "acc %", "source": DC_README}
+       for b, v in ((1, 88.7), (10, 97.8), (50, 99.2))},
+    **{("cifar10", "mtt", b): {"value": v, "unit": "acc %", "source": MTT_PAPER}
+       for b, v in ((1, 46.3), (10, 65.3), (50, 71.6))},
+    ("ml-100k", "farzi", None): {"value": [98.0, 120.0], "unit": "% of full", "source": FARZI_PAPER},
+}
+# methods with no published number of their own on a dataset: the method whose number is the level to reach
+REACH = {("mnist", "mtt"): "dsa", ("mnist", "mct"): "dsa"}
+
+SECONDARY = {"hr10": ("ndcg10",)}  # shown under the headline metric
+LABELS = {"acc": "acc", "hr10": "HR@10", "ndcg10": "NDCG@10", "ppl": "ppl"}
+
+
+def published(dataset: str, method: str, budget: int) -> dict[str, Any] | None:
+    """The published number for (dataset, method, budget) with its source and ``kind``
+    ("published", or "level to reach" when it is another method's); None when there is none."""
+    d, m = (dataset or "").lower(), (method or "").lower()
+    for key in ((d, m, budget), (d, m, None)):
+        if key in PUBLISHED:
+            return {**PUBLISHED[key], "method": m, "kind": "published"}
+    other = REACH.get((d, m))
+    if other and (d, other, budget) in PUBLISHED:
+        return {**PUBLISHED[(d, other, budget)], "method": other,
+                "kind": f"level to reach ({other.upper()}; no {m.upper()} paper number)"}
+    return None
+
+
+# -- rows -----------------------------------------------------------------------------------------
+def best_of(means: list[tuple[int, float]], stds: list[tuple[int, float]], higher: bool = True):
+    """The best periodic evaluation, ``(mean, std, step)``, of a metric history given as
+    ``[(step, value)]`` (max, or min when lower is better; the earlier step on a tie); None if empty."""
+    if not means:
+        return None
+    std_at = dict(stds)
+    step, mean = min(means, key=lambda sv: (-sv[1] if higher else sv[1], sv[0]))
+    return mean, std_at.get(step), step
+
+
+def _pct(final, full, higher: bool) -> float | None:
+    if final is None or not full:
+        return None
+    return 100 * (final / full if higher else full / final)
+
+
+def report_row(row: dict[str, Any], history: dict[str, list[tuple[int, float]]], start_ms: int | None,
+               end_ms: int | None, now_ms: int, spec: str = "", trials: int = 1,
+               default: tuple[str, bool] = ("acc", True)) -> dict[str, Any]:
+    """One report row from a row of :func:`orchestrator.results.collect` (random baseline
+    attached), the trial's metric histories (``eval/<metric>_mean`` / ``_std`` and
+    ``sec_per_iter``, each ``[(step, value)]``) and its MLflow start / end times (ms).
+    ``default``: the sweep's headline metric, for a row that has logged none yet (running)."""
+    metric, higher = row_metric(row) or default
+    running = row.get("status") == "RUNNING"
+    metrics = {}
+    for k in (metric, *SECONDARY.get(metric, ())):
+        best = best_of(history.get(f"eval/{k}_mean", []), history.get(f"eval/{k}_std", []), higher)
+        final, full = row.get(f"{k}_mean"), row.get(f"full_data_{k}_mean")
+        pct = row.get(f"{k}_pct_of_full")
+        metrics[k] = {"final_mean": final, "final_std": row.get(f"{k}_std"),
+                      "best_mean": best and best[0], "best_std": best and best[1], "best_iteration": best and best[2],
+                      "random_mean": row.get(f"random_{k}_mean"), "random_std": row.get(f"random_{k}_std"),
+                      "full_data_mean": full, "full_data_std": row.get(f"full_data_{k}_std"),
+                      "pct_of_full": pct if pct is not None else _pct(final, full, higher)}
+    done = max((s for s, _ in history.get("sec_per_iter", [])), default=0)
+    end = now_ms if running or not end_ms else end_ms
+    return {"spec": spec, "sweep": row.get("sweep"), "run_id": row.get("run_id"), "dataset": row.get("dataset"),
+            "method": row.get("algorithm"), "budget": row.get("budget"), "trials": trials,
+            "status": row.get("status"), "running": running, "failure_reason": row.get("failure_reason"),
+            "iterations_done": done, "iterations_planned": row.get("iterations"),
+            "metric": metric, "higher_is_better": higher, "metrics": metrics,
+            "published": published(row.get("dataset"), row.get("algorithm"), row.get("budget")),
+            "wall_s": (end - start_ms) / 1000 if start_ms is not None else None}
+
+
+def report_rows(rows: list[dict[str, Any]], histories: dict[str, dict], times: dict[str, tuple], now_ms: int,
+                spec: str = "") -> list[dict[str, Any]]:
+    """Report rows of one sweep: the distilled trials (the random subsets are their baseline
+    column), one per (dataset, method, budget) (the best final one when a grid gave several).
+    ``histories`` and ``times`` (``(start_ms, end_ms)``) are keyed by run id."""
+    distilled = [r for r in rows if r.get("algorithm") != "random"]
+    counts: dict[tuple, int] = {}
+    for r in distilled:
+        key = (r.get("sweep"), r.get("dataset"), r.get("algorithm"), r.get("budget"))
+        counts[key] = counts.get(key, 0) + 1
+    default = headline_metric(rows)
+    out = [report_row(r, histories.get(r["run_id"], {}), *times.get(r["run_id"], (None, None)), now_ms, spec,
+                      counts[(r.get("sweep"), r.get("dataset"), r.get("algorithm"), r.get("budget"))], default)
+           for r in best_per_group(distilled)]
+    return sorted(out, key=lambda r: (r["dataset"] or "", r["method"] or "", r["budget"] or 0))
+
+
+# -- reading MLflow ---------------------------------------------------------------------------------
+class ReportError(Exception):
+    """A spec or a root that cannot be reported on (the message names them)."""
+
+
+def open_store(root: Path):
+    """The workspace of ``root``; ReportError when it has no tracking store."""
+    from orchestrator.tracking import TrackingStoreError, check_tracking_store, sqlite_file, workspace
+
+    if not root.is_dir():
+        raise ReportError(f"{root}: no such folder, so no tracking store (the --root of `orchestrate launch`; "
+                          f"add --run to launch the specs into it)")
+    ws = workspace(root)
+    db = sqlite_file(ws.tracking_uri)
+    if db is not None and not db.is_file():
+        raise ReportError(f"{root}: no tracking store ({db} does not exist); launch the specs with "
+                          f"`orchestrate launch SPEC --root {root}` or add --run")
+    try:
+        check_tracking_store(ws.tracking_uri, write=False)
+    except TrackingStoreError as e:
+        raise ReportError(str(e)) from e
+    return ws
+
+
+def read_sweep(spec_path: str, ws, now_ms: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The latest sweep of ``spec_path`` in the store of ``ws``: its description and report rows."""
+    from mlflow import MlflowClient
+
+    from orchestrator.results import collect, get_runs, latest_sweep
+    from orchestrator.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as e:
+        raise ReportError(str(e)) from e
+    client = MlflowClient(ws.tracking_uri)
+    try:
+        sweep = latest_sweep(client, spec.name)
+    except LookupError:
+        sweep = None
+    if sweep is None:
+        raise ReportError(f"{spec_path}: no sweep of this spec (MLflow experiment {spec.name!r}) in the tracking "
+                          f"store of {ws.root} ({ws.tracking_uri}); run `orchestrate launch {spec_path} --root "
+                          f"{ws.root}` or add --run")
+    rows = collect(ws.tracking_uri, sweep=sweep, experiment=spec.name)
+    runs = {r.info.run_id: r for r in get_runs(client, [sweep] + [r["run_id"] for r in rows])}
+    parent = runs[sweep]
+    for r in rows:  # a trial logs the full-data result at its end: until then, the sweep's (parent run's)
+        for k, v in parent.data.metrics.items():
+            if k.startswith("full_data_") and r.get(k) is None:
+                r[k] = v
+    default = headline_metric(rows)
+    histories, times = {}, {}
+    for r in rows:
+        if r["algorithm"] == "random":
+            continue
+        metric = (row_metric(r) or default)[0]
+        keys = ["sec_per_iter"] + [f"eval/{k}_{s}" for k in (metric, *SECONDARY.get(metric, ()))
+                                   for s in ("mean", "std")]
+        histories[r["run_id"]] = {k: [(m.step, m.value) for m in client.get_metric_history(r["run_id"], k)]
+                                  for k in keys}
+        info = runs[r["run_id"]].info
+        times[r["run_id"]] = (info.start_time, info.end_time)
+    sweep_hash = parent.data.tags.get("orchestrate.spec_hash")
+    desc = {"spec": spec_path, "name": spec.name, "sweep_run_id": sweep, "status": parent.info.status,
+            "spec_hash": spec.hash, "sweep_spec_hash": sweep_hash, "trials": len(rows)}
+    return desc, report_rows(rows, histories, times, now_ms, spec=spec_path)
+
+
+# -- running ----------------------------------------------------------------------------------------
+def orchestrate_command() -> str:
+    """The ``orchestrate`` console script of this Python (its venv), else the one on PATH."""
+    beside = Path(sys.executable).parent / "orchestrate"
+    found = str(beside) if beside.is_file() else shutil.which("orchestrate")
+    if not found:
+        raise ReportError("no `orchestrate` command beside this Python or on PATH: pip install -e . first")
+    return found
+
+
+def launch(spec_path: str, root: Path, console) -> int:
+    """``orchestrate launch SPEC --root ROOT`` as a subprocess (its output on stderr); its exit code."""
+    cmd = [orchestrate_command(), "launch", spec_path, "--root", str(root)]
+    console.print(f"[bold]$ {' '.join(cmd)}[/bold]")
+    t0 = time.time()
+    rc = subprocess.call(cmd, stdout=sys.stderr)
+    console.print(f"launch of {spec_path} ended with exit code {rc} after {time.time() - t0:.0f} s")
+    return rc
+
+
+def quick_spec() -> dict[str, Any]:
+    """A CI-sized digits sweep (tests/conftest.py's TINY, a little larger): MTT at IPC 1 and 10,
+    20 iterations, evaluations every 10, against random subsets of both budgets."""
+    return {
+        "name": "fidelity-quick", "seed": 0, "checkpoint_interval": 10,
+        "description": "bench/fidelity.py --quick: MTT on digits, IPC 1 and 10, 20 iterations",
+        "dataset": {"name": "digits"}, "model": {"name": "convnet", "depth": 1, "width": 16},
+        "experts": {"count": 2, "epochs": 6, "lr": 0.03, "batch_size": 64},
+        "algorithms": {"mtt": {"budgets": [1, 10], "iterations": 20,
+                               "hyperparameters": {"syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 3,
+                                                   "lr_img": 30, "lr_lr": 1.0e-6}}},
+        "baselines": ["random"],
+        "evaluation": {"networks": 2, "epochs": 100, "interval": 10},
+        "resources": {"cpus_per_trial": 1},
+    }
+
+
+# -- output -------------------------------------------------------------------------------------------
+def _num(v, scale: float) -> str:
+    return "-" if v is None else f"{scale * v:.1f}" if scale != 1 else f"{v:.2f}"
+
+
+def _pm(mean, std, scale: float) -> str:
+    return "-" if mean is None else f"{_num(mean, scale)} ± {_num(std or 0.0, scale)}"
+
+
+def _wall(r: dict) -> str:
+    s = r["wall_s"]
+    if s is None:
+        text = "-"
+    else:
+        h, rem = divmod(round(s), 3600)
+        text = f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s" if rem >= 60 else f"{rem}s"
+    if r["running"]:
+        return f"{text} (running)"
+    return text if r["status"] == "FINISHED" else f"{text} ({(r['status'] or '?').lower()})"
+
+
+def _published_cell(p: dict | None, notes: dict[str, int]) -> str:
+    if p is None:
+        return "none"
+    n = notes.setdefault(p["source"], len(notes) + 1)
+    v = p["value"]
+    text = f"{v[0]:g}-{v[1]:g}% of full" if isinstance(v, list) else f"{v:g}"
+    if p["kind"] != "published":
+        text = f"{text} {p['method'].upper()}, to reach"
+    return f"{text} [{n}]"
+
+
+def table(rows: list[dict[str, Any]], title: str = "fidelity") -> tuple[Table, dict[str, int]]:
+    """The report table and its footnotes (source -> number)."""
+    t = Table(title=title)
+    for col in ("dataset", "method", "budget", "iters", "metric", "final", "best (iter)", "random subset",
+                "% of full", "published", "wall"):
+        t.add_column(col, justify="left" if col in ("dataset", "method", "metric", "published", "wall")
+                     else "right")
+    notes: dict[str, int] = {}
+    for r in rows:
+        for i, (k, m) in enumerate(r["metrics"].items()):
+            scale = 1.0 if k == "ppl" else 100.0
+            best = "-" if m["best_mean"] is None else \
+                f"{_pm(m['best_mean'], m['best_std'], scale)} ({m['best_iteration']})"
+            first = i == 0
+            t.add_row(r["dataset"] if first else "", r["method"] if first else "",
+                      str(r["budget"]) if first else "",
+                      f"{r['iterations_done']}/{r['iterations_planned']}" if first else "", LABELS.get(k, k),
+                      _pm(m["final_mean"], m["final_std"], scale), best,
+                      _pm(m["random_mean"], m["random_std"], scale),
+                      "-" if m["pct_of_full"] is None else f"{m['pct_of_full']:.0f}%",
+                      _published_cell(r["published"], notes) if first else "", _wall(r) if first else "")
+    t.caption = ("%, mean ± std over the evaluation networks (ppl as is); best: over the periodic evaluations, "
+                 "selected on the test set as MTT reports it; published: the source's number for this "
+                 "(dataset, method, budget), 'to reach' when it is another method's")
+    return t, notes
+
+
+def print_report(console, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], root: Path) -> None:
+    for s in sweeps:
+        drift = "" if s["sweep_spec_hash"] in (None, s["spec_hash"]) else \
+            f" [yellow](launched from another version of the spec: hash {s['sweep_spec_hash']}, now " \
+            f"{s['spec_hash']})[/yellow]"
+        console.print(f"{s['spec']}: sweep {s['sweep_run_id']} ({s['status'].lower()}, {s['trials']} trials){drift}")
+    t, notes = table(rows, title=f"fidelity: {root}")
+    console.print(t)
+    for source, n in notes.items():
+        console.print(f"[{n}] {source}", markup=False)
+    for r in rows:
+        if r["trials"] > 1:
+            console.print(f"{r['dataset']} {r['method']} {r['budget']}: best final of {r['trials']} trials")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+    ap = bench_parser(__doc__, "write a tiny digits spec and run it (--run) into a temporary root: a few minutes")
+    ap.add_argument("specs", nargs="*", metavar="SPEC",
+                    help="reference sweep specs (default: search_spaces/reference/*.yaml)")
+    ap.add_argument("--root", default=None,
+                    help="the store of the sweeps (`orchestrate launch SPEC --root ROOT`); default: "
+                         "$ORCHESTRATE_ROOT or ./orchestrate-runs; with --quick a temporary folder")
+    ap.add_argument("--run", action="store_true", help="launch each spec (`orchestrate launch SPEC --root ROOT`, "
+                                                       "resuming a sweep that exists) before reading")
+    args = ap.parse_args()
+    console = bench_console(170)
+    load0 = os.getloadavg()
+    if args.quick and args.specs:
+        ap.error("--quick runs its own spec: give no SPEC with it")
+    with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
+        if args.quick:
+            spec_path = Path(tmp) / "fidelity_quick.yaml"
+            spec_path.write_text(yaml.safe_dump(quick_spec(), sort_keys=False))
+            specs, run = [str(spec_path)], True
+            root = Path(args.root or Path(tmp) / "root").expanduser().resolve()
+        else:
+            specs = args.specs or [os.path.relpath(p) if p.startswith(os.getcwd() + os.sep) else p
+                                   for p in sorted(glob.glob(str(REPO / "search_spaces" / "reference" / "*.yaml")))]
+            run = args.run
+            root = Path(args.root or os.environ.get("ORCHESTRATE_ROOT") or "orchestrate-runs").expanduser().resolve()
+        if not specs:
+            fail("no spec given and none in search_spaces/reference/")
+        errors, launches = [], {}
+        try:
+            if run:
+                for s in specs:
+                    launches[s] = launch(s, root, console)
+            ws = open_store(root)
+        except ReportError as e:
+            fail(str(e))
+        now_ms = int(time.time() * 1000)
+        sweeps, rows = [], []
+        for s in specs:
+            try:
+                desc, spec_rows = read_sweep(s, ws, now_ms)
+            except ReportError as e:
+                errors.append(str(e))
+                continue
+            sweeps.append({**desc, "launch_exit_code": launches.get(s)})
+            rows += spec_rows
+        if sweeps:
+            print_report(console, rows, sweeps, root)
+        for s, rc in launches.items():
+            if rc not in (0, None):
+                console.print(f"[yellow]`orchestrate launch {s} --root {root}` exited with {rc}: the rows of its "
+                              f"sweep are what it logged[/yellow]")
+        for e in errors:
+            console.print(f"[red]error:[/red] {e}", highlight=False)
+        if args.json:
+            versions = {p: importlib.metadata.version(p) for p in ("ray", "mlflow")}
+            device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
+            write_results(console, args.json, "fidelity", machine_info(device, load0, versions=versions),
+                          {"specs": specs, "root": str(root), "run": run, "quick": args.quick},
+                          sweeps=sweeps, errors=errors,
+                          published=[{"dataset": d, "method": m, "budget": b, **v}
+                                     for (d, m, b), v in PUBLISHED.items()],
+                          rows=rows)
+    if errors:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""bench/fidelity.py's report rows, built from rows and metric histories made here (no Ray, no MLflow run)."""
+import sys
+
+import pytest
+
+from orchestrator.results import attach_baselines
+
+from .conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))  # the bench scripts import their helpers as ``common``
+fidelity = pytest.importorskip("fidelity")
+
+
+def trial(algorithm, dataset, budget, sweep="s1", status="FINISHED", **metrics):
+    return {"run_id": f"{algorithm}-{dataset}-{budget}-{sweep}", "sweep": sweep, "algorithm": algorithm,
+            "dataset": dataset, "budget": budget, "status": status, "iterations": 0 if algorithm == "random" else 100,
+            "failure_reason": None, **metrics}
+
+
+def test_published_lookup():
+    assert fidelity.published("mnist", "dc", 10)["value"] == 97.4
+    assert fidelity.published("MNIST", "DSA", 50)["value"] == 99.2
+    cifar = fidelity.published("cifar10", "mtt", 1)
+    assert cifar["value"] == 46.3 and cifar["kind"] == "published" and "Cazenavette" in cifar["source"]
+    # no MTT/MCT paper number on MNIST: DSA's of the same budget, labelled as the level to reach
+    for method, budget, value in (("mtt", 1, 88.7), ("mct", 10, 97.8)):
+        reach = fidelity.published("mnist", method, budget)
+        assert reach["value"] == value and reach["method"] == "dsa" and reach["kind"].startswith("level to reach")
+    farzi = fidelity.published("ml-100k", "farzi", 50)  # a claim for any budget, as % of full data
+    assert farzi["value"] == [98.0, 120.0] and farzi["unit"] == "% of full"
+    assert fidelity.published("digits", "mtt", 1) is None
+    assert fidelity.published("cifar10", "mct", 1) is None
+    assert fidelity.published("cifar10", "mtt", 20) is None
+    assert fidelity.published("ptb", "farzi", 10) is None
+
+
+def test_best_of_history():
+    means = [(0, 0.50), (250, 0.81), (500, 0.79), (750, 0.81)]
+    stds = [(0, 0.02), (250, 0.01), (500, 0.03), (750, 0.04)]
+    assert fidelity.best_of(means, stds) == (0.81, 0.01, 250)  # the max, the earlier on a tie, its std
+    assert fidelity.best_of([(0, 300.0), (10, 250.0), (20, 260.0)], [], higher=False) == (250.0, None, 10)
+    assert fidelity.best_of([], []) is None
+
+
+def test_report_rows_images():
+    rows = attach_baselines([
+        trial("random", "mnist", 1, acc_mean=0.60, acc_std=0.02),
+        trial("random", "mnist", 10, acc_mean=0.90, acc_std=0.01),
+        trial("random", "mnist", 1, sweep="other", acc_mean=0.10, acc_std=0.0),
+        trial("mtt", "mnist", 1, acc_mean=0.85, acc_std=0.01, full_data_acc_mean=0.98, full_data_acc_std=0.001),
+        trial("mct", "mnist", 10, status="RUNNING", full_data_acc_mean=0.98),
+        trial("mtt", "digits", 1, acc_mean=0.70, acc_std=0.03),
+    ])
+    h_mtt = {"eval/acc_mean": [(0, 0.6), (50, 0.88), (100, 0.85)], "eval/acc_std": [(0, 0.02), (50, 0.005), (100, 0.01)],
+             "sec_per_iter": [(i, 1.0) for i in range(1, 101)]}
+    h_mct = {"eval/acc_mean": [(0, 0.9), (50, 0.93)], "eval/acc_std": [(0, 0.0), (50, 0.01)],
+             "sec_per_iter": [(i, 1.0) for i in range(1, 63)]}
+    histories = {"mtt-mnist-1-s1": h_mtt, "mct-mnist-10-s1": h_mct}
+    times = {"mtt-mnist-1-s1": (1_000_000, 1_090_000), "mct-mnist-10-s1": (2_000_000, None)}
+    out = fidelity.report_rows(rows, histories, times, now_ms=2_030_000, spec="ref.yaml")
+    by = {(r["dataset"], r["method"], r["budget"]): r for r in out}
+    assert sorted(by) == [("digits", "mtt", 1), ("mnist", "mct", 10), ("mnist", "mtt", 1)]  # no random rows
+
+    mtt = by[("mnist", "mtt", 1)]
+    acc = mtt["metrics"]["acc"]
+    assert (acc["final_mean"], acc["final_std"]) == (0.85, 0.01)
+    assert (acc["best_mean"], acc["best_std"], acc["best_iteration"]) == (0.88, 0.005, 50)
+    assert (acc["random_mean"], acc["random_std"]) == (0.60, 0.02)  # same sweep, dataset and budget
+    assert acc["pct_of_full"] == pytest.approx(100 * 0.85 / 0.98)
+    assert (mtt["iterations_done"], mtt["iterations_planned"]) == (100, 100)
+    assert mtt["wall_s"] == 90 and not mtt["running"]
+    assert mtt["published"]["value"] == 88.7 and mtt["published"]["method"] == "dsa"
+    assert mtt["spec"] == "ref.yaml"
+
+    mct = by[("mnist", "mct", 10)]  # running: no final yet, the best so far, wall up to now
+    acc = mct["metrics"]["acc"]
+    assert acc["final_mean"] is None and acc["best_mean"] == 0.93 and acc["random_mean"] == 0.90
+    assert mct["running"] and mct["wall_s"] == 30 and mct["iterations_done"] == 62
+    assert mct["published"]["value"] == 97.8
+
+    digits = by[("digits", "mtt", 1)]  # no random subset of digits in the sweep, no published number
+    assert digits["metrics"]["acc"]["random_mean"] is None and digits["published"] is None
+    assert digits["metrics"]["acc"]["best_mean"] is None and digits["wall_s"] is None
+
+    table, notes = fidelity.table(out)
+    assert table.row_count == 3 and list(notes) == [fidelity.DC_README]
+
+
+def test_report_rows_sequences_and_grid():
+    seq = {"full_data_hr10_mean": 0.12, "full_data_hr10_std": 0.0, "full_data_ndcg10_mean": 0.06}
+    rows = attach_baselines([
+        trial("random", "ml-100k", 50, hr10_mean=0.047, hr10_std=0.006, ndcg10_mean=0.023, ndcg10_std=0.001),
+        {**trial("farzi", "ml-100k", 50, hr10_mean=0.054, hr10_std=0.001, ndcg10_mean=0.028, ndcg10_std=0.002,
+                 hr10_pct_of_full=45.0, **seq), "run_id": "a"},
+        {**trial("farzi", "ml-100k", 50, hr10_mean=0.060, hr10_std=0.002, ndcg10_mean=0.030, ndcg10_std=0.002,
+                 hr10_pct_of_full=50.0, **seq), "run_id": "b"},
+    ])
+    hist = {"b": {"eval/hr10_mean": [(0, 0.02), (30, 0.065), (60, 0.06)], "eval/hr10_std": [(30, 0.003)],
+                  "eval/ndcg10_mean": [(0, 0.01), (30, 0.031)], "sec_per_iter": [(60, 1.0)]}}
+    out = fidelity.report_rows(rows, hist, {"b": (0, 5000)}, now_ms=10_000)
+    assert len(out) == 1
+    r = out[0]
+    assert r["run_id"] == "b" and r["trials"] == 2  # the better final of the grid's two trials
+    assert r["metric"] == "hr10" and list(r["metrics"]) == ["hr10", "ndcg10"]
+    hr, nd = r["metrics"]["hr10"], r["metrics"]["ndcg10"]
+    assert (hr["final_mean"], hr["best_mean"], hr["best_iteration"], hr["random_mean"]) == (0.060, 0.065, 30, 0.047)
+    assert hr["pct_of_full"] == 50.0  # as logged
+    assert nd["best_mean"] == 0.031 and nd["random_mean"] == 0.023
+    assert nd["pct_of_full"] == pytest.approx(50.0)  # computed from the full-data result
+    assert r["published"]["value"] == [98.0, 120.0] and r["wall_s"] == 5
+    assert fidelity.table(out)[0].row_count == 2  # HR@10 and NDCG@10 lines
