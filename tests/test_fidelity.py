@@ -101,7 +101,7 @@ def test_report_rows_sequences_and_grid():
     assert len(out) == 1
     r = out[0]
     assert r["run_id"] == "b" and r["trials"] == 2  # the better final of the grid's two trials
-    assert r["metric"] == "hr10" and list(r["metrics"]) == ["hr10", "ndcg10"]
+    assert r["metric"] == "hr10" and list(r["metrics"]) == ["hr10", "ndcg10", "hr10_s100", "ndcg10_s100"]
     hr, nd = r["metrics"]["hr10"], r["metrics"]["ndcg10"]
     assert (hr["final_mean"], hr["best_mean"], hr["best_iteration"], hr["random_mean"]) == (0.060, 0.065, 30, 0.047)
     assert hr["pct_of_full"] == 50.0  # as logged
