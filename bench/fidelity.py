@@ -297,7 +297,9 @@ def table(rows: list[dict[str, Any]], title: str = "fidelity") -> tuple[Table, d
                      else "right")
     notes: dict[str, int] = {}
     for r in rows:
-        for i, (k, m) in enumerate(r["metrics"].items()):
+        shown = [(k, m) for i, (k, m) in enumerate(r["metrics"].items())  # secondary lines only with data
+                 if i == 0 or any(m[f] is not None for f in ("final_mean", "best_mean", "random_mean"))]
+        for i, (k, m) in enumerate(shown):
             scale = 1.0 if k == "ppl" else 100.0
             best = "-" if m["best_mean"] is None else \
                 f"{_pm(m['best_mean'], m['best_std'], scale)} ({m['best_iteration']})"
