@@ -214,9 +214,120 @@ def read_sweep(spec_path: str, ws, now_ms: int) -> tuple[dict[str, Any], list[di
         info = runs[r["run_id"]].info
         times[r["run_id"]] = (info.start_time, info.end_time)
     sweep_hash = parent.data.tags.get("orchestrate.spec_hash")
+    commit = parent.data.tags.get("orchestrate.git_commit")
     desc = {"spec": spec_path, "name": spec.name, "sweep_run_id": sweep, "status": parent.info.status,
-            "spec_hash": spec.hash, "sweep_spec_hash": sweep_hash, "trials": len(rows)}
-    return desc, report_rows(rows, histories, times, now_ms, spec=spec_path)
+            "spec_hash": spec.hash, "sweep_spec_hash": sweep_hash, "git_commit": commit, "trials": len(rows)}
+    out = report_rows(rows, histories, times, now_ms, spec=spec_path)
+    for r in out:
+        r["git_commit"], r["spec_hash"] = commit, sweep_hash
+    return desc, out
+
+
+# -- publishing ------------------------------------------------------------------------------------
+PUBLISH_LIMIT = 5 * 1024 * 1024  # the distilled/ folder stays under 5 MB in all
+INDEX, README = "index.json", "README.md"
+
+
+def set_name(row: dict[str, Any]) -> str:
+    """``<dataset>-<method>-ipc<N>.safetensors`` (images) or ``-mu<N>`` (sequences)."""
+    unit = "mu" if row["metric"] != "acc" else "ipc"
+    return f"{row['dataset']}-{row['method']}-{unit}{row['budget']}.safetensors"
+
+
+def index_entry(row: dict[str, Any], file: str, data: bytes) -> dict[str, Any]:
+    """What the index (and the README table) records of one published set."""
+    import hashlib
+
+    m = row["metrics"][row["metric"]]
+    return {"file": file, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "dataset": row["dataset"], "method": row["method"], "budget": row["budget"], "metric": row["metric"],
+            "higher_is_better": row["higher_is_better"],
+            "final_mean": m["final_mean"], "final_std": m["final_std"], "best_mean": m["best_mean"],
+            "best_iteration": m["best_iteration"], "random_mean": m["random_mean"], "random_std": m["random_std"],
+            "pct_of_full": m["pct_of_full"], "iterations": row["iterations_done"],
+            "published": row["published"], "spec": row["spec"], "spec_hash": row.get("spec_hash"),
+            "git_commit": row.get("git_commit"), "run_id": row["run_id"], "sweep": row["sweep"]}
+
+
+def readme_text(entries: list[dict[str, Any]]) -> str:
+    """``distilled/README.md``: what the folder is, and one table row per set (from the index)."""
+    lines = ["# Distilled sets we stand behind", "",
+             "Each file is the best synthetic set a reference sweep reached for one (dataset, method, budget),",
+             "in the export contract of the main README (`orchestrate export`; Farzi: `F` and `M`). The table",
+             "gives the spec and the commit that made it, our evaluation of it (the sweep's final evaluation,",
+             "mean ± std over its evaluation networks), the random real subset of the same size under the same",
+             "protocol, and the published number. `tests/test_distilled.py` checks every file against this",
+             "table and evaluates the sets again independently. Written by",
+             "`python bench/fidelity.py --root ROOT --publish distilled/` from the sweeps in ROOT; the folder",
+             "stays under 5 MB.", "",
+             "| set | dataset | method | budget | iterations | ours (final) | best (iter) | random subset "
+             "| % of full | published | spec | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in sorted(entries, key=lambda e: e["file"]):
+        scale = 1.0 if e["metric"] == "ppl" else 100.0
+        label = LABELS.get(e["metric"], e["metric"])
+        best = "-" if e["best_mean"] is None else f"{_num(e['best_mean'], scale)} ({e['best_iteration']})"
+        p = e["published"]
+        if p is None:
+            pub = "none"
+        else:
+            v = p["value"]
+            pub = f"{v[0]:g}-{v[1]:g}% of full" if isinstance(v, list) else f"{v:g}"
+            pub += ("" if p["kind"] == "published" else f" ({p['method'].upper()}, to reach)") + f", {p['source']}"
+        pct = "-" if e["pct_of_full"] is None else f"{e['pct_of_full']:.0f}%"
+        lines.append(f"| [{e['file']}]({e['file']}) ({e['bytes'] / 1024:.0f} KB) | {e['dataset']} | {e['method']} "
+                     f"| {e['budget']} | {e['iterations']} | {label} {_pm(e['final_mean'], e['final_std'], scale)} "
+                     f"| {best} | {_pm(e['random_mean'], e['random_std'], scale)} | {pct} | {pub} "
+                     f"| `{e['spec']}` | {(e['git_commit'] or 'unknown')[:10]} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_size(folder: Path, index: dict[str, dict], new: dict[str, int]) -> int:
+    """The folder's size once ``new`` (file -> bytes) replaces or joins the indexed sets; ReportError
+    above :data:`PUBLISH_LIMIT`."""
+    total = sum(e["bytes"] for f, e in index.items() if f not in new) + sum(new.values())
+    if total > PUBLISH_LIMIT:
+        raise ReportError(f"{folder}: publishing would make the folder {total / 2**20:.1f} MB, over its 5 MB limit")
+    return total
+
+
+def publish(rows: list[dict[str, Any]], ws, folder: Path, console) -> list[dict[str, Any]]:
+    """Export the synthetic set of every finished row into ``folder`` (atomic writes), record it in
+    ``index.json`` (a set already there is replaced) and rewrite ``README.md``. Rows still running
+    or failed are skipped and said so; a folder that would exceed 5 MB is refused before writing."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from orchestrator.artifacts import read_synthetic
+    from orchestrator.store import atomic_write_bytes
+    from orchestrator.trial import SYNTHETIC_ARTIFACT
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per set is enough
+    folder.mkdir(parents=True, exist_ok=True)
+    index_path = folder / INDEX
+    index = {e["file"]: e for e in json.loads(index_path.read_text())} if index_path.is_file() else {}
+    client = MlflowClient(ws.tracking_uri)
+    new: dict[str, tuple[bytes, dict]] = {}
+    for r in rows:
+        if r["status"] != "FINISHED":
+            console.print(f"not published: {r['dataset']} {r['method']} {r['budget']} is {r['status']}")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(r["run_id"], SYNTHETIC_ARTIFACT, tmp)
+            read_synthetic(local)  # the export contract, checked before it is published
+            data = Path(local).read_bytes()
+        name = set_name(r)
+        new[name] = (data, index_entry(r, name, data))
+    check_size(folder, index, {name: len(d) for name, (d, _) in new.items()})
+    for name, (data, entry) in new.items():
+        atomic_write_bytes(folder / name, data, replace=True)
+        index[name] = entry
+        console.print(f"published {folder / name} ({len(data) / 1024:.0f} KB)")
+    entries = sorted(index.values(), key=lambda e: e["file"])
+    atomic_write_bytes(index_path, (json.dumps(entries, indent=1) + "\n").encode(), replace=True)
+    atomic_write_bytes(folder / README, readme_text(entries).encode(), replace=True)
+    return entries
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -346,6 +457,9 @@ def main() -> None:
                          "$ORCHESTRATE_ROOT or ./orchestrate-runs; with --quick a temporary folder")
     ap.add_argument("--run", action="store_true", help="launch each spec (`orchestrate launch SPEC --root ROOT`, "
                                                        "resuming a sweep that exists) before reading")
+    ap.add_argument("--publish", metavar="DIR", default=None,
+                    help="export the set of every finished row into DIR (e.g. distilled/) and rewrite its "
+                         "index.json and README.md table")
     args = ap.parse_args()
     console = bench_console(170)
     load0 = os.getloadavg()
@@ -384,6 +498,11 @@ def main() -> None:
             rows += spec_rows
         if sweeps:
             print_report(console, rows, sweeps, root)
+        if args.publish:
+            try:
+                publish(rows, ws, Path(args.publish), console)
+            except ReportError as e:
+                errors.append(str(e))
         for s, rc in launches.items():
             if rc not in (0, None):
                 console.print(f"[yellow]`orchestrate launch {s} --root {root}` exited with {rc}: the rows of its "

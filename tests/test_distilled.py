@@ -1,0 +1,94 @@
+"""The published sets in ``distilled/``: every file is in the index and the README table with its
+checksum, reads under the export contract, the folder stays under 5 MB, and (slow, with the data)
+an independent evaluation lands near the number the table states. Also bench/fidelity.py's
+publishing helpers on entries made here."""
+import hashlib
+import json
+import sys
+
+import pytest
+
+from .conftest import REPO, real_data
+
+sys.path.insert(0, str(REPO / "bench"))  # the bench scripts import their helpers as ``common``
+fidelity = pytest.importorskip("fidelity")
+
+FOLDER = REPO / "distilled"
+
+
+def _index() -> list[dict]:
+    path = FOLDER / "index.json"
+    if not path.is_file():
+        pytest.skip("distilled/ has no index.json yet: no set is published")
+    return json.loads(path.read_text())
+
+
+def test_every_published_file_is_indexed_in_the_readme_and_intact():
+    from orchestrator.artifacts import read_synthetic
+
+    entries = _index()
+    files = {p.name for p in FOLDER.glob("*.safetensors")}
+    assert files == {e["file"] for e in entries}, "distilled/ and its index.json list different files"
+    readme = (FOLDER / "README.md").read_text()
+    assert readme == fidelity.readme_text(entries), "distilled/README.md is not the table of index.json"
+    for e in entries:
+        data = (FOLDER / e["file"]).read_bytes()
+        assert len(data) == e["bytes"] and hashlib.sha256(data).hexdigest() == e["sha256"], e["file"]
+        tensors, meta = read_synthetic(FOLDER / e["file"])
+        assert meta["dataset"] == e["dataset"] and meta["algorithm"] == e["method"]
+    assert sum(p.stat().st_size for p in FOLDER.iterdir() if p.is_file()) < fidelity.PUBLISH_LIMIT
+
+
+@pytest.mark.slow
+def test_published_image_sets_evaluate_independently_near_their_stated_accuracy():
+    """Two fresh ConvNets per set under the evaluation protocol, seeds other than the sweep's: the
+    mean lands within 4 points (or 3 of the sweep's std, if larger) of the table's final accuracy."""
+    from algorithms.evaluate import EvalConfig, evaluate_set
+    from orchestrator.artifacts import read_synthetic
+    from orchestrator.datasets import load_dataset
+    from orchestrator.spec import load_spec
+
+    entries = [e for e in _index() if e["metric"] == "acc"]
+    if not entries:
+        pytest.skip("no image set is published")
+    for e in entries:
+        spec = load_spec(REPO / e["spec"])
+        data = load_dataset(e["dataset"], None if e["dataset"] == "digits" else str(real_data(e["dataset"])))
+        tensors, _ = read_synthetic(FOLDER / e["file"])
+        ev = spec.evaluation
+        res = evaluate_set(spec.model, data.info, tensors["images"], tensors["labels"], float(tensors["lr"]),
+                           data.x_test, data.y_test,
+                           EvalConfig(networks=2, epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"]),
+                           seed=12345)
+        tol = max(0.04, 3 * (e["final_std"] or 0))
+        assert abs(res.mean - e["final_mean"]) <= tol, (e["file"], res.mean, e["final_mean"])
+
+
+def _entry(file="mnist-mtt-ipc1.safetensors", nbytes=31_000, **kw):
+    return {"file": file, "bytes": nbytes, "sha256": "0" * 64, "dataset": "mnist", "method": "mtt", "budget": 1,
+            "metric": "acc", "higher_is_better": True, "final_mean": 0.8876, "final_std": 0.0123,
+            "best_mean": 0.8912, "best_iteration": 1750, "random_mean": 0.6706, "random_std": 0.031,
+            "pct_of_full": None, "iterations": 2000,
+            "published": fidelity.published("mnist", "mtt", 1), "spec": "search_spaces/reference/mnist_ipc1.yaml",
+            "spec_hash": "07f51aaeb6cf0912", "git_commit": "b668f8c0123456789", "run_id": "r1", "sweep": "s1", **kw}
+
+
+def test_readme_rows_state_the_numbers_and_their_provenance():
+    text = fidelity.readme_text([_entry(), _entry(file="mnist-mct-ipc1.safetensors", method="mct")])
+    rows = [line for line in text.splitlines() if line.startswith("| [")]
+    assert [r.split("]")[0] for r in rows] == ["| [mnist-mct-ipc1.safetensors", "| [mnist-mtt-ipc1.safetensors"]
+    mtt = rows[1]
+    for needle in ("acc 88.8 ± 1.2", "89.1 (1750)", "67.1 ± 3.1", "88.7 (DSA, to reach)", "DatasetCondensation",
+                   "`search_spaces/reference/mnist_ipc1.yaml`", "b668f8c012", "| 2000 |", "(30 KB)"):
+        assert needle in mtt, needle
+
+
+def test_set_names_and_the_size_limit(tmp_path):
+    img = {"dataset": "mnist", "method": "mct", "budget": 10, "metric": "acc"}
+    seq = {"dataset": "ml-100k", "method": "farzi", "budget": 50, "metric": "hr10"}
+    assert fidelity.set_name(img) == "mnist-mct-ipc10.safetensors"
+    assert fidelity.set_name(seq) == "ml-100k-farzi-mu50.safetensors"
+    index = {"a": _entry("a", 3 * 2**20), "b": _entry("b", 1 * 2**20)}
+    assert fidelity.check_size(tmp_path, index, {"a": 2**20}) == 2 * 2**20  # replacing a shrinks the folder
+    with pytest.raises(fidelity.ReportError, match="5.5 MB, over its 5 MB limit"):
+        fidelity.check_size(tmp_path, index, {"c": int(1.5 * 2**20)})
