@@ -10,6 +10,7 @@ Distillers treat a network's parameters as one flat float32 vector plus a manife
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -67,8 +68,12 @@ class ConvNet(nn.Module):
         self.num_feat = c * size * size
         self.classifier = nn.Linear(self.num_feat, cfg.num_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The flattened feature map, the classifier's input (DM's embedding)."""
+        return self.features(x).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))
+        return self.classifier(self.embed(x))
 
 
 def build_network(model: dict, channels: int, num_classes: int, im_size: int) -> nn.Module:
@@ -131,6 +136,41 @@ def functional_forward(module: nn.Module, flat: torch.Tensor, x: torch.Tensor,
                        manifest: Manifest | None = None) -> torch.Tensor:
     """Run ``module`` on ``x`` with its parameters taken from the flat vector ``flat``."""
     return functional_call(module, unflatten(flat, manifest or manifest_of(module)), (x,))
+
+
+class _Embedding(nn.Module):
+    """``module.embed`` as a forward, so that ``functional_call`` can run it."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.net = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(x)
+
+
+def functional_embed(module: nn.Module, flat: torch.Tensor, x: torch.Tensor,
+                     manifest: Manifest | None = None) -> torch.Tensor:
+    """``module.embed(x)`` (the features before the classifier) with the parameters taken from
+    the flat vector ``flat``; differentiable with respect to ``x`` and ``flat``."""
+    if not callable(getattr(module, "embed", None)):
+        raise TypeError(f"{type(module).__name__} has no embed(x) method (features before the classifier)")
+    params = unflatten(flat, manifest or manifest_of(module))
+    return functional_call(_Embedding(module), {f"net.{k}": v for k, v in params.items()}, (x,))
+
+
+def fresh_params(module: nn.Module, seed: int) -> torch.Tensor:
+    """A new default initialisation of ``module``'s parameters as a flat float32 vector on the
+    CPU, depending only on ``seed``: every submodule's ``reset_parameters`` runs on a CPU copy
+    under a forked RNG (neither ``module`` nor the global RNG is touched)."""
+    copy_ = copy.deepcopy(module).to("cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in copy_.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return flatten_params(copy_)
 
 
 @torch.no_grad()
