@@ -1,0 +1,127 @@
+"""DM: Dataset Condensation with Distribution Matching (Zhao & Bilen, WACV 2023).
+
+Every iteration draws a freshly initialised network and never trains it: it only embeds
+(``embed``, the features before the classifier). For each class c, a real batch of class c and
+the synthetic images of class c go through the same differentiable Siamese augmentation (one
+parameter set for both batches, as in DSA) and are embedded; the loss
+
+    L = Σ_c ‖ mean(embed(real_c)) − mean(embed(syn_c)) ‖²
+
+(the squared distance of the class means: an MMD with a linear kernel in the random network's
+feature space) is minimised by one SGD step on the synthetic images. No inner training, no
+bilevel optimisation, no experts.
+
+The authors' settings (``main_DM.py`` of github.com/VICO-UoE/DatasetCondensation): ``lr_img``
+1.0 with momentum 0.5, real batches of ``batch_real`` 256 per class, the images initialised from
+real ones, DSA with ``color_crop_cutout_flip_scale_rotate`` (ParamDiffAug's strengths: the
+defaults of :class:`DSAConfig`), 20000 iterations. A distilled set is evaluated with lr 0.01 (the
+authors' ``lr_net``), the fixed step size in its :class:`SyntheticSet`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .augment import DSAConfig
+from .base import SyntheticSet, check_finite
+from .dc import (EVAL_LR, ClassSampler, broadcast_sample, check_image_config, draw_seed, init_images,
+                 siamese_augment, siamese_sample)
+from .networks import Manifest, fresh_params, functional_embed, manifest_of
+
+
+@dataclass(frozen=True)
+class DMConfig:
+    ipc: int
+    lr_img: float = 1.0
+    momentum: float = 0.5  # of the images' SGD
+    batch_real: int = 256  # real images per class and iteration
+    pix_init: str = "real"  # real | noise
+    dsa: bool = True  # the same augmentation on the real and the synthetic batch of a class
+
+    def __post_init__(self):
+        check_image_config(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mean_embedding_distance(emb_real: torch.Tensor, emb_syn: torch.Tensor) -> torch.Tensor:
+    """‖mean(emb_real) − mean(emb_syn)‖² over the batch dimension."""
+    return ((emb_real.mean(0) - emb_syn.mean(0)) ** 2).sum()
+
+
+class DMDistiller:
+    """DM. ``net`` is a template with an ``embed`` method: every iteration embeds with a fresh
+    initialisation of it (:func:`fresh_params`, seeded from the distiller's generator)."""
+
+    def __init__(self, net: nn.Module, x_real: torch.Tensor, y_real: torch.Tensor, num_classes: int,
+                 cfg: DMConfig, seed: int = 0, device: str | torch.device = "cpu", dsa: DSAConfig | None = None):
+        if not callable(getattr(net, "embed", None)):
+            raise TypeError(f"DM needs a network with embed(x); {type(net).__name__} has none")
+        self.net, self.cfg, self.num_classes = net.to(device), cfg, num_classes
+        self.manifest: Manifest = manifest_of(net)
+        self.device = torch.device(device)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.augment = siamese_augment(dsa) if cfg.dsa else None
+        self.real = ClassSampler(x_real, y_real, num_classes, self.device)
+        images, labels = init_images(x_real, y_real, cfg.ipc, num_classes, cfg.pix_init, self.gen)
+        self.images = images.to(self.device, torch.float32).requires_grad_(True)
+        self.labels = labels.to(self.device)
+        self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)
+        self.iteration = 0
+
+    def _class_loss(self, params: torch.Tensor, c: int) -> torch.Tensor:
+        ipc = self.cfg.ipc
+        x_real = self.real.batch(c, self.cfg.batch_real, self.gen)
+        x_syn = self.images[c * ipc:(c + 1) * ipc]
+        if self.augment is not None:
+            s = siamese_sample(self.augment, x_syn.shape[-1], self.gen)
+            x_real = self.augment.apply(x_real, broadcast_sample(s, len(x_real)))
+            x_syn = self.augment.apply(x_syn, broadcast_sample(s, len(x_syn)))
+        with torch.no_grad():
+            emb_real = functional_embed(self.net, params, x_real, self.manifest)
+        emb_syn = functional_embed(self.net, params, x_syn, self.manifest)
+        return mean_embedding_distance(emb_real, emb_syn)
+
+    def step(self) -> dict[str, float]:
+        params = fresh_params(self.net, draw_seed(self.gen)).to(self.device)  # no gradient: never trained
+        self.opt_img.zero_grad(set_to_none=True)
+        total = 0.0
+        for c in range(self.num_classes):  # one backward per class: the sum's gradient, less memory
+            loss = self._class_loss(params, c)
+            check_finite("distribution-matching loss", loss, self.iteration)
+            torch.autograd.backward(loss, inputs=[self.images])
+            total += loss.item()
+        check_finite("image gradient", self.images.grad, self.iteration)
+        self.opt_img.step()
+        self.iteration += 1
+        return {"loss": total}  # summed over classes (the minimised objective)
+
+    def synthetic(self) -> SyntheticSet:
+        return SyntheticSet(self.images.detach().cpu().clone(), self.labels.cpu().clone(), EVAL_LR)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "images": self.images.detach().cpu().clone(),
+            "labels": self.labels.cpu().clone(),
+            "opt_img": copy.deepcopy(self.opt_img.state_dict()),
+            "generator": self.gen.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["images"].shape) != tuple(self.images.shape):
+            raise ValueError(f"state has images of shape {tuple(state['images'].shape)}, "
+                             f"this distiller {tuple(self.images.shape)}")
+        with torch.no_grad():
+            self.images.copy_(state["images"].to(self.device))
+        self.labels = state["labels"].to(self.device).clone()
+        # a copy: Optimizer.load_state_dict keeps the given momentum buffer, which later steps
+        # would update in place, changing the caller's state dict
+        self.opt_img.load_state_dict(copy.deepcopy(state["opt_img"]))
+        self.gen.set_state(state["generator"])
+        self.iteration = int(state["iteration"])
