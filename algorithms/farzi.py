@@ -434,6 +434,6 @@ class FarziDistiller:
         with torch.no_grad():
             self.F.copy_(state["F"].to(self.device))
             self.M.copy_(state["M"].to(self.device))
-        self.opt.load_state_dict(state["opt"])
+        self.opt.load_state_dict(copy.deepcopy(state["opt"]))  # torch keeps (and later updates) the loaded moments
         self.gen.set_state(state["generator"])
         self.iteration = int(state["iteration"])

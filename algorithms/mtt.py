@@ -223,8 +223,9 @@ class MTTDistiller:
             self.images.copy_(state["images"].to(self.device))
             self.syn_lr.copy_(state["syn_lr"].to(self.device))
         self.labels = state["labels"].to(self.device)
-        self.opt_img.load_state_dict(state["opt_img"])
-        self.opt_lr.load_state_dict(state["opt_lr"])
+        # copies: torch keeps the loaded momentum tensors, which later steps update in place
+        self.opt_img.load_state_dict(copy.deepcopy(state["opt_img"]))
+        self.opt_lr.load_state_dict(copy.deepcopy(state["opt_lr"]))
         self.gen.set_state(state["generator"])
         self.iteration = int(state["iteration"])
         self._queue = [q.to(self.device) for q in state["queue"]]

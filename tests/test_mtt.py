@@ -76,10 +76,17 @@ def test_state_dict_resumes_exactly():
     state = a.state_dict()
     b = make_distiller(trajs, seed=99, batch_syn=4)
     b.load_state_dict(state)
+    steps = []
     for _ in range(2):
         ma, mb = a.step(), b.step()
         assert ma == mb
+        steps.append(mb)
     assert torch.equal(a.synthetic().images, b.synthetic().images) and a.iteration == b.iteration == 5
+    # the state dict is not aliased by the distiller it was loaded into: a second restore from the
+    # same in-memory state makes the same steps again (torch keeps the loaded momentum tensors)
+    c = make_distiller(trajs, seed=98, batch_syn=4)
+    c.load_state_dict(state)
+    assert [c.step() for _ in range(2)] == steps
 
 
 def test_nan_stops_with_a_clear_reason():
