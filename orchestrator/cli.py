@@ -83,14 +83,10 @@ def _before_ray(s, ws, tracking: bool):
     before Ray starts and before anything is written: the data and the budgets it must fill, the
     tracking database (``tracking``; a local SQLite file), the store's folders. Returns the data."""
     from .store import StoreNotWritableError, check_writable
-    from .sweep import check_budgets, load_data
     from .tracking import TrackingStoreError, open_tracking_store
 
     try:
-        data = load_data(s)
-        check_budgets(s, data)
-    except SpecError as e:
-        _fail(str(e))
+        data = _checked_data(s)
     except (DatasetNotFoundError, DatasetFormatError) as e:
         _fail(str(e))
     try:
@@ -102,6 +98,18 @@ def _before_ray(s, ws, tracking: bool):
             if tracking:
                 check_writable(ws.tune, "Ray Tune's sweep folders (tune/)")
     except (TrackingStoreError, StoreNotWritableError) as e:
+        _fail(str(e))
+    return data
+
+
+def _checked_data(s):
+    """The spec's data, with the budgets it must fill checked (a SpecError exits 2)."""
+    from .sweep import check_budgets, load_data
+
+    data = load_data(s)
+    try:
+        check_budgets(s, data)
+    except SpecError as e:
         _fail(str(e))
     return data
 
@@ -215,6 +223,70 @@ def experts(spec, root, storage, address, num_cpus):
     mean, std = out.accuracy
     click.echo(f"{len(out.records)} experts in {out.directory} ({out.trained} trained now); "
                   f"full-data test accuracy {100 * mean:.1f} ± {100 * std:.1f} %")
+
+
+@main.command()
+@click.argument("spec", required=False, type=click.Path(dir_okay=False))
+@root_option
+@storage_option
+def validate(spec, root, storage):
+    """Check SPEC without starting Ray or writing anything: the spec, the data and the budgets it
+    must fill (exit 2 with the messages `launch` gives), then the trials a launch would run and the
+    experts it would train or reuse from the store of --root."""
+    from rich.table import Table
+
+    from . import storage as _storage
+    from .experts import expert_key
+    from .store import TrajectoryStore
+    from .tracking import DEFAULT_ROOT, ROOT_ENV, Workspace
+
+    s = _load(spec)
+    try:
+        data = _checked_data(s)
+    except (DatasetNotFoundError, DatasetFormatError) as e:
+        _fail(str(e))
+    root_path = Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser().resolve()
+    ws = Workspace(root_path, "", _storage.normalise(storage) if storage else None)
+    click.echo(f"{s.path}: valid (spec hash {s.hash}); dataset {s.dataset['name']}: {_data_summary(s, data)}")
+    t = Table(title=f"{s.name}: {s.trial_count()} trials")
+    for col in ("algorithm", "budget", "iterations", "hyperparameters"):
+        t.add_column(col, justify="right" if col in ("budget", "iterations") else "left")
+    points = s.trial_points()
+    for p in points:
+        hp = ", ".join(f"{k}={v}" for k, v in p["hp"].items())
+        t.add_row(p["algorithm"], str(p["budget"]), str(p["iterations"]), hp or "-")
+    console.print(t)
+    if s.trial_count() != len(points):
+        click.echo(f"({len(points)} points above; Tune samples the distributions num_samples={s.num_samples} times "
+                   f"or Optuna chooses them: {s.trial_count()} trials)")
+    key, name, count = expert_key(s, data), s.dataset["name"], s.experts["count"]
+    store = TrajectoryStore(ws.trajectories)
+    present = not ws.remote and Path(store.dir(key, name)).is_dir()
+    click.echo(f"experts: {count} x {s.experts['epochs']} epochs, store key {key}, in {store.dir(key, name)}")
+    if not present and not ws.remote:
+        click.echo(f"  none stored: a launch trains all {count}")
+        return
+    full_missing = None
+    for form in s.expert_forms():
+        valid, missing, problems = store.check(key, name, count, form, quarantine=False)
+        for msg in problems:
+            click.echo(f"  {msg}")
+        if form == "full":
+            full_missing = set(missing)
+        how = "trained" if form == "full" or full_missing is None else \
+            f"{len(set(missing) - full_missing)} derived from stored full trajectories, the rest trained"
+        click.echo(f"  {form}: {len(valid)} stored and valid (reused), {len(missing)} missing ({how})"
+                   if missing else f"  {form}: all {count} stored and valid (reused)")
+
+
+def _data_summary(s, data) -> str:
+    info = data.info
+    if s.sequences:
+        if hasattr(data, "train_seqs"):
+            return f"{len(data.train_seqs)} users' sequences, {info.vocab_size - 1} items"
+        return f"{len(data.train)} training tokens, vocabulary {info.vocab_size}"
+    return (f"{len(data.y_train)} training / {len(data.y_test)} test images, {info.num_classes} classes, "
+            f"{info.channels}x{info.size}x{info.size}")
 
 
 def _check_sort(ctx, param, value):

@@ -386,10 +386,11 @@ class TrajectoryStore:
         if not self._exists(p):
             self._write(p, json.dumps({"key": key, **what}, indent=2, default=str).encode())
 
-    def check(self, key: str, dataset: str, count: int, form: str = "full"
+    def check(self, key: str, dataset: str, count: int, form: str = "full", quarantine: bool = True
               ) -> tuple[list[ExpertRecord], list[int], list[str]]:
         """Verify experts 0..count-1 in ``form``: returns (valid records, indices missing, problems).
-        A corrupt file is renamed to ``*.corrupt-<id>`` so it is never used and never lost."""
+        A corrupt file is renamed to ``*.corrupt-<id>`` so it is never used and never lost (with
+        ``quarantine``; without, it is only reported: a read-only check)."""
         valid, todo, problems = [], [], []
         present = storage.list_files(self.dir(key, dataset)) if self.remote else None  # one listing, not a HEAD each
         for i in range(count):
@@ -404,6 +405,10 @@ class TrajectoryStore:
                 nbytes = present[storage.name(p)] if self.remote else p.stat().st_size
                 valid.append(ExpertRecord(i, str(p), t.meta["params_sha256"], nbytes, t.final_test_acc))
             except CorruptTrajectoryError as e:
+                if not quarantine:
+                    problems.append(f"{e}; it would be rebuilt")
+                    todo.append(i)
+                    continue
                 aside = f"{storage.name(p)}.corrupt-{uuid.uuid4().hex[:6]}"
                 if self.remote:
                     storage.move(p, storage.join(storage.parent(p), aside))
