@@ -1,9 +1,11 @@
-"""Image dataset registry: digits (embedded), MNIST, CIFAR-10 and CIFAR-100.
+"""Image dataset registry: digits (embedded), MNIST, CIFAR-10, CIFAR-100 and a user's own
+folder of PNG/JPEG images (``image_folder``, :mod:`orchestrator.imagefolder`).
 
 Everything is read with numpy and handed out as normalised torch tensors
 (``float32`` images ``N,C,H,W``, ``int64`` labels).  No torchvision: MNIST is
-parsed from its IDX files and the CIFAR python batches are read with a
-restricted unpickler that only rebuilds numpy arrays and plain containers.
+parsed from its IDX files, the CIFAR python batches are read with a
+restricted unpickler that only rebuilds numpy arrays and plain containers, and
+image folders are decoded by Pillow (PNG and JPEG decoders only).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 __all__ = [
     "DATASETS",
+    "FOLDER_DATASETS",
     "DatasetFormatError",
     "DatasetInfo",
     "DatasetNotFoundError",
@@ -53,6 +56,8 @@ class DatasetInfo:
     mean: tuple[float, ...]  # per channel, for pixel intensities in [0, 1]
     std: tuple[float, ...]
     expected_files: tuple[str, ...]  # relative to the data root
+    # class names by label id, where the data names them (image_folder: its class folders)
+    classes: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -60,8 +65,8 @@ class DatasetInfo:
         return (self.channels, self.size, self.size)
 
     def to_dict(self) -> dict:
-        """JSON-friendly representation."""
-        return {
+        """JSON-friendly representation (``classes`` only where the data names its classes)."""
+        out = {
             "name": self.name,
             "channels": self.channels,
             "size": self.size,
@@ -70,6 +75,9 @@ class DatasetInfo:
             "std": list(self.std),
             "expected_files": list(self.expected_files),
         }
+        if self.classes:
+            out["classes"] = list(self.classes)
+        return out
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -107,9 +115,13 @@ class ImageData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     _digest: str | None = field(default=None, init=False, repr=False, compare=False)
+    # SHA-256 of what the tensors were made from, where that is more than the tensors show
+    # (image_folder: every file's bytes, the size, the split); None for the built-in datasets
+    source: str | None = field(default=None, repr=False, compare=False)
 
     def digest(self) -> str:
-        """SHA-256 (hex) of the dataset name and the raw bytes of the four tensors."""
+        """SHA-256 (hex) of the dataset name and the raw bytes of the four tensors (and of
+        :attr:`source` where it is set: the built-in datasets' digests do not change)."""
         if self._digest is None:
             h = hashlib.sha256()
             h.update(f"dataset:{self.info.name}\n".encode())
@@ -122,6 +134,8 @@ class ImageData:
                 arr = np.ascontiguousarray(tensor.detach().cpu().numpy())
                 h.update(f"{label}:{arr.dtype.str}:{arr.shape}\n".encode())
                 h.update(memoryview(arr).cast("B"))
+            if self.source is not None:
+                h.update(f"source:{self.source}\n".encode())
             self._digest = h.hexdigest()
         return self._digest
 
@@ -191,6 +205,10 @@ DATASETS: dict[str, DatasetInfo] = {
     )
 }
 
+# Datasets whose shape, classes and normalisation come from the files themselves (no static
+# DatasetInfo): a user's folder of images, read by orchestrator.imagefolder.
+FOLDER_DATASETS: tuple[str, ...] = ("image_folder",)
+
 # Extra sub-directories of the root searched for a dataset's files.
 _ALT_DIRS: dict[str, tuple[str, ...]] = {"mnist": ("MNIST/raw",)}
 
@@ -205,13 +223,18 @@ def dataset_info(name: str) -> DatasetInfo:
     try:
         return DATASETS[key]
     except KeyError:
-        known = ", ".join(sorted(DATASETS))
+        if key in FOLDER_DATASETS:
+            raise ValueError(f"dataset {key!r} has no fixed description: its shape, classes and "
+                             f"normalisation come from its files (load_dataset({key!r}, root, size=...).info)"
+                             ) from None
+        known = ", ".join(sorted({*DATASETS, *FOLDER_DATASETS}))
         raise ValueError(f"unknown dataset {name!r}; known datasets: {known}") from None
 
 
 def resolve_root(name: str, root: str | os.PathLike | None) -> pathlib.Path:
     """Data root: explicit ``root``, else ``$ORCHESTRATE_DATA/<name>``, else ``./data/<name>``."""
-    return data_root(dataset_info(name).name, root)
+    key = _canonical(name)
+    return data_root(key if key in FOLDER_DATASETS else dataset_info(name).name, root)
 
 
 def data_root(key: str, root: str | os.PathLike | None) -> pathlib.Path:
@@ -229,19 +252,36 @@ def data_root(key: str, root: str | os.PathLike | None) -> pathlib.Path:
 # Loading
 # --------------------------------------------------------------------------- #
 
-_CACHE: dict[tuple[str, str | None], ImageData] = {}
+_CACHE: dict[tuple, ImageData] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None) -> ImageData:
-    """Load a dataset (cached per name and resolved root within the process)."""
-    info = dataset_info(name)
-    path = None if info.name == "digits" else resolve_root(info.name, root)
-    key = (info.name, None if path is None else str(path))
+def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> ImageData:
+    """Load a dataset (cached per name, resolved root and options within the process).
+
+    Only ``image_folder`` takes options: ``size`` (required), ``test_fraction``, ``channels``
+    and ``seed`` (see :func:`orchestrator.imagefolder.load_image_folder`).
+    """
+    key_name = _canonical(name)
+    if key_name in FOLDER_DATASETS:
+        from .imagefolder import folder_options, load_image_folder
+
+        opts = folder_options(**options)
+        path = data_root(key_name, root)
+        key: tuple = (key_name, str(path), opts)
+        loader: Callable[[], ImageData] = lambda: load_image_folder(path, opts)  # noqa: E731
+    else:
+        info = dataset_info(name)
+        if options:
+            raise TypeError(f"dataset {info.name!r} takes no options (got {', '.join(sorted(options))}); "
+                            f"only {', '.join(FOLDER_DATASETS)} does")
+        path = None if info.name == "digits" else resolve_root(info.name, root)
+        key = (info.name, None if path is None else str(path))
+        loader = lambda: _LOADERS[info.name](info, path)  # noqa: E731
     with _CACHE_LOCK:
         data = _CACHE.get(key)
         if data is None:
-            data = _LOADERS[info.name](info, path)
+            data = loader()
             _CACHE[key] = data
         return data
 

@@ -29,7 +29,7 @@ from algorithms.farzi import FarziConfig
 from algorithms.mct import MCTConfig
 from algorithms.mtt import MTTConfig
 
-from .datasets import DATASETS
+from .datasets import DATASETS, FOLDER_DATASETS
 from .sequences import SEQUENCE_DATASETS
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
@@ -67,7 +67,7 @@ def _prob(v):
     return None if 0 <= v <= 1 else "must be in [0, 1]"
 
 
-ALL_DATASETS = sorted({*DATASETS, *SEQUENCE_DATASETS})
+ALL_DATASETS = sorted({*DATASETS, *FOLDER_DATASETS, *SEQUENCE_DATASETS})
 
 def _gpus(v):
     """'auto', a number >= 0 (0.5 packs two trials per GPU), or a mapping budget -> number."""
@@ -129,6 +129,16 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                                             else "must be > 0 or null"),
                   # the most trials a sweep may have (Tune generates them all up front, on the driver)
                   "max_trials": (int, 10000, _pos)},
+}
+# Keys of the dataset section that only image_folder (a user's folder of images) takes; the other
+# datasets' sections, and so their specs' hashes, are as before.
+FOLDER_SCHEMA: dict[str, tuple] = {
+    "size": (int, REQUIRED, lambda v: None if 2 <= v <= 1024 else
+             "must be from 2 to 1024 (the side in pixels the images are resized to, e.g. 32)"),
+    "test_fraction": (NUM, 0.2, lambda v: None if 0 < v < 1 else
+                      "must be in (0, 1) (the share of each class held out for testing)"),
+    "channels": ((int, type(None)), None, lambda v: None if v in (1, 3) else
+                 "must be 1 (grayscale), 3 (RGB) or null (from the files)"),
 }
 # Event-sequence datasets (ml-100k, ml-1m, ptb) replace the image sections' schemas with these.
 SEQ_SCHEMA: dict[str, dict[str, tuple]] = {
@@ -456,7 +466,16 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
         return out
 
     top = check_fields("", {k: v for k, v in raw.items() if k in TOP}, TOP)
-    dataset = check_fields("dataset", raw.get("dataset"), SCHEMA["dataset"])
+    given_ds = raw.get("dataset")
+    ds_name = given_ds.get("name") if isinstance(given_ds, dict) else None
+    folder = isinstance(ds_name, str) and ds_name.lower() in FOLDER_DATASETS
+    if isinstance(given_ds, dict) and not folder:
+        for k in FOLDER_SCHEMA:
+            if k in given_ds:
+                err(f"dataset.{k}", f"only {', '.join(FOLDER_DATASETS)} takes {k}, not {ds_name!r}")
+        given_ds = {k: v for k, v in given_ds.items() if k not in FOLDER_SCHEMA}
+    dataset = check_fields("dataset", given_ds, {**SCHEMA["dataset"], **FOLDER_SCHEMA} if folder
+                           else SCHEMA["dataset"])
     if isinstance(dataset.get("name"), str):
         dataset["name"] = dataset["name"].lower()
     sequences = is_sequence(dataset.get("name", ""))
@@ -465,6 +484,8 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
                                   if s != "dataset"}}
     algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err, sec["model"], sequences,
                                    dataset.get("name", "?"))
+    if folder:
+        _check_folder_size(dataset, sec["model"], err)
     if top.get("search") and algorithms:
         pairs = [(a, b) for a, body in algorithms.items() for b in body["budgets"]]
         if len(pairs) != 1:
@@ -487,6 +508,17 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
     if problems:
         raise SpecError(problems)
     return Spec(path=source, raw=raw, algorithms=algorithms, **top, **sec)
+
+
+def _check_folder_size(dataset: dict, model: dict, err) -> None:
+    """image_folder's ``size`` against the ConvNet: every block with pooling halves the image (28 px
+    images are padded to 32, as MNIST's are), and the last block needs at least 1x1."""
+    size, depth, pooling = dataset.get("size"), model.get("depth"), model.get("pooling")
+    if not (isinstance(size, int) and isinstance(depth, int) and depth > 0) or pooling == "none":
+        return
+    if (32 if size == 28 else size) >> depth < 1:
+        err("dataset.size", f"{size} px is pooled below 1x1 by the {depth} blocks of model.depth "
+            f"(each halves it): give at least {2 ** depth} px, or a smaller model.depth")
 
 
 def count_trials(algorithms: dict, baselines: list, num_samples: int, search: dict | None) -> int:

@@ -31,7 +31,7 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler
 
-from .datasets import load_dataset
+from .datasets import FOLDER_DATASETS, load_dataset
 from .experts import ExpertSet, ensure_experts, expert_key
 from .progress import Progress
 from .results import summarise_sweep
@@ -125,7 +125,11 @@ def load_data(spec: Spec):
     """The spec's dataset: images (``ImageData``) or event sequences (``RecData`` / ``LMData``)."""
     if spec.sequences:
         return load_sequences(spec.dataset["name"], spec.dataset["root"])
-    return load_dataset(spec.dataset["name"], spec.dataset["root"])
+    options = {}
+    if spec.dataset["name"] in FOLDER_DATASETS:  # size, test_fraction, channels; the spec's seed draws the split
+        options = {k: v for k, v in spec.dataset.items() if k not in ("name", "root")}
+        options["seed"] = spec.seed
+    return load_dataset(spec.dataset["name"], spec.dataset["root"], **options)
 
 
 class LaunchError(RuntimeError):
