@@ -349,6 +349,9 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
         base, base_from = dict(spec.model), "the spec's model (the file records none)"
     else:
         base, base_from = dict(IMAGE_MODEL_DEFAULTS), "the spec schema's default ConvNet: the file records no model"
+    if base.get("name") not in MODELS:  # a model of a later network registry, say
+        raise EvaluateError(f"{sf.path}: metadata field 'model' names the model {base.get('name')!r}, which "
+                            f"algorithms/networks.py cannot build (known: {', '.join(MODELS)})")
     models = parse_models(opts.models, base)
     # the built-in datasets are described without their files: a file that does not fit is refused first
     data = None if name in DATASETS else load_image_data(name, sf, opts.data_root, spec)

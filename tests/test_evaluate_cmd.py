@@ -199,6 +199,9 @@ ERRORS = {
     "unbuildable model": (_tensors(), _meta(model=json.dumps({**SMALL, "depth": 5})), [],
                           ("metadata field 'model': convnet (depth 5, width 8, norm instancenorm, pooling "
                            "avgpooling) cannot be built for digits")),
+    "unknown recorded model": (_tensors(), _meta(model=json.dumps({"name": "resnet18"})), [],
+                               ("metadata field 'model' names the model 'resnet18', which algorithms/networks.py "
+                                "cannot build (known: convnet)")),
     "lr not a step": (_tensors(lr=torch.tensor(-1.0)), _meta(), [], "tensor 'lr' is -1.0, not a step size"),
     "lr not a scalar": (_tensors(lr=torch.ones(2)), _meta(), [], "tensor 'lr' must be a float scalar"),
     "unknown model": (_tensors(), _meta(), ["--models", "convnet,resnet18"],
