@@ -91,3 +91,22 @@ def random_real_subset(x: torch.Tensor, y: torch.Tensor, per_class: int, num_cla
         xs.append(x[pick])
         ys.append(y[pick])
     return torch.cat(xs).clone(), torch.cat(ys).clone()
+
+
+def random_subset_like(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random real images with the per-class counts of ``labels`` (class ``c``: as many as
+    ``labels`` holds), drawn class by class as :func:`random_real_subset` draws them: with the
+    same count for every class and the same generator, the same images."""
+    counts = torch.bincount(labels.to(torch.int64).flatten(), minlength=num_classes).tolist()
+    xs, ys = [], []
+    for c, n in enumerate(counts):
+        if n == 0:
+            continue
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) < n:
+            raise ValueError(f"class {c} has {len(idx)} training images, fewer than the set's {n}")
+        pick = idx[torch.randperm(len(idx), generator=generator)[:n]]
+        xs.append(x[pick])
+        ys.append(y[pick])
+    return torch.cat(xs).clone(), torch.cat(ys).clone()

@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 Manifest = list[tuple[str, tuple[int, ...]]]
+MODELS = ("convnet",)  # the ``name`` values :func:`build_network` builds
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ def build_network(model: dict, channels: int, num_classes: int, im_size: int) ->
     """Build a network from a model spec dict such as ``{"name": "convnet", "depth": 3}``."""
     spec = dict(model)
     name = spec.pop("name", "convnet")
-    if name != "convnet":
-        raise ValueError(f"unknown model {name!r} (known: convnet)")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
     return ConvNet(ConvNetConfig(channels=channels, num_classes=num_classes, im_size=im_size, **spec))
 
 

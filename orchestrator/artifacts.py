@@ -17,33 +17,59 @@ from algorithms.base import SyntheticSet
 from .store import atomic_write_bytes
 
 CONTRACT_TENSORS = {"images": torch.float32, "labels": torch.int64, "lr": torch.float32}
+IMAGES_FORMAT = "distill-orchestrator/synthetic-v1"
+SEQUENCES_FORMAT = "distill-orchestrator/sequences-v1"
 
 
-def save_synthetic(path: str | Path, syn: SyntheticSet, info, algorithm: str, extra: dict[str, Any] | None = None) -> Path:
+def _model_meta(model: dict[str, Any] | None) -> dict[str, str]:
+    """The ``model`` metadata field: the JSON of the spec's model section the set was distilled
+    (and is evaluated) with; absent from files written before it was recorded."""
+    return {} if model is None else {"model": json.dumps(model, sort_keys=True)}
+
+
+def file_model(meta: dict[str, str], path: str | Path) -> dict[str, Any] | None:
+    """The model a set file records (``model`` metadata: a JSON mapping with a ``name``), or None
+    for files without it; ValueError naming the file and the field when it is not such a mapping."""
+    raw = meta.get("model")
+    if raw is None:
+        return None
+    try:
+        model = json.loads(raw)
+    except ValueError:
+        model = None
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise ValueError(f"{path}: metadata field 'model' must be the JSON of a model section with a 'name' "
+                         f"(e.g. {{\"name\": \"convnet\", \"depth\": 3}}), got {raw[:80]!r}")
+    return model
+
+
+def save_synthetic(path: str | Path, syn: SyntheticSet, info, algorithm: str, extra: dict[str, Any] | None = None,
+                   model: dict[str, Any] | None = None) -> Path:
     """Write the export contract: ``images`` (N,C,H,W float32, normalised), ``labels`` (int64),
-    ``lr`` (float32 scalar); string metadata ``dataset``, ``algorithm``, ``mean``, ``std``."""
+    ``lr`` (float32 scalar); string metadata ``dataset``, ``algorithm``, ``mean``, ``std``, and
+    ``model`` (JSON of the spec's model section) when given."""
     tensors = {"images": syn.images.detach().cpu().to(torch.float32).contiguous(),
                "labels": syn.labels.detach().cpu().to(torch.int64).contiguous(),
                "lr": torch.tensor(float(syn.lr), dtype=torch.float32)}
     meta = {"dataset": info.name, "algorithm": algorithm, "mean": json.dumps(list(info.mean)),
-            "std": json.dumps(list(info.std)), "format": "distill-orchestrator/synthetic-v1"}
+            "std": json.dumps(list(info.std)), "format": IMAGES_FORMAT, **_model_meta(model)}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     atomic_write_bytes(Path(path), st_save(tensors, metadata=meta))
     return Path(path)
 
 
 def save_sequences(path: str | Path, syn, data, algorithm: str, extra: dict[str, Any] | None = None,
-                   samples: int = 20, width: int = 12) -> tuple[Path, Path]:
+                   samples: int = 20, width: int = 12, model: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """A distilled (Farzi: latent ``F`` [mu, xi, d], decoder ``M`` [d, V], ``lr`` the inner Adam step,
     ``temperature``) or real (``sequences`` int64 [mu, L]) set of sequences as safetensors, with the
     string metadata of the export contract (``dataset``, ``algorithm``; ``task``, ``vocab_size``,
-    ``pad_id``), and a readable ``samples.txt`` beside it: the most likely token of every position
-    (PTB: words; MovieLens: titles) with its probability."""
+    ``pad_id``; ``model`` when given), and a readable ``samples.txt`` beside it: the most likely
+    token of every position (PTB: words; MovieLens: titles) with its probability."""
     from algorithms.farzi import FarziSet
 
     info = data.info
     meta = {"dataset": info.name, "algorithm": algorithm, "task": info.task, "vocab_size": str(info.vocab_size),
-            "pad_id": json.dumps(info.pad_id), "format": "distill-orchestrator/sequences-v1"}
+            "pad_id": json.dumps(info.pad_id), "format": SEQUENCES_FORMAT, **_model_meta(model)}
     lines = [f"# {algorithm} on {info.name}: the most likely token per position"]
     if isinstance(syn, FarziSet):
         tensors = {"F": syn.F.detach().cpu().float().contiguous(), "M": syn.M.detach().cpu().float().contiguous(),
@@ -78,7 +104,7 @@ def read_synthetic(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    if meta.get("format") == "distill-orchestrator/sequences-v1":
+    if meta.get("format") == SEQUENCES_FORMAT:
         for key in ("dataset", "algorithm", "task", "vocab_size"):
             if key not in meta:
                 raise ValueError(f"{path}: metadata field {key!r} is missing")

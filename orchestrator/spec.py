@@ -160,6 +160,12 @@ def is_sequence(dataset: str) -> bool:
     return str(dataset).lower() in SEQUENCE_DATASETS
 
 
+def eval_seed(spec: dict) -> int:
+    """Evaluation networks use the same seeds in every trial of a sweep (paired comparisons): seeds
+    ``eval_seed``, ``eval_seed + 1``, ... (``orchestrate evaluate`` uses them too)."""
+    return spec["seed"] * 1000 + 17
+
+
 NAME_BYTES = 200  # a folder name (with ".replaced-YYYYmmdd-HHMMSS" added by --fresh) stays under 255 bytes
 
 

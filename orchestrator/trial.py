@@ -29,7 +29,7 @@ from algorithms.seqtrain import SeqTask, SeqTrainConfig, evaluate_sequences
 
 from .artifacts import image_grid, load_state, save_sequences, save_state, save_synthetic
 from .sequences import seq_task
-from .spec import INTEGER_HPS, is_sequence
+from .spec import INTEGER_HPS, eval_seed, is_sequence
 from .store import convex_form, open_convex, open_trajectory
 from .tracking import RunLogger, find_or_create_child
 
@@ -55,11 +55,6 @@ class TrialContext:
     @property
     def spec_sequences(self) -> bool:
         return is_sequence(self.spec["dataset"]["name"])
-
-
-def eval_seed(spec: dict) -> int:
-    """Evaluation networks use the same seeds in every trial of a sweep (paired comparisons)."""
-    return spec["seed"] * 1000 + 17
 
 
 def trial_name(point: dict) -> str:
@@ -157,11 +152,12 @@ def _log_outputs(log: RunLogger, ctx: TrialContext, syn, algorithm: str, point: 
              "store_key": ctx.store_key, "run_id": log.run_id}
     with tempfile.TemporaryDirectory() as tmp:
         if ctx.spec_sequences:
-            f, samples = save_sequences(Path(tmp) / "synthetic.safetensors", syn, ctx.data, algorithm, extra)
+            f, samples = save_sequences(Path(tmp) / "synthetic.safetensors", syn, ctx.data, algorithm, extra,
+                                        model=ctx.spec["model"])
             log.artifact(f, "synthetic")
             log.artifact(samples, "synthetic")
             return
-        f = save_synthetic(Path(tmp) / "synthetic.safetensors", syn, info, algorithm, extra)
+        f = save_synthetic(Path(tmp) / "synthetic.safetensors", syn, info, algorithm, extra, model=ctx.spec["model"])
         log.artifact(f, "synthetic")
         g = image_grid(syn.images, syn.labels, info.mean, info.std, Path(tmp) / "synthetic_grid.png")
         log.artifact(g, "synthetic")

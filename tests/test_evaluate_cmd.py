@@ -1,0 +1,405 @@
+"""`orchestrate evaluate FILE.safetensors`: a set in the export contract evaluated on its own, on
+digits with a 1-block ConvNet of width 8 and a few epochs (seconds), and on a generated
+MovieLens-format folder for sequence sets."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from algorithms.base import SyntheticSet
+from algorithms.evaluate import EvalConfig, evaluate_set, random_real_subset, random_subset_like
+from algorithms.experts import ExpertConfig, train_expert
+from algorithms.networks import manifest_of, seeded_network
+from orchestrator.artifacts import file_model, read_synthetic, save_sequences, save_synthetic
+from orchestrator.cli import main
+from orchestrator.datasets import load_dataset
+from orchestrator.evaluate import EvaluateError, parse_models
+from tests.conftest import tiny_spec
+
+SMALL = {"name": "convnet", "depth": 1, "width": 8, "norm": "instancenorm", "pooling": "avgpooling"}
+FAST = ["--networks", "2", "--epochs", "3"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def real_set(digits, per_class=1, seed=5, lr=0.02) -> SyntheticSet:
+    x, y = random_real_subset(digits.x_train, digits.y_train, per_class, 10, torch.Generator().manual_seed(seed))
+    return SyntheticSet(x, y, lr)
+
+
+@pytest.fixture
+def set_file(tmp_path, digits):
+    """A set of real digits images (1 per class) written with save_synthetic, the small ConvNet recorded."""
+    return save_synthetic(tmp_path / "set.safetensors", real_set(digits), digits.info, "mtt", {"run_id": "r0"},
+                          model=SMALL)
+
+
+def evaluate(*args, catch=True):
+    return CliRunner().invoke(main, ["evaluate", *map(str, args)], catch_exceptions=catch)
+
+
+def report_of(res) -> dict:
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+# -- the table, the JSON, equality with evaluate_set ---------------------------------------------------------
+def test_table_shows_the_set_and_the_random_subset(set_file):
+    res = evaluate(set_file, *FAST)
+    assert res.exit_code == 0, res.output
+    rows = {line.split("│")[2].strip(): line for line in res.stdout.splitlines() if line.startswith("│")}
+    assert set(rows) == {"the set", "random real subset", "full data (experts)"}
+    for what in ("the set", "random real subset"):
+        assert "±" in rows[what] and "convnet" in rows[what] and "0.02" in rows[what]
+    assert rows["full data (experts)"].count(" - ") >= 2  # no --spec: not known
+    assert "the random subset at lr 0.02 (no --spec: the set's lr, the file's lr)" in res.stdout
+    assert ("model convnet: convnet (depth 1, width 8, norm instancenorm, pooling avgpooling), the file's model"
+            in res.stdout)
+    assert "protocol: 2 fresh networks per row, 3 epochs, SGD momentum 0.9" in res.stdout
+
+
+def test_json_numbers_equal_evaluate_set_with_the_same_seeds(set_file, digits):
+    rep = report_of(evaluate(set_file, *FAST, "--format", "json"))
+    syn, rnd, full = rep["rows"]
+    assert (syn["trained_on"], rnd["trained_on"], full["trained_on"]) == ("synthetic", "random", "full_data")
+    assert len(syn["acc"]) == 2 and len(rnd["acc"]) == 2 and syn["seeds"] == [17, 18] == rnd["seeds"]
+    assert full["networks"] == 0 and "acc_mean" not in full
+    cfg = EvalConfig(networks=2, epochs=3)
+    tensors, _ = read_synthetic(set_file)
+    direct = evaluate_set(SMALL, digits.info, tensors["images"], tensors["labels"], float(tensors["lr"]),
+                          digits.x_test, digits.y_test, cfg, seed=17)
+    assert syn["acc"] == direct.accs and syn["acc_mean"] == direct.mean and syn["acc_std"] == direct.std
+    # the random subset is the sweep's random baseline of budget 1 (seed 0 * 7919 + 1), at the set's lr here
+    x, y = random_real_subset(digits.x_train, digits.y_train, 1, 10, torch.Generator().manual_seed(1))
+    base = evaluate_set(SMALL, digits.info, x, y, float(tensors["lr"]), digits.x_test, digits.y_test, cfg, seed=17)
+    assert rnd["acc"] == base.accs and rnd["lr"] == pytest.approx(0.02)
+    assert rep["random_subset"]["seed"] == 1 and rep["per_class"] == [1] * 10
+    assert rep["protocol"]["aug"] == "dsa" and rep["protocol"]["epochs"] == 3 and rep["source_run_id"] == "r0"
+    assert rep["models"] == {"convnet": SMALL} and rep["metrics"] == ["acc"]
+
+
+def test_seed_and_aug_options(set_file, digits):
+    rep = report_of(evaluate(set_file, "--networks", "1", "--epochs", "2", "--seed", "40", "--aug", "none",
+                             "--lr", "0.05", "--format", "json"))
+    tensors, _ = read_synthetic(set_file)
+    direct = evaluate_set(SMALL, digits.info, tensors["images"], tensors["labels"], 0.05, digits.x_test,
+                          digits.y_test, EvalConfig(networks=1, epochs=2, dsa=False), seed=40)
+    assert rep["rows"][0]["acc"] == direct.accs and rep["lr"]["set_from"] == "--lr"
+
+
+def test_several_models(set_file):
+    rep = report_of(evaluate(set_file, "--networks", "1", "--epochs", "1", "--models", "convnet,ConvNetW4,convnetNN",
+                             "--format", "json"))
+    assert rep["models"] == {"convnet": SMALL, "convnetw4": {**SMALL, "width": 4},
+                             "convnetnn": {**SMALL, "norm": "none"}}
+    assert [r["model"] for r in rep["rows"]] == ["convnet"] * 3 + ["convnetw4"] * 3 + ["convnetnn"] * 3
+
+
+def test_parse_models():
+    assert parse_models(None, SMALL) == [("convnet", SMALL)]
+    assert parse_models("convnetD2, convnetMP,convnetd2", SMALL) == [
+        ("convnetd2", {**SMALL, "depth": 2}), ("convnetmp", {**SMALL, "pooling": "maxpooling"})]
+    with pytest.raises(EvaluateError, match="unknown model 'resnet18'; known: convnet .*convnetD<depth>"):
+        parse_models("convnet,resnet18", SMALL)
+
+
+def test_random_subset_like_matches_the_sweeps_baseline(digits):
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    x1, y1 = random_real_subset(digits.x_train, digits.y_train, 3, 10, g1)
+    x2, y2 = random_subset_like(digits.x_train, digits.y_train, torch.arange(10).repeat(3), 10, g2)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    _, y = random_subset_like(digits.x_train, digits.y_train, torch.tensor([0, 0, 0, 4]), 10, g1)
+    assert y.tolist() == [0, 0, 0, 4]
+
+
+# -- the model recorded in the file (forward-compatible export) ---------------------------------------------
+def test_save_synthetic_records_the_model_and_files_without_it_still_read(tmp_path, digits):
+    syn = real_set(digits)
+    with_model = save_synthetic(tmp_path / "a.safetensors", syn, digits.info, "mtt", model=SMALL)
+    without = save_synthetic(tmp_path / "b.safetensors", syn, digits.info, "mtt")
+    _, meta = read_synthetic(with_model)
+    assert json.loads(meta["model"]) == SMALL and file_model(meta, with_model) == SMALL
+    tensors, meta = read_synthetic(without)
+    assert "model" not in meta and file_model(meta, without) is None and tensors["images"].shape == (10, 1, 8, 8)
+    # without a model and a spec: the schema's default ConvNet (depth 3, width 128)
+    rep = report_of(evaluate(without, "--networks", "1", "--epochs", "1", "--format", "json"))
+    assert rep["models"]["convnet"] == {"name": "convnet", "depth": 3, "width": 128, "norm": "instancenorm",
+                                        "pooling": "avgpooling"}
+    assert "default ConvNet" in rep["model_from"]
+
+
+def test_trial_outputs_record_the_spec_model(tmp_path, digits, monkeypatch):
+    from orchestrator import trial
+
+    seen = {}
+
+    class Log:
+        run_id = "run-x"
+
+        def artifact(self, path, directory=None):
+            if str(path).endswith(".safetensors"):
+                seen["meta"] = read_synthetic(path)[1]
+
+    ctx = trial.TrialContext(data=digits, spec={"dataset": {"name": "digits"}, "model": SMALL}, spec_hash="h",
+                             expert_files={}, expert_sha256=[], store_key="k", experts_acc=(0.9, 0.0),
+                             tracking_uri="", experiment_id="", parent_run_id="")
+    trial._log_outputs(Log(), ctx, real_set(digits), "mtt", {"budget": 1}, 3)
+    assert json.loads(seen["meta"]["model"]) == SMALL and seen["meta"]["run_id"] == "run-x"
+
+
+# -- errors: exit 2, naming the file and the tensor or field ------------------------------------------------
+def _write(path, tensors, meta):
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def _meta(**changes):
+    meta = {"dataset": "digits", "algorithm": "mtt", "mean": "[0.305383]", "std": "[0.376119]",
+            "format": "distill-orchestrator/synthetic-v1", "model": json.dumps(SMALL)}
+    meta.update(changes)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _tensors(n=10, shape=(1, 8, 8), labels=None, **changes):
+    t = {"images": torch.zeros(n, *shape), "labels": torch.arange(n) % 10 if labels is None else labels,
+         "lr": torch.tensor(0.01)}
+    t.update(changes)
+    return {k: v for k, v in t.items() if v is not None}
+
+
+ERRORS = {
+    "not safetensors": (None, None, [], "not a readable safetensors file"),
+    "missing tensor": (_tensors(lr=None), _meta(), [], "tensor 'lr' is missing"),
+    "wrong dtype": (_tensors(labels=(torch.arange(10) % 10).int()), _meta(), [],
+                    "tensor 'labels' is torch.int32, expected torch.int64"),
+    "float64 images": (_tensors(images=torch.zeros(10, 1, 8, 8, dtype=torch.float64)), _meta(), [],
+                       "tensor 'images' is torch.float64"),
+    "image shape": (_tensors(shape=(3, 8, 8)), _meta(), [],
+                    ("tensor 'images' has shape (10, 3, 8, 8), images of 3x8x8 (channels x height x width), "
+                     "but digits images are 1x8x8")),
+    "image size": (_tensors(shape=(1, 28, 28)), _meta(), [], "tensor 'images' has shape (10, 1, 28, 28)"),
+    "labels outside": (_tensors(labels=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 12])), _meta(), [],
+                       "tensor 'labels' holds values outside digits's 10 classes (0..9): 12"),
+    "negative label": (_tensors(labels=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, -1])), _meta(), [],
+                       "tensor 'labels' holds values outside digits's 10 classes (0..9): -1"),
+    "class count": (_tensors(labels=torch.arange(10) % 5), _meta(), [],
+                    "tensor 'labels' has 5 classes, but digits has 10 (no image of class 5, 6, 7, 8, 9)"),
+    "dataset option": (_tensors(), _meta(), ["--dataset", "mnist"],
+                       "the set is of dataset 'digits' (metadata field 'dataset'), but --dataset is 'mnist'"),
+    "unknown dataset": (_tensors(), _meta(dataset="svhn"), [],
+                        "metadata field 'dataset' is 'svhn', not a known image dataset"),
+    "missing field": (_tensors(), _meta(std=None), [], "metadata field 'std' is missing"),
+    "bad mean": (_tensors(), _meta(mean="[0.1, 0.2]"), [], "metadata field 'mean' must be a JSON list of 1"),
+    "bad model": (_tensors(), _meta(model="convnet"), [], "metadata field 'model' must be the JSON of a model"),
+    "unbuildable model": (_tensors(), _meta(model=json.dumps({**SMALL, "depth": 5})), [],
+                          ("metadata field 'model': convnet (depth 5, width 8, norm instancenorm, pooling "
+                           "avgpooling) cannot be built for digits")),
+    "unknown recorded model": (_tensors(), _meta(model=json.dumps({"name": "resnet18"})), [],
+                               ("metadata field 'model' names the model 'resnet18', which algorithms/networks.py "
+                                "cannot build (known: convnet)")),
+    "lr not a step": (_tensors(lr=torch.tensor(-1.0)), _meta(), [], "tensor 'lr' is -1.0, not a step size"),
+    "lr not a scalar": (_tensors(lr=torch.ones(2)), _meta(), [], "tensor 'lr' must be a float scalar"),
+    "unknown model": (_tensors(), _meta(), ["--models", "convnet,resnet18"],
+                      "--models: unknown model 'resnet18'; known: convnet"),
+    "sequence set without spec": ({"sequences": torch.ones(2, 3, dtype=torch.int64)},
+                                  {"dataset": "ml-100k", "algorithm": "random", "task": "recommendation",
+                                   "vocab_size": "10", "pad_id": "0", "format": "distill-orchestrator/sequences-v1"},
+                                  [], "a sequence set (ml-100k): give --spec SPEC"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors_exit_2_naming_the_file_and_the_field(tmp_path, case):
+    tensors, meta, args, needle = ERRORS[case]
+    path = tmp_path / "bad.safetensors"
+    if tensors is None:
+        path.write_bytes(b"this is not a safetensors file at all")
+    else:
+        _write(path, tensors, meta)
+    res = evaluate(path, *args, "--networks", "1", "--epochs", "1", catch=False)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output, res.output
+    if not args or args[0] != "--models":
+        assert str(path) in res.output
+    assert "network 1/1" not in res.output  # refused before anything trained
+
+
+def test_renormalises_a_set_written_in_other_units(tmp_path, digits):
+    """A set whose mean/std metadata differ from the dataset's is mapped to its normalisation
+    (images * std + mean are pixels), and evaluates as the same set in the dataset's units."""
+    syn = real_set(digits)
+    pixels = syn.images * 0.376119 + 0.305383
+    other = _write(tmp_path / "other.safetensors",
+                   {"images": ((pixels - 0.5) / 0.25).float(), "labels": syn.labels, "lr": torch.tensor(0.02)},
+                   _meta(mean="[0.5]", std="[0.25]"))
+    same = save_synthetic(tmp_path / "same.safetensors", syn, digits.info, "mtt", model=SMALL)
+    a = report_of(evaluate(other, "--networks", "1", "--epochs", "2", "--format", "json"))
+    b = report_of(evaluate(same, "--networks", "1", "--epochs", "2", "--format", "json"))
+    assert a["renormalised"] and not b["renormalised"]
+    assert a["rows"][0]["acc"] == pytest.approx(b["rows"][0]["acc"], abs=0.02)
+
+
+# -- with a spec: its protocol, the experts' lr and their full-data accuracy --------------------------------
+def _store_experts(spec_path, root, data):
+    """The spec's experts written into the store as `orchestrate experts` would (without Ray)."""
+    from orchestrator.experts import expert_key, expert_seed, write_forms
+    from orchestrator.spec import load_spec
+    from orchestrator.store import TrajectoryStore
+
+    s = load_spec(spec_path)
+    store = TrajectoryStore(root / "trajectories")
+    key, name = expert_key(s, data), s.dataset["name"]
+    info = data.info
+    records = []
+    for i in range(s.experts["count"]):
+        seed = expert_seed(s.experts["seed"], i)
+        cks = list(train_expert(s.model, data, ExpertConfig(**s.expert_training()), seed=seed))
+        net = seeded_network(s.model, info.channels, info.num_classes, info.size, seed)
+        records.append(write_forms(i, cks, manifest_of(net), {"full": str(store.expert_path(key, name, i))}, {},
+                                   {"store_key": key, "seed": seed})["full"])
+    store.write_manifest(key, name, {"full": records})
+    return [r.final_test_acc for r in records]
+
+
+def test_spec_gives_protocol_experts_lr_and_full_data(tmp_path, digits, write_spec):
+    # seed 3, depth 1 width 8, experts lr 0.03 (2 epochs here), evaluation: 2 networks x 10 epochs
+    spec = write_spec(tiny_spec(experts={"epochs": 2, "batch_size": 256}))
+    set_path = save_synthetic(tmp_path / "set.safetensors", real_set(digits), digits.info, "mtt")  # no model
+    root = tmp_path / "runs"
+    no_experts = report_of(evaluate(set_path, "--spec", spec, "--root", root, "--epochs", "1", "--networks", "1",
+                                    "--format", "json"))
+    assert no_experts["rows"][2]["networks"] == 0 and "no experts of the spec in" in no_experts["full_data_note"]
+    assert not root.exists()  # looking for experts creates nothing
+    accs = _store_experts(spec, root, digits)
+    rep = report_of(evaluate(set_path, "--spec", spec, "--root", root, "--epochs", "2", "--format", "json"))
+    syn, rnd, full = rep["rows"]
+    assert rep["models"]["convnet"] == SMALL and "the spec's model" in rep["model_from"]
+    assert rep["protocol"]["networks"] == 2 and rep["protocol"]["seed"] == 3 * 1000 + 17
+    assert rnd["lr"] == 0.03 and "experts.lr" in rep["lr"]["random_from"] and syn["lr"] == pytest.approx(0.02)
+    assert rep["random_subset"]["seed"] == 3 * 7919 + 1
+    assert full["acc"] == accs and full["acc_mean"] == pytest.approx(sum(accs) / len(accs))
+    table = evaluate(set_path, "--spec", spec, "--root", root, "--epochs", "1", "--networks", "1")
+    full_line = next(line for line in table.stdout.splitlines() if "full data (experts)" in line)
+    assert f"{100 * sum(accs) / len(accs):.1f} ±" in full_line and "2 experts" in full_line
+    # another model than the experts': no full-data number for it
+    rep = report_of(evaluate(set_path, "--spec", spec, "--root", root, "--epochs", "1", "--networks", "1",
+                             "--models", "convnetW4", "--format", "json"))
+    assert rep["rows"][2]["networks"] == 0 and "not this model" in rep["rows"][2]["note"]
+
+
+def test_spec_of_another_dataset_is_refused(tmp_path, set_file, write_spec):
+    spec = write_spec(tiny_spec(dataset={"name": "mnist"}))
+    res = evaluate(set_file, "--spec", spec)
+    assert res.exit_code == 2 and "metadata field 'dataset'" in res.output and "'mnist'" in res.output
+
+
+# -- --log: an MLflow run --------------------------------------------------------------------------------------
+@pytest.mark.slow  # MLflow creates its SQLite schema: about 10 s on 2 busy cores
+def test_log_records_an_mlflow_run(tmp_path, set_file):
+    from mlflow import MlflowClient
+
+    root = tmp_path / "runs"
+    res = evaluate(set_file, *FAST, "--log", "--root", root, "--format", "json")
+    rep = report_of(res)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("evaluate")
+    run = client.get_run(rep["mlflow_run_id"])
+    assert run.info.experiment_id == exp.experiment_id and run.info.status == "FINISHED"
+    m = run.data.metrics
+    syn, rnd, _ = rep["rows"]
+    assert m["acc_mean"] == syn["acc_mean"] and m["acc_std"] == syn["acc_std"]
+    assert m["random_acc_mean"] == rnd["acc_mean"] and m["random_acc_std"] == rnd["acc_std"]
+    assert [x.value for x in client.get_metric_history(run.info.run_id, "convnet/synthetic/acc")] == syn["acc"]
+    p = run.data.params
+    assert p["networks"] == "2" and p["epochs"] == "3" and p["aug"] == "dsa" and p["models"] == "convnet"
+    assert run.data.tags["orchestrate.role"] == "evaluate" and run.data.tags["orchestrate.source_run_id"] == "r0"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "synthetic")}
+    assert arts == {"synthetic/set.safetensors"}
+    assert "evaluation.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "logged to MLflow run" in res.output
+
+
+def test_log_to_a_broken_store_fails_before_training(tmp_path, set_file):
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "mlflow.db").write_bytes(b"not a database, not at all" * 100)
+    res = evaluate(set_file, *FAST, "--log", "--root", root)
+    assert res.exit_code == 2 and str(root / "mlflow.db") in res.output and "network 1/" not in res.output
+
+
+# -- sequence sets --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def movielens(tmp_path_factory):
+    """A generated MovieLens-format folder (130 items: enough for the 100 sampled negatives) and a
+    tiny SASRec spec on it."""
+    import yaml
+
+    from orchestrator.sequences import load_sequences
+    from tests.test_farzi_e2e import TINY as FARZI_TINY
+    from tests.test_farzi_e2e import write_movielens
+
+    d = tmp_path_factory.mktemp("evaluate-ml")
+    write_movielens(d / "ml", items=130)
+    spec = d / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**FARZI_TINY, "dataset": {"name": "ml-100k", "root": str(d / "ml")},
+                                    "evaluation": {**FARZI_TINY["evaluation"], "networks": 2, "epochs": 1}}))
+    return d, spec, load_sequences("ml-100k", d / "ml")
+
+
+def test_sequence_sets_evaluate_with_the_spec_model(movielens, tmp_path):
+    from algorithms.farzi import FarziSet
+    from algorithms.seqtrain import SeqTrainConfig, evaluate_sequences
+    from orchestrator.sequences import seq_task
+
+    _, spec, data = movielens
+    V = data.info.vocab_size
+    g = torch.Generator().manual_seed(0)
+    syn = FarziSet(torch.randn(4, 8, 4, generator=g), torch.randn(4, V, generator=g), 0.5, 0, 0.01)
+    farzi, _ = save_sequences(tmp_path / "farzi.safetensors", syn, data, "farzi")
+    rep = report_of(evaluate(farzi, "--spec", spec, "--root", tmp_path / "runs", "--format", "json"))
+    syn_row, rnd_row, full_row = rep["rows"]
+    assert rep["metrics"] == ["hr10", "ndcg10", "hr10_s100", "ndcg10_s100"] and len(syn_row["hr10"]) == 2
+    task = seq_task(data, 12)
+    cfg = SeqTrainConfig(epochs=1, lr=0.01, batch_size=8)
+    direct = evaluate_sequences(rep["models"]["sasrec"], task, syn.probs().detach(), cfg, 2, 1017)
+    assert syn_row["hr10_mean"] == direct.metrics["hr10"] and syn_row["ndcg10_s100"] == [
+        r["ndcg10_s100"] for r in direct.per_network]
+    real = task.train[torch.randperm(len(task.train), generator=torch.Generator().manual_seed(1 * 7919 + 4))[:4]]
+    base = evaluate_sequences(rep["models"]["sasrec"], task, real, cfg, 2, 1017)
+    assert rnd_row["hr10"] == [r["hr10"] for r in base.per_network] and full_row["networks"] == 0
+    # real sequences (the baseline's file) evaluate too, and the table shows the metrics
+    real_file, _ = save_sequences(tmp_path / "real.safetensors", task.train[:3], data, "random")
+    res = evaluate(real_file, "--spec", spec, "--networks", "1")
+    assert res.exit_code == 0, res.output
+    assert "hr10 (%)" in res.stdout and "ndcg10_s100 (%)" in res.stdout and "random real subset" in res.stdout
+
+
+def test_sequence_shape_errors(movielens, tmp_path):
+    _, spec, data = movielens
+    V = data.info.vocab_size
+    meta = {"dataset": "ml-100k", "algorithm": "farzi", "task": "recommendation", "vocab_size": str(V),
+            "pad_id": "0", "format": "distill-orchestrator/sequences-v1"}
+    cases = [
+        ({"F": torch.zeros(4, 8, 4), "M": torch.zeros(4, V + 3), "temperature": torch.tensor(0.5)}, meta,
+         f"tensor 'M' has shape (4, {V + 3}): {V + 3} columns, but ml-100k's vocabulary has {V} ids"),
+        ({"F": torch.zeros(4, 8, 4), "M": torch.zeros(3, V), "temperature": torch.tensor(0.5)}, meta,
+         f"F (4, 8, 4) and M (3, {V}) do not match"),
+        ({"F": torch.zeros(4, 20, 4), "M": torch.zeros(4, V), "temperature": torch.tensor(0.5)}, meta,
+         "tensor 'F' has shape (4, 20, 4): sequences of 20 positions, longer than the model's max_len 12"),
+        ({"F": torch.zeros(4, 8, 4), "M": torch.zeros(4, V)}, meta, "tensor 'temperature' is missing"),
+        ({"F": torch.zeros(4, 8, 4), "M": torch.zeros(4, V), "temperature": torch.tensor(0.5)},
+         {**meta, "vocab_size": str(V + 1)}, f"metadata field 'vocab_size' is {V + 1}"),
+        ({"sequences": torch.full((2, 5), V + 7, dtype=torch.int64)}, meta,
+         f"tensor 'sequences' holds ids outside ml-100k's vocabulary (0..{V - 1}): {V + 7}"),
+        ({"sequences": torch.ones(2, 5, dtype=torch.int32)}, meta, "tensor 'sequences' is torch.int32"),
+    ]
+    for i, (tensors, m, needle) in enumerate(cases):
+        path = _write(tmp_path / f"bad{i}.safetensors", tensors, m)
+        res = evaluate(path, "--spec", spec, catch=False)
+        assert res.exit_code == 2 and needle in res.output and str(path) in res.output, (needle, res.output)
+        assert "network 1/" not in res.output
