@@ -99,3 +99,21 @@ def test_results_show_sequence_metrics(tiny_farzi):
     assert res.exit_code == 0, res.output
     tensors, meta = read_synthetic(out)
     assert set(tensors) == {"F", "M", "lr", "temperature"} and meta["algorithm"] == "farzi"
+
+
+@pytest.mark.parametrize("items, sampled", [(30, False), (130, True)])
+def test_sampled_metrics_only_where_every_user_has_100_unseen_items(tmp_path, items, sampled):
+    """A tiny catalogue (30 items) cannot give 100 negatives per user: the task has none and the
+    metrics are the full-ranking ones, instead of an error at the start of a launch."""
+    from algorithms.seqmodels import seeded_seq_model
+    from algorithms.seqtrain import task_metrics
+    from orchestrator.sequences import clear_cache, load_sequences, seq_task
+
+    write_movielens(tmp_path / "ml", items=items)
+    clear_cache()
+    task = seq_task(load_sequences("ml-100k", tmp_path / "ml"), 12)
+    assert (task.test_negatives is not None) == sampled
+    model = seeded_seq_model(TINY["model"], task.vocab_size, task.pad_id, 0)
+    from algorithms.networks import flatten_params
+    metrics = task_metrics(model, flatten_params(model), task)
+    assert ("hr10_s100" in metrics) == sampled and "hr10" in metrics
