@@ -261,13 +261,21 @@ def decode(F: torch.Tensor, M: torch.Tensor, temperature: float, pad_id: int | N
 
 
 def real_init(F: torch.Tensor, M: torch.Tensor, real: torch.Tensor, pad_id: int | None, temperature: float,
-              generator: torch.Generator) -> torch.Tensor:
+              generator: torch.Generator, target: float = 0.9) -> torch.Tensor:
     """``F`` whose decoded sequences start as ``len(F)`` random real sequences: position t of
     synthetic sequence i is the latent vector ``a M[:, j] / ||M[:, j]||^2`` of item j, the item at
     the same distance from the end of real sequence i (real sequences are left-padded, synthetic
-    ones are aligned to their end), so that j's logit is ``a / tau = 10``. Positions a shorter real
-    sequence does not reach (padding) keep their entries of ``F``."""
-    mu, xi, _ = F.shape
+    ones are aligned to their end), so that j's logit is ``a / tau``. Positions a shorter real
+    sequence does not reach (padding) keep their entries of ``F``.
+
+    How peaked that start can be is bounded by the latent size d: with ``M`` ~ N(0, 1/d) the other
+    items' logits are ~ N(0, (a/sqrt(d))^2), so the item's probability is about
+    ``1 / (1 + V exp(a^2 / 2d - a))`` (logits in units of tau). ``a`` is the smallest value that
+    gives it ``target`` (0.9), ``a = d (1 - sqrt(1 - 2 log(target V / (1 - target)) / d))``, or
+    ``a = d``, the most peaked start, when d is too small for that: with 1683 items d = 16 reaches
+    ~0.6, d = 64 reaches 0.9 at a ≈ 10.5. (A larger ``a`` than needed saturates the softmax and
+    starves F of gradient.)"""
+    mu, xi, d = F.shape
     rows = real[torch.randperm(len(real), generator=generator)[:mu]]
     if len(rows) < mu:
         raise ValueError(f"init 'real' needs {mu} real sequences, there are {len(real)}")
@@ -275,7 +283,8 @@ def real_init(F: torch.Tensor, M: torch.Tensor, real: torch.Tensor, pad_id: int 
                                                                            value=-1 if pad_id is None else pad_id)
     keep = ids != (-1 if pad_id is None else pad_id)
     cols = M.t()[ids.clamp_min(0)]  # [mu, xi, d]
-    a = 10.0 * temperature
+    need = 2 * math.log(target * M.shape[1] / (1 - target)) / d
+    a = temperature * (d * (1 - math.sqrt(1 - need)) if need < 1 else d)
     out = F.clone()
     out[keep] = (a * cols / (cols ** 2).sum(-1, keepdim=True).clamp_min(1e-12))[keep]
     return out
@@ -305,8 +314,8 @@ class FarziConfig:
     checkpoint_every: int = 25
     init_scale: float = 1.0  # std of F; M starts N(0, 1/d)
     # F's start: "random" (N(0, init_scale)) or "real": each position of synthetic sequence i starts as
-    # the item at that position of a random real sequence (F[i, t] = a M[:, item] / ||M[:, item]||^2, so
-    # that item's logit is a = 10 tau and the rest ~ N(0, (a/sqrt(d))^2)-ish); padding positions stay random
+    # the item at that position of a random real sequence (F[i, t] = a M[:, item] / ||M[:, item]||^2, a
+    # chosen for 90% probability on that item where d allows it: see real_init); padding stays random
     init: str = "random"
     outer_schedule: str = "constant"  # constant | cosine: outer_lr * (1 + cos(pi * it / iterations)) / 2
     clip_norm: float | None = None  # clip the meta-gradient of (F, M) to this global L2 norm
