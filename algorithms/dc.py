@@ -31,7 +31,6 @@ default here (``pix_init``).
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -41,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import DSA, AugSample, DSAConfig
-from .base import SyntheticSet, check_finite
+from .base import ImageSetState, SyntheticSet, check_finite
 from .evaluate import random_real_subset
 from .networks import Manifest, fresh_params, functional_forward, manifest_of
 
@@ -200,7 +199,7 @@ def draw_seed(generator: torch.Generator) -> int:
     return int(torch.randint(2 ** 62, (1,), generator=generator))
 
 
-class DCDistiller:
+class DCDistiller(ImageSetState):
     """DC (``cfg.dsa`` false) or DSA (true). ``net`` is a template: every outer iteration starts
     from a fresh initialisation of it (:func:`fresh_params`, seeded from the distiller's
     generator); the distiller runs it functionally from a flat parameter vector."""
@@ -279,25 +278,3 @@ class DCDistiller:
 
     def synthetic(self) -> SyntheticSet:
         return SyntheticSet(self.images.detach().cpu().clone(), self.labels.cpu().clone(), EVAL_LR)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "iteration": self.iteration,
-            "images": self.images.detach().cpu().clone(),
-            "labels": self.labels.cpu().clone(),
-            "opt_img": copy.deepcopy(self.opt_img.state_dict()),
-            "generator": self.gen.get_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if tuple(state["images"].shape) != tuple(self.images.shape):
-            raise ValueError(f"state has images of shape {tuple(state['images'].shape)}, "
-                             f"this distiller {tuple(self.images.shape)}")
-        with torch.no_grad():
-            self.images.copy_(state["images"].to(self.device))
-        self.labels = state["labels"].to(self.device).clone()
-        # a copy: Optimizer.load_state_dict keeps the given momentum buffer, which later steps
-        # would update in place, changing the caller's state dict
-        self.opt_img.load_state_dict(copy.deepcopy(state["opt_img"]))
-        self.gen.set_state(state["generator"])
-        self.iteration = int(state["iteration"])

@@ -19,15 +19,13 @@ authors' ``lr_net``), the fixed step size in its :class:`SyntheticSet`.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .augment import DSAConfig
-from .base import SyntheticSet, check_finite
+from .base import ImageSetState, SyntheticSet, check_finite
 from .dc import (EVAL_LR, ClassSampler, broadcast_sample, check_image_config, draw_seed, init_images,
                  siamese_augment, siamese_sample)
 from .networks import Manifest, fresh_params, functional_embed, manifest_of
@@ -54,7 +52,7 @@ def mean_embedding_distance(emb_real: torch.Tensor, emb_syn: torch.Tensor) -> to
     return ((emb_real.mean(0) - emb_syn.mean(0)) ** 2).sum()
 
 
-class DMDistiller:
+class DMDistiller(ImageSetState):
     """DM. ``net`` is a template with an ``embed`` method: every iteration embeds with a fresh
     initialisation of it (:func:`fresh_params`, seeded from the distiller's generator)."""
 
@@ -103,25 +101,3 @@ class DMDistiller:
 
     def synthetic(self) -> SyntheticSet:
         return SyntheticSet(self.images.detach().cpu().clone(), self.labels.cpu().clone(), EVAL_LR)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "iteration": self.iteration,
-            "images": self.images.detach().cpu().clone(),
-            "labels": self.labels.cpu().clone(),
-            "opt_img": copy.deepcopy(self.opt_img.state_dict()),
-            "generator": self.gen.get_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if tuple(state["images"].shape) != tuple(self.images.shape):
-            raise ValueError(f"state has images of shape {tuple(state['images'].shape)}, "
-                             f"this distiller {tuple(self.images.shape)}")
-        with torch.no_grad():
-            self.images.copy_(state["images"].to(self.device))
-        self.labels = state["labels"].to(self.device).clone()
-        # a copy: Optimizer.load_state_dict keeps the given momentum buffer, which later steps
-        # would update in place, changing the caller's state dict
-        self.opt_img.load_state_dict(copy.deepcopy(state["opt_img"]))
-        self.gen.set_state(state["generator"])
-        self.iteration = int(state["iteration"])

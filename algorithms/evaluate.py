@@ -82,15 +82,7 @@ def evaluate_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, 
 def random_real_subset(x: torch.Tensor, y: torch.Tensor, per_class: int, num_classes: int,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` random real images of every class (the baseline of the same budget)."""
-    xs, ys = [], []
-    for c in range(num_classes):
-        idx = torch.nonzero(y == c).flatten()
-        if len(idx) < per_class:
-            raise ValueError(f"class {c} has {len(idx)} training images, fewer than {per_class} per class")
-        pick = idx[torch.randperm(len(idx), generator=generator)[:per_class]]
-        xs.append(x[pick])
-        ys.append(y[pick])
-    return torch.cat(xs).clone(), torch.cat(ys).clone()
+    return _draw_per_class(x, y, [per_class] * num_classes, generator, "fewer than {n} per class")
 
 
 def random_subset_like(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -99,13 +91,20 @@ def random_subset_like(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, n
     ``labels`` holds), drawn class by class as :func:`random_real_subset` draws them: with the
     same count for every class and the same generator, the same images."""
     counts = torch.bincount(labels.to(torch.int64).flatten(), minlength=num_classes).tolist()
+    return _draw_per_class(x, y, counts, generator, "fewer than the set's {n}")
+
+
+def _draw_per_class(x: torch.Tensor, y: torch.Tensor, counts: list[int], generator: torch.Generator,
+                    short: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``counts[c]`` random real images of each class c, class by class (a class of count 0 draws
+    nothing from the generator); ``short`` words the error of a class with too few images."""
     xs, ys = [], []
     for c, n in enumerate(counts):
         if n == 0:
             continue
         idx = torch.nonzero(y == c).flatten()
         if len(idx) < n:
-            raise ValueError(f"class {c} has {len(idx)} training images, fewer than the set's {n}")
+            raise ValueError(f"class {c} has {len(idx)} training images, {short.format(n=n)}")
         pick = idx[torch.randperm(len(idx), generator=generator)[:n]]
         xs.append(x[pick])
         ys.append(y[pick])
