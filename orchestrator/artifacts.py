@@ -197,3 +197,21 @@ def load_state(directory: str | Path) -> dict[str, Any]:
     with safe_open(str(directory / "state.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return _decode(json.loads((directory / "state.json").read_text()), tensors)
+
+
+def state_complete(fs, directory: str) -> bool:
+    """Whether the state written by :func:`save_state` in ``directory`` (on pyarrow filesystem
+    ``fs``) is whole: ``state.json`` parses and ``state.safetensors`` is exactly as long as its
+    header says. Tune copies a checkpoint file by file, so a copy cut off can leave either one
+    missing or short."""
+    try:
+        with fs.open_input_stream(f"{directory}/state.json") as f:
+            json.loads(f.read())
+        info = fs.get_file_info(f"{directory}/state.safetensors")
+        with fs.open_input_file(f"{directory}/state.safetensors") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return info.size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

@@ -30,10 +30,13 @@ from mlflow.exceptions import MlflowException
 from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler
+from ray.tune.trainable.function_trainable import wrap_function
 
 from .datasets import FOLDER_DATASETS, load_dataset
 from .experts import ExpertSet, ensure_experts, expert_key
+from .artifacts import state_complete
 from .progress import Progress
+from .resume import with_checkpoint_repair
 from .results import summarise_sweep
 from .sequences import RecData, load_sequences, seq_task
 from . import locks, storage
@@ -506,7 +509,8 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
                        parent_run_id=parent_id, tags=lineage, full_data=full if spec.sequences else {})
     has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     cpus, gpus = spec.resources["cpus_per_trial"], spec.resources["gpus_per_trial"]
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+    trainable = tune.with_resources(with_checkpoint_repair(wrap_function(tune.with_parameters(run_trial, ctx=ctx)),
+                                                           state_complete),
                                     lambda config: {"cpu": cpus, "gpu": gpus_for(gpus, config["trial"]["budget"],
                                                                                   has_gpu)})
     points = [{**pt, "hp": {k: tune_value(v) for k, v in pt["hp"].items()}} for pt in spec.trial_points()]
