@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any, Protocol
+import math
+import typing
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -22,13 +24,40 @@ class SyntheticSet:
         return SyntheticSet(self.images.detach().cpu().clone(), self.labels.detach().cpu().clone(), float(self.lr))
 
 
+@dataclass
+class RealSequences:
+    """Real event sequences used as a set (the random baseline of a sequence task)."""
+    sequences: torch.Tensor  # int64 [mu, L]
+    lr: float
+
+    def training_input(self) -> torch.Tensor:
+        return self.sequences
+
+    def detached(self) -> "RealSequences":
+        return RealSequences(self.sequences.detach().cpu().clone(), float(self.lr))
+
+
+class SequenceSet(Protocol):
+    """A set of (possibly soft) sequences: what a sequence-task distiller produces."""
+    lr: float
+
+    def training_input(self) -> torch.Tensor:
+        """int64 ids [mu, L], or distributions over the vocabulary [mu, L, V]."""
+
+    def detached(self) -> "SequenceSet": ...
+
+
 class Distiller(Protocol):
+    """What the orchestrator drives: ``step`` until ``iteration`` reaches the trial's iterations,
+    ``synthetic`` for evaluation and export, ``state_dict``/``load_state_dict`` for checkpoints
+    (a restored distiller's next ``step`` equals the uninterrupted one's)."""
     iteration: int
 
     def step(self) -> dict[str, float]:
         """One outer iteration; returns scalar metrics. Raises DivergenceError on NaN/inf."""
 
-    def synthetic(self) -> SyntheticSet: ...
+    def synthetic(self) -> SyntheticSet | SequenceSet:
+        """Image tasks: a :class:`SyntheticSet`; sequence tasks: a :class:`SequenceSet`."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -69,3 +98,104 @@ class ImageSetState:
         self.opt_img.load_state_dict(copy.deepcopy(state["opt_img"]))
         self.gen.set_state(state["generator"])
         self.iteration = int(state["iteration"])
+
+
+# -- hyperparameters: each config dataclass declares its checks on its fields -----------------------
+Check = Callable[[Any], "str | None"]  # a message when the value is wrong, None when it is fine
+
+
+def hp(default: Any, check: Check | None = None, *, integer: bool = False, doc: str = "") -> Any:
+    """A config field that is a hyperparameter: its default, a check of one value (returns the
+    problem, or None), whether it must be a whole number, and a line of documentation. The spec
+    validator and :func:`check_config` both read them, so a config is checked in one place."""
+    return field(default=default, metadata={"check": check, "integer": integer, "doc": doc})
+
+
+def positive(v) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def nonneg(v) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def at_least(low) -> Check:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def unit_interval(v) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def one_of(*choices) -> Check:
+    said = (" or ".join(map(str, choices)) if len(choices) <= 2 else f"one of {', '.join(map(str, choices))}")
+    return lambda v: None if v in choices else f"must be {said}"
+
+
+def positive_or_none(what: str) -> Check:
+    return lambda v: None if v is None or v > 0 else f"must be > 0 or null ({what})"
+
+
+def field_check(f: Field) -> tuple[Check | None, bool]:
+    """(check, integer) of a config field."""
+    return f.metadata.get("check"), bool(f.metadata.get("integer"))
+
+
+def hyperparameters(cfg: type, budget_field: str) -> dict[str, Any]:
+    """A config class's hyperparameters with their defaults (every field but the budget)."""
+    return {f.name: (f.default if f.default is not MISSING else None) for f in fields(cfg) if f.name != budget_field}
+
+
+def check_value(f: Field, v: Any) -> str | None:
+    """The problem with value ``v`` of field ``f`` (type from the annotation, then its check)."""
+    check, integer = field_check(f)
+    if v is None:
+        return None  # nullability is the validator's (from the annotation)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return check(v) if check else None
+    if not math.isfinite(v):
+        return "must be finite"
+    if integer and not float(v).is_integer():
+        return "must be an integer"
+    return check(v) if check else None
+
+
+def hp_kinds(cfg: type) -> dict[str, tuple[str, bool]]:
+    """field -> (kind, nullable) from a config's annotations: ``number`` (int or float; whole
+    numbers are the ``integer`` flag's), ``bool`` or ``str``; nullable when None is allowed."""
+    hints = typing.get_type_hints(cfg)
+    out = {}
+    for f in fields(cfg):
+        args = typing.get_args(hints[f.name]) or (hints[f.name],)
+        base = [a for a in args if a is not type(None)]
+        kind = ("bool" if base == [bool] else "str" if base == [str] else
+                "number" if base and set(base) <= {int, float} else None)
+        if kind is None:
+            raise TypeError(f"{cfg.__name__}.{f.name}: no hyperparameter kind for {hints[f.name]}")
+        out[f.name] = (kind, type(None) in args)
+    return out
+
+
+KIND_NAMES = {"number": "a number", "bool": "true or false", "str": "a string"}
+
+
+def has_kind(v: Any, kind: str) -> bool:
+    return {"number": isinstance(v, (int, float)) and not isinstance(v, bool),
+            "bool": isinstance(v, bool), "str": isinstance(v, str)}[kind]
+
+
+def check_config(cfg: Any) -> None:
+    """Raise ValueError naming the field for the first wrong hyperparameter of config ``cfg``
+    (its type from the annotation, then the field's check)."""
+    kinds = hp_kinds(type(cfg))
+    for f in fields(cfg):
+        if "check" not in f.metadata:
+            continue  # not a hyperparameter (the budget)
+        v = getattr(cfg, f.name)
+        kind, nullable = kinds[f.name]
+        if v is None and nullable:
+            continue
+        msg = None if has_kind(v, kind) else f"must be {KIND_NAMES[kind]}{' or null' if nullable else ''}"
+        msg = msg or check_value(f, v)
+        if msg:
+            raise ValueError(f"{type(cfg).__name__}.{f.name}: {msg}, got {v!r}")

@@ -40,77 +40,56 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import DSA, AugSample, DSAConfig
-from .base import ImageSetState, SyntheticSet, check_finite
+from .base import (ImageSetState, SyntheticSet, check_config, check_finite, hp, one_of, positive,
+                   positive_or_none, unit_interval)
 from .evaluate import random_real_subset
 from .networks import Manifest, fresh_params, functional_forward, manifest_of
 
 EVAL_LR = 0.01  # the step size a DC/DSA/DM set is evaluated with (the authors' lr_net); not learned
 
 # (outer_loop, inner_loop) per images-per-class, the authors' get_loops
-_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
 
 
 def loops_for(ipc: int) -> tuple[int, int]:
     """The authors' (outer_loop, inner_loop) for ``ipc`` images per class."""
-    if ipc not in _LOOPS:
-        raise ValueError(f"ipc: the authors define outer_loop/inner_loop only for ipc in {sorted(_LOOPS)}, "
+    if ipc not in LOOPS:
+        raise ValueError(f"ipc: the authors define outer_loop/inner_loop only for ipc in {sorted(LOOPS)}, "
                          f"not {ipc}; set outer_loop and inner_loop in the config")
-    return _LOOPS[ipc]
+    return LOOPS[ipc]
 
 
-# -- config checks shared with DM ----------------------------------------------------------------
-def _check_int(cls: str, name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{cls}.{name} must be an integer >= {low}, not {value!r}")
-
-
-def _check_positive(cls: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{cls}.{name} must be a finite number > 0, not {value!r}")
-
-
-def check_image_config(cfg: Any) -> None:
-    cls = type(cfg).__name__
-    _check_int(cls, "ipc", cfg.ipc, 1)
-    _check_positive(cls, "lr_img", cfg.lr_img)
-    m = cfg.momentum
-    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
-        raise ValueError(f"{cls}.momentum must be a number in [0, 1), not {m!r}")
-    _check_int(cls, "batch_real", cfg.batch_real, 1)
-    if cfg.pix_init not in ("real", "noise"):
-        raise ValueError(f"{cls}.pix_init must be 'real' or 'noise', not {cfg.pix_init!r}")
-    if not isinstance(cfg.dsa, bool):
-        raise ValueError(f"{cls}.dsa must be true or false, not {cfg.dsa!r}")
+def check_ipc(cfg: Any) -> None:
+    if isinstance(cfg.ipc, bool) or not isinstance(cfg.ipc, int) or cfg.ipc < 1:
+        raise ValueError(f"{type(cfg).__name__}.ipc must be an integer >= 1, not {cfg.ipc!r}")
 
 
 @dataclass(frozen=True)
 class DCConfig:
     ipc: int
-    dsa: bool = False  # False: DC; True: DSA
-    outer_loop: int | None = None  # None: loops_for(ipc)
-    inner_loop: int | None = None  # None: loops_for(ipc)
-    lr_img: float = 0.1
-    momentum: float = 0.5  # of the images' SGD
-    lr_net: float = 0.01  # the inner training of the network (plain SGD)
-    batch_real: int = 256  # real images per class and matching
-    batch_train: int = 256  # synthetic images per inner training step
-    pix_init: str = "real"  # real | noise
+    dsa: bool = hp(False, doc="false: DC; true: DSA (differentiable siamese augmentation)")
+    outer_loop: int | None = hp(None, positive_or_none("the authors' value for the ipc"), integer=True,
+                                doc="matchings per network; null: the authors' get_loops")
+    inner_loop: int | None = hp(None, lambda v: None if v is None or v >= 0 else
+                                "must be >= 0 or null (the authors' value for the ipc)", integer=True,
+                                doc="network training epochs between matchings; null: the authors' get_loops")
+    lr_img: float = hp(0.1, positive, doc="learning rate of the pixels (SGD)")
+    momentum: float = hp(0.5, unit_interval, doc="momentum of the pixels' SGD")
+    lr_net: float = hp(0.01, positive, doc="the network's SGD step size in the inner training")
+    batch_real: int = hp(256, positive, integer=True, doc="real images per class and matching")
+    batch_train: int = hp(256, positive, integer=True, doc="synthetic images per inner training step")
+    pix_init: str = hp("real", one_of("real", "noise"), doc="initial images: real ones, or noise")
 
     def __post_init__(self):
-        check_image_config(self)
-        if self.outer_loop is not None:
-            _check_int("DCConfig", "outer_loop", self.outer_loop, 1)
-        if self.inner_loop is not None:
-            _check_int("DCConfig", "inner_loop", self.inner_loop, 0)
-        if (self.outer_loop is None or self.inner_loop is None) and self.ipc not in _LOOPS:
-            raise ValueError(f"DCConfig.outer_loop/inner_loop: the authors' defaults cover ipc in {sorted(_LOOPS)}, "
+        check_ipc(self)
+        check_config(self)
+        if (self.outer_loop is None or self.inner_loop is None) and self.ipc not in LOOPS:
+            raise ValueError(f"DCConfig.outer_loop/inner_loop: the authors' defaults cover ipc in {sorted(LOOPS)}, "
                              f"not {self.ipc}; set both")
-        _check_positive("DCConfig", "lr_net", self.lr_net)
-        _check_int("DCConfig", "batch_train", self.batch_train, 1)
 
     def loops(self) -> tuple[int, int]:
         """(outer_loop, inner_loop): the config's, or the authors' defaults for its ipc."""
-        outer, inner = _LOOPS.get(self.ipc, (None, None))
+        outer, inner = LOOPS.get(self.ipc, (None, None))
         return (self.outer_loop if self.outer_loop is not None else outer,
                 self.inner_loop if self.inner_loop is not None else inner)
 

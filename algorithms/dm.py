@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 
 from .augment import DSAConfig
-from .base import ImageSetState, SyntheticSet, check_finite
-from .dc import (EVAL_LR, ClassSampler, broadcast_sample, check_image_config, draw_seed, init_images,
+from .base import ImageSetState, SyntheticSet, check_config, check_finite, hp, one_of, positive, unit_interval
+from .dc import (EVAL_LR, ClassSampler, broadcast_sample, check_ipc, draw_seed, init_images,
                  siamese_augment, siamese_sample)
 from .networks import Manifest, fresh_params, functional_embed, manifest_of
 
@@ -34,14 +34,15 @@ from .networks import Manifest, fresh_params, functional_embed, manifest_of
 @dataclass(frozen=True)
 class DMConfig:
     ipc: int
-    lr_img: float = 1.0
-    momentum: float = 0.5  # of the images' SGD
-    batch_real: int = 256  # real images per class and iteration
-    pix_init: str = "real"  # real | noise
-    dsa: bool = True  # the same augmentation on the real and the synthetic batch of a class
+    lr_img: float = hp(1.0, positive, doc="learning rate of the pixels (SGD)")
+    momentum: float = hp(0.5, unit_interval, doc="momentum of the pixels' SGD")
+    batch_real: int = hp(256, positive, integer=True, doc="real images per class and iteration")
+    pix_init: str = hp("real", one_of("real", "noise"), doc="initial images: real ones, or noise")
+    dsa: bool = hp(True, doc="the same augmentation on the real and the synthetic batch of a class")
 
     def __post_init__(self):
-        check_image_config(self)
+        check_ipc(self)
+        check_config(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,7 +43,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .base import DivergenceError, check_finite
+from .base import (DivergenceError, at_least, check_config, check_finite, hp, nonneg, one_of, positive,
+                   positive_or_none, unit_interval)
 from .networks import functional_forward, manifest_of
 from .seqmodels import sequence_loss, soft_loss
 
@@ -293,50 +294,38 @@ def real_init(F: torch.Tensor, M: torch.Tensor, real: torch.Tensor, pad_id: int 
 @dataclass(frozen=True)
 class FarziConfig:
     budget: int  # mu: number of synthetic sequences
-    seq_len: int = 20  # xi
-    latent_dim: int = 16  # d
-    temperature: float = 1.0  # tau
-    inner_steps: int = 20  # T
-    inner_lr: float = 1e-3
-    inner_batch: int = 0  # synthetic sequences per inner step; 0 = all of them
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    outer_lr: float = 0.01
-    real_batch: int = 128
-    max_start_epoch: int = 2  # theta_0 from expert epochs 0..max_start_epoch
-    grad_mode: str = "reverse"  # reverse | unrolled
-    second_moment: bool = True
-    precision: str = "float32"  # float32 | float64: the model in the inner loop
-    reverse_precision: str = "float64"  # float32 | float64: Adam's state and its reversal
+    seq_len: int = hp(20, at_least(2), integer=True, doc="xi: length of the synthetic sequences")
+    latent_dim: int = hp(16, positive, integer=True, doc="d: rank of the latent factorisation F M")
+    temperature: float = hp(1.0, positive, doc="tau of softmax(F M / tau)")
+    inner_steps: int = hp(20, positive, integer=True, doc="T: inner Adam steps on the synthetic data")
+    inner_lr: float = hp(1e-3, positive, doc="inner Adam step size")
+    inner_batch: int = hp(0, nonneg, integer=True, doc="synthetic sequences per inner step; 0: all of them")
+    beta1: float = hp(0.9, unit_interval, doc="inner Adam beta1")
+    beta2: float = hp(0.999, unit_interval, doc="inner Adam beta2")
+    eps: float = hp(1e-8, positive, doc="inner Adam epsilon")
+    outer_lr: float = hp(0.01, positive, doc="outer Adam step size on (F, M)")
+    real_batch: int = hp(128, positive, integer=True, doc="real sequences per meta-gradient")
+    max_start_epoch: int = hp(2, positive, integer=True, doc="theta_0 from expert epochs 0..max_start_epoch")
+    grad_mode: str = hp("reverse", one_of(*GRAD_MODES),
+                        doc="reverse: Farzi's memory-flat reverse-mode Adam; unrolled: autograd through T steps")
+    second_moment: bool = hp(True, doc="differentiate through Adam's second moment")
+    precision: str = hp("float32", one_of(*sorted(PRECISIONS)), doc="the model in the inner loop")
+    reverse_precision: str = hp("float64", one_of(*sorted(PRECISIONS)), doc="Adam's state and its reversal")
     # reverse mode: keep (theta, m, v) every k inner steps (0: never). Without, the reversal drifts on long
     # horizons (measured vs unrolled: rel. error 5e-7 at T=50, 12 at T=75, 57 at T=100; 1e-7 with k=25)
-    checkpoint_every: int = 25
-    init_scale: float = 1.0  # std of F; M starts N(0, 1/d)
+    checkpoint_every: int = hp(25, nonneg, integer=True, doc="reverse mode keeps the state every k inner steps")
+    init_scale: float = hp(1.0, positive, doc="std of F at random init; M starts N(0, 1/d)")
     # F's start: "random" (N(0, init_scale)) or "real": each position of synthetic sequence i starts as
     # the item at that position of a random real sequence (F[i, t] = a M[:, item] / ||M[:, item]||^2, a
     # chosen for 90% probability on that item where d allows it: see real_init); padding stays random
-    init: str = "random"
-    outer_schedule: str = "constant"  # constant | cosine: outer_lr * (1 + cos(pi * it / iterations)) / 2
-    clip_norm: float | None = None  # clip the meta-gradient of (F, M) to this global L2 norm
+    init: str = hp("random", one_of("random", "real"), doc="F's start: random, or real sequences' items")
+    outer_schedule: str = hp("constant", one_of("constant", "cosine"), doc="outer learning-rate schedule")
+    clip_norm: float | None = hp(None, positive_or_none("no clipping"), doc="clip the meta-gradient's L2 norm")
 
     def __post_init__(self):
-        if self.grad_mode not in GRAD_MODES:
-            raise ValueError(f"grad_mode {self.grad_mode!r}: expected one of {GRAD_MODES}")
-        for k in ("precision", "reverse_precision"):
-            if getattr(self, k) not in PRECISIONS:
-                raise ValueError(f"{k} {getattr(self, k)!r}: expected one of {sorted(PRECISIONS)}")
-        for k in ("budget", "seq_len", "latent_dim", "inner_steps", "real_batch"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
-        if self.seq_len < 2:
-            raise ValueError("seq_len must be at least 2 (next-token targets)")
-        if self.init not in ("random", "real"):
-            raise ValueError(f"init {self.init!r}: expected 'random' or 'real'")
-        if self.outer_schedule not in ("constant", "cosine"):
-            raise ValueError(f"outer_schedule {self.outer_schedule!r}: expected 'constant' or 'cosine'")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"FarziConfig.budget must be an integer >= 1, got {self.budget!r}")
+        check_config(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from .base import at_least, hp, one_of, positive
 from .mtt import MTTConfig
 from .networks import Manifest
 
@@ -143,9 +144,9 @@ class ConvexSampler:
 class MCTConfig(MTTConfig):
     """MTT's hyperparameters plus the convexification and sampling options of MCT. The
     time window may be fractional; the released MCT scripts use long windows (expert_epochs 6-15)."""
-    expert_epochs: float = 6
-    max_start_epoch: float = 4
-    waypoints: int = 2
-    beta: str = "path"  # path | uniform
-    smooth: bool = False
-    continuous: bool = True
+    expert_epochs: float = hp(6, positive, doc="length of the window along the convex path (epochs, may be fractional)")
+    max_start_epoch: float = hp(4, positive, doc="start points are drawn from [0, max_start_epoch)")
+    waypoints: int = hp(2, at_least(2), integer=True, doc="expert checkpoints the convex path passes through")
+    beta: str = hp("path", one_of("path", "uniform"), doc="time parameterisation of the path")
+    smooth: bool = hp(False, doc="smooth the waypoints (official convexify option)")
+    continuous: bool = hp(True, doc="draw start points continuously (false: whole epochs)")

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import DSA, AugSample, DSAConfig
-from .base import SyntheticSet, check_finite
+from .base import SyntheticSet, check_config, check_finite, hp, nonneg, one_of, positive, positive_or_none
 from .evaluate import random_real_subset
 from .networks import Manifest, functional_forward, manifest_of
 
@@ -58,17 +58,22 @@ class EpochSampler:
 @dataclass(frozen=True)
 class MTTConfig:
     ipc: int
-    syn_steps: int = 20
-    expert_epochs: int = 2
-    max_start_epoch: int = 10
-    lr_img: float = 100.0
-    lr_lr: float = 1e-5
-    lr_teacher: float = 0.01  # initial syn_lr
-    batch_syn: int | None = None  # None: all synthetic images in every student step
-    momentum: float = 0.5
-    pix_init: str = "real"  # real | noise
-    dsa: bool = True
-    grad_mode: str = "full"  # full: backprop through the unroll | tesla: constant-memory estimator
+    syn_steps: int = hp(20, positive, integer=True, doc="student SGD steps on the synthetic set per iteration")
+    expert_epochs: int = hp(2, positive, integer=True, doc="epochs between the start and the target checkpoint")
+    max_start_epoch: int = hp(10, positive, integer=True, doc="start epochs are drawn from [0, max_start_epoch)")
+    lr_img: float = hp(100.0, positive, doc="learning rate of the pixels (SGD)")
+    lr_lr: float = hp(1e-5, positive, doc="learning rate of the learned step size syn_lr")
+    lr_teacher: float = hp(0.01, positive, doc="initial syn_lr (default: experts.lr)")
+    batch_syn: int | None = hp(None, positive_or_none("all images"), integer=True,
+                               doc="synthetic images per student step; null: all of them")
+    momentum: float = hp(0.5, nonneg, doc="momentum of the pixels' and syn_lr's SGD")
+    pix_init: str = hp("real", one_of("real", "noise"), doc="initial images: real ones, or noise")
+    dsa: bool = hp(True, doc="differentiable siamese augmentation in the student steps")
+    grad_mode: str = hp("full", one_of("full", "tesla"),
+                        doc="full: backpropagate through the unroll; tesla: constant-memory estimator")
+
+    def __post_init__(self):
+        check_config(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

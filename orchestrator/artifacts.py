@@ -81,8 +81,8 @@ def save_sequences(path: str | Path, syn, data, algorithm: str, extra: dict[str,
         for i in range(min(samples, len(top.indices))):
             words = data.decode(top.indices[i].tolist())
             lines.append(f"[{i}] " + " | ".join(f"{w} ({p:.2f})" for w, p in zip(words, top.values[i].tolist())))
-    else:
-        seqs = syn.detach().cpu().to(torch.int64).contiguous()
+    else:  # real sequences (RealSequences, or their int64 tensor)
+        seqs = getattr(syn, "sequences", syn).detach().cpu().to(torch.int64).contiguous()
         tensors = {"sequences": seqs}
         for i in range(min(samples, len(seqs))):
             ids = [t for t in seqs[i].tolist() if info.pad_id is None or t != info.pad_id][-width * 4:]

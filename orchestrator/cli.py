@@ -260,6 +260,9 @@ def validate(spec, root, storage):
     if s.trial_count() != len(points):
         click.echo(f"({len(points)} points above; Tune samples the distributions num_samples={s.num_samples} times "
                    f"or Optuna chooses them: {s.trial_count()} trials)")
+    if not s.needs_experts():
+        click.echo("experts: none (no method of the spec reads expert trajectories)")
+        return
     key, name, count = expert_key(s, data), s.dataset["name"], s.experts["count"]
     store = TrajectoryStore(ws.trajectories)
     present = not ws.remote and Path(store.dir(key, name)).is_dir()
@@ -281,13 +284,7 @@ def validate(spec, root, storage):
 
 
 def _data_summary(s, data) -> str:
-    info = data.info
-    if s.sequences:
-        if hasattr(data, "train_seqs"):
-            return f"{len(data.train_seqs)} users' sequences, {info.vocab_size - 1} items"
-        return f"{len(data.train)} training tokens, vocabulary {info.vocab_size}"
-    return (f"{len(data.y_train)} training / {len(data.y_test)} test images, {info.num_classes} classes, "
-            f"{info.channels}x{info.size}x{info.size}")
+    return s.task.describe(data)
 
 
 def _check_sort(ctx, param, value):

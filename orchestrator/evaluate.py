@@ -159,7 +159,7 @@ def check_dataset_name(sf: SetFile, given: str | None, spec: Spec | None) -> str
                 f"{'a sequence set' if sf.sequences else 'an image set'})" if _canon(name) in other else "")
         raise EvaluateError(f"{sf.path}: metadata field 'dataset' is {name!r}, not a known {kind} dataset{hint}; "
                             f"known: {', '.join(known)}")
-    if spec is not None and spec.sequences != sf.sequences:
+    if spec is not None and (spec.task.kind == "sequence") != sf.sequences:
         raise EvaluateError(f"{sf.path}: a{' sequence' if sf.sequences else 'n image'} set, but the spec "
                             f"{spec.path} is a{' sequence' if spec.sequences else 'n image'} spec")
     return _canon(name)

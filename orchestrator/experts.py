@@ -15,15 +15,11 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from algorithms.experts import ExpertConfig, train_expert
 from algorithms.mct import ConvexTrajectory
-from algorithms.networks import manifest_of, seeded_network
-from algorithms.seqmodels import seeded_seq_model
-from algorithms.seqtrain import SeqTrainConfig, train_seq_model
 
 from .progress import Progress
-from .sequences import LMData, RecData, seq_task
 from .spec import Spec
+from .tasks import task_for
 from .store import ExpertRecord, TrajectoryStore, open_trajectory, store_key, write_convex, write_trajectory
 
 
@@ -38,7 +34,7 @@ class ExpertSet:
     @property
     def records(self) -> list[ExpertRecord]:
         """The records of the first kept form (full trajectories when kept)."""
-        return next(iter(self.forms.values()))
+        return next(iter(self.forms.values()), [])  # none: no method of the spec reads experts
 
     @property
     def files(self) -> dict[str, list[str]]:
@@ -83,16 +79,10 @@ def _train_one(data, model: dict, training: dict, seed: int, index: int, paths: 
                convex_opts: dict, meta: dict, threads: int) -> dict[str, ExpertRecord]:
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-    info = data.info
-    if isinstance(data, (RecData, LMData)):  # event sequences: Adam on the real sequences
-        task = seq_task(data, model["max_len"])
-        net = seeded_seq_model(model, info.vocab_size, info.pad_id, seed)
-        checkpoints = list(train_seq_model(model, task, task.train, SeqTrainConfig(**training), seed, device))
-        meta = {**meta, "test_metric": task.primary}
-    else:
-        net = seeded_network(model, info.channels, info.num_classes, info.size, seed)
-        checkpoints = list(train_expert(model, data, ExpertConfig(**training), seed=seed, device=device))
-    return write_forms(index, checkpoints, manifest_of(net), paths, convex_opts,
+    task = task_for(meta["dataset"]["name"])
+    checkpoints, manifest = task.train_expert(data, model, training, seed, device)
+    meta = {**meta, **task.expert_meta(data, model)}
+    return write_forms(index, checkpoints, manifest, paths, convex_opts,
                        {**meta, "seed": seed, "expert_index": index, "device": device,
                         "node_id": ray.get_runtime_context().get_node_id()})
 

@@ -17,7 +17,6 @@ import itertools
 import json
 import math
 import re
-import typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -25,12 +24,12 @@ from typing import Any
 
 import yaml
 
-from algorithms.farzi import FarziConfig
-from algorithms.mct import MCTConfig
-from algorithms.mtt import MTTConfig
+from algorithms.base import KIND_NAMES as _KIND_NAMES
 
-from .datasets import DATASETS, FOLDER_DATASETS
-from .sequences import SEQUENCE_DATASETS
+from . import methods
+from .datasets import FOLDER_DATASETS
+from .methods import bounds as _bounds
+from .tasks import task_for
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
@@ -67,7 +66,10 @@ def _prob(v):
     return None if 0 <= v <= 1 else "must be in [0, 1]"
 
 
-ALL_DATASETS = sorted({*DATASETS, *FOLDER_DATASETS, *SEQUENCE_DATASETS})
+from .tasks import TASKS as _TASKS  # noqa: E402
+
+ALL_DATASETS = sorted({d for t in _TASKS.values() for d in t.datasets()})
+
 
 def _gpus(v):
     """'auto', a number >= 0 (0.5 packs two trials per GPU), or a mapping budget -> number."""
@@ -153,13 +155,6 @@ SEQ_SCHEMA: dict[str, dict[str, tuple]] = {
     "evaluation": {"networks": (int, 3, _pos), "epochs": (int, 50, _pos), "interval": (int, 100, _nonneg),
                    "batch_size": (int, 64, _pos), "lr": (NUM, 1e-3, _pos), "weight_decay": (NUM, 0.0, _nonneg)},
 }
-IMAGE_ALGORITHMS, SEQUENCE_ALGORITHMS = ("mtt", "mct"), ("farzi",)
-
-
-def is_sequence(dataset: str) -> bool:
-    return str(dataset).lower() in SEQUENCE_DATASETS
-
-
 def eval_seed(spec: dict) -> int:
     """Evaluation networks use the same seeds in every trial of a sweep (paired comparisons): seeds
     ``eval_seed``, ``eval_seed + 1``, ... (``orchestrate evaluate`` uses them too)."""
@@ -185,8 +180,7 @@ def _safe_name(v: str):
 
 TOP = {"name": (str, REQUIRED, _safe_name), "description": (str, "", None), "seed": (int, 0, _nonneg),
        "num_samples": (int, 1, _pos), "checkpoint_interval": (int, 50, _pos),
-       "baselines": (list, ["random"], lambda v: None if all(b == "random" for b in v) else
-                     "only 'random' (a random real subset of the same budget) is known"),
+       "baselines": (list, ["random"], lambda v: _baselines(v)),
        # ASHA early stopping: {name: asha, grace_period: iterations, reduction_factor: 3}; null = none
        "scheduler": ((dict, type(None)), None, _scheduler),
        # Optuna (Ray Tune's OptunaSearch) instead of grid + random sampling: {name: optuna, seed: 0}
@@ -194,51 +188,12 @@ TOP = {"name": (str, REQUIRED, _safe_name), "description": (str, "", None), "see
        # a wall-clock budget for the whole sweep (seconds); unfinished trials are stopped, resumable
        "time_budget_s": ((int, float, type(None)), None, lambda v: None if v > 0 else "must be > 0 or null")}
 
-# Per algorithm: the hyperparameters a spec may set (with the distiller config's defaults).
-ALGORITHMS: dict[str, type] = {"mtt": MTTConfig, "mct": MCTConfig, "farzi": FarziConfig}
-INTEGER_HPS = {"mtt": ("syn_steps", "expert_epochs", "max_start_epoch"), "mct": ("syn_steps", "waypoints"),
-               "farzi": ("seq_len", "latent_dim", "inner_steps", "inner_batch", "real_batch", "max_start_epoch",
-                         "checkpoint_every")}
-HP_CHECKS = {"syn_steps": _pos, "expert_epochs": _pos, "max_start_epoch": _pos, "lr_img": _pos, "lr_lr": _pos,
-             "lr_teacher": _pos, "momentum": _nonneg, "batch_syn": lambda v: None if v is None or v > 0 else
-             "must be > 0 or null (all images)", "pix_init": lambda v: None if v in ("real", "noise") else
-             "must be real or noise",
-             "waypoints": lambda v: None if v >= 2 else "must be >= 2",
-             "beta": lambda v: None if v in ("path", "uniform") else "must be path or uniform",
-             # farzi
-             "seq_len": lambda v: None if v >= 2 else "must be >= 2", "latent_dim": _pos, "temperature": _pos,
-             "inner_steps": _pos, "inner_lr": _pos, "inner_batch": _nonneg, "outer_lr": _pos, "real_batch": _pos,
-             "beta1": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
-             "beta2": lambda v: None if 0 <= v < 1 else "must be in [0, 1)", "eps": _pos,
-             "precision": lambda v: None if v in ("float32", "float64") else "must be float32 or float64",
-             "reverse_precision": lambda v: None if v in ("float32", "float64") else "must be float32 or float64",
-             "checkpoint_every": _nonneg, "init_scale": _pos,
-             "init": lambda v: None if v in ("random", "real") else "must be random or real",
-             "outer_schedule": lambda v: None if v in ("constant", "cosine") else "must be constant or cosine",
-             "clip_norm": lambda v: None if v is None or v > 0 else "must be > 0 or null (no clipping)"}
-# grad_mode is shared by name but not by values
-GRAD_MODES = {"mtt": ("full", "tesla"), "mct": ("full", "tesla"), "farzi": ("reverse", "unrolled")}
 
 
-def _hp_kinds(cfg: type) -> dict[str, tuple[str, bool]]:
-    """key -> (kind, nullable) from the distiller config's annotations: ``number`` (int or float,
-    integrality is checked with the windows), ``bool`` or ``str``; nullable when the annotation
-    allows None (``batch_syn: int | None``)."""
-    hints = typing.get_type_hints(cfg)
-    out = {}
-    for f in fields(cfg):
-        args = typing.get_args(hints[f.name]) or (hints[f.name],)
-        base = [a for a in args if a is not type(None)]
-        kind = ("bool" if base == [bool] else "str" if base == [str] else
-                "number" if base and set(base) <= {int, float} else None)
-        if kind is None:
-            raise TypeError(f"{cfg.__name__}.{f.name}: no spec type for {hints[f.name]}")
-        out[f.name] = (kind, type(None) in args)
-    return out
-
-
-HP_KINDS = {name: _hp_kinds(cfg) for name, cfg in ALGORITHMS.items()}
-_KIND_NAMES = {"number": "a number", "bool": "true or false", "str": "a string"}
+def _baselines(v: list) -> str | None:
+    known = methods.names(baseline=True)
+    bad = [b for b in v if not (isinstance(b, str) and methods.is_baseline(b))]
+    return f"unknown baseline {bad[0]!r}; known: {', '.join(known)}" if bad else None
 
 
 def _type_name(t) -> str:
@@ -312,9 +267,23 @@ class Spec:
                 for k in self.experts["keep"]]
 
     @property
-    def sequences(self) -> bool:
-        """An event-sequence spec (Farzi on ml-100k, ml-1m, ptb) rather than an image one."""
-        return is_sequence(self.dataset["name"])
+    def task(self):
+        """The task of the spec's dataset (``orchestrator.tasks``): image classification or event sequences."""
+        return task_for(self.dataset["name"])
+
+    def methods(self) -> dict[str, "methods.Method"]:
+        """name -> method of every algorithm and baseline of the spec."""
+        return {n: methods.get(n) for n in [*self.baselines, *self.algorithms]}
+
+    def needs_experts(self) -> bool:
+        """Whether any method of the spec reads expert trajectories (DC, DSA, DM and the random
+        subset do not: a spec of only those trains none)."""
+        for name, algo in self.algorithms.items():
+            m = methods.get(name)
+            for budget in algo["budgets"]:
+                if m.expert_forms({**algo["hyperparameters"], **algo["per_budget"].get(budget, {})}, self.experts):
+                    return True
+        return False
 
     def trial_count(self) -> int:
         """How many trials Tune runs for this spec (computed, not expanded): see :func:`count_trials`."""
@@ -433,7 +402,9 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
     problems: list[str] = []
 
     def err(key: str, msg: str) -> None:
-        problems.append(f"{source}: {key}: {msg}")
+        p = f"{source}: {key}: {msg}"
+        if p not in problems:  # a window checked at every budget is reported once
+            problems.append(p)
 
     if not isinstance(raw, dict):
         raise SpecError([f"{source}: the spec must be a mapping of sections, not {type(raw).__name__}"])
@@ -484,11 +455,11 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
                            else SCHEMA["dataset"])
     if isinstance(dataset.get("name"), str):
         dataset["name"] = dataset["name"].lower()
-    sequences = is_sequence(dataset.get("name", ""))
-    schemas = {**SCHEMA, **(SEQ_SCHEMA if sequences else {})}
+    task = task_for(dataset.get("name", ""))
+    schemas = {**SCHEMA, **task.schema}
     sec = {"dataset": dataset, **{s: check_fields(s, raw.get(s), schema) for s, schema in schemas.items()
                                   if s != "dataset"}}
-    algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err, sec["model"], sequences,
+    algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err, sec["model"], task,
                                    dataset.get("name", "?"))
     if folder:
         _check_folder_size(dataset, sec["model"], err)
@@ -541,23 +512,6 @@ def count_trials(algorithms: dict, baselines: list, num_samples: int, search: di
             hp = {**algo["hyperparameters"], **algo.get("per_budget", {}).get(budget, {})}
             points += math.prod(len(v) for v in hp.values() if isinstance(v, list))
     return points * num_samples
-
-
-def _bounds(v: Any) -> list[float]:
-    """The extreme values a hyperparameter can take (for feasibility checks); malformed parts,
-    reported by :func:`_check_hp_value`, are skipped."""
-    if isinstance(v, list):
-        return [x for item in v for x in _bounds(item)]
-    if isinstance(v, dict):
-        if len(v) != 1:
-            return []
-        (kind, args), = v.items()
-        if not isinstance(args, list):
-            return []
-        if kind == "randint":
-            return [args[0], args[1] - 1] if len(args) == 2 and all(_is(a, int) for a in args) else []
-        return _bounds(args)
-    return [v] if _is(v, NUM) and math.isfinite(v) else []
 
 
 def _short(v: Any, width: int = 80) -> str:
@@ -647,21 +601,24 @@ def _check_distribution(key: str, v: dict, kind: tuple[str, bool], check, err) -
     return ok
 
 
-def _check_algorithms(given: Any, experts: dict, err, model: dict | None = None, sequences: bool = False,
-                      dataset: str = "?") -> dict[str, dict[str, Any]]:
-    fits = SEQUENCE_ALGORITHMS if sequences else IMAGE_ALGORITHMS
+def _check_algorithms(given: Any, experts: dict, err, model: dict, task, dataset: str = "?") -> dict[str, dict[str, Any]]:
+    fits = [n for n in methods.names(baseline=False) if methods.get(n).kind in (task.kind, "any")]
     if not isinstance(given, dict) or not given:
         err("algorithms", f"must map at least one algorithm ({', '.join(fits)}) to its budgets")
         return {}
     out = {}
     for name, body in given.items():
         key = f"algorithms.{name}"
-        if name not in ALGORITHMS:
-            err(key, f"unknown algorithm; known: {', '.join(ALGORITHMS)}")
+        try:
+            method = methods.get(str(name))
+        except methods.UnknownMethod as e:
+            err(key, str(e))
             continue
-        if name not in fits:
-            kind = "event-sequence" if sequences else "image"
-            err(key, f"{name} does not apply to the {kind} dataset {dataset!r}; use {', '.join(fits)}")
+        if method.baseline:
+            err(key, f"{name} is a baseline: list it under baselines")
+            continue
+        if method.kind not in (task.kind, "any"):
+            err(key, f"{name} does not apply to the {task.label} dataset {dataset!r}; use {', '.join(fits)}")
             continue
         if not isinstance(body, dict):
             err(key, "must be a mapping with budgets, iterations and hyperparameters")
@@ -671,19 +628,17 @@ def _check_algorithms(given: Any, experts: dict, err, model: dict | None = None,
                 err(f"{key}.{k}", _unknown(k, ("budgets", "iterations", "hyperparameters", "per_budget")))
         budgets = body.get("budgets")
         if not isinstance(budgets, list) or not budgets:
-            err(f"{key}.budgets", "must be a non-empty list of images per class, e.g. [1, 10]")
+            err(f"{key}.budgets", f"must be a non-empty list of {task.budget_unit}, e.g. [1, 10]")
             budgets = []
         elif not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in budgets):
-            unit = "synthetic sequences" if name == "farzi" else "images per class"
-            err(f"{key}.budgets", f"every budget must be a positive integer ({unit}), got {budgets!r}")
+            err(f"{key}.budgets", f"every budget must be a positive integer ({task.budget_unit}), got {budgets!r}")
+            budgets = []
         iterations = body.get("iterations", 500)
         if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
             err(f"{key}.iterations", f"must be a positive integer, got {iterations!r}")
-        allowed = {f.name: f.default for f in fields(ALGORITHMS[name]) if f.name not in ("ipc", "budget")}
+        allowed = method.hyperparameters(experts)
         hp = dict(allowed)
-        if "lr_teacher" in hp:
-            hp["lr_teacher"] = experts.get("lr", hp["lr_teacher"])
-        hp.update(_check_hps(name, f"{key}.hyperparameters", body.get("hyperparameters"), allowed, err))
+        hp.update(_check_hps(method, f"{key}.hyperparameters", body.get("hyperparameters"), allowed, err))
         per_budget: dict[int, dict[str, Any]] = {}
         given_pb = body.get("per_budget") or {}
         if not isinstance(given_pb, dict):
@@ -693,70 +648,38 @@ def _check_algorithms(given: Any, experts: dict, err, model: dict | None = None,
             if b not in budgets:
                 err(f"{key}.per_budget.{b}", f"is not one of the budgets {budgets}")
                 continue
-            per_budget[b] = _check_hps(name, f"{key}.per_budget.{b}", over, allowed, err)
-        for b in ([None] + sorted(per_budget)):
-            _check_feasible(name, f"{key}.per_budget.{b}" if b is not None else f"{key}.hyperparameters",
-                            {**hp, **per_budget.get(b, {})}, experts, model, err)
+            per_budget[b] = _check_hps(method, f"{key}.per_budget.{b}", over, allowed, err)
+        for b in budgets:
+            prefix = f"{key}.per_budget.{b}" if b in per_budget else f"{key}.hyperparameters"
+            merged = {**hp, **per_budget.get(b, {})}
+            _check_integers(method, prefix, merged, err)
+            method.check(prefix, b, merged, experts, model, err)
         out[name] = {"budgets": budgets, "iterations": iterations, "hyperparameters": hp,
                      "per_budget": per_budget}
     return out
 
 
-def _check_hps(name: str, prefix: str, given: Any, allowed: dict, err) -> dict[str, Any]:
-    """Validate a mapping of hyperparameters of algorithm ``name``; returns the valid ones."""
+def _check_hps(method, prefix: str, given: Any, allowed: dict, err) -> dict[str, Any]:
+    """Validate a mapping of hyperparameters of ``method`` against its config's fields; returns them."""
     if given is None:
         return {}
     if not isinstance(given, dict):
         err(prefix, "must be a mapping")
         return {}
     out = {}
+    fields_, kinds = method.hp_fields(), method.hp_kinds()
     for k, v in given.items():
         if k not in allowed:
             err(f"{prefix}.{k}", _unknown(k, allowed))
             continue
-        check = HP_CHECKS.get(k)
-        if k == "grad_mode":
-            modes = GRAD_MODES[name]
-            check = lambda v, modes=modes: None if v in modes else f"must be one of {', '.join(modes)}"  # noqa: E731
-        _check_hp_value(f"{prefix}.{k}", v, HP_KINDS[name][k], check, err)
+        check = fields_[k].metadata.get("check")
+        _check_hp_value(f"{prefix}.{k}", v, kinds[k], check, err)
         out[k] = v  # kept when wrong too: the spec is refused, and the windows are checked on what was given
     return out
 
 
-def _check_feasible(name: str, prefix: str, hp: dict, experts: dict, model: dict | None, err) -> None:
-    """Combinations that cannot run: integer hyperparameters, windows beyond the experts, forms not kept."""
-    for int_key in INTEGER_HPS[name]:
+def _check_integers(method, prefix: str, hp: dict, err) -> None:
+    for int_key in method.integer_hps():
         bad = [b for b in _bounds(hp.get(int_key)) if not float(b).is_integer()]
         if bad:
             err(f"{prefix}.{int_key}", f"must be an integer, got {bad[0]}")
-    starts, spans = _bounds(hp.get("max_start_epoch")), _bounds(hp.get("expert_epochs"))
-    if name in ("mct", "farzi"):  # mct clips the target at the last epoch; farzi only starts there
-        spans = [0]
-    if name == "farzi" and model and isinstance(model.get("max_len"), int):
-        long = [b for b in _bounds(hp.get("seq_len")) if b > model["max_len"]]
-        if long:
-            err(f"{prefix}.seq_len", f"{max(long)} exceeds model.max_len ({model['max_len']})")
-    keep = experts.get("keep") or []
-    if name == "mtt" and "full" not in keep:
-        err("experts.keep", "mtt matches full trajectories: keep must include 'full'")
-    if name == "mct" and "full" not in keep:
-        want = {"waypoints": experts.get("convex_waypoints"), "beta": experts.get("convex_beta"),
-                "smooth": experts.get("convex_smooth")}
-        for k, v in want.items():
-            if hp.get(k) != v:
-                err(f"{prefix}.{k}", f"is {hp.get(k)!r} but the experts keep only the compact form "
-                    f"with experts.convex_{k} = {v!r}; set them equal or keep 'full' to derive other forms")
-    # The windows, as the samplers draw them (experts of E epochs have checkpoints 0..E):
-    # mtt: start in [0, max_start_epoch), target start + expert_epochs <= E (EpochSampler);
-    # mct: start in [0, max_start_epoch) with max_start_epoch <= E, target clipped at E (ConvexSampler);
-    # farzi: start in 0..max_start_epoch (both included) <= E, no target.
-    if starts and spans and isinstance(experts.get("epochs"), int):
-        if name == "mtt":
-            worst = max(starts) - 1 + max(spans)
-            what = f"max_start_epoch ({max(starts)}) - 1 + expert_epochs ({max(spans)}) = {worst}"
-            why = ": starts are drawn from [0, max_start_epoch)"
-        else:
-            worst, what, why = max(starts), f"max_start_epoch ({max(starts)})", ""
-        if worst > experts["epochs"]:
-            err(f"{prefix}.max_start_epoch", f"{what} goes beyond the experts' {experts['epochs']} epochs "
-                f"(experts.epochs){why}")

@@ -32,13 +32,11 @@ from ray.tune import Callback
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.trainable.function_trainable import wrap_function
 
-from .datasets import FOLDER_DATASETS, load_dataset
 from .experts import ExpertSet, ensure_experts, expert_key
 from .artifacts import state_complete
 from .progress import Progress
 from .resume import with_checkpoint_repair
 from .results import summarise_sweep
-from .sequences import RecData, load_sequences, seq_task
 from . import locks, storage
 from .spec import Spec, SpecError
 from .store import TrajectoryStore, atomic_write_bytes, library_versions
@@ -125,14 +123,9 @@ def _git_commit() -> str | None:
 
 
 def load_data(spec: Spec):
-    """The spec's dataset: images (``ImageData``) or event sequences (``RecData`` / ``LMData``)."""
-    if spec.sequences:
-        return load_sequences(spec.dataset["name"], spec.dataset["root"])
-    options = {}
-    if spec.dataset["name"] in FOLDER_DATASETS:  # size, test_fraction, channels; the spec's seed draws the split
-        options = {k: v for k, v in spec.dataset.items() if k not in ("name", "root")}
-        options["seed"] = spec.seed
-    return load_dataset(spec.dataset["name"], spec.dataset["root"], **options)
+    """The spec's dataset, read by its task: images (``ImageData``) or event sequences
+    (``RecData`` / ``LMData``)."""
+    return spec.task.load(spec)
 
 
 class LaunchError(RuntimeError):
@@ -143,23 +136,7 @@ class LaunchError(RuntimeError):
 def check_budgets(spec: Spec, data) -> None:
     """Refuse budgets that the data cannot fill (a SpecError naming the file and the key): the
     CLI calls it before Ray starts, :func:`launch` again for callers of the API."""
-    import torch
-
-    if spec.sequences:
-        n = len(seq_task(data, spec.model["max_len"]).train)
-        for name, algo in spec.algorithms.items():
-            too_big = [b for b in algo["budgets"] if b > n]
-            if too_big:
-                raise SpecError([f"{spec.path}: algorithms.{name}.budgets: {too_big} sequences exceed the {n} "
-                                 f"training sequences of {spec.dataset['name']}"])
-        return
-    counts = torch.bincount(data.y_train, minlength=data.info.num_classes)
-    smallest = int(counts.min())
-    for name, algo in spec.algorithms.items():
-        too_big = [b for b in algo["budgets"] if b > smallest]
-        if too_big:
-            raise SpecError([f"{spec.path}: algorithms.{name}.budgets: {too_big} images per class exceed the "
-                             f"{smallest} training images of the smallest class of {spec.dataset['name']}"])
+    spec.task.check_budgets(spec, data)
 
 
 def check_budgets_if_data_here(spec: Spec) -> bool:
@@ -188,6 +165,8 @@ def _locked_experts(spec: Spec, data, ws: Workspace, progress: Progress | None) 
     them, then reuses them, rather than training them a second time."""
     store = TrajectoryStore(ws.trajectories)
     key = expert_key(spec, data)
+    if not spec.needs_experts():  # DC, DSA, DM and the random subset read no trajectories
+        return ExpertSet(key, spec.dataset["name"], "", {}, trained=0)
     say = progress.info if progress is not None else print
     with locks.hold(locks.experts_lock_path(ws.root, spec.dataset["name"], key),
                     f"the experts {store.dir(key, spec.dataset['name'])}", wait=True, on_wait=say):
@@ -226,22 +205,6 @@ def check_resume(spec: Spec, ws: Workspace, fresh: bool) -> None:
             f"{sidecar}: parent_run_id: the sweep {spec.name!r} logs to MLflow run {run_id}, which was deleted in "
             f"{ws.tracking_uri}; restore it (`mlflow runs restore --run-id {run_id}`) to resume the sweep, or "
             f"re-launch with --fresh to start it over")
-
-
-def full_data_metrics(spec: Spec, data, experts: ExpertSet) -> dict[str, list[float]]:
-    """Sequences: every metric of the task for the experts' final parameters (trained on all the
-    real data): metric -> [mean, std] over the experts."""
-    import statistics
-
-    from algorithms.seqmodels import seeded_seq_model
-    from algorithms.seqtrain import task_metrics
-
-    from .store import open_trajectory
-
-    task = seq_task(data, spec.model["max_len"])
-    model = seeded_seq_model(spec.model, task.vocab_size, task.pad_id, 0)
-    runs = [task_metrics(model, open_trajectory(r.path).params[-1].clone(), task) for r in experts.forms["full"]]
-    return {k: [statistics.fmean(r[k] for r in runs), statistics.pstdev([r[k] for r in runs])] for k in runs[0]}
 
 
 class _TrialProgress(Callback):
@@ -486,7 +449,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     check_budgets(spec, data)
     exp_dir, resume = _prepare(spec, ws, fresh, progress)
     experts = _locked_experts(spec, data, ws, progress)
-    full = full_data_metrics(spec, data, experts) if spec.sequences else {"acc": list(experts.accuracy)}
+    full = spec.task.full_data(spec, data, experts)
 
     client = MlflowClient(ws.tracking_uri)
     experiment_id = ensure_experiment(client, spec.name, ws.artifact_root)
@@ -506,7 +469,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     ctx = TrialContext(data=data, spec=spec.to_dict(), spec_hash=spec.hash, expert_files=experts.files,
                        expert_sha256=[r.sha256 for recs in experts.forms.values() for r in recs], store_key=experts.key,
                        experts_acc=experts.accuracy, tracking_uri=ws.tracking_uri, experiment_id=experiment_id,
-                       parent_run_id=parent_id, tags=lineage, full_data=full if spec.sequences else {})
+                       parent_run_id=parent_id, tags=lineage, full_data=full)
     has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     cpus, gpus = spec.resources["cpus_per_trial"], spec.resources["gpus_per_trial"]
     trainable = tune.with_resources(with_checkpoint_repair(wrap_function(tune.with_parameters(run_trial, ctx=ctx)),
@@ -615,9 +578,8 @@ def gpus_for(gpus, budget: int, has_gpu: bool) -> float:
 
 def eval_metric(spec: Spec, data) -> tuple[str, str]:
     """The periodic evaluation's headline, as every trial result carries it, and its direction."""
-    if spec.sequences:
-        return ("eval_hr10_mean", "max") if isinstance(data, RecData) else ("eval_ppl_mean", "min")
-    return "eval_acc_mean", "max"
+    metric, higher = spec.task.headline(data)
+    return f"eval_{metric}_mean", ("max" if higher else "min")
 
 
 class GroupedASHA(FIFOScheduler):
@@ -758,7 +720,7 @@ def _start_parent(spec: Spec, ws: Workspace, client: MlflowClient, experiment_id
     plog.metrics({**{f"full_data_{k}_{s}": v[i] for k, v in full.items() for i, s in enumerate(("mean", "std"))},
                   "experts_trained": experts.trained, "experts_count": len(experts.records)}, step=0)
     plog.params({"dataset": spec.dataset["name"], "experts.count": spec.experts["count"],
-                 "experts.epochs": spec.experts["epochs"], "experts.dir": experts.directory})
+                 "experts.epochs": spec.experts["epochs"], "experts.dir": experts.directory or "none (no method of the spec reads experts)"})
     plog.flush()
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "spec.yaml"

@@ -18,19 +18,12 @@ from typing import Any
 import torch
 from ray import tune
 
-from algorithms.base import DivergenceError, SyntheticSet
-from algorithms.evaluate import EvalConfig, evaluate_set, random_real_subset
-from algorithms.farzi import FarziConfig, FarziDistiller, FarziSet
-from algorithms.mct import ConvexSampler, ConvexTrajectory, MCTConfig
-from algorithms.mtt import EpochSampler, MTTConfig, MTTDistiller
-from algorithms.networks import seeded_network
-from algorithms.seqmodels import seeded_seq_model
-from algorithms.seqtrain import SeqTask, SeqTrainConfig, evaluate_sequences
+from algorithms.base import DivergenceError
 
-from .artifacts import image_grid, load_state, save_sequences, save_state, save_synthetic
-from .sequences import seq_task
-from .spec import INTEGER_HPS, eval_seed, is_sequence
-from .store import convex_form, open_convex, open_trajectory
+from . import methods
+from .artifacts import load_state, save_state
+from .methods import BuildContext
+from .tasks import Task, task_for
 from .tracking import RunLogger, find_or_create_child
 
 SYNTHETIC_ARTIFACT = "synthetic/synthetic.safetensors"
@@ -39,10 +32,10 @@ SYNTHETIC_ARTIFACT = "synthetic/synthetic.safetensors"
 @dataclass
 class TrialContext:
     """What every trial of a sweep shares; travels once through Ray's object store."""
-    data: Any  # orchestrator.datasets.ImageData
+    data: Any  # the task's data (orchestrator.datasets.ImageData, sequences.RecData / LMData)
     spec: dict[str, Any]
     spec_hash: str
-    expert_files: dict[str, list[str]]  # store form -> one file per expert
+    expert_files: dict[str, list[str]]  # store form -> one file per expert ({}: the spec needs none)
     expert_sha256: list[str]
     store_key: str
     experts_acc: tuple[float, float]  # full-data result of the experts (images: test accuracy)
@@ -50,11 +43,11 @@ class TrialContext:
     experiment_id: str
     parent_run_id: str
     tags: dict[str, str] = field(default_factory=dict)
-    full_data: dict[str, list[float]] = field(default_factory=dict)  # sequences: metric -> [mean, std]
+    full_data: dict[str, list[float]] = field(default_factory=dict)  # the task's full-data metric -> [mean, std]
 
     @property
-    def spec_sequences(self) -> bool:
-        return is_sequence(self.spec["dataset"]["name"])
+    def task(self) -> Task:
+        return task_for(self.spec["dataset"]["name"])
 
 
 def trial_name(point: dict) -> str:
@@ -66,101 +59,29 @@ def _device() -> torch.device:
 
 
 def build_distiller(point: dict, ctx: TrialContext, device: torch.device, seed: int):
-    """The distiller for a trial point, fed by the memory-mapped expert trajectories."""
-    data, spec = ctx.data, ctx.spec
-    hp = dict(point["hp"])
-    algorithm = point["algorithm"]
-    for k in INTEGER_HPS.get(algorithm, ()):
-        hp[k] = int(round(hp[k]))
-    if hp.get("batch_syn") is not None:
-        hp["batch_syn"] = int(hp["batch_syn"])
-    if algorithm == "mtt":
-        cfg = MTTConfig(ipc=point["budget"], **hp)
-        trajectories = [open_trajectory(p).params for p in ctx.expert_files["full"]]
-        sampler = EpochSampler(trajectories, cfg.expert_epochs, cfg.max_start_epoch)
-    elif algorithm == "mct":
-        cfg = MCTConfig(ipc=point["budget"], **hp)
-        sampler = ConvexSampler(load_convex(ctx, cfg), cfg.expert_epochs, cfg.max_start_epoch, cfg.continuous)
-    elif algorithm == "farzi":
-        task = _seq_task(ctx)
-        model = seeded_seq_model(spec["model"], task.vocab_size, task.pad_id, seed)
-        trajectories = [open_trajectory(p).params for p in ctx.expert_files["full"]]
-        return FarziDistiller(model, trajectories, task.train, task.vocab_size, task.pad_id,
-                              FarziConfig(budget=point["budget"], **hp), seed=seed, device=device,
-                              iterations=point["iterations"])
-    else:
-        raise ValueError(f"unknown algorithm {algorithm!r}")
-    info = data.info
-    net = seeded_network(spec["model"], info.channels, info.num_classes, info.size, seed)
-    return MTTDistiller(net, sampler, data.x_train, data.y_train, info.num_classes, cfg, seed=seed, device=device)
-
-
-def load_convex(ctx: TrialContext, cfg: MCTConfig) -> list[ConvexTrajectory]:
-    """The compact form the trial asks for: read from the store when the experts keep it,
-    otherwise derived from the stored full trajectories."""
-    form = convex_form(cfg.waypoints, cfg.beta, cfg.smooth)
-    if form in ctx.expert_files:
-        return [open_convex(p) for p in ctx.expert_files[form]]
-    if "full" not in ctx.expert_files:
-        raise ValueError(f"the experts keep only {sorted(ctx.expert_files)}, not {form} or full trajectories")
-    out = []
-    for p in ctx.expert_files["full"]:
-        t = open_trajectory(p)
-        out.append(ConvexTrajectory.from_checkpoints(t.params, t.manifest, cfg.waypoints, cfg.smooth, cfg.beta))
-    return out
+    """The distiller of a trial point, built by its method from the registry."""
+    method = methods.get(point["algorithm"])
+    return method.build(BuildContext(budget=point["budget"], hp=dict(point["hp"]), iterations=point["iterations"],
+                                     data=ctx.data, task=ctx.task, model=ctx.spec["model"], spec=ctx.spec,
+                                     expert_files=ctx.expert_files, device=device, seed=seed))
 
 
 def _evaluate(ctx: TrialContext, syn, device) -> dict[str, tuple[float, float]]:
     """Train fresh networks on the set; metric -> (mean, std) over the networks."""
-    d, spec = ctx.data, ctx.spec
-    ev = spec["evaluation"]
-    if isinstance(syn, (FarziSet, torch.Tensor)):  # Farzi data, or real sequences (the random baseline)
-        task = _seq_task(ctx)
-        x = syn.probs() if isinstance(syn, FarziSet) else syn
-        cfg = SeqTrainConfig(epochs=ev["epochs"], lr=ev["lr"], batch_size=ev["batch_size"],
-                             weight_decay=ev["weight_decay"])
-        res = evaluate_sequences(spec["model"], task, x.detach().cpu(), cfg, ev["networks"], eval_seed(spec), device)
-        return {k: (res.metrics[k], res.std[k]) for k in res.metrics}
-    cfg = EvalConfig(networks=ev["networks"], epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"])
-    res = evaluate_set(spec["model"], d.info, syn.images, syn.labels, syn.lr, d.x_test, d.y_test, cfg,
-                       seed=eval_seed(spec), device=device)
-    return {"acc": (res.mean, res.std)}
-
-
-_TASKS: dict[tuple[int, int], SeqTask] = {}
-
-
-def _seq_task(ctx: TrialContext) -> SeqTask:
-    """The sequence task of a trial (built once per worker process and dataset)."""
-    key = (id(ctx.data), ctx.spec["model"]["max_len"])
-    if key not in _TASKS:
-        _TASKS[key] = seq_task(ctx.data, ctx.spec["model"]["max_len"])
-    return _TASKS[key]
+    return ctx.task.evaluate(ctx.spec, ctx.data, syn, device)
 
 
 def primary_metric(ctx: TrialContext) -> tuple[str, bool]:
     """The metric that picks the best evaluation, and whether higher is better."""
-    if not ctx.spec_sequences:
-        return "acc", True
-    return ("hr10", True) if _seq_task(ctx).kind == "recommendation" else ("ppl", False)
+    return ctx.task.headline(ctx.data)
 
 
-def _log_outputs(log: RunLogger, ctx: TrialContext, syn, algorithm: str, point: dict,
-                 iteration: int) -> None:
-    info = ctx.data.info
+def _log_outputs(log: RunLogger, ctx: TrialContext, syn, algorithm: str, point: dict, iteration: int) -> None:
     extra = {"budget": point["budget"], "iteration": iteration, "spec_hash": ctx.spec_hash,
              "store_key": ctx.store_key, "run_id": log.run_id}
     with tempfile.TemporaryDirectory() as tmp:
-        if ctx.spec_sequences:
-            f, samples = save_sequences(Path(tmp) / "synthetic.safetensors", syn, ctx.data, algorithm, extra,
-                                        model=ctx.spec["model"])
+        for f in ctx.task.export(Path(tmp), syn, ctx.data, algorithm, extra, ctx.spec["model"]):
             log.artifact(f, "synthetic")
-            log.artifact(samples, "synthetic")
-            return
-        f = save_synthetic(Path(tmp) / "synthetic.safetensors", syn, info, algorithm, extra, model=ctx.spec["model"])
-        log.artifact(f, "synthetic")
-        g = image_grid(syn.images, syn.labels, info.mean, info.std, Path(tmp) / "synthetic_grid.png")
-        log.artifact(g, "synthetic")
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -197,13 +118,10 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                 "dataset": spec["dataset"]["name"], **{f"hp.{k}": v for k, v in point["hp"].items()},
                 **{f"eval.{k}": v for k, v in spec["evaluation"].items()},
                 **{f"model.{k}": v for k, v in spec["model"].items()}})
-    full = ctx.full_data or {"acc": list(ctx.experts_acc)}
+    full = ctx.full_data
     common = {f"full_data_{k}_{s}": v[i] for k, v in full.items() for i, s in enumerate(("mean", "std"))}
     try:
-        if point["algorithm"] == "random":
-            _run_random(point, ctx, log, common, device, seed)
-        else:
-            _run_distillation(point, ctx, log, common, device, seed, restored)
+        _run_distillation(point, ctx, log, common, device, seed, restored)
     except DivergenceError as e:
         log.tags({"orchestrate.failure_reason": str(e)})
         log.finish("FAILED")
@@ -220,28 +138,6 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         raise
 
 
-def _run_random(point: dict, ctx: TrialContext, log: RunLogger, common: dict, device, seed: int) -> None:
-    """The random-real-subset baseline. With the same seed, a distiller initialised from real
-    images starts from exactly these images, so the comparison is paired. For sequences: the
-    budget's number of real training sequences, drawn at random."""
-    data, spec = ctx.data, ctx.spec
-    g = torch.Generator().manual_seed(seed)
-    if ctx.spec_sequences:
-        real = _seq_task(ctx).train
-        syn = real[torch.randperm(len(real), generator=g)[: point["budget"]]]
-    else:
-        images, labels = random_real_subset(data.x_train, data.y_train, point["budget"], data.info.num_classes, g)
-        syn = SyntheticSet(images, labels, spec["experts"]["lr"])
-    evals = _evaluate(ctx, syn, device)
-    final = {**_final_metrics(ctx, evals), **common}
-    if _last_step(log, next(iter(final))) < 0:  # rerun after a kill between this and the report: once
-        log.metrics(final, step=0)
-    _log_outputs(log, ctx, syn, "random", point, 0)
-    log.finish("FINISHED")
-    tune.report({**final, **{f"eval_{k}_{s}": v[i] for k, v in evals.items() for i, s in enumerate(("mean", "std"))},
-                 "iteration": 0})
-
-
 def _final_metrics(ctx: TrialContext, evals: dict[str, tuple[float, float]]) -> dict[str, float]:
     """``<metric>_mean``, ``<metric>_std`` and, for sequences, ``<metric>_pct_of_full`` (100 = the
     full-data result; for perplexity full / ours, so that above 100 is better, as for the others)."""
@@ -249,8 +145,9 @@ def _final_metrics(ctx: TrialContext, evals: dict[str, tuple[float, float]]) -> 
     for k, (mean, std) in evals.items():
         out[f"{k}_mean"], out[f"{k}_std"] = mean, std
         full = ctx.full_data.get(k)
-        if full and full[0] and mean:
-            out[f"{k}_pct_of_full"] = 100 * (full[0] / mean if k == "ppl" else mean / full[0])
+        pct = ctx.task.pct_of_full(k, mean, full[0]) if full else None
+        if pct is not None:
+            out[f"{k}_pct_of_full"] = pct
     return out
 
 

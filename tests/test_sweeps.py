@@ -93,7 +93,7 @@ BAD_SPECS = [
     ("wrong type", {"experts": {"count": "two"}}, "experts.count", "must be int"),
     ("empty budgets", {"algorithms": {"mtt": {"budgets": []}}}, "algorithms.mtt.budgets", "non-empty list"),
     ("non-positive budget", {"algorithms": {"mtt": {"budgets": [0, 1]}}}, "algorithms.mtt.budgets", "positive"),
-    ("unknown algorithm", {"algorithms": {"dc": {"budgets": [1]}}}, "algorithms.dc", "known: mtt, mct, farzi"),
+    ("unknown algorithm", {"algorithms": {"kip": {"budgets": [1]}}}, "algorithms.kip", "known: random, mtt, mct, dc, dsa, dm, farzi"),
     ("unknown dataset", {"dataset": {"name": "imagenet"}}, "dataset.name", "known:"),
     ("start beyond experts", {"algorithms": {"mtt": {"budgets": [1], "hyperparameters": {"max_start_epoch": 9}}}},
      "algorithms.mtt.hyperparameters.max_start_epoch", "beyond the experts' 4 epochs"),

@@ -1,0 +1,274 @@
+"""Tasks: one object per data kind (image classification, event sequences).
+
+A task is everything the orchestrator does with data that depends on its kind: which datasets
+it reads and how, the budget check, the spec sections it replaces, how a set is evaluated and
+which metric is its headline, how a set is exported, the full-data reference, the random real
+subset, and how an expert is trained. The sweep, the trials, the experts and the results ask the
+spec's task; none of them branches on the kind. Methods (``orchestrator.methods``) name the kind
+of task they apply to.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from algorithms.base import RealSequences, SyntheticSet
+
+
+class Task:
+    """The interface. ``kind`` is what methods declare (``Method.kind``)."""
+
+    kind: str = ""
+    label: str = ""  # in messages: "the image dataset 'mnist'"
+    budget_unit: str = ""  # what one unit of budget is, for messages and tables
+    budget_label: str = ""  # the results table's budget column
+    schema: dict[str, dict[str, tuple]] = {}  # spec sections this task replaces (see spec.SCHEMA)
+
+    def datasets(self) -> list[str]:
+        raise NotImplementedError
+
+    def handles(self, dataset: str) -> bool:
+        return str(dataset).lower() in self.datasets()
+
+    def load(self, spec) -> Any:
+        raise NotImplementedError
+
+    def check_budgets(self, spec, data) -> None:
+        """Raise SpecError for budgets the data cannot fill."""
+
+    def describe(self, data) -> str:
+        """One line on the loaded data."""
+        raise NotImplementedError
+
+    def headline(self, data) -> tuple[str, bool]:
+        """The metric that picks the best evaluation and orders results, and whether higher is better."""
+        raise NotImplementedError
+
+    def evaluate(self, spec: dict, data, syn, device) -> dict[str, tuple[float, float]]:
+        """Train the spec's evaluation networks on ``syn``: metric -> (mean, std)."""
+        raise NotImplementedError
+
+    def export(self, directory: Path, syn, data, method: str, extra: dict, model: dict) -> list[Path]:
+        """Write ``syn`` under the export contract (and what helps a reader see it) into ``directory``."""
+        raise NotImplementedError
+
+    def full_data(self, spec, data, experts) -> dict[str, list[float]]:
+        """The reference trained on all the real data: metric -> [mean, std]."""
+        raise NotImplementedError
+
+    def random_set(self, spec: dict, data, budget: int, generator: torch.Generator):
+        """A random real subset of ``budget`` (the baseline every distilled set is compared with)."""
+        raise NotImplementedError
+
+    def train_expert(self, data, model: dict, training: dict, seed: int, device) -> tuple[list, Any]:
+        """(checkpoints, manifest) of one expert trained on the real data."""
+        raise NotImplementedError
+
+    def expert_meta(self, data, model: dict) -> dict:
+        """What an expert's stored metadata adds for this task."""
+        return {}
+
+    def pct_of_full(self, metric: str, mean: float, full: float) -> float | None:
+        """``mean`` as % of the full-data value (above 100 is better than full data), or None
+        where the task does not report it."""
+        return None
+
+
+class ImageClassification(Task):
+    kind = "image"
+    label = "image"
+    budget_unit = "images per class"
+    budget_label = "IPC"
+
+    def datasets(self) -> list[str]:
+        from .datasets import DATASETS, FOLDER_DATASETS
+
+        return sorted({*DATASETS, *FOLDER_DATASETS})
+
+    def load(self, spec):
+        from .datasets import FOLDER_DATASETS, load_dataset
+
+        options = {}
+        if spec.dataset["name"] in FOLDER_DATASETS:  # size, test_fraction, channels; the spec's seed draws the split
+            options = {k: v for k, v in spec.dataset.items() if k not in ("name", "root")}
+            options["seed"] = spec.seed
+        return load_dataset(spec.dataset["name"], spec.dataset["root"], **options)
+
+    def check_budgets(self, spec, data) -> None:
+        from .spec import SpecError
+
+        smallest = int(torch.bincount(data.y_train, minlength=data.info.num_classes).min())
+        for name, algo in spec.algorithms.items():
+            too_big = [b for b in algo["budgets"] if b > smallest]
+            if too_big:
+                raise SpecError([f"{spec.path}: algorithms.{name}.budgets: {too_big} images per class exceed the "
+                                 f"{smallest} training images of the smallest class of {spec.dataset['name']}"])
+
+    def headline(self, data) -> tuple[str, bool]:
+        return "acc", True
+
+    def describe(self, data) -> str:
+        info = data.info
+        return (f"{len(data.y_train)} training / {len(data.y_test)} test images, {info.num_classes} classes, "
+                f"{info.channels}x{info.size}x{info.size}")
+
+    def evaluate(self, spec: dict, data, syn: SyntheticSet, device) -> dict[str, tuple[float, float]]:
+        from algorithms.evaluate import EvalConfig, evaluate_set
+
+        from .spec import eval_seed
+
+        ev = spec["evaluation"]
+        cfg = EvalConfig(networks=ev["networks"], epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"])
+        res = evaluate_set(spec["model"], data.info, syn.images, syn.labels, syn.lr, data.x_test, data.y_test, cfg,
+                           seed=eval_seed(spec), device=device)
+        return {"acc": (res.mean, res.std)}
+
+    def export(self, directory: Path, syn, data, method: str, extra: dict, model: dict) -> list[Path]:
+        from .artifacts import image_grid, save_synthetic
+
+        f = save_synthetic(directory / "synthetic.safetensors", syn, data.info, method, extra, model=model)
+        return [f, image_grid(syn.images, syn.labels, data.info.mean, data.info.std, directory / "synthetic_grid.png")]
+
+    def full_data(self, spec, data, experts) -> dict[str, list[float]]:
+        return {"acc": list(experts.accuracy)} if experts.records else {}
+
+    def random_set(self, spec: dict, data, budget: int, generator: torch.Generator) -> SyntheticSet:
+        from algorithms.evaluate import random_real_subset
+
+        images, labels = random_real_subset(data.x_train, data.y_train, budget, data.info.num_classes, generator)
+        return SyntheticSet(images, labels, spec["experts"]["lr"])
+
+    def train_expert(self, data, model: dict, training: dict, seed: int, device):
+        from algorithms.experts import ExpertConfig, train_expert
+        from algorithms.networks import manifest_of, seeded_network
+
+        info = data.info
+        net = seeded_network(model, info.channels, info.num_classes, info.size, seed)
+        return list(train_expert(model, data, ExpertConfig(**training), seed=seed, device=device)), manifest_of(net)
+
+
+class EventSequences(Task):
+    kind = "sequence"
+    label = "event-sequence"
+    budget_unit = "synthetic sequences"
+    budget_label = "budget (seqs)"
+
+    @property
+    def schema(self):  # type: ignore[override]
+        from .spec import SEQ_SCHEMA
+
+        return SEQ_SCHEMA
+
+    def datasets(self) -> list[str]:
+        from .sequences import SEQUENCE_DATASETS
+
+        return sorted(SEQUENCE_DATASETS)
+
+    def load(self, spec):
+        from .sequences import load_sequences
+
+        return load_sequences(spec.dataset["name"], spec.dataset["root"])
+
+    _tasks: dict[tuple[int, int], Any] = {}
+
+    def seq_task(self, data, max_len: int):
+        """The training/evaluation view of the data (built once per process, dataset and length)."""
+        from .sequences import seq_task
+
+        key = (id(data), max_len)
+        if key not in self._tasks:
+            self._tasks[key] = seq_task(data, max_len)
+        return self._tasks[key]
+
+    def check_budgets(self, spec, data) -> None:
+        from .spec import SpecError
+
+        n = len(self.seq_task(data, spec.model["max_len"]).train)
+        for name, algo in spec.algorithms.items():
+            too_big = [b for b in algo["budgets"] if b > n]
+            if too_big:
+                raise SpecError([f"{spec.path}: algorithms.{name}.budgets: {too_big} sequences exceed the {n} "
+                                 f"training sequences of {spec.dataset['name']}"])
+
+    def describe(self, data) -> str:
+        if hasattr(data, "train_seqs"):
+            return f"{len(data.train_seqs)} users' sequences, {data.info.vocab_size - 1} items"
+        return f"{len(data.train)} training tokens, vocabulary {data.info.vocab_size}"
+
+    def headline(self, data) -> tuple[str, bool]:
+        from .sequences import RecData
+
+        return ("hr10", True) if isinstance(data, RecData) else ("ppl", False)
+
+    def evaluate(self, spec: dict, data, syn, device) -> dict[str, tuple[float, float]]:
+        from algorithms.seqtrain import SeqTrainConfig, evaluate_sequences
+
+        from .spec import eval_seed
+
+        ev = spec["evaluation"]
+        task = self.seq_task(data, spec["model"]["max_len"])
+        cfg = SeqTrainConfig(epochs=ev["epochs"], lr=ev["lr"], batch_size=ev["batch_size"],
+                             weight_decay=ev["weight_decay"])
+        x = syn.training_input().detach().cpu()
+        res = evaluate_sequences(spec["model"], task, x, cfg, ev["networks"], eval_seed(spec), device)
+        return {k: (res.metrics[k], res.std[k]) for k in res.metrics}
+
+    def export(self, directory: Path, syn, data, method: str, extra: dict, model: dict) -> list[Path]:
+        from .artifacts import save_sequences
+
+        return list(save_sequences(directory / "synthetic.safetensors", syn, data, method, extra, model=model))
+
+    def full_data(self, spec, data, experts) -> dict[str, list[float]]:
+        """Every metric of the task for the experts' final parameters (trained on all the real
+        data): metric -> [mean, std] over the experts."""
+        from algorithms.seqmodels import seeded_seq_model
+        from algorithms.seqtrain import task_metrics
+
+        from .store import open_trajectory
+
+        if not experts.records:
+            return {}
+        task = self.seq_task(data, spec.model["max_len"])
+        model = seeded_seq_model(spec.model, task.vocab_size, task.pad_id, 0)
+        runs = [task_metrics(model, open_trajectory(r.path).params[-1].clone(), task) for r in experts.forms["full"]]
+        return {k: [statistics.fmean(r[k] for r in runs), statistics.pstdev([r[k] for r in runs])] for k in runs[0]}
+
+    def random_set(self, spec: dict, data, budget: int, generator: torch.Generator) -> RealSequences:
+        real = self.seq_task(data, spec["model"]["max_len"]).train
+        return RealSequences(real[torch.randperm(len(real), generator=generator)[:budget]], spec["evaluation"]["lr"])
+
+    def train_expert(self, data, model: dict, training: dict, seed: int, device):
+        from algorithms.networks import manifest_of
+        from algorithms.seqmodels import seeded_seq_model
+        from algorithms.seqtrain import SeqTrainConfig, train_seq_model
+
+        task = self.seq_task(data, model["max_len"])
+        net = seeded_seq_model(model, data.info.vocab_size, data.info.pad_id, seed)
+        return list(train_seq_model(model, task, task.train, SeqTrainConfig(**training), seed, device)), manifest_of(net)
+
+    def expert_meta(self, data, model: dict) -> dict:
+        return {"test_metric": self.seq_task(data, model["max_len"]).primary}
+
+    def pct_of_full(self, metric: str, mean: float, full: float) -> float | None:
+        if not (full and mean):
+            return None
+        return 100 * (full / mean if metric == "ppl" else mean / full)  # perplexity: lower is better
+
+
+TASKS: dict[str, Task] = {t.kind: t for t in (ImageClassification(), EventSequences())}
+
+
+def task_for(dataset: str) -> Task:
+    """The task that reads dataset ``dataset`` (image classification for unknown names: the
+    dataset registry then says the name is unknown)."""
+    for task in TASKS.values():
+        if task.handles(dataset):
+            return task
+    return TASKS["image"]
+
+
+def iter_tasks() -> Iterator[Task]:
+    return iter(TASKS.values())
