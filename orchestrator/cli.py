@@ -226,6 +226,56 @@ def experts(spec, root, storage, address, num_cpus):
                   f"full-data test accuracy {100 * mean:.1f} ± {100 * std:.1f} %")
 
 
+@main.command("methods")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def methods_cmd(fmt):
+    """List the methods a spec can name under algorithms (and baselines): each with the kind of
+    data it applies to, the experts it reads, the step size its sets are evaluated with, and its
+    hyperparameters with their defaults. Plug-ins of the entry-point group
+    distill_orchestrator.methods are listed too; a module:Class path works without registering."""
+    import json
+
+    from rich.table import Table
+
+    from . import methods
+
+    rows = []
+    for name in methods.names():
+        try:
+            m = methods.get(name)
+        except methods.UnknownMethod as e:
+            rows.append({"name": name, "error": str(e)})
+            continue
+        hps = {k: {"default": v, "doc": m.hp_fields()[k].metadata.get("doc", "")}
+               for k, v in m.hyperparameters().items()}
+        rows.append({"name": name, "kind": m.kind, "baseline": m.baseline, "description": m.description,
+                     "experts": "no" if not m.expert_forms(m.hyperparameters(), {"keep": ["full"]}) else "yes",
+                     "evaluated_at": "learned step size" if m.learns_lr else
+                     (f"lr {m.fixed_lr(m.hyperparameters())}" if m.fixed_lr(m.hyperparameters()) else "its set's lr"),
+                     "hyperparameters": hps})
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for r in rows:
+        if "error" in r:
+            console.print(f"[bold]{r['name']}[/bold]: cannot be loaded: {r['error']}")
+            continue
+        role = "baseline" if r["baseline"] else "method"
+        head = (f"{r['name']}  ({role}; {r['kind']} data; experts: {r['experts']}; evaluated at "
+                f"{r['evaluated_at']})")
+        if not r["hyperparameters"]:
+            console.print(f"[bold]{head}[/bold]\n  {r['description']}; no hyperparameters\n")
+            continue
+        t = Table(title=f"{r['name']}  ({role}; {r['kind']} data; experts: {r['experts']}; evaluated at "
+                        f"{r['evaluated_at']})", caption=r["description"], title_justify="left")
+        t.add_column("hyperparameter")
+        t.add_column("default", justify="right")
+        t.add_column("meaning")
+        for k, h in r["hyperparameters"].items():
+            t.add_row(k, repr(h["default"]), h["doc"])
+        console.print(t)
+
+
 @main.command()
 @click.argument("spec", required=False, type=click.Path(dir_okay=False))
 @root_option

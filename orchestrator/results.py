@@ -12,6 +12,7 @@ from typing import Any
 from mlflow import MlflowClient
 from rich.table import Table
 
+from .methods import is_baseline
 from .tracking import PARENT_TAG, ROLE_TAG
 
 FIELDS = ["run_id", "sweep", "algorithm", "dataset", "budget", "status", "acc_mean", "acc_std",
@@ -90,14 +91,14 @@ def collect(tracking_uri: str, sweep: str | None = None, experiment: str | None 
             **{f: m.get(f) for f in SEQ_FIELDS if not f.startswith("random_")},
         })
     attach_baselines(rows)
-    rows.sort(key=lambda r: (r["sweep"] or "", r["algorithm"] != "random", r["algorithm"] or "", r["budget"]))
+    rows.sort(key=lambda r: (r["sweep"] or "", not is_baseline(r["algorithm"]), r["algorithm"] or "", r["budget"]))
     return rows
 
 
 def attach_baselines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Give every row (in place) the ``random_<metric>_mean`` / ``_std`` of the random-subset
     trial of the same sweep, dataset and budget (None where there is none); returns ``rows``."""
-    baseline = {(r["sweep"], r["dataset"], r["budget"]): r for r in rows if r["algorithm"] == "random"}
+    baseline = {(r["sweep"], r["dataset"], r["budget"]): r for r in rows if is_baseline(r["algorithm"])}
     for r in rows:
         b = baseline.get((r["sweep"], r["dataset"], r["budget"]), {})
         r["random_acc_mean"], r["random_acc_std"] = b.get("acc_mean"), b.get("acc_std")
@@ -119,9 +120,9 @@ def _seq_table(rows: list[dict[str, Any]], title: str) -> Table:
                 "status", "run_id"):
         t.add_column(col, justify="right" if col not in ("algorithm", "dataset", "metric", "status", "run_id")
                      else "left")
-    only_random = all(r["algorithm"] == "random" for r in rows)  # e.g. ``results --algorithm random``
+    only_random = all(is_baseline(r["algorithm"]) for r in rows)  # e.g. ``results --algorithm random``
     for r in rows:
-        if r["algorithm"] == "random" and not only_random:
+        if is_baseline(r["algorithm"]) and not only_random:
             continue
         status = r["status"] if not r["failure_reason"] else f"{r['status']}: {r['failure_reason'][:60]}"
         for k in SEQ_METRICS:
@@ -148,9 +149,9 @@ def table(rows: list[dict[str, Any]], title: str = "results") -> Table:
     for col in ("algorithm", "dataset", "IPC", "acc (final)", "best over evals*", "random subset",
                 "full data (experts)", "status", "run_id"):
         t.add_column(col, justify="right" if col not in ("algorithm", "dataset", "status", "run_id") else "left")
-    only_random = all(r["algorithm"] == "random" for r in rows)  # e.g. ``results --algorithm random``
+    only_random = all(is_baseline(r["algorithm"]) for r in rows)  # e.g. ``results --algorithm random``
     for r in rows:
-        if r["algorithm"] == "random" and not only_random:
+        if is_baseline(r["algorithm"]) and not only_random:
             continue
         status = r["status"] if not r["failure_reason"] else f"{r['status']}: {r['failure_reason'][:60]}"
         t.add_row(r["algorithm"], r["dataset"], str(r["budget"]), _pm(r["acc_mean"], r["acc_std"]),
@@ -410,14 +411,14 @@ def _plot_vs_budget(rows: list[dict[str, Any]], parent: dict[str, float], path: 
     done = [r for r in rows if r.get("status") == "FINISHED" and _number(r.get(f"{metric}_mean")) is not None]
     budgets = sorted({r["budget"] for r in done})
     algorithms = list(dict.fromkeys(r["algorithm"] for r in done))
-    algorithms.sort(key=lambda a: a == "random")  # the baseline last in the legend
+    algorithms.sort(key=is_baseline)  # the baseline last in the legend
     best = best_per_group(done)
     for algo in algorithms:
         pts = sorted((r for r in best if r["algorithm"] == algo), key=lambda r: r["budget"])
         xs = [r["budget"] for r in pts]
         ys = [scale * r[f"{metric}_mean"] for r in pts]
         es = [scale * (_number(r.get(f"{metric}_std")) or 0.0) for r in pts]
-        if algo == "random":
+        if is_baseline(algo):
             ax.errorbar(xs, ys, yerr=es, fmt="s--", color="0.45", capsize=3, label="random real subset")
         else:
             ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=3, label=algo)

@@ -1,0 +1,283 @@
+"""The method registry and the tasks: every registered method through the distiller protocol,
+no method name in the orchestrator's code, and a user's own method validated like a built-in."""
+from __future__ import annotations
+
+import ast
+import pathlib
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from orchestrator import methods
+from orchestrator.artifacts import load_state, save_state
+from orchestrator.experts import write_forms
+from orchestrator.spec import SpecError, validate
+from orchestrator.store import convex_form
+from orchestrator.trial import TrialContext, build_distiller
+
+from .conftest import tiny_spec
+from .test_farzi_e2e import TINY as FARZI, write_movielens
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+QUICK = {  # a few seconds per method on digits / a generated MovieLens
+    "mtt": {"syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2},
+    "mct": {"syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2},
+    "dc": {"batch_real": 16}, "dsa": {"batch_real": 16}, "dm": {"batch_real": 16},
+    "farzi": FARZI["algorithms"]["farzi"]["hyperparameters"],
+}
+
+
+def test_no_method_name_is_compared_in_the_orchestrator():
+    """The orchestrator drives methods through the registry: no ``== "mtt"``, no ``in ("mct",
+    "farzi")``, no table keyed by method names, outside the built-in entries themselves. (The
+    augmentation named ``dsa`` is not a method.)"""
+    names = set(methods.names())
+    found = []
+    for p in sorted((REPO / "orchestrator").glob("*.py")):
+        if p.name == "builtin_methods.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                consts = {c.value for o in operands for c in ([o] if isinstance(o, ast.Constant) else
+                                                               getattr(o, "elts", []))
+                          if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+                other = " ".join(ast.unparse(o) for o in operands if not isinstance(o, ast.Constant))
+                if names & consts and "aug" not in other:
+                    found.append(f"{p.name}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Dict):
+                keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
+                if len(names & keys) >= 2:
+                    found.append(f"{p.name}:{node.lineno}: a table keyed by method names")
+    assert not found, "\n".join(found)
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory):
+    """One trial context per task kind, with 2 small experts in the store's forms."""
+    d = tmp_path_factory.mktemp("registry")
+    write_movielens(d / "ml")
+    out = {}
+    for kind, raw in (("image", tiny_spec(experts={"keep": ["full", "convex"]})),
+                      ("sequence", {**FARZI, "dataset": {"name": "ml-100k", "root": str(d / "ml")}})):
+        spec = validate(raw)
+        data = spec.task.load(spec)
+        files: dict[str, list[str]] = {}
+        for i in range(2):
+            ckpts, manifest = spec.task.train_expert(data, spec.model, spec.expert_training(), 100 + i, "cpu")
+            paths = {f: str(d / f"{kind}-{i}-{f}.arrow") for f in spec.expert_forms()}
+            write_forms(i, ckpts, manifest, paths, spec.convex_options(), {"seed": i})
+            for f, path in paths.items():
+                files.setdefault(f, []).append(path)
+        out[kind] = TrialContext(data=data, spec=spec.to_dict(), spec_hash=spec.hash, expert_files=files,
+                                 expert_sha256=[], store_key="k", experts_acc=(0.0, 0.0), tracking_uri="",
+                                 experiment_id="", parent_run_id="")
+    return out
+
+
+def _cases():
+    for name in methods.names():
+        m = methods.get(name)
+        for kind in (("image", "sequence") if m.kind == "any" else (m.kind,)):
+            yield pytest.param(name, kind, id=f"{name}-{kind}")
+
+
+def _point(name, kind, ctx):
+    m = methods.get(name)
+    hp = {**m.hyperparameters(ctx.spec["experts"]), **QUICK.get(name, {})}
+    return {"algorithm": name, "budget": 1 if kind == "image" else 4, "iterations": 0 if m.baseline else 5, "hp": hp}
+
+
+def _tensors(syn):
+    return [v for v in vars(syn).values() if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("name,kind", list(_cases()))
+def test_every_method_follows_the_protocol_and_resumes_to_an_identical_step(contexts, name, kind, tmp_path):
+    """``step`` returns finite scalars and moves the set; ``synthetic`` is what the task
+    evaluates and exports; a ``state_dict`` written as a checkpoint and loaded into a fresh
+    distiller gives the same next step as the uninterrupted one. A method that does not learn
+    its step size evaluates at the one it declares."""
+    ctx = contexts[kind]
+    m, point = methods.get(name), _point(name, kind, contexts[kind])
+    d = build_distiller(point, ctx, torch.device("cpu"), seed=3)
+    assert d.iteration == 0
+    syn = d.synthetic()
+    if not m.learns_lr and m.fixed_lr(point["hp"]) is not None:
+        assert syn.lr == m.fixed_lr(point["hp"])
+    if m.baseline:  # nothing to learn: evaluated once, at iteration 0
+        with pytest.raises(RuntimeError):
+            d.step()
+        again = build_distiller(point, ctx, torch.device("cpu"), seed=3).synthetic()
+        assert all(torch.equal(a, b) for a, b in zip(_tensors(syn), _tensors(again)))  # paired: same draw
+        return
+    before = [t.clone() for t in _tensors(syn)]
+    metrics = d.step()
+    assert d.iteration == 1 and all(isinstance(v, (int, float)) for v in metrics.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, _tensors(d.synthetic())))
+    save_state({"distiller": d.state_dict()}, tmp_path)
+    resumed = build_distiller(point, ctx, torch.device("cpu"), seed=3)
+    resumed.load_state_dict(load_state(tmp_path)["distiller"])
+    assert resumed.iteration == 1
+    m1, m2 = d.step(), resumed.step()
+    assert m1.keys() == m2.keys() and all(m1[k] == pytest.approx(m2[k], rel=1e-6, abs=1e-9) for k in m1)
+    for a, b in zip(_tensors(d.synthetic()), _tensors(resumed.synthetic())):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert ctx.task.evaluate  # the set is the task's to evaluate (evaluation itself: tests/test_quality.py)
+
+
+def test_methods_that_read_no_experts_train_none():
+    spec = validate(tiny_spec(algorithms={"dm": {"budgets": [1]}, "dc": {"budgets": [1]}}))
+    assert not spec.needs_experts()
+    assert validate(tiny_spec()).needs_experts()
+
+
+def test_dc_budgets_without_the_authors_loops_need_both_loops():
+    with pytest.raises(SpecError, match=r"algorithms\.dc\.hyperparameters\.outer_loop: the authors define"):
+        validate(tiny_spec(algorithms={"dc": {"budgets": [1, 3]}}))
+    spec = validate(tiny_spec(algorithms={"dc": {"budgets": [3], "hyperparameters": {"outer_loop": 3,
+                                                                                      "inner_loop": 5}}}))
+    assert spec.algorithms["dc"]["hyperparameters"]["outer_loop"] == 3
+
+
+USER_METHOD = '''
+from dataclasses import dataclass
+
+import torch
+
+from algorithms.base import SyntheticSet, hp, positive
+from orchestrator.methods import Method
+
+
+@dataclass(frozen=True)
+class MeanConfig:
+    ipc: int
+    lr_img: float = hp(0.5, positive, doc="step towards the class means")
+
+
+class ClassMeans:
+    """Moves each synthetic image towards its class mean: a method in 20 lines."""
+    def __init__(self, ctx, cfg):
+        x, y, k = ctx.data.x_train, ctx.data.y_train, ctx.data.info.num_classes
+        self.means = torch.stack([x[y == c].mean(0) for c in range(k)]).repeat_interleave(cfg.ipc, 0)
+        self.labels = torch.arange(k).repeat_interleave(cfg.ipc)
+        self.images, self.lr, self.iteration = torch.zeros_like(self.means), cfg.lr_img, 0
+
+    def step(self):
+        self.images += self.lr * (self.means - self.images)
+        self.iteration += 1
+        return {"loss": float(((self.means - self.images) ** 2).mean())}
+
+    def synthetic(self):
+        return SyntheticSet(self.images.clone(), self.labels.clone(), 0.01)
+
+    def state_dict(self):
+        return {"images": self.images.clone(), "iteration": self.iteration}
+
+    def load_state_dict(self, state):
+        self.images, self.iteration = state["images"].clone(), int(state["iteration"])
+
+
+class MeanMethod(Method):
+    name = "class-means"
+    config = MeanConfig
+    learns_lr = False
+
+    def expert_forms(self, hp, experts):
+        return []
+
+    def fixed_lr(self, hp):
+        return 0.01
+
+    def build(self, ctx):
+        return ClassMeans(ctx, ctx.config(self))
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_methods.py").write_text(textwrap.dedent(USER_METHOD))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_methods:MeanMethod"
+    sys.modules.pop("my_methods", None)
+
+
+def test_a_method_named_by_import_path_is_validated_like_a_built_in(user_module):
+    spec = validate(tiny_spec(algorithms={user_module: {"budgets": [1], "iterations": 3}}))
+    assert spec.algorithms[user_module]["hyperparameters"] == {"lr_img": 0.5} and not spec.needs_experts()
+    with pytest.raises(SpecError) as e:
+        validate(tiny_spec(algorithms={user_module: {"budgets": [1], "hyperparameters": {"lr_img": -1,
+                                                                                          "lr_imgs": 2}}}))
+    msg = str(e.value)
+    assert f"algorithms.{user_module}.hyperparameters.lr_img: must be > 0, got -1" in msg
+    assert f"algorithms.{user_module}.hyperparameters.lr_imgs: unknown key (did you mean 'lr_img'?)" in msg
+    with pytest.raises(SpecError, match="cannot import 'no_such_module:X'"):
+        validate(tiny_spec(algorithms={"no_such_module:X": {"budgets": [1]}}))
+
+
+def test_an_entry_point_names_a_method(user_module, monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    ep = EntryPoint(name="means", value=user_module, group=methods.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(methods, "_entry_points", lambda: {"means": ep})
+    assert "means" in methods.names()
+    spec = validate(tiny_spec(algorithms={"means": {"budgets": [1], "iterations": 2}}))
+    assert type(spec.methods()["means"]).__name__ == "MeanMethod"
+
+
+@pytest.mark.slow
+def test_a_users_method_sweeps_next_to_the_baseline(tmp_path):
+    """A method defined in the user's own module (not installed, on PYTHONPATH) runs through
+    ``orchestrate launch`` like a built-in: no experts trained, its trial and the random subset
+    in MLflow, its set evaluated at its declared step size."""
+    import os
+    import subprocess
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import workspace
+
+    (tmp_path / "my_methods.py").write_text(textwrap.dedent(USER_METHOD))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(name="user-method", algorithms={
+        "my_methods:MeanMethod": {"budgets": [1], "iterations": 4}})))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--root",
+                          str(tmp_path / "runs"), "--num-cpus", "2"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "experts: none" in res.stdout + res.stderr or not (tmp_path / "runs" / "trajectories").exists() or \
+        not any((tmp_path / "runs" / "trajectories").rglob("*.arrow"))
+    client = MlflowClient(workspace(tmp_path / "runs").tracking_uri)
+    exp = client.get_experiment_by_name("user-method")
+    runs = client.search_runs([exp.experiment_id], "tags.`orchestrate.role` = 'trial'")
+    by = {r.data.tags["algorithm"]: r for r in runs}
+    assert set(by) == {"random", "my_methods:MeanMethod"}
+    mine = by["my_methods:MeanMethod"]
+    assert mine.info.status == "FINISHED" and mine.data.metrics["final_syn_lr"] == pytest.approx(0.01)
+    assert sorted(m.step for m in client.get_metric_history(mine.info.run_id, "loss")) == [1, 2, 3, 4]
+    # the class means of digits train a network far above chance (10%)
+    assert mine.data.metrics["acc_mean"] > 0.5
+
+
+def test_orchestrate_methods_lists_kinds_experts_step_sizes_and_defaults():
+    import json
+
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    res = CliRunner().invoke(main, ["methods", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    assert set(rows) >= {"random", "mtt", "mct", "dc", "dsa", "dm", "farzi"}
+    assert rows["dm"]["kind"] == "image" and rows["dm"]["experts"] == "no" and rows["dm"]["evaluated_at"] == "lr 0.01"
+    assert rows["mtt"]["experts"] == "yes" and rows["mtt"]["evaluated_at"] == "learned step size"
+    assert rows["farzi"]["kind"] == "sequence" and rows["farzi"]["hyperparameters"]["latent_dim"]["default"] == 16
+    assert "dsa" not in rows["dc"]["hyperparameters"]  # fixed by the method: DC is dsa=false, DSA dsa=true
+    assert rows["random"]["baseline"] is True
+    table = CliRunner().invoke(main, ["methods"])
+    assert table.exit_code == 0 and "syn_steps" in table.output and "Distribution Matching" in table.output
