@@ -6,13 +6,8 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import grp
-import json
 import os
-import pwd
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -24,23 +19,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import ray
-import yaml
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from ray import tune
 from ray.tune import Callback
-from ray.tune.schedulers import FIFOScheduler
 from ray.tune.trainable.function_trainable import wrap_function
 
 from .experts import ExpertSet, ensure_experts, expert_key
 from .artifacts import state_complete
 from .progress import Progress
-from .resume import with_checkpoint_repair
+from .resume import (SIDECAR, LaunchError, ResumeTrustError, _prepare, _start_parent, _tune_path, check_resume,  # noqa: F401
+                     check_resume_trust, sweep_dir, with_checkpoint_repair)
+from .schedulers import GroupedASHA, _scheduler, eval_metric, gpus_for, tune_value  # noqa: F401 (pickled sweeps)
 from .results import summarise_sweep
-from . import locks, storage
-from .spec import Spec, SpecError
-from .store import TrajectoryStore, atomic_write_bytes, library_versions
-from .tracking import ROLE_TAG, RunLogger, Workspace, ensure_experiment
+from . import locks
+from .spec import Spec
+from .store import TrajectoryStore, library_versions
+from .tracking import RunLogger, Workspace, ensure_experiment
 from .trial import TrialContext, run_trial, trial_name
 
 
@@ -128,11 +122,6 @@ def load_data(spec: Spec):
     return spec.task.load(spec)
 
 
-class LaunchError(RuntimeError):
-    """A state of the store that stops a launch before anything runs (the message names the file
-    and what to do); ``orchestrate`` exits with code 2."""
-
-
 def check_budgets(spec: Spec, data) -> None:
     """Refuse budgets that the data cannot fill (a SpecError naming the file and the key): the
     CLI calls it before Ray starts, :func:`launch` again for callers of the API."""
@@ -171,40 +160,6 @@ def _locked_experts(spec: Spec, data, ws: Workspace, progress: Progress | None) 
     with locks.hold(locks.experts_lock_path(ws.root, spec.dataset["name"], key),
                     f"the experts {store.dir(key, spec.dataset['name'])}", wait=True, on_wait=say):
         return ensure_experts(spec, data, store, progress)
-
-
-def check_resume(spec: Spec, ws: Workspace, fresh: bool) -> None:
-    """Before Ray starts: a sweep to resume must still have its MLflow parent run.
-
-    The sidecar ``tune/<name>/orchestrate.json`` names the parent run. When the tracking store
-    lost it (``mlflow.db`` deleted or replaced), the launch is refused with what happened and
-    ``--fresh``. Recreating a parent run and resuming would not be sound: the child runs of the
-    finished trials went with the database, and Tune, resuming, would not run those trials again,
-    so the sweep would end "finished" with their results missing from MLflow and from its table.
-    Starting over (``--fresh``: the old Tune folder is moved aside) is the honest way."""
-    if fresh:
-        return
-    exp_dir = sweep_dir(spec, ws)
-    state = _read_sidecar(exp_dir)
-    if state is None or state.get("spec_hash") != spec.hash or not state.get("parent_run_id"):
-        return  # nothing to resume, or another spec under this name: _prepare says so
-    check_resume_trust(exp_dir)  # before anything reads Tune's pickles (and before Ray starts)
-    run_id, sidecar = state["parent_run_id"], storage.join(exp_dir, SIDECAR)
-    try:
-        run = MlflowClient(ws.tracking_uri).get_run(run_id)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise LaunchError(
-            f"{sidecar}: parent_run_id: the sweep {spec.name!r} logs to MLflow run {run_id}, which is not in "
-            f"the tracking store {ws.tracking_uri} (was the database deleted or replaced?). Its trials' runs are "
-            f"gone with it, so the sweep cannot be resumed: re-launch with --fresh to start it over (the old Tune "
-            f"folder is moved aside), or point --tracking-uri/--root at the store that holds the run") from None
-    if run.info.lifecycle_stage == "deleted":
-        raise LaunchError(
-            f"{sidecar}: parent_run_id: the sweep {spec.name!r} logs to MLflow run {run_id}, which was deleted in "
-            f"{ws.tracking_uri}; restore it (`mlflow runs restore --run-id {run_id}`) to resume the sweep, or "
-            f"re-launch with --fresh to start it over")
 
 
 class _TrialProgress(Callback):
@@ -277,163 +232,7 @@ class _CloseStoppedRuns(Callback):
                 client.set_terminated(run.info.run_id, "KILLED")
 
 
-SIDECAR = "orchestrate.json"  # beside Tune's experiment state: which MLflow parent run the sweep logs to
 _ACTIVE: dict[str, Any] = {}  # the driver's display, for callbacks that Tune unpickles on restore
-
-
-def sweep_dir(spec: Spec, ws: Workspace) -> Path | str:
-    """Tune's experiment folder of a sweep: one per spec name, so that a re-launch finds it
-    (a URI string when the workspace's storage is remote). A name that would put it anywhere but
-    directly inside ``ws.tune`` raises :class:`SpecError` (validation refuses such names; this
-    guards specs built in code)."""
-    return _inside_tune(spec, ws, storage.join(ws.tune, spec.name))
-
-
-def _inside_tune(spec: Spec, ws: Workspace, loc: Path | str) -> Path | str:
-    """``loc`` when it resolves to a folder directly inside ``ws.tune`` (symbolic links and
-    ``..`` followed), else :class:`SpecError` naming the spec's ``name``."""
-    if storage.is_remote(loc):
-        inside = storage.parent(loc) == str(ws.tune).rstrip("/") and storage.name(loc) not in ("", ".", "..")
-    else:
-        inside = Path(loc).resolve().parent == Path(ws.tune).resolve()
-    if not inside:
-        raise SpecError([f"{spec.path}: name: {spec.name!r} puts the sweep folder at {loc}, outside {ws.tune}; "
-                         "a name is one folder name (letters, digits, '-', '_', '.')"])
-    return loc
-
-
-def _tune_path(loc: Path | str) -> tuple[str, Any]:
-    """(path, filesystem) as Tune takes them: a local path and None (Tune's own), or the path
-    inside the resolved remote filesystem and that filesystem (so that the endpoint and region
-    resolved here are the ones Tune and its trial workers use)."""
-    if not storage.is_remote(loc):
-        return str(loc), None
-    fs, path = storage.resolve(loc)
-    return path, fs
-
-
-def _read_sidecar(exp_dir: Path | str) -> dict | None:
-    try:
-        if storage.is_remote(exp_dir):
-            return json.loads(storage.read_bytes(storage.join(exp_dir, SIDECAR)))
-        return json.loads((exp_dir / SIDECAR).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class ResumeTrustError(SpecError):
-    """Tune's saved state of a sweep could have been written by someone else (exit code 2)."""
-
-    def __init__(self, message: str):
-        self.problems = [message]
-        ValueError.__init__(self, message)
-
-
-@functools.lru_cache(maxsize=None)
-def _private_group(gid: int, uid: int) -> bool:
-    """Group ``gid`` has one member, user ``uid`` (a user private group, as with umask 002): its
-    write permission lets nobody else write. The rule of Debian's OpenSSH for group-writable keys."""
-    try:
-        group, owner = grp.getgrgid(gid), pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    primary = [p.pw_uid for p in pwd.getpwall() if p.pw_gid == gid]
-    if any(u != uid for u in primary) or group.gr_mem not in ([], [owner.pw_name]):
-        return False
-    return bool(primary or group.gr_mem)
-
-
-def _name(uid: int) -> str:
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
-
-
-def _trust_problem(st: os.stat_result, me: int) -> str | None:
-    """Why a file or folder with status ``st`` could have been written by a user other than ``me``."""
-    if st.st_uid not in (me, 0):
-        return f"owned by {_name(st.st_uid)}"
-    if st.st_mode & stat.S_IWOTH:
-        return f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
-    if st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid, st.st_uid):
-        try:
-            group = grp.getgrgid(st.st_gid).gr_name
-        except KeyError:
-            group = str(st.st_gid)
-        return f"writable by group {group} (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
-
-
-def check_resume_trust(exp_dir: Path | str) -> None:
-    """Refuse to resume a sweep whose Tune folder someone else could have written.
-
-    ``Tuner.restore`` unpickles ``tuner.pkl`` and more (the trials in ``experiment_state-*.json``
-    carry cloudpickled fields; searcher and callback states are pickles): whoever can write them
-    runs code as the user who resumes. So, as ssh does with its keys, the Tune folder, its parent
-    and everything in it must be owned by this user (or root) and writable by nobody else (a group
-    whose only member is the owner is fine). Raises :class:`ResumeTrustError`. Remote storage
-    (s3://, gs://) cannot be checked here: its access control is the bucket's."""
-    if storage.is_remote(exp_dir):
-        return
-    exp_dir, me = Path(exp_dir), os.geteuid()
-    problems = []
-
-    def check(path: Path, follow: bool) -> None:
-        try:
-            st = path.stat() if follow else path.lstat()
-        except FileNotFoundError:
-            return
-        if stat.S_ISLNK(st.st_mode):  # the link's own owner, then what it points to
-            if st.st_uid not in (me, 0):
-                problems.append(f"{path}: a symbolic link owned by {_name(st.st_uid)}")
-            return check(path, True)
-        why = _trust_problem(st, me)
-        if why:
-            problems.append(f"{path}: {why}")
-
-    check(exp_dir.parent, True)
-    check(exp_dir, True)
-    for folder, dirs, files in os.walk(exp_dir):
-        for name in dirs + files:
-            check(Path(folder, name), False)
-    if problems:
-        shown = "\n  ".join(problems[:5]) + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ResumeTrustError(
-            f"refusing to resume the sweep in {exp_dir}: Ray Tune restores it by unpickling its files (tuner.pkl, "
-            f"experiment_state-*.json, ...), which runs any code written into them, so they must be writable by "
-            f"you alone (as ssh requires of its keys), and these are not:\n  {shown}\n"
-            f"If you trust their contents, make them yours and remove the write permission of group and others "
-            f"(chown -R {_name(me).split(' ')[0]} {exp_dir}; chmod -R go-w {exp_dir}; chmod go-w {exp_dir.parent}); otherwise "
-            f"launch with --fresh, which moves the folder aside without reading it.")
-
-
-def _prepare(spec: Spec, ws: Workspace, fresh: bool, progress: Progress) -> tuple[Path | str, dict | None]:
-    """Decide between resuming and starting: returns the experiment folder and the state of the
-    sweep to resume (None: start a new one). ``fresh`` moves an existing sweep aside (nothing is
-    deleted: its folder is renamed and its MLflow runs stay)."""
-    exp_dir = sweep_dir(spec, ws)
-    remote = storage.is_remote(exp_dir)
-    if fresh and (storage.exists(exp_dir) if remote else exp_dir.exists()):
-        aside = _inside_tune(spec, ws, storage.join(storage.parent(exp_dir),
-                                                    f"{spec.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
-        if remote:  # object stores have no folder rename: every object is moved (server-side copies)
-            storage.move(exp_dir, aside)
-        else:
-            os.replace(exp_dir, aside)
-        progress.info(f"--fresh: the previous sweep {spec.name!r} was moved to {aside}")
-    state = _read_sidecar(exp_dir)
-    if state is None:
-        return exp_dir, None
-    check_resume_trust(exp_dir)
-    if state.get("spec_hash") != spec.hash:
-        raise SpecError([f"{spec.path}: a sweep named {spec.name!r} already exists in {exp_dir} with another spec "
-                         f"(hash {state.get('spec_hash')}, this one {spec.hash}); re-launch with --fresh to start "
-                         f"over (the old sweep is kept aside), or give this spec another name"])
-    if not tune.Tuner.can_restore(*_tune_path(exp_dir)):
-        # the driver stopped before Tune saved any state: no trial ran, start the Tune part again
-        return exp_dir, {**state, "tune_state": False}
-    return exp_dir, {**state, "tune_state": True}
 
 
 def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callback] | None = None,
@@ -548,109 +347,6 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     return SweepResult(parent_id, experiment_id, experts, errors, interrupted=bool(unfinished))
 
 
-def tune_value(v, choice_lists: bool = False):
-    """A spec's hyperparameter value for Tune: ``{loguniform: [a, b]}``, ``uniform``, ``randint``
-    and ``choice`` become Tune distributions (sampled per trial, ``num_samples`` times); with
-    ``choice_lists`` (Optuna) a list is a choice too, otherwise lists were expanded into a grid."""
-    if isinstance(v, dict) and len(v) == 1:
-        (kind, args), = v.items()
-        if kind == "choice":
-            return tune.choice([tune_value(a) for a in args])
-        if kind in ("uniform", "loguniform", "randint"):
-            return getattr(tune, kind)(*args)
-    if choice_lists and isinstance(v, list):
-        return tune.choice(v)
-    return v
-
-
-def gpus_for(gpus, budget: int, has_gpu: bool) -> float:
-    """GPUs of one trial: ``auto`` (one when the cluster has GPUs, else none), a number (0.5 packs
-    two trials per GPU), or a mapping budget -> number read as steps (a budget gets the value of
-    the largest key not above it; budgets below every key get the smallest key's)."""
-    if gpus == "auto":
-        return 1.0 if has_gpu else 0.0
-    if isinstance(gpus, dict):
-        keys = sorted(int(k) for k in gpus)
-        below = [k for k in keys if k <= budget]
-        return float(gpus[below[-1] if below else keys[0]])
-    return float(gpus)
-
-
-def eval_metric(spec: Spec, data) -> tuple[str, str]:
-    """The periodic evaluation's headline, as every trial result carries it, and its direction."""
-    metric, higher = spec.task.headline(data)
-    return f"eval_{metric}_mean", ("max" if higher else "min")
-
-
-class GroupedASHA(FIFOScheduler):
-    """ASHA early stopping within each (algorithm, budget) group.
-
-    A sweep over budgets must not stop an IPC 1 trial because IPC 50 trials score higher, nor
-    an MCT trial because of MTT's: each group gets its own ``ASHAScheduler`` (Tune's, unchanged)
-    and this class only routes each trial to the one of its group. Trials run in submission
-    order (FIFO), as with a single ASHA."""
-
-    def __init__(self, **asha: Any):
-        super().__init__()
-        self._asha, self._groups, self._of = asha, {}, {}
-
-    @property
-    def metric(self):
-        return self._asha["metric"]
-
-    def set_search_properties(self, metric, mode, **spec) -> bool:
-        return metric in (None, self._asha["metric"]) and mode in (None, self._asha["mode"])
-
-    def group(self, trial) -> tuple[str, int]:
-        point = trial.config["trial"]
-        return point["algorithm"], point["budget"]
-
-    def on_trial_add(self, tune_controller, trial):
-        from ray.tune.schedulers import ASHAScheduler
-
-        key = self.group(trial)
-        if key not in self._groups:
-            self._groups[key] = ASHAScheduler(**self._asha)
-        self._of[trial.trial_id] = self._groups[key]
-        self._groups[key].on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial, result):
-        asha = self._of.get(trial.trial_id)
-        return asha.on_trial_result(tune_controller, trial, result) if asha else self.CONTINUE
-
-    def on_trial_complete(self, tune_controller, trial, result):
-        asha = self._of.pop(trial.trial_id, None)
-        if asha is not None:
-            asha.on_trial_complete(tune_controller, trial, result)
-
-    def on_trial_remove(self, tune_controller, trial):
-        asha = self._of.pop(trial.trial_id, None)
-        if asha is not None:
-            asha.on_trial_remove(tune_controller, trial)
-
-    def on_trial_error(self, tune_controller, trial):
-        self.on_trial_remove(tune_controller, trial)
-
-    def debug_string(self) -> str:
-        return "ASHA per (algorithm, budget): " + "; ".join(
-            f"{a} {b}: stopped {s._num_stopped}" for (a, b), s in sorted(self._groups.items()))
-
-
-def _scheduler(spec: Spec, data):
-    """ASHA on the evaluation metric (the last evaluation, reported with every result), with
-    distillation iterations as the time axis, within each (algorithm, budget) group; baselines
-    report once and are never stopped."""
-    if not spec.scheduler:
-        return None
-    metric, mode = eval_metric(spec, data)
-    sc = spec.scheduler
-    max_t = sc.get("max_t") or max(a["iterations"] for a in spec.algorithms.values())
-    # stop_last_trials=False: a trial that reaches max_t ends by itself, after its final evaluation
-    return GroupedASHA(time_attr="iteration", metric=metric, mode=mode, max_t=max_t, stop_last_trials=False,
-                       grace_period=sc.get("grace_period", max(1, spec.evaluation["interval"])),
-                       reduction_factor=sc.get("reduction_factor", 3))
-
-
 @contextmanager
 def _ctrl_c_during_fit() -> Iterator[None]:
     """Ctrl-C (SIGINT) during ``Tuner.fit()``, in every phase of it.
@@ -706,33 +402,3 @@ def _ctrl_c_during_fit() -> Iterator[None]:
 def _trial_label(t) -> str:
     return f"{trial_name(t.config['trial'])}_{t.trial_id}"
 
-
-def _start_parent(spec: Spec, ws: Workspace, client: MlflowClient, experiment_id: str, experts: ExpertSet,
-                  full: dict, lineage: dict, exp_dir: Path | str) -> str:
-    """The sweep's parent run (spec as an artifact, full-data metrics, lineage), recorded in the
-    sidecar file of the Tune experiment so that a re-launch continues the same run."""
-    parent = client.create_run(experiment_id, run_name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                               tags={ROLE_TAG: "sweep", "dataset": spec.dataset["name"],
-                                     "orchestrate.spec_path": spec.path, "orchestrate.sweep_dir": str(exp_dir),
-                                     **lineage})
-    parent_id = parent.info.run_id
-    plog = RunLogger(ws.tracking_uri, parent_id)
-    plog.metrics({**{f"full_data_{k}_{s}": v[i] for k, v in full.items() for i, s in enumerate(("mean", "std"))},
-                  "experts_trained": experts.trained, "experts_count": len(experts.records)}, step=0)
-    plog.params({"dataset": spec.dataset["name"], "experts.count": spec.experts["count"],
-                 "experts.epochs": spec.experts["epochs"], "experts.dir": experts.directory or "none (no method of the spec reads experts)"})
-    plog.flush()
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / "spec.yaml"
-        p.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-        plog.artifact(p)
-        if Path(spec.path).exists():
-            plog.artifact(spec.path, "source")
-    sidecar = json.dumps({"parent_run_id": parent_id, "experiment_id": experiment_id, "spec_hash": spec.hash,
-                          "spec_path": spec.path}).encode()
-    if storage.is_remote(exp_dir):
-        storage.atomic_write(storage.join(exp_dir, SIDECAR), sidecar)
-    else:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(exp_dir / SIDECAR, sidecar)
-    return parent_id

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from algorithms.base import SyntheticSet
+from orchestrator import resume as resume_mod
 from orchestrator import sweep as sweep_mod
 from orchestrator.artifacts import read_synthetic, save_synthetic
 from orchestrator.cli import launch as launch_cmd
@@ -208,7 +209,7 @@ def test_resume_refuses_files_of_another_user_or_a_shared_group(tmp_path):
     with pytest.raises(sweep_mod.ResumeTrustError, match=rf"{pkl}: owned by uid 54321"):
         sweep_mod.check_resume_trust(exp_dir)
     os.chown(pkl, 0, -1)
-    shared = next((g.gr_gid for g in grp.getgrall() if not sweep_mod._private_group(g.gr_gid, 0)), None)
+    shared = next((g.gr_gid for g in grp.getgrall() if not resume_mod._private_group(g.gr_gid, 0)), None)
     if shared is None:
         pytest.skip("no group here that has other members than root")
     os.chown(pkl, -1, shared)

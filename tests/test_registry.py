@@ -14,7 +14,6 @@ from orchestrator import methods
 from orchestrator.artifacts import load_state, save_state
 from orchestrator.experts import write_forms
 from orchestrator.spec import SpecError, validate
-from orchestrator.store import convex_form
 from orchestrator.trial import TrialContext, build_distiller
 
 from .conftest import tiny_spec
