@@ -59,6 +59,7 @@ storage from random walks. Defaults (tens of minutes on a CPU): IPC 1 and 10, 3 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -75,11 +76,14 @@ from rich.table import Table
 
 from algorithms.evaluate import EvalConfig, evaluate_set
 from algorithms.experts import ExpertConfig, train_expert
-from algorithms.mct import ConvexSampler, ConvexTrajectory, MCTConfig
-from algorithms.mtt import EpochSampler, MTTConfig, MTTDistiller
+from algorithms.mct import ConvexTrajectory
+from algorithms.mtt import MTTDistiller
 from algorithms.networks import manifest_of, seeded_network
 from orchestrator.datasets import DatasetNotFoundError, load_dataset
-from orchestrator.spec import INTEGER_HPS, load_spec
+from orchestrator import methods
+from orchestrator.methods import BuildContext
+from orchestrator.spec import load_spec
+from orchestrator.tasks import task_for
 from orchestrator.store import (
     CorruptTrajectoryError, TrajectoryStore, convex_form, open_convex, open_trajectory, store_key, write_convex,
     write_trajectory,
@@ -165,8 +169,9 @@ def method_hp(spec, method: str, expert_epochs: int) -> dict:
     for k, v in hp.items():
         if isinstance(v, (list, dict)):
             raise SystemExit(f"{SPEC_PATH.name}: {method} hyperparameter {k} is not a single value: {v!r}")
-    for k in INTEGER_HPS.get(method, ()):
-        hp[k] = int(round(hp[k]))
+    for k in methods.get(method).integer_hps():
+        if hp.get(k) is not None:
+            hp[k] = int(round(hp[k]))
     mtt_span = int(spec.algorithms["mtt"]["hyperparameters"]["expert_epochs"]) if "mtt" in spec.algorithms else 2
     cap = max(1, expert_epochs - mtt_span)  # the same start range for both methods
     hp["max_start_epoch"] = type(hp["max_start_epoch"])(max(1, min(hp["max_start_epoch"], cap)))
@@ -174,21 +179,20 @@ def method_hp(spec, method: str, expert_epochs: int) -> dict:
 
 
 def make_config(method: str, hp: dict, ipc: int, **override):
-    cls = MTTConfig if method == "mtt" else MCTConfig
-    return cls(**{**hp, "ipc": ipc, **override})
-
-
-def make_sampler(method: str, cfg, experts: dict):
-    if method == "mtt":
-        return EpochSampler(experts["full"], cfg.expert_epochs, cfg.max_start_epoch)
-    return ConvexSampler(experts["convex"], cfg.expert_epochs, cfg.max_start_epoch, cfg.continuous)
+    return methods.get(method).make_config(ipc, {**hp, **override})
 
 
 def make_distiller(method: str, cfg, experts: dict, model: dict, data, seed: int, device: str) -> MTTDistiller:
-    info = data.info
-    net = seeded_network(model, info.channels, info.num_classes, info.size, seed)
-    return MTTDistiller(net, make_sampler(method, cfg, experts), data.x_train, data.y_train, info.num_classes, cfg,
-                        seed=seed, device=device)
+    """The distiller of ``cfg``, built by the method's registry entry (as a trial builds it), fed
+    the experts already in memory: full trajectories and their convex form."""
+    m = methods.get(method)
+    hp = {k: v for k, v in dataclasses.asdict(cfg).items() if k != m.budget_field and k not in m.fixed}
+    form = convex_form(CONVEX["num_waypoints"], CONVEX["beta"], CONVEX["smooth"])
+    task = task_for(data.info.name)
+    ctx = BuildContext(budget=getattr(cfg, m.budget_field), hp=hp, iterations=0, data=data, task=task, model=model,
+                       spec={}, expert_files={}, device=torch.device(device), seed=seed,
+                       preloaded={"full": experts["full"], form: experts["convex"]})
+    return m.build(ctx)
 
 
 def parse_target(rule: str) -> tuple[str, float]:

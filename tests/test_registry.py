@@ -141,65 +141,21 @@ def test_dc_budgets_without_the_authors_loops_need_both_loops():
     assert spec.algorithms["dc"]["hyperparameters"]["outer_loop"] == 3
 
 
-USER_METHOD = '''
-from dataclasses import dataclass
-
-import torch
-
-from algorithms.base import SyntheticSet, hp, positive
-from orchestrator.methods import Method
+def _readme_method() -> str:
+    """The example of the README's "Adding a method": tested here as users will copy it."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("```python\n# my_methods.py")
+    return text[start + len("```python\n"):text.index("```", start + 10)]
 
 
-@dataclass(frozen=True)
-class MeanConfig:
-    ipc: int
-    lr_img: float = hp(0.5, positive, doc="step towards the class means")
-
-
-class ClassMeans:
-    """Moves each synthetic image towards its class mean: a method in 20 lines."""
-    def __init__(self, ctx, cfg):
-        x, y, k = ctx.data.x_train, ctx.data.y_train, ctx.data.info.num_classes
-        self.means = torch.stack([x[y == c].mean(0) for c in range(k)]).repeat_interleave(cfg.ipc, 0)
-        self.labels = torch.arange(k).repeat_interleave(cfg.ipc)
-        self.images, self.lr, self.iteration = torch.zeros_like(self.means), cfg.lr_img, 0
-
-    def step(self):
-        self.images += self.lr * (self.means - self.images)
-        self.iteration += 1
-        return {"loss": float(((self.means - self.images) ** 2).mean())}
-
-    def synthetic(self):
-        return SyntheticSet(self.images.clone(), self.labels.clone(), 0.01)
-
-    def state_dict(self):
-        return {"images": self.images.clone(), "iteration": self.iteration}
-
-    def load_state_dict(self, state):
-        self.images, self.iteration = state["images"].clone(), int(state["iteration"])
-
-
-class MeanMethod(Method):
-    name = "class-means"
-    config = MeanConfig
-    learns_lr = False
-
-    def expert_forms(self, hp, experts):
-        return []
-
-    def fixed_lr(self, hp):
-        return 0.01
-
-    def build(self, ctx):
-        return ClassMeans(ctx, ctx.config(self))
-'''
+USER_METHOD = _readme_method()
 
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     (tmp_path / "my_methods.py").write_text(textwrap.dedent(USER_METHOD))
     monkeypatch.syspath_prepend(str(tmp_path))
-    yield "my_methods:MeanMethod"
+    yield "my_methods:MeansMethod"
     sys.modules.pop("my_methods", None)
 
 
@@ -223,7 +179,7 @@ def test_an_entry_point_names_a_method(user_module, monkeypatch):
     monkeypatch.setattr(methods, "_entry_points", lambda: {"means": ep})
     assert "means" in methods.names()
     spec = validate(tiny_spec(algorithms={"means": {"budgets": [1], "iterations": 2}}))
-    assert type(spec.methods()["means"]).__name__ == "MeanMethod"
+    assert type(spec.methods()["means"]).__name__ == "MeansMethod"
 
 
 @pytest.mark.slow
@@ -242,7 +198,7 @@ def test_a_users_method_sweeps_next_to_the_baseline(tmp_path):
     (tmp_path / "my_methods.py").write_text(textwrap.dedent(USER_METHOD))
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec(name="user-method", algorithms={
-        "my_methods:MeanMethod": {"budgets": [1], "iterations": 4}})))
+        "my_methods:MeansMethod": {"budgets": [1], "iterations": 4}}, evaluation={"networks": 1, "epochs": 150})))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
     res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--root",
                           str(tmp_path / "runs"), "--num-cpus", "2"], env=env, cwd=tmp_path, capture_output=True,
@@ -254,8 +210,8 @@ def test_a_users_method_sweeps_next_to_the_baseline(tmp_path):
     exp = client.get_experiment_by_name("user-method")
     runs = client.search_runs([exp.experiment_id], "tags.`orchestrate.role` = 'trial'")
     by = {r.data.tags["algorithm"]: r for r in runs}
-    assert set(by) == {"random", "my_methods:MeanMethod"}
-    mine = by["my_methods:MeanMethod"]
+    assert set(by) == {"random", "my_methods:MeansMethod"}
+    mine = by["my_methods:MeansMethod"]
     assert mine.info.status == "FINISHED" and mine.data.metrics["final_syn_lr"] == pytest.approx(0.01)
     assert sorted(m.step for m in client.get_metric_history(mine.info.run_id, "loss")) == [1, 2, 3, 4]
     # the class means of digits train a network far above chance (10%)
