@@ -128,18 +128,21 @@ class MCT(MTT):
 
     def build(self, ctx):
         cfg = ctx.config(self)
-        sampler = ConvexSampler(load_convex(ctx.expert_files, cfg), cfg.expert_epochs, cfg.max_start_epoch,
+        sampler = ConvexSampler(load_convex(ctx.expert_files, cfg, ctx.preloaded), cfg.expert_epochs, cfg.max_start_epoch,
                                 cfg.continuous)
         return MTTDistiller(ctx.image_network(), sampler, ctx.data.x_train, ctx.data.y_train,
                             ctx.data.info.num_classes, cfg, seed=ctx.seed, device=ctx.device)
 
 
-def load_convex(expert_files: dict[str, list[str]], cfg: MCTConfig) -> list[ConvexTrajectory]:
-    """The compact form the trial asks for: read from the store when the experts keep it,
-    otherwise derived from the stored full trajectories."""
+def load_convex(expert_files: dict[str, list[str]], cfg: MCTConfig, preloaded: dict | None = None
+                ) -> list[ConvexTrajectory]:
+    """The compact form the trial asks for: in memory when given, read from the store when the
+    experts keep it, otherwise derived from the stored full trajectories."""
     from .store import convex_form, open_convex, open_trajectory
 
     form = convex_form(cfg.waypoints, cfg.beta, cfg.smooth)
+    if preloaded and form in preloaded:
+        return list(preloaded[form])
     if form in expert_files:
         return [open_convex(p) for p in expert_files[form]]
     if "full" not in expert_files:

@@ -74,31 +74,38 @@ def file_sha256(path: str | Path) -> str:
 # -- models --------------------------------------------------------------------------------------
 # The ConvNet family as DC/MTT's code names it: convnet, and one setting changed: ConvNetD<depth>,
 # ConvNetW<width>, ConvNetNN / ConvNetIN (no / instance norm), ConvNetNP / ConvNetMP / ConvNetAP
-# (no / max / average pooling). The network registry (other architectures) comes later.
+# (no / max / average pooling). The other architectures of the network registry
+# (algorithms/networks.py: mlp, lenet, alexnet, vgg11, resnet18 and their BatchNorm variants) by name.
 _VARIANT = re.compile(r"^convnet(?:(?P<dw>[dw])(?P<n>\d+)|(?P<flag>nn|in|np|mp|ap))?$")
 _FLAGS = {"nn": ("norm", "none"), "in": ("norm", "instancenorm"), "np": ("pooling", "none"),
           "mp": ("pooling", "maxpooling"), "ap": ("pooling", "avgpooling")}
-KNOWN_MODELS_TEXT = (f"{', '.join(MODELS)} (the file's or the spec's ConvNet), and ConvNet variants with one setting "
+KNOWN_MODELS_TEXT = (f"{', '.join(MODELS)} (convnet: the file's or the spec's ConvNet), and ConvNet variants with one setting "
                      f"changed: convnetD<depth>, convnetW<width>, convnetNN, convnetIN (no / instance norm), "
                      f"convnetNP, convnetMP, convnetAP (no / max / average pooling)")
 
 
 def parse_models(text: str | None, base: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """``--models convnet,convnetD2``: (name, model section) per model, in the given order,
-    duplicates dropped; ``convnet`` is ``base`` (the file's model, else the spec's, else the
-    schema's defaults), a variant changes one setting of it."""
+    """``--models convnet,convnetD2,resnet18_bn``: (name, model section) per model, in the given
+    order, duplicates dropped. Without ``text``: ``base`` itself (the file's model, else the spec's,
+    else the schema's defaults). ``convnet`` is ``base`` when that is a ConvNet (else the default
+    ConvNet), a variant changes one setting of it; another architecture of the network registry
+    is taken with its own defaults (cross-architecture evaluation)."""
     out: list[tuple[str, dict[str, Any]]] = []
+    if not text and base.get("name") != "convnet":
+        return [(str(base.get("name")), dict(base))]
     for raw in (text or "convnet").split(","):
         name = raw.strip()
         if not name:
             raise EvaluateError(f"--models {text!r}: an empty model name; give names separated by commas, "
                                 f"e.g. convnet,convnetD2")
         m = _VARIANT.match(name.lower())
+        if m is None and name.lower() in MODELS:
+            if name.lower() not in (n for n, _ in out):
+                out.append((name.lower(), {"name": name.lower()}))
+            continue
         if m is None:
             raise EvaluateError(f"--models: unknown model {name!r}; known: {KNOWN_MODELS_TEXT}")
-        model = dict(base)
-        if model.get("name") != "convnet":
-            raise EvaluateError(f"--models {name}: a ConvNet variant of {model.get('name')!r} does not exist")
+        model = dict(base) if base.get("name") == "convnet" else dict(IMAGE_MODEL_DEFAULTS)
         if m.group("dw"):
             n = int(m.group("n"))
             if n < 1:

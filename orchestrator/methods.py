@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar
 
@@ -40,6 +40,7 @@ class BuildContext:
     expert_files: dict[str, list[str]]  # store form -> one file per expert ({} without experts)
     device: torch.device
     seed: int
+    preloaded: dict[str, list] = field(default_factory=dict)  # form -> experts already in memory (benches)
 
     def config(self, method: "Method"):
         return method.make_config(self.budget, self.hp)
@@ -54,6 +55,8 @@ class BuildContext:
     def full_trajectories(self) -> list[torch.Tensor]:
         from .store import open_trajectory
 
+        if "full" in self.preloaded:
+            return list(self.preloaded["full"])
         if "full" not in self.expert_files:
             raise ValueError(f"this method reads full expert trajectories, but the experts keep only "
                              f"{sorted(self.expert_files)}")

@@ -100,12 +100,29 @@ def test_several_models(set_file):
     assert [r["model"] for r in rep["rows"]] == ["convnet"] * 3 + ["convnetw4"] * 3 + ["convnetnn"] * 3
 
 
+
+@pytest.mark.slow
+def test_other_architectures_train_on_the_set(tmp_path, digits):
+    """Cross-architecture evaluation (DC's --eval_mode M, MTT's Table 3): a set of 10 real digits
+    per class trains networks it was not made with, BatchNorm ones included, well above chance."""
+    f = save_synthetic(tmp_path / "ten.safetensors", real_set(digits, per_class=10), digits.info, "random",
+                       model=SMALL)
+    rep = report_of(evaluate(f, "--networks", "1", "--epochs", "60", "--models", "mlp,alexnet_bn,convnet_bn",
+                             "--format", "json"))
+    assert set(rep["models"]) == {"mlp", "alexnet_bn", "convnet_bn"}
+    acc = {r["model"]: r["acc_mean"] for r in rep["rows"] if r["trained_on"] == "synthetic"}
+    assert set(acc) == {"mlp", "alexnet_bn", "convnet_bn"} and min(acc.values()) > 0.5, acc
+
 def test_parse_models():
     assert parse_models(None, SMALL) == [("convnet", SMALL)]
     assert parse_models("convnetD2, convnetMP,convnetd2", SMALL) == [
         ("convnetd2", {**SMALL, "depth": 2}), ("convnetmp", {**SMALL, "pooling": "maxpooling"})]
-    with pytest.raises(EvaluateError, match="unknown model 'resnet18'; known: convnet .*convnetD<depth>"):
-        parse_models("convnet,resnet18", SMALL)
+    with pytest.raises(EvaluateError, match="unknown model 'vit_b16'; known: convnet.*resnet18_bn.*convnetD<depth>"):
+        parse_models("convnet,vit_b16", SMALL)
+    # cross-architecture: the registry's other networks with their own defaults
+    assert parse_models("convnet,resnet18_bn,lenet", SMALL) == [
+        ("convnet", SMALL), ("resnet18_bn", {"name": "resnet18_bn"}), ("lenet", {"name": "lenet"})]
+    assert parse_models(None, {"name": "lenet"}) == [("lenet", {"name": "lenet"})]
 
 
 def test_random_subset_like_matches_the_sweeps_baseline(digits):
@@ -199,13 +216,16 @@ ERRORS = {
     "unbuildable model": (_tensors(), _meta(model=json.dumps({**SMALL, "depth": 5})), [],
                           ("metadata field 'model': convnet (depth 5, width 8, norm instancenorm, pooling "
                            "avgpooling) cannot be built for digits")),
-    "unknown recorded model": (_tensors(), _meta(model=json.dumps({"name": "resnet18"})), [],
-                               ("metadata field 'model' names the model 'resnet18', which algorithms/networks.py "
-                                "cannot build (known: convnet)")),
+    "unknown recorded model": (_tensors(), _meta(model=json.dumps({"name": "vit_b16"})), [],
+                               ("metadata field 'model' names the model 'vit_b16', which algorithms/networks.py "
+                                "cannot build (known: convnet, ")),
     "lr not a step": (_tensors(lr=torch.tensor(-1.0)), _meta(), [], "tensor 'lr' is -1.0, not a step size"),
     "lr not a scalar": (_tensors(lr=torch.ones(2)), _meta(), [], "tensor 'lr' must be a float scalar"),
-    "unknown model": (_tensors(), _meta(), ["--models", "convnet,resnet18"],
-                      "--models: unknown model 'resnet18'; known: convnet"),
+    "unknown model": (_tensors(), _meta(), ["--models", "convnet,vit_b16"],
+                      "--models: unknown model 'vit_b16'; known: convnet"),
+    "model too big for the images": (_tensors(), _meta(), ["--models", "convnet,resnet18"],
+                                     "--models resnet18: resnet18 cannot be built for digits (1x8x8): resnet18 "
+                                     "cannot take 8x8 inputs"),
     "sequence set without spec": ({"sequences": torch.ones(2, 3, dtype=torch.int64)},
                                   {"dataset": "ml-100k", "algorithm": "random", "task": "recommendation",
                                    "vocab_size": "10", "pad_id": "0", "format": "distill-orchestrator/sequences-v1"},
