@@ -238,6 +238,11 @@ class FarziSet:
     def probs(self, index=None) -> torch.Tensor:
         return decode(self.F if index is None else self.F[index], self.M, self.temperature, self.pad_id)
 
+    def training_input(self) -> torch.Tensor:
+        """What a model trains on (the :class:`algorithms.base.SequenceSet` protocol): the
+        distributions over the vocabulary, ``[mu, xi, V]``."""
+        return self.probs()
+
     def detached(self) -> FarziSet:
         return FarziSet(self.F.detach().cpu().clone(), self.M.detach().cpu().clone(), self.temperature,
                         self.pad_id, float(self.lr))

@@ -124,7 +124,8 @@ def test_every_method_follows_the_protocol_and_resumes_to_an_identical_step(cont
     assert m1.keys() == m2.keys() and all(m1[k] == pytest.approx(m2[k], rel=1e-6, abs=1e-9) for k in m1)
     for a, b in zip(_tensors(d.synthetic()), _tensors(resumed.synthetic())):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert ctx.task.evaluate  # the set is the task's to evaluate (evaluation itself: tests/test_quality.py)
+    x = syn.training_input() if kind == "sequence" else syn.images  # what the task trains its networks on
+    assert x.shape[0] == (point["budget"] if kind == "sequence" else point["budget"] * ctx.data.info.num_classes)
 
 
 def test_methods_that_read_no_experts_train_none():
