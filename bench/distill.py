@@ -43,8 +43,10 @@ from rich.console import Console
 from rich.table import Table
 
 from algorithms.experts import ExpertConfig, train_expert
-from algorithms.mtt import EpochSampler, MTTConfig, MTTDistiller
 from algorithms.networks import flatten_params, seeded_network
+from orchestrator import methods
+from orchestrator.methods import BuildContext
+from orchestrator.tasks import task_for
 from orchestrator.datasets import load_dataset
 from orchestrator.spec import load_spec
 
@@ -134,12 +136,11 @@ def sync(device: str) -> None:
 
 # -- one configuration ------------------------------------------------------------------------
 def bench_config(ipc: int, syn_steps: int, hp: dict, trajectories, model: dict, data, args, device: str) -> dict:
-    info = data.info
-    cfg = MTTConfig(**{**hp, "ipc": ipc, "syn_steps": syn_steps})
-    net = seeded_network(model, info.channels, info.num_classes, info.size, args.seed)
-    sampler = EpochSampler(trajectories, cfg.expert_epochs, cfg.max_start_epoch)
-    dist = MTTDistiller(net, sampler, data.x_train, data.y_train, info.num_classes, cfg, seed=args.seed,
-                        device=device)
+    # built by the registry's MTT entry, as a trial builds it, on the trajectories in memory
+    ctx = BuildContext(budget=ipc, hp={**hp, "syn_steps": syn_steps}, iterations=0, data=data,
+                       task=task_for(data.info.name), model=model, spec={}, expert_files={},
+                       device=torch.device(device), seed=args.seed, preloaded={"full": trajectories})
+    dist = methods.get("mtt").build(ctx)
     losses = [dist.step()["loss"]]  # warm-up
     times = []
     for _ in range(args.iterations):
@@ -167,7 +168,7 @@ def bench_config(ipc: int, syn_steps: int, hp: dict, trajectories, model: dict, 
             "saved_tensors": saved.count, "cuda_peak_mb": cuda_mb, "rss_growth_mb": rss.mb,
             "rss_method": rss.method, "times_s": times, "iterations": args.iterations,
             "final_loss": losses[-1], "losses_finite": all(math.isfinite(v) for v in losses),
-            "images": ipc * info.num_classes}
+            "images": ipc * data.info.num_classes}
 
 
 def main(argv: list[str] | None = None) -> int:

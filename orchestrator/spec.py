@@ -71,6 +71,17 @@ from .tasks import TASKS as _TASKS  # noqa: E402
 ALL_DATASETS = sorted({d for t in _TASKS.values() for d in t.datasets()})
 
 
+def _eval_models(v: list) -> str | None:
+    from algorithms.networks import MODELS
+
+    bad = [m for m in v if not isinstance(m, str) or m not in MODELS]
+    if bad:
+        return f"unknown model {bad[0]!r}; known: {', '.join(MODELS)}"
+    if len(set(v)) != len(v):
+        return f"a model is listed twice: {v}"
+    return None
+
+
 def _gpus(v):
     """'auto', a number >= 0 (0.5 packs two trials per GPU), or a mapping budget -> number."""
     if v == "auto" or (isinstance(v, NUM) and not isinstance(v, bool) and v >= 0):
@@ -124,7 +135,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                 "convex_beta": (str, "path", lambda v: None if v in ("path", "uniform") else "must be path or uniform"),
                 "convex_smooth": (bool, False, None)},
     "evaluation": {"networks": (int, 5, _pos), "epochs": (int, 300, _pos), "interval": (int, 100, _nonneg),
-                   "batch_size": (int, 256, _pos), "dsa": (bool, True, None)},
+                   "batch_size": (int, 256, _pos), "dsa": (bool, True, None),
+                   # cross-architecture: the final evaluation also trains these (acc_mean/<name> in MLflow)
+                   "models": (list, [], lambda v: _eval_models(v))},
     "resources": {"cpus_per_trial": (NUM, 1, _pos), "gpus_per_trial": ((str, int, float, dict), "auto", _gpus),
                   "cpus_per_expert": (NUM, 1, _pos),
                   "max_concurrent_trials": ((int, type(None)), None, lambda v: None if v is None or v > 0
@@ -243,6 +256,8 @@ class Spec:
     def hash(self) -> str:
         d = self.to_dict()
         d["resources"].pop("max_trials", None)  # a guard, not part of the sweep: sweeps from before it resume
+        if not d["evaluation"].get("models"):  # added later: specs without it keep their hash (and resume)
+            d["evaluation"].pop("models", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def expert_training(self) -> dict[str, Any]:

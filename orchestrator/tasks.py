@@ -47,8 +47,9 @@ class Task:
         """The metric that picks the best evaluation and orders results, and whether higher is better."""
         raise NotImplementedError
 
-    def evaluate(self, spec: dict, data, syn, device) -> dict[str, tuple[float, float]]:
-        """Train the spec's evaluation networks on ``syn``: metric -> (mean, std)."""
+    def evaluate(self, spec: dict, data, syn, device, final: bool = False) -> dict[str, tuple[float, float]]:
+        """Train the spec's evaluation networks on ``syn``: metric -> (mean, std). ``final``: the
+        last evaluation of a trial, which may add metrics (other architectures: ``acc/<model>``)."""
         raise NotImplementedError
 
     def export(self, directory: Path, syn, data, method: str, extra: dict, model: dict) -> list[Path]:
@@ -100,6 +101,15 @@ class ImageClassification(Task):
     def check_budgets(self, spec, data) -> None:
         from .spec import SpecError
 
+        from algorithms.networks import build_network
+
+        info = data.info
+        for m in spec.evaluation.get("models", []):  # cross-architecture: each must take these images
+            try:
+                build_network({"name": m}, info.channels, info.num_classes, info.size)
+            except ValueError as e:
+                raise SpecError([f"{spec.path}: evaluation.models: {m} cannot be built for {spec.dataset['name']} "
+                                 f"({info.channels}x{info.size}x{info.size}): {e}"]) from None
         smallest = int(torch.bincount(data.y_train, minlength=data.info.num_classes).min())
         for name, algo in spec.algorithms.items():
             too_big = [b for b in algo["budgets"] if b > smallest]
@@ -115,16 +125,26 @@ class ImageClassification(Task):
         return (f"{len(data.y_train)} training / {len(data.y_test)} test images, {info.num_classes} classes, "
                 f"{info.channels}x{info.size}x{info.size}")
 
-    def evaluate(self, spec: dict, data, syn: SyntheticSet, device) -> dict[str, tuple[float, float]]:
+    def evaluate(self, spec: dict, data, syn: SyntheticSet, device, final: bool = False
+                 ) -> dict[str, tuple[float, float]]:
+        """Accuracy of ``evaluation.networks`` fresh networks of the spec's model (``acc``); at the
+        final evaluation also of each of ``evaluation.models`` with its own defaults
+        (``acc/<model>``: cross-architecture, DC's --eval_mode M), same seeds and protocol."""
         from algorithms.evaluate import EvalConfig, evaluate_set
 
         from .spec import eval_seed
 
         ev = spec["evaluation"]
         cfg = EvalConfig(networks=ev["networks"], epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"])
-        res = evaluate_set(spec["model"], data.info, syn.images, syn.labels, syn.lr, data.x_test, data.y_test, cfg,
-                           seed=eval_seed(spec), device=device)
-        return {"acc": (res.mean, res.std)}
+        models = [("acc", spec["model"])]
+        if final:
+            models += [(f"acc/{m}", {"name": m}) for m in ev.get("models", []) if m != spec["model"]["name"]]
+        out = {}
+        for key, model in models:
+            res = evaluate_set(model, data.info, syn.images, syn.labels, syn.lr, data.x_test, data.y_test, cfg,
+                               seed=eval_seed(spec), device=device)
+            out[key] = (res.mean, res.std)
+        return out
 
     def export(self, directory: Path, syn, data, method: str, extra: dict, model: dict) -> list[Path]:
         from .artifacts import image_grid, save_synthetic
@@ -203,7 +223,7 @@ class EventSequences(Task):
 
         return ("hr10", True) if isinstance(data, RecData) else ("ppl", False)
 
-    def evaluate(self, spec: dict, data, syn, device) -> dict[str, tuple[float, float]]:
+    def evaluate(self, spec: dict, data, syn, device, final: bool = False) -> dict[str, tuple[float, float]]:
         from algorithms.seqtrain import SeqTrainConfig, evaluate_sequences
 
         from .spec import eval_seed

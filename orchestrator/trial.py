@@ -66,9 +66,21 @@ def build_distiller(point: dict, ctx: TrialContext, device: torch.device, seed: 
                                      expert_files=ctx.expert_files, device=device, seed=seed))
 
 
-def _evaluate(ctx: TrialContext, syn, device) -> dict[str, tuple[float, float]]:
-    """Train fresh networks on the set; metric -> (mean, std) over the networks."""
-    return ctx.task.evaluate(ctx.spec, ctx.data, syn, device)
+def _evaluate(ctx: TrialContext, syn, device, final: bool = False) -> dict[str, tuple[float, float]]:
+    """Train fresh networks on the set; metric -> (mean, std) over the networks (``final``: the
+    trial's last evaluation, with the other architectures of ``evaluation.models``)."""
+    return ctx.task.evaluate(ctx.spec, ctx.data, syn, device, final=final)
+
+
+def stat_key(metric: str, stat: str, prefix: str = "") -> str:
+    """The MLflow/Tune key of a metric's statistic: ``acc`` -> ``acc_mean``; another architecture's
+    ``acc/resnet18_bn`` -> ``acc_mean/resnet18_bn`` (MLflow groups the architectures by prefix)."""
+    base, _, arch = metric.partition("/")
+    return f"{prefix}{base}_{stat}" + (f"/{arch}" if arch else "")
+
+
+def _stats(evals: dict, prefix: str = "") -> dict[str, float]:
+    return {stat_key(k, s, prefix): v[i] for k, v in evals.items() for i, s in enumerate(("mean", "std"))}
 
 
 def primary_metric(ctx: TrialContext) -> tuple[str, bool]:
@@ -143,7 +155,7 @@ def _final_metrics(ctx: TrialContext, evals: dict[str, tuple[float, float]]) -> 
     full-data result; for perplexity full / ours, so that above 100 is better, as for the others)."""
     out = {}
     for k, (mean, std) in evals.items():
-        out[f"{k}_mean"], out[f"{k}_std"] = mean, std
+        out[stat_key(k, "mean")], out[stat_key(k, "std")] = mean, std
         full = ctx.full_data.get(k)
         pct = ctx.task.pct_of_full(k, mean, full[0]) if full else None
         if pct is not None:
@@ -171,11 +183,10 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     def evaluate_if_due(it: int) -> None:
         if (it >= iterations or (interval and it % interval == 0)) and \
                 (not history["evals"] or history["evals"][-1][0] != it):
-            evals = _evaluate(ctx, distiller.synthetic(), device)
+            evals = _evaluate(ctx, distiller.synthetic(), device, final=it >= iterations)
             history["evals"].append((it, {k: list(v) for k, v in evals.items()}))
             if it > logged["eval"]:
-                log.metrics({f"eval/{k}_{s}": v[i] for k, v in evals.items()
-                             for i, s in enumerate(("mean", "std"))}, step=it)
+                log.metrics(_stats(evals, "eval/"), step=it)
 
     evaluate_if_due(distiller.iteration)
     while distiller.iteration < iterations:
@@ -193,7 +204,7 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
         last = history["evals"][-1][1] if history["evals"] else {}  # none yet with interval 0
         metrics = {**{k: m[k] for k in ("loss", "syn_lr") if k in m}, "iteration": it,
                    "sec_per_iter": (time.perf_counter() - t0) / (it - first),
-                   **{f"eval_{k}_{s}": v[i] for k, v in last.items() for i, s in enumerate(("mean", "std"))}}
+                   **_stats(last, "eval_")}
         if it % ckpt_every == 0:
             _report_with_checkpoint(metrics, distiller, history, log)
         else:
@@ -213,9 +224,8 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
                                              f"(test-set selection, as MTT reports); {primary}_mean is the final one"})
     _log_outputs(log, ctx, syn, point["algorithm"], point, it_final)
     log.flush()
-    _report_with_checkpoint({**final, **{f"eval_{k}_{s}": v[i] for k, v in last.items()
-                                         for i, s in enumerate(("mean", "std"))},
-                             "iteration": distiller.iteration}, distiller, history, log, finish=True)
+    _report_with_checkpoint({**final, **_stats(last, "eval_"), "iteration": distiller.iteration}, distiller,
+                            history, log, finish=True)
 
 
 def _last_step(log: RunLogger, key: str) -> int:

@@ -237,3 +237,30 @@ def test_orchestrate_methods_lists_kinds_experts_step_sizes_and_defaults():
     assert rows["random"]["baseline"] is True
     table = CliRunner().invoke(main, ["methods"])
     assert table.exit_code == 0 and "syn_steps" in table.output and "Distribution Matching" in table.output
+
+
+@pytest.mark.slow
+def test_cross_architecture_evaluation_at_the_final_evaluation_only(contexts):
+    """``evaluation.models``: the final evaluation also trains each listed architecture (same
+    seeds and protocol), as ``acc/<model>``; periodic ones only the spec's model. A model that
+    cannot take the dataset's images is refused before anything runs, naming the key."""
+    from dataclasses import replace
+
+    from orchestrator.trial import _final_metrics
+
+    ctx = contexts["image"]
+    spec = {**ctx.spec, "evaluation": {**ctx.spec["evaluation"], "networks": 1, "epochs": 30,
+                                       "models": ["mlp", "alexnet_bn"]}}
+    syn = ctx.task.random_set(spec, ctx.data, 5, torch.Generator().manual_seed(0))
+    assert set(ctx.task.evaluate(spec, ctx.data, syn, "cpu")) == {"acc"}
+    final = ctx.task.evaluate(spec, ctx.data, syn, "cpu", final=True)
+    assert set(final) == {"acc", "acc/mlp", "acc/alexnet_bn"} and min(m for m, _ in final.values()) > 0.3, final
+    keys = _final_metrics(replace(ctx, spec=spec), final)
+    assert {"acc_mean", "acc_mean/mlp", "acc_std/alexnet_bn"} <= set(keys)
+    with pytest.raises(SpecError, match=r"evaluation\.models: lenet cannot be built for digits \(1x8x8\)"):
+        from orchestrator.sweep import check_budgets
+        s = validate(tiny_spec(evaluation={"models": ["lenet"]}))
+        check_budgets(s, s.task.load(s))
+    with pytest.raises(SpecError, match=r"evaluation\.models: unknown model 'vit'"):
+        validate(tiny_spec(evaluation={"models": ["vit"]}))
+    assert validate(tiny_spec()).hash == validate(tiny_spec(evaluation={"models": []})).hash
