@@ -3,6 +3,7 @@ distiller state for Tune checkpoints. Everything is safetensors plus JSON: nothi
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,25 @@ def file_model(meta: dict[str, str], path: str | Path) -> dict[str, Any] | None:
 
 
 def save_synthetic(path: str | Path, syn: SyntheticSet, info, algorithm: str, extra: dict[str, Any] | None = None,
-                   model: dict[str, Any] | None = None) -> Path:
+                   model: dict[str, Any] | None = None, zca=None) -> Path:
     """Write the export contract: ``images`` (N,C,H,W float32, normalised), ``labels`` (int64),
     ``lr`` (float32 scalar); string metadata ``dataset``, ``algorithm``, ``mean``, ``std``, and
-    ``model`` (JSON of the spec's model section) when given."""
+    ``model`` (JSON of the spec's model section) when given. A set of ZCA-whitened images
+    (``zca``: an ``algorithms.zca.ZCA``) adds ``zca: "true"`` and what undoes the whitening:
+    ``zca_inverse`` (float32 [D, D], D = C*H*W) and ``zca_mean`` (float32 [C, H, W]), so that
+    pixels = (images.flatten(1) @ zca_inverse).view_as(images) + zca_mean; ``mean``/``std`` then
+    describe the dataset's usual normalisation, which these images did not go through. Files
+    without ``zca`` read as before."""
     tensors = {"images": syn.images.detach().cpu().to(torch.float32).contiguous(),
                "labels": syn.labels.detach().cpu().to(torch.int64).contiguous(),
                "lr": torch.tensor(float(syn.lr), dtype=torch.float32)}
     meta = {"dataset": info.name, "algorithm": algorithm, "mean": json.dumps(list(info.mean)),
             "std": json.dumps(list(info.std)), "format": IMAGES_FORMAT, **_model_meta(model)}
+    if zca is not None:
+        state = zca.state_dict()
+        tensors["zca_inverse"] = state["inverse"].to(torch.float32).contiguous()
+        tensors["zca_mean"] = state["mean"].to(torch.float32).contiguous()
+        meta["zca"] = "true"
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
     atomic_write_bytes(Path(path), st_save(tensors, metadata=meta))
     return Path(path)
@@ -126,14 +137,28 @@ def read_synthetic(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     if tensors["images"].ndim != 4 or len(tensors["labels"]) != len(tensors["images"]):
         raise ValueError(f"{path}: images {tuple(tensors['images'].shape)} and labels "
                          f"{tuple(tensors['labels'].shape)} do not match")
+    if meta.get("zca") == "true":
+        shape = tuple(tensors["images"].shape[1:])
+        d = math.prod(shape)
+        for name, want in (("zca_inverse", (d, d)), ("zca_mean", shape)):
+            if name not in tensors:
+                raise ValueError(f"{path}: metadata field 'zca' is true but tensor {name!r} is missing")
+            if tuple(tensors[name].shape) != want:
+                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {want} "
+                                 f"for images of {shape}")
     return tensors, meta
 
 
-def image_grid(images: torch.Tensor, labels: torch.Tensor, mean, std, path: str | Path, max_per_class: int = 10) -> Path:
-    """A PNG grid of the synthetic images, one row per class, in pixel space."""
+def image_grid(images: torch.Tensor, labels: torch.Tensor, mean, std, path: str | Path, max_per_class: int = 10,
+               zca=None) -> Path:
+    """A PNG grid of the synthetic images, one row per class, in pixel space (ZCA-whitened
+    images through the inverse of ``zca``)."""
     from PIL import Image
 
-    x = images.detach().cpu().float() * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    if zca is not None:
+        x = zca.inverse(images.detach().cpu().double()).float()
+    else:
+        x = images.detach().cpu().float() * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
     x = x.clamp(0, 1)
     classes = sorted(set(labels.tolist()))
     rows = [x[labels == c][:max_per_class] for c in classes]

@@ -118,6 +118,8 @@ class ImageData:
     # SHA-256 of what the tensors were made from, where that is more than the tensors show
     # (image_folder: every file's bytes, the size, the split); None for the built-in datasets
     source: str | None = field(default=None, repr=False, compare=False)
+    # the ZCA whitening the tensors went through (algorithms.zca.ZCA; None: normalised pixels)
+    zca: Any = field(default=None, repr=False, compare=False)
 
     def digest(self) -> str:
         """SHA-256 (hex) of the dataset name and the raw bytes of the four tensors (and of
@@ -286,10 +288,33 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options: An
         return data
 
 
+_ZCA_CACHE: dict[str, ImageData] = {}
+
+
+def whitened(data: ImageData, eps: float | None = None) -> ImageData:
+    """``data`` ZCA-whitened as MTT does for CIFAR (``--zca``): the transform (regularisation
+    ``eps``, 0.1 by default: kornia's ZCAWhitening as MTT calls it) is fitted on the training
+    split's pixels (the normalisation undone: MTT whitens [0, 1] pixels), and both splits are
+    whitened with it. The result's digest differs from ``data``'s (the store key of its experts
+    changes with ZCA); its ``zca`` maps sets back to pixels. Cached per process."""
+    from algorithms.zca import DEFAULT_EPS, ZCA
+
+    eps = DEFAULT_EPS if eps is None else eps
+    key = f"{data.digest()}:{eps}"
+    with _CACHE_LOCK:
+        if key not in _ZCA_CACHE:
+            zca = ZCA.fit(data.denormalise(data.x_train), eps=eps)
+            _ZCA_CACHE[key] = ImageData(data.info, zca.transform(data.denormalise(data.x_train)).float(),
+                                        data.y_train, zca.transform(data.denormalise(data.x_test)).float(),
+                                        data.y_test, source=f"zca eps {eps} of {data.digest()}", zca=zca)
+        return _ZCA_CACHE[key]
+
+
 def clear_cache() -> None:
     """Forget every dataset loaded so far in this process."""
     with _CACHE_LOCK:
         _CACHE.clear()
+        _ZCA_CACHE.clear()
 
 
 def _to_image_data(

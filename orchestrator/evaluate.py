@@ -192,6 +192,20 @@ def load_image_data(name: str, sf: SetFile, data_root: str | None, spec: Spec | 
         raise EvaluateError(f"{sf.path}: dataset {name!r}: {e}") from None
 
 
+def _whitened_like(sf: SetFile, data):
+    """The dataset whitened as the set was: ZCA refitted on its training split (deterministic),
+    checked against the set's own ``zca_inverse``; a set whitened otherwise is refused."""
+    from .datasets import whitened
+
+    w = whitened(data)
+    mine = w.zca.state_dict()["inverse"].float()
+    theirs = sf.tensors["zca_inverse"].float()
+    if not torch.allclose(mine, theirs, rtol=1e-3, atol=1e-4 * float(mine.abs().max())):
+        raise EvaluateError(f"{sf.path}: tensor 'zca_inverse' is not the ZCA whitening of {data.info.name}'s training "
+                            f"split (regularisation 0.1) that this tool fits: the set was whitened otherwise")
+    return w
+
+
 def _json_floats(sf: SetFile, key: str, channels: int) -> list[float]:
     raw = sf.meta[key]
     try:
@@ -238,6 +252,8 @@ def check_images(sf: SetFile, info) -> tuple[torch.Tensor, torch.Tensor, bool]:
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
         raise EvaluateError(f"{sf.path}: tensor 'labels' has {len(present)} classes, but {info.name} has {k} "
                             f"(no image of class {shown}); a set of the dataset holds every class")
+    if sf.meta.get("zca") == "true":  # whitened images: compared with the dataset whitened the same way
+        return images, labels, False
     mean = _json_floats(sf, "mean", info.channels)
     std = _json_floats(sf, "std", info.channels)
     same = all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(mean + std, [*info.mean, *info.std]))
@@ -374,6 +390,8 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
                                 f"({info.channels}x{info.size}x{info.size}): {e}") from None
     if data is None:
         data = load_image_data(name, sf, opts.data_root, spec)
+    if sf.meta.get("zca") == "true":
+        data = _whitened_like(sf, data)
 
     ev = spec.evaluation if spec is not None else {k: v[1] for k, v in SCHEMA["evaluation"].items()}
     networks = opts.networks or (ev["networks"] if spec is not None else 5)

@@ -117,7 +117,9 @@ def _search(v):
 SCHEMA: dict[str, dict[str, tuple]] = {
     "dataset": {"name": (str, REQUIRED, lambda v: None if v.lower() in ALL_DATASETS else
                          f"unknown dataset {v!r}; known: {', '.join(ALL_DATASETS)}"),
-                "root": ((str, type(None)), None, None)},
+                "root": ((str, type(None)), None, None),
+                # ZCA whitening (MTT's CIFAR setting, regularisation 0.1), fitted on the training split
+                "zca": (bool, False, None)},
     "model": {"name": (str, "convnet", lambda v: None if v == "convnet" else "unknown model; known: convnet"),
               "depth": (int, 3, _pos), "width": (int, 128, _pos),
               "norm": (str, "instancenorm", lambda v: None if v in ("instancenorm", "none") else
@@ -258,6 +260,8 @@ class Spec:
         d["resources"].pop("max_trials", None)  # a guard, not part of the sweep: sweeps from before it resume
         if not d["evaluation"].get("models"):  # added later: specs without it keep their hash (and resume)
             d["evaluation"].pop("models", None)
+        if not d["dataset"].get("zca"):
+            d["dataset"].pop("zca", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def expert_training(self) -> dict[str, Any]:
@@ -471,6 +475,8 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
     if isinstance(dataset.get("name"), str):
         dataset["name"] = dataset["name"].lower()
     task = task_for(dataset.get("name", ""))
+    if dataset.get("zca") and task.kind != "image":
+        err("dataset.zca", f"ZCA whitening is for images; {dataset.get('name')!r} is a {task.label} dataset")
     schemas = {**SCHEMA, **task.schema}
     sec = {"dataset": dataset, **{s: check_fields(s, raw.get(s), schema) for s, schema in schemas.items()
                                   if s != "dataset"}}

@@ -31,9 +31,9 @@ from .resume import (SIDECAR, LaunchError, ResumeTrustError, _prepare, _start_pa
                      check_resume_trust, sweep_dir, with_checkpoint_repair)
 from .schedulers import GroupedASHA, _scheduler, eval_metric, gpus_for, tune_value  # noqa: F401 (pickled sweeps)
 from .results import summarise_sweep
-from . import locks
+from . import locks, storage
 from .spec import Spec
-from .store import TrajectoryStore, library_versions
+from .store import TrajectoryStore, atomic_write_bytes, library_versions
 from .tracking import RunLogger, Workspace, ensure_experiment
 from .trial import TrialContext, run_trial, trial_name
 
@@ -264,6 +264,8 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     else:
         parent_id = _start_parent(spec, ws, client, experiment_id, experts, full, lineage, exp_dir)
     plog = RunLogger(ws.tracking_uri, parent_id)
+    if getattr(data, "zca", None) is not None:
+        _store_zca(data, ws, plog)
 
     ctx = TrialContext(data=data, spec=spec.to_dict(), spec_hash=spec.hash, expert_files=experts.files,
                        expert_sha256=[r.sha256 for recs in experts.forms.values() for r in recs], store_key=experts.key,
@@ -402,3 +404,23 @@ def _ctrl_c_during_fit() -> Iterator[None]:
 def _trial_label(t) -> str:
     return f"{trial_name(t.config['trial'])}_{t.trial_id}"
 
+
+
+def _store_zca(data, ws: Workspace, plog: RunLogger) -> None:
+    """The fitted ZCA transform beside the experts, under the whitened data's digest
+    (``trajectories/zca-<digest>.safetensors``), and on the sweep's parent run: what whitened
+    every image the sweep saw, with the digest it is known by."""
+    from safetensors.torch import save as st_save
+
+    blob = st_save({k: v.contiguous() for k, v in data.zca.state_dict().items()},
+                   metadata={"dataset": data.info.name, "digest": data.digest(), "source": data.source or ""})
+    name = f"zca-{data.digest()[:16]}.safetensors"
+    if storage.is_remote(ws.trajectories):
+        storage.atomic_write(storage.join(ws.trajectories, name), blob)
+    else:
+        Path(ws.trajectories).mkdir(parents=True, exist_ok=True)
+        if not (Path(ws.trajectories) / name).exists():
+            atomic_write_bytes(Path(ws.trajectories) / name, blob)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / name).write_bytes(blob)
+        plog.artifact(Path(tmp) / name, "zca")

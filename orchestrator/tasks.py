@@ -96,7 +96,12 @@ class ImageClassification(Task):
         if spec.dataset["name"] in FOLDER_DATASETS:  # size, test_fraction, channels; the spec's seed draws the split
             options = {k: v for k, v in spec.dataset.items() if k not in ("name", "root")}
             options["seed"] = spec.seed
-        return load_dataset(spec.dataset["name"], spec.dataset["root"], **options)
+        data = load_dataset(spec.dataset["name"], spec.dataset["root"], **options)
+        if spec.dataset.get("zca"):  # experts, trials and evaluation all see the whitened images
+            from .datasets import whitened
+
+            data = whitened(data)
+        return data
 
     def check_budgets(self, spec, data) -> None:
         from .spec import SpecError
@@ -149,8 +154,9 @@ class ImageClassification(Task):
     def export(self, directory: Path, syn, data, method: str, extra: dict, model: dict) -> list[Path]:
         from .artifacts import image_grid, save_synthetic
 
-        f = save_synthetic(directory / "synthetic.safetensors", syn, data.info, method, extra, model=model)
-        return [f, image_grid(syn.images, syn.labels, data.info.mean, data.info.std, directory / "synthetic_grid.png")]
+        f = save_synthetic(directory / "synthetic.safetensors", syn, data.info, method, extra, model=model, zca=data.zca)
+        return [f, image_grid(syn.images, syn.labels, data.info.mean, data.info.std, directory / "synthetic_grid.png",
+                              zca=data.zca)]
 
     def full_data(self, spec, data, experts) -> dict[str, list[float]]:
         return {"acc": list(experts.accuracy)} if experts.records else {}
