@@ -254,8 +254,43 @@ def data_root(key: str, root: str | os.PathLike | None) -> pathlib.Path:
 # Loading
 # --------------------------------------------------------------------------- #
 
-_CACHE: dict[tuple, ImageData] = {}
-_CACHE_LOCK = threading.Lock()
+_CACHE_LOCK = threading.RLock()
+
+
+class DatasetRegistry:
+    """The datasets of one kind (images here, event sequences in ``orchestrator.sequences``): their
+    static descriptions by name, their loaders, and one per-process cache of what was loaded
+    (keyed by name, resolved root and options). Both kinds resolve roots with :func:`data_root`
+    and report missing files with :class:`DatasetNotFoundError`."""
+
+    def __init__(self, kind: str, infos: dict[str, Any], loaders: dict[str, Callable[..., Any]]):
+        self.kind, self.infos, self.loaders = kind, infos, loaders
+        self._cache: dict[tuple, Any] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return _canonical(str(name)) in self.infos
+
+    def names(self) -> list[str]:
+        return sorted(self.infos)
+
+    def info(self, name: str):
+        try:
+            return self.infos[_canonical(name)]
+        except KeyError:
+            raise ValueError(f"unknown {self.kind} dataset {name!r}; known: {', '.join(self.names())}") from None
+
+    def load(self, key: tuple, loader: Callable[[], Any]) -> Any:
+        """``loader()``'s data, loaded once per process for ``key``."""
+        with _CACHE_LOCK:
+            data = self._cache.get(key)
+            if data is None:
+                data = loader()
+                self._cache[key] = data
+            return data
+
+    def clear(self) -> None:
+        with _CACHE_LOCK:
+            self._cache.clear()
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> ImageData:
@@ -280,12 +315,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options: An
         path = None if info.name == "digits" else resolve_root(info.name, root)
         key = (info.name, None if path is None else str(path))
         loader = lambda: _LOADERS[info.name](info, path)  # noqa: E731
-    with _CACHE_LOCK:
-        data = _CACHE.get(key)
-        if data is None:
-            data = loader()
-            _CACHE[key] = data
-        return data
+    return IMAGES.load(key, loader)
 
 
 _ZCA_CACHE: dict[str, ImageData] = {}
@@ -312,8 +342,8 @@ def whitened(data: ImageData, eps: float | None = None) -> ImageData:
 
 def clear_cache() -> None:
     """Forget every dataset loaded so far in this process."""
+    IMAGES.clear()
     with _CACHE_LOCK:
-        _CACHE.clear()
         _ZCA_CACHE.clear()
 
 
@@ -619,3 +649,6 @@ _LOADERS: dict[str, Callable[[DatasetInfo, Any], ImageData]] = {
     "cifar10": _load_cifar10,
     "cifar100": _load_cifar100,
 }
+
+# the image datasets of the registry (image_folder is read by orchestrator.imagefolder, with options)
+IMAGES = DatasetRegistry("image", DATASETS, _LOADERS)

@@ -179,7 +179,7 @@ def load_image_data(name: str, sf: SetFile, data_root: str | None, spec: Spec | 
     options: dict[str, Any] = {}
     if name in FOLDER_DATASETS:
         if spec is not None:
-            options = {k: v for k, v in spec.dataset.items() if k not in ("name", "root")}
+            options = {k: v for k, v in spec.dataset.items() if k not in ("name", "root", "zca")}
             options["seed"] = spec.seed
         else:
             images = sf.tensors["images"]

@@ -15,7 +15,6 @@ import hashlib
 import io
 import os
 import pathlib
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -24,7 +23,7 @@ import torch
 
 from algorithms.seqtrain import SeqTask, sample_negatives
 
-from .datasets import DATA_ENV_VAR, DatasetFormatError, DatasetNotFoundError, data_root
+from .datasets import DATA_ENV_VAR, DatasetFormatError, DatasetNotFoundError, DatasetRegistry, data_root
 
 __all__ = [
     "MIN_INTERACTIONS",
@@ -235,15 +234,11 @@ class LMData:
 
 def sequence_info(name: str) -> SequenceInfo:
     """Return the :class:`SequenceInfo` of ``name`` (case-insensitive)."""
-    try:
-        return SEQUENCE_DATASETS[str(name).strip().lower()]
-    except KeyError:
-        known = ", ".join(sorted(SEQUENCE_DATASETS))
-        raise ValueError(f"unknown sequence dataset {name!r}; known: {known}") from None
+    return SEQUENCES.info(name)
 
 
 def is_sequence_dataset(name: str) -> bool:
-    return str(name).strip().lower() in SEQUENCE_DATASETS
+    return name in SEQUENCES
 
 
 def resolve_sequence_root(name: str, root: str | os.PathLike | None = None) -> pathlib.Path:
@@ -251,26 +246,16 @@ def resolve_sequence_root(name: str, root: str | os.PathLike | None = None) -> p
     return data_root(sequence_info(name).name, root)
 
 
-_CACHE: dict[tuple[str, str], RecData | LMData] = {}
-_CACHE_LOCK = threading.Lock()
-
-
 def load_sequences(name: str, root: str | os.PathLike | None = None) -> RecData | LMData:
     """Load a sequence dataset (cached per name and resolved root within the process)."""
     info = sequence_info(name)
     path = resolve_sequence_root(info.name, root)
-    with _CACHE_LOCK:
-        data = _CACHE.get((info.name, str(path)))
-        if data is None:
-            data = _LOADERS[info.name](info, path)
-            _CACHE[(info.name, str(path))] = data
-        return data
+    return SEQUENCES.load((info.name, str(path)), lambda: SEQUENCES.loaders[info.name](info, path))
 
 
 def clear_cache() -> None:
     """Forget every sequence dataset loaded so far in this process."""
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    SEQUENCES.clear()
 
 
 # --------------------------------------------------------------------------- #
@@ -475,6 +460,9 @@ _LOADERS: dict[str, Callable[[SequenceInfo, pathlib.Path], RecData | LMData]] = 
     "ml-1m": _load_movielens("::", "::"),
     "ptb": _load_ptb,
 }
+
+# the event-sequence datasets, in the registry machinery the image datasets use
+SEQUENCES = DatasetRegistry("sequence", SEQUENCE_DATASETS, _LOADERS)
 
 
 SAMPLED_NEGATIVES = 100  # per test user, for hr10_s100 / ndcg10_s100

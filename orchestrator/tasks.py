@@ -85,16 +85,16 @@ class ImageClassification(Task):
     budget_label = "IPC"
 
     def datasets(self) -> list[str]:
-        from .datasets import DATASETS, FOLDER_DATASETS
+        from .datasets import FOLDER_DATASETS, IMAGES
 
-        return sorted({*DATASETS, *FOLDER_DATASETS})
+        return sorted({*IMAGES.names(), *FOLDER_DATASETS})
 
     def load(self, spec):
         from .datasets import FOLDER_DATASETS, load_dataset
 
         options = {}
         if spec.dataset["name"] in FOLDER_DATASETS:  # size, test_fraction, channels; the spec's seed draws the split
-            options = {k: v for k, v in spec.dataset.items() if k not in ("name", "root")}
+            options = {k: v for k, v in spec.dataset.items() if k not in ("name", "root", "zca")}
             options["seed"] = spec.seed
         data = load_dataset(spec.dataset["name"], spec.dataset["root"], **options)
         if spec.dataset.get("zca"):  # experts, trials and evaluation all see the whitened images
@@ -189,9 +189,9 @@ class EventSequences(Task):
         return SEQ_SCHEMA
 
     def datasets(self) -> list[str]:
-        from .sequences import SEQUENCE_DATASETS
+        from .sequences import SEQUENCES
 
-        return sorted(SEQUENCE_DATASETS)
+        return SEQUENCES.names()
 
     def load(self, spec):
         from .sequences import load_sequences

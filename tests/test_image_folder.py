@@ -419,7 +419,7 @@ PINNED_HASHES = {
 def test_shipped_spec_hashes_are_pinned(path):
     spec = load_spec(REPO / path)
     assert spec.hash == PINNED_HASHES[path]
-    assert set(spec.dataset) == {"name", "root"}  # no image_folder keys for the other datasets
+    assert set(spec.dataset) == {"name", "root", "zca"}  # no image_folder keys for the other datasets
 
 
 FOLDER_SPEC = {
@@ -444,7 +444,7 @@ def folder_spec(root, **dataset) -> dict:
 def test_image_folder_spec_defaults():
     spec = validate(folder_spec("/data/mine"))
     assert spec.dataset == {"name": "image_folder", "root": "/data/mine", "size": 8, "test_fraction": 0.2,
-                            "channels": None}
+                            "channels": None, "zca": False}
     assert validate(folder_spec("/data/mine", size=16)).hash != spec.hash
     assert validate(folder_spec("/data/mine", name="Image_Folder", channels=3)).dataset["channels"] == 3
 
