@@ -206,7 +206,7 @@ def test_collect_scores_and_architectures(store):
 
 
 def test_results_json_csv_table(store):
-    root, _, parent, ids = store
+    root, _, _, ids = store
     out = cli("results", "--root", root, "--format", "json")
     assert out.exit_code == 0, out.output
     rows = {(r["algorithm"], r["budget"]): r for r in json.loads(out.output)}
