@@ -98,6 +98,9 @@ def test_tables_of_filtered_rows(rows):
     assert "r1" in console.export_text()
     console.print(res.table(res.filter_rows(rows, datasets=["ptb"])))
     assert "p2" in console.export_text()
+    console.print(res.table(res.filter_rows(rows, datasets=["digits"])))  # the scores' columns (tests/test_scores.py)
+    text = console.export_text()
+    assert all(col in text for col in ("gain", "gap", "DDRS"))
 
 
 # ------------------------------------------------------------------------------------------------
