@@ -677,4 +677,19 @@ def summarise_sweep(tracking_uri: str, parent_run_id: str, out_dir: Path) -> lis
     logger = RunLogger(tracking_uri, parent_run_id)
     for p in (csv_path, png_path):
         logger.artifact(p, SUMMARY_ARTIFACT_DIR)
+    log_scores(tracking_uri, rows)
     return [csv_path, png_path]
+
+
+def log_scores(tracking_uri: str, rows: list[dict[str, Any]]) -> None:
+    """Each finished trial's scores as metrics of its own MLflow run (``gain_over_random``,
+    ``gap_to_full``, ``ddrs``: they need the sweep's random subset, so they are known at the end
+    of the sweep, not when the trial ends). Scores that cannot be computed are not logged."""
+    client = MlflowClient(tracking_uri)
+    for r in rows:
+        if r.get("status") != "FINISHED" or not r.get("run_id"):
+            continue
+        for k in ("gain_over_random", "gap_to_full", "ddrs"):
+            v = r.get(k)
+            if v is not None and math.isfinite(v):
+                client.log_metric(r["run_id"], k, float(v))

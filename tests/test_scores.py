@@ -259,6 +259,12 @@ def test_summary_csv_and_plot(store, tmp_path):
     written = {(r["algorithm"], int(r["budget"])): r for r in csv.DictReader(io.StringIO(csv_path.read_text()))}
     assert float(written[("mtt", 1)]["ddrs"]) == pytest.approx(by_hand(0.80, 0.60, 0.97))
     assert float(written[("mtt", 1)]["acc_mean/resnet18_bn"]) == 0.55
+    # and on each finished trial's own run in MLflow
+    client = MlflowClient(uri)
+    mtt1 = written[("mtt", 1)]["run_id"]
+    m = client.get_run(mtt1).data.metrics
+    assert m["gain_over_random"] == pytest.approx(0.20) and m["gap_to_full"] == pytest.approx(0.17)
+    assert m["ddrs"] == pytest.approx(by_hand(0.80, 0.60, 0.97))
 
 
 def test_plot_without_baseline_or_gain(tmp_path):
