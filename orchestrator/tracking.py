@@ -204,7 +204,7 @@ def dataset_input(dataset: dict[str, Any], digest: str) -> DatasetInput:
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.dataset_source_registry import get_registered_sources
     from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import InputTag
+    from mlflow.entities import Dataset, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     from .datasets import data_root
@@ -216,7 +216,7 @@ def dataset_input(dataset: dict[str, Any], digest: str) -> DatasetInput:
     else:
         local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
         source = local(str(data_root(key, dataset.get("root"))))
-    entity = MetaDataset(source, name=name, digest=digest[:16])._to_mlflow_entity()
+    entity = Dataset(**MetaDataset(source, name=name, digest=digest[:16]).to_dict())  # name, digest, source(_type)
     return DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, DATASET_CONTEXT)])
 
 
