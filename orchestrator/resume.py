@@ -43,7 +43,7 @@ from .experts import ExpertSet
 from .progress import Progress
 from .spec import Spec, SpecError
 from .store import atomic_write_bytes
-from .tracking import ROLE_TAG, RunLogger, Workspace
+from .tracking import DIGEST_TAG, ROLE_TAG, RunLogger, Workspace, dataset_input, log_dataset
 
 log = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"checkpoint_(\d+)")
@@ -310,6 +310,8 @@ def _start_parent(spec: Spec, ws: Workspace, client: MlflowClient, experiment_id
                                      "orchestrate.spec_path": spec.path, "orchestrate.sweep_dir": str(exp_dir),
                                      **lineage})
     parent_id = parent.info.run_id
+    if lineage.get(DIGEST_TAG):  # the dataset as an MLflow input: the runs table's Dataset column
+        log_dataset(client, parent_id, dataset_input(spec.dataset, lineage[DIGEST_TAG]))
     plog = RunLogger(ws.tracking_uri, parent_id)
     plog.metrics({**{f"full_data_{k}_{s}": v[i] for k, v in full.items() for i, s in enumerate(("mean", "std"))},
                   "experts_trained": experts.trained, "experts_count": len(experts.records)}, step=0)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, Metric, Param, RunTag
 from mlflow.store.db.db_types import DATABASE_ENGINES  # postgresql, mysql, sqlite, mssql
 
 from . import storage as _storage
@@ -27,6 +27,7 @@ ROOT_ENV = "ORCHESTRATE_ROOT"
 DEFAULT_ROOT = "orchestrate-runs"
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "orchestrate.role"  # sweep | trial
+DIGEST_TAG = "orchestrate.dataset_digest"  # SHA-256 of the sweep's data (the data object's digest())
 
 
 @dataclass(frozen=True)
@@ -160,20 +161,77 @@ def open_tracking_store(ws: "Workspace") -> None:
         MlflowClient(ws.tracking_uri).search_experiments(max_results=1)
 
 
+# The experiment kind MLflow 3 records for a classic training experiment (its UI's
+# ``CUSTOM_MODEL_DEVELOPMENT``; an experiment without the tag may be taken for a GenAI one). MLflow
+# 3.17's UI no longer reads it to pick its view: a global switch does (the sidebar's "Model
+# training", kept in the browser, or ``?workflowType=machine_learning`` in the URL; see README,
+# "Browsing results in MLflow's UI"). The tag still says what the experiment is, to MLflow
+# versions and tools that read it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    """The id of experiment ``name``, created (or restored) if needed, with the experiment kind
+    tag (:data:`EXPERIMENT_KIND`); an experiment of an older store gets the tag here, one whose
+    kind someone set otherwise keeps it."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    location = f"{artifact_root}/{name}" if artifact_root else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        location = f"{artifact_root}/{name}" if artifact_root else None
+        try:
+            return client.create_experiment(name, artifact_location=location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # created concurrently by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+DATASET_CONTEXT = "training"  # the input tag mlflow.data.context of a run's dataset
+
+
+def dataset_input(dataset: dict[str, Any], digest: str) -> DatasetInput:
+    """The spec's dataset (its ``dataset`` section) as an MLflow dataset input: its name, the
+    first 16 hex digits of its data digest (``orchestrate.dataset_digest`` holds all 64; MLflow
+    keeps at most 36) and its source, the data root it was read from (relative roots resolved in
+    this process, as the loaders do) or, for ``digits``, sklearn's bundled copy. MLflow's UI shows
+    it in the runs table's Dataset column and on the run page."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import get_registered_sources
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from .datasets import data_root
+
+    name = str(dataset["name"])
+    key = name.strip().lower()  # the loaders' key (orchestrator.datasets.data_root)
+    if key == "digits":
+        source = CodeDatasetSource({"mlflow.source.name": "sklearn digits (sklearn.datasets.load_digits)"})
+    else:
+        local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
+        source = local(str(data_root(key, dataset.get("root"))))
+    entity = Dataset(**MetaDataset(source, name=name, digest=digest[:16]).to_dict())  # name, digest, source(_type)
+    return DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, DATASET_CONTEXT)])
+
+
+def log_dataset(client: MlflowClient, run_id: str, dataset: DatasetInput, attempts: int = 2) -> None:
+    """Log ``dataset`` as an input of the run (a dataset already logged to the run is not logged
+    twice). Another process may create the same dataset (name and digest) in the experiment at the
+    same moment, and the database then refuses the second insert: the next attempt finds it."""
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=[dataset])
+            return
+        except Exception:  # noqa: BLE001 - the race above; the last attempt raises
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
 
 
 def _param_value(v: Any) -> str:

@@ -24,7 +24,7 @@ from . import methods
 from .artifacts import load_state, save_state
 from .methods import BuildContext
 from .tasks import Task, task_for
-from .tracking import RunLogger, find_or_create_child
+from .tracking import DIGEST_TAG, RunLogger, dataset_input, find_or_create_child, log_dataset
 
 SYNTHETIC_ARTIFACT = "synthetic/synthetic.safetensors"
 
@@ -52,6 +52,21 @@ class TrialContext:
 
 def trial_name(point: dict) -> str:
     return f"{point['algorithm']}-ipc{point['budget']}"
+
+
+def run_name(point: dict, spec: dict, trial_id: str) -> str:
+    """The name of a trial's MLflow run: :func:`trial_name`, then the hyperparameters that the
+    spec varies for the point (a grid's lists, sampled distributions) and, when every point runs
+    ``num_samples`` > 1 times, the trial's number, so that the rows of a runs table differ:
+    ``mtt-ipc10``, ``mtt-ipc10 lr_img=30``, ``mtt-ipc10 lr_lr=3.2e-06 #00003``."""
+    algo = spec.get("algorithms", {}).get(point["algorithm"]) or {}
+    per_budget = algo.get("per_budget") or {}
+    hp = {**(algo.get("hyperparameters") or {}),
+          **(per_budget.get(point["budget"]) or per_budget.get(str(point["budget"])) or {})}
+    shown = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in point["hp"].items()
+             if isinstance(hp.get(k), (list, dict))]
+    repeats = (spec.get("num_samples") or 1) > 1
+    return " ".join([trial_name(point), *shown, *([f"#{trial_id[-5:]}"] if repeats else [])])
 
 
 def _device() -> torch.device:
@@ -122,10 +137,14 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             "orchestrate.experts_sha256": hashlib.sha256("".join(ctx.expert_sha256).encode()).hexdigest()[:16],
             **ctx.tags}
     run_id = restored["run_id"] if restored else \
-        find_or_create_child(client, ctx.experiment_id, ctx.parent_run_id, trial_id, trial_name(point), tags)[0]
+        find_or_create_child(client, ctx.experiment_id, ctx.parent_run_id, trial_id, run_name(point, spec, trial_id),
+                             tags)[0]
     if restored:
         client.update_run(run_id, status="RUNNING")
     log = RunLogger(ctx.tracking_uri, run_id)
+    # the dataset as an MLflow input (once per run); the experiment's row of it (same name and
+    # digest) is the parent run's, whose source the driver resolved
+    log_dataset(client, run_id, dataset_input(spec["dataset"], ctx.tags.get(DIGEST_TAG) or ctx.data.digest()))
     log.params({"algorithm": point["algorithm"], "budget": point["budget"], "iterations": point["iterations"],
                 "dataset": spec["dataset"]["name"], **{f"hp.{k}": v for k, v in point["hp"].items()},
                 **{f"eval.{k}": v for k, v in spec["evaluation"].items()},
