@@ -610,7 +610,8 @@ def ui(root, tracking_uri, host, port, workers):
            "--port", str(port), "--workers", str(workers)]
     if ws.artifact_root:
         cmd += ["--default-artifact-root", ws.artifact_root]
-    click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C to stop)", err=True)
+    click.echo(f"MLflow UI on http://{host}:{port}/#/experiments?workflowType=machine_learning (the model-training "
+               f"view; MLflow's sidebar switch \"Model training\" keeps it) (Ctrl-C to stop)", err=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.secho(f"warning: binding to {host} exposes the UI beyond this machine", fg="yellow", err=True)
     # browsing needs no background job runner (MLflow's GenAI jobs); the user may turn it back on
