@@ -217,3 +217,89 @@ class _Call:
         self.ray.cancel(ref)
         self.local(i, reclaimed=True)
 
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class EvaluateRunner:
+    """``orchestrate evaluate``'s runner: where the networks of a set file train.
+
+    ``workers``: 1, one after another in this process (no Ray); N >= 2, a new local Ray of N - 1
+    CPUs, started at once, beside this process (which trains too); None (``auto``):
+
+    - in a Ray session (``address``, ``RAY_ADDRESS`` as inside a Ray job, or Ray already
+      initialised in this Python process): :class:`RayRunner` on that cluster's free resources;
+    - else on a machine of two CPUs or more: the networks train here one after another while the
+      time they took says that the rest would take at most ``min_s`` (:data:`LOCAL_RAY_MIN_S`)
+      more; past that, a local Ray with every usable CPU but one (this process's) trains the rest
+      beside this process. Starting Ray and its workers takes seconds (tens on a loaded machine):
+      a short evaluation does not pay it.
+
+    Every way gives the same numbers (see :mod:`orchestrator.parallel`). After a call, ``how``
+    says where the networks trained (the report's ``protocol.runner``).
+    """
+
+    def __init__(self, workers: int | None = None, address: str | None = None, min_s: float = LOCAL_RAY_MIN_S):
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be >= 1, not {workers}")
+        self.workers, self.address, self.min_s = workers, address, min_s
+        self.how = ""
+
+    def __call__(self, jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None) -> list:
+        import ray
+
+        jobs = list(jobs)
+        if self.workers == 1 or len(jobs) < 2:
+            self.how = "one network after another in this process"
+            return sequential(jobs, on_done)
+        if ray.is_initialized():
+            return self._ray(jobs, on_done, "the Ray session of this process")
+        address = self.address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            return self._session(jobs, on_done, address, None, f"the Ray cluster at {address}")
+        if self.workers is not None:
+            return self._session(jobs, on_done, None, self.workers - 1,
+                                 f"a local Ray of {self.workers - 1} CPUs and this process")
+        cpus = usable_cpus()
+        if cpus < 2:
+            self.how = "one network after another in this process (one CPU)"
+            return sequential(jobs, on_done)
+        results: list[Any] = []
+        t0 = time.monotonic()
+        for i, job in enumerate(jobs):
+            results.append(job())
+            if on_done is not None:
+                on_done(i, results[-1])
+            left = len(jobs) - len(results)
+            if left and (time.monotonic() - t0) / len(results) * left > self.min_s:
+                break
+        if len(results) == len(jobs):
+            self.how = (f"one network after another in this process (all {len(jobs)} in under "
+                        f"{self.min_s:.0f} s: no Ray started)")
+            return results
+        first = len(results)
+        shifted = None if on_done is None else (lambda i, r: on_done(first + i, r))
+        rest = self._session(jobs[first:], shifted, None, cpus - 1,
+                             f"a local Ray of {cpus - 1} CPUs and this process, started after {first} network(s) "
+                             f"here said the other {len(jobs) - first} would take over {self.min_s:.0f} s", first)
+        return results + rest
+
+    def _session(self, jobs, on_done, address, num_cpus, where: str, before: int = 0) -> list:
+        from .sweep import ray_session
+
+        with ray_session(address, num_cpus):
+            return self._ray(jobs, on_done, where, before)
+
+    def _ray(self, jobs, on_done, where: str, before: int = 0) -> list:
+        runner = RayRunner()
+        out = runner(jobs, on_done)
+        s = runner.stats
+        self.how = (f"{where}: {s['remote']} network(s) as Ray tasks, {before + s['local'] + s['reclaimed']} here"
+                    + (f" ({s['reclaimed']} of them reclaimed from tasks not done in time)" if s["reclaimed"] else ""))
+        return out

@@ -75,6 +75,54 @@ def test_outside_ray_a_runner_is_sequential(digits, small_set):
     assert runner(jobs) == sequential(jobs) and runner.stats["local"] == CFG.networks
 
 
+# -- orchestrate evaluate ------------------------------------------------------------------------------
+@pytest.fixture
+def set_file(tmp_path, digits, small_set):
+    from algorithms.base import SyntheticSet
+    from orchestrator.artifacts import save_synthetic
+
+    x, y, lr = small_set
+    return save_synthetic(tmp_path / "set.safetensors", SyntheticSet(x, y, lr), digits.info, "mtt", {"run_id": "r0"},
+                          model=SMALL)
+
+
+def evaluate_json(*args, env=None) -> dict:
+    import json
+
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    res = CliRunner(env=env).invoke(main, ["evaluate", *map(str, args), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_cli_workers_option(set_file):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    res = CliRunner().invoke(main, ["evaluate", str(set_file), "--workers", "0"])
+    assert res.exit_code == 2 and "--workers" in res.output and "auto or a number" in res.output
+    res = CliRunner(env={"RAY_ADDRESS": "127.0.0.1:1"}).invoke(main, ["evaluate", str(set_file), "--workers", "3"])
+    assert res.exit_code == 2 and "joins the cluster at 127.0.0.1:1" in res.output
+
+
+def test_cli_short_evaluation_starts_no_ray(set_file):
+    """auto: networks of a second or so never pay a local Ray's start; --workers 1 is the same."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is up (this module runs after a slow test)")
+    auto = evaluate_json(set_file, "--networks", "3", "--epochs", "3")
+    assert not ray.is_initialized()
+    assert "no Ray started" in auto["protocol"]["runner"] and auto["protocol"]["threads_per_network"] == 1
+    one = evaluate_json(set_file, "--networks", "3", "--epochs", "3", "--workers", "1")
+    assert [r.get("acc") for r in one["rows"]] == [r.get("acc") for r in auto["rows"]]
+
+
+# -- with Ray (slow) ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_parallel_equals_sequential_bit_for_bit(ray_cluster, digits, small_set):
     torch.set_num_threads(2)  # the caller's threads do not matter: every network trains with one
@@ -178,3 +226,14 @@ def test_inside_a_placement_group_that_captures_child_tasks(ray_cluster, digits,
         remove_placement_group(pg)
     assert results == sequential(jobs)
     assert stats["remote"] >= 1 and stats["reclaimed"] == 0, stats
+
+
+@pytest.mark.slow
+def test_cli_in_a_ray_session_gives_the_sequential_numbers(ray_cluster, set_file):
+    wait_for_free_cpus(2)
+    par = evaluate_json(set_file, "--networks", "3", "--epochs", "6")
+    assert "the Ray session of this process" in par["protocol"]["runner"]
+    seq = evaluate_json(set_file, "--networks", "3", "--epochs", "6", "--workers", "1")
+    assert seq["protocol"]["runner"] == "one network after another in this process"
+    assert [r.get("acc") for r in par["rows"]] == [r.get("acc") for r in seq["rows"]]
+    assert len(par["rows"][0]["acc"]) == 3 and len(par["rows"][1]["acc"]) == 3
