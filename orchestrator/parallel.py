@@ -165,7 +165,7 @@ class _Call:
             func, args, kwargs = job.func, tuple(self._ref(a) for a in job.args), dict(job.keywords)
         else:
             func, args, kwargs = job, (), {}
-        opts = {"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0),
+        opts = {"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0), "name": "eval_network",
                 # not the caller's placement group (a Tune trial's captures child tasks): the cluster's
                 "scheduling_strategy": "DEFAULT"}
         # tensors travel as top-level ObjectRefs: Ray hands the task their values

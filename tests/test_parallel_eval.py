@@ -237,3 +237,38 @@ def test_cli_in_a_ray_session_gives_the_sequential_numbers(ray_cluster, set_file
     assert seq["protocol"]["runner"] == "one network after another in this process"
     assert [r.get("acc") for r in par["rows"]] == [r.get("acc") for r in seq["rows"]]
     assert len(par["rows"][0]["acc"]) == 3 and len(par["rows"][1]["acc"]) == 3
+
+
+@pytest.mark.slow
+def test_a_sweeps_trials_log_the_sequential_numbers(ray_cluster, tmp_path, write_spec, digits):
+    """The tiny sweep, one trial at a time (a CPU left free for the networks): every trial's final
+    acc_mean is what evaluate_set computes one network after another on its exported set."""
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+
+    from orchestrator.artifacts import read_synthetic
+    from orchestrator.cli import main
+    from orchestrator.spec import eval_seed, load_spec
+    from orchestrator.tracking import workspace
+    from tests.conftest import tiny_spec
+
+    wait_for_free_cpus(2)
+    path = write_spec(tiny_spec(evaluation={"networks": 3}, resources={"max_concurrent_trials": 1}))
+    root = tmp_path / "runs"
+    res = CliRunner().invoke(main, ["launch", str(path), "--root", str(root)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    spec = load_spec(path)
+    ev = spec.evaluation
+    cfg = EvalConfig(networks=3, epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"])
+    client = MlflowClient(workspace(root).tracking_uri)
+    exp = client.get_experiment_by_name(spec.name)
+    trials = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrate.role` = 'trial'")
+    assert sorted(t.data.tags["algorithm"] for t in trials) == ["mtt", "random"]
+    for t in trials:
+        local = client.download_artifacts(t.info.run_id, "synthetic/synthetic.safetensors", str(tmp_path))
+        tensors, _ = read_synthetic(local)
+        # the random subset trains at experts.lr (a float; the file keeps it as float32)
+        lr = spec.experts["lr"] if t.data.tags["algorithm"] == "random" else float(tensors["lr"])
+        seq = evaluate_set(spec.model, digits.info, tensors["images"], tensors["labels"], lr, digits.x_test,
+                           digits.y_test, cfg, seed=eval_seed(spec.to_dict()))
+        assert t.data.metrics["acc_mean"] == seq.mean and t.data.metrics["acc_std"] == seq.std, t.data.tags
