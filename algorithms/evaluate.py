@@ -4,11 +4,22 @@ A fresh network is trained on the set with SGD (momentum 0.9, weight decay 5e-4)
 size being the learned ``syn_lr`` (or the experts' lr for real subsets), the step size
 divided by 10 after half of the epochs, and DSA on every batch; its final test accuracy is
 reported. K networks with different seeds give mean and standard deviation.
+
+Every network trains with one torch thread (:data:`EVAL_THREADS`), whoever runs it: CPU kernels
+sum in a different order with another thread count, so the same seed with 2 threads gives other
+weights in the last bits (and now and then another test accuracy). With one thread everywhere a
+network's result depends only on its seed and the data: a trial, ``orchestrate evaluate`` and a
+Ray worker training it in parallel (``evaluate_set``'s ``run``) agree exactly, whatever
+``cpus_per_trial`` or the machine's cores.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import statistics
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +82,66 @@ def train_on_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, 
     return accuracy(net, x_test, y_test)
 
 
+EVAL_THREADS = 1  # torch threads of every evaluation network (see the module's docstring)
+
+# A runner maps jobs (zero-argument callables) to their results, in the jobs' order; ``on_done``,
+# when given, is called with (index, result) as each job finishes (in any order).
+Runner = Callable[..., list]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block, then back to what they were."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _train_network(model: dict, info, images: torch.Tensor, labels: torch.Tensor, lr: float,
+                   x_test: torch.Tensor, y_test: torch.Tensor, cfg: EvalConfig, seed: int, *,
+                   device: str | torch.device = "cpu") -> float:
+    with torch_threads(EVAL_THREADS):
+        return train_on_set(model, info, images, labels, lr, x_test, y_test, cfg, seed, device)
+
+
+def network_job(model: dict, info, images: torch.Tensor, labels: torch.Tensor, lr: float,
+                x_test: torch.Tensor, y_test: torch.Tensor, cfg: EvalConfig, seed: int,
+                device: str | torch.device = "cpu") -> functools.partial:
+    """One evaluation network as a job: a picklable zero-argument callable (a ``functools.partial``
+    of a module-level function, ``device`` a keyword) returning its test accuracy, trained with
+    :data:`EVAL_THREADS` torch threads. The set travels on the CPU (detached); the job moves it to
+    ``device``, so a job shipped to another process computes exactly what it computes here."""
+    return functools.partial(_train_network, model, info, images.detach().cpu(), labels.detach().cpu(), float(lr),
+                             x_test, y_test, cfg, seed, device=device)
+
+
+def sequential(jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None) -> list:
+    """The default runner: the jobs one after another, in this process."""
+    out = []
+    for i, job in enumerate(jobs):
+        out.append(job())
+        if on_done is not None:
+            on_done(i, out[-1])
+    return out
+
+
 def evaluate_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, lr: float,
                  x_test: torch.Tensor, y_test: torch.Tensor, cfg: EvalConfig, seed: int = 0,
-                 device: str | torch.device = "cpu") -> EvalResult:
-    """Train ``cfg.networks`` fresh networks (seeds ``seed``, ``seed+1``, ...) and test each."""
-    return EvalResult([train_on_set(model, info, images, labels, lr, x_test, y_test, cfg, seed + k, device)
-                       for k in range(cfg.networks)])
+                 device: str | torch.device = "cpu", run: Runner | None = None) -> EvalResult:
+    """Train ``cfg.networks`` fresh networks (seeds ``seed``, ``seed+1``, ...) and test each.
+
+    ``run`` runs the networks' jobs (:func:`network_job`) and returns their accuracies in order:
+    :func:`sequential` by default; ``orchestrator.parallel.RayRunner`` trains them as Ray tasks
+    on a cluster's free resources. Each network depends only on its seed, so every runner gives
+    the same numbers."""
+    jobs = [network_job(model, info, images, labels, lr, x_test, y_test, cfg, seed + k, device)
+            for k in range(cfg.networks)]
+    return EvalResult(list((run or sequential)(jobs)))
 
 
 def random_real_subset(x: torch.Tensor, y: torch.Tensor, per_class: int, num_classes: int,

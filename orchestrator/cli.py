@@ -507,6 +507,18 @@ def _positive_lr(ctx, param, value):
     return value
 
 
+def _workers(ctx, param, value):
+    if value is None or str(value).lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"{value!r}: give auto or a number of networks >= 1", ctx=ctx, param=param)
+    return n
+
+
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dataset", default=None, help="The set's dataset (default: the file's 'dataset' metadata; "
@@ -535,12 +547,19 @@ def _positive_lr(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--log", "log_run", is_flag=True,
               help="Record an MLflow run (experiment 'evaluate') in --root's store or at --tracking-uri.")
+@click.option("--workers", default="auto", show_default=True, callback=_workers, metavar="auto|N",
+              help="Image networks trained at once (the numbers do not change): 1, one after another here; N, a "
+                   "local Ray of N-1 CPUs beside this process; auto, the free CPUs/GPUs of the Ray cluster when "
+                   "there is one (--address, RAY_ADDRESS), else a local Ray of all CPUs but one once the first "
+                   "networks say the rest would take over a minute.")
+@click.option("--address", default=None, help="Train the networks on this Ray cluster's free resources: 'auto' or "
+                                              "HOST:PORT.")
 @root_option
 @uri_option
 @storage_option
 @_ctrl_c("run the command again")
-def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug, lr, seed, fmt, log_run, root,
-             tracking_uri, storage):
+def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug, lr, seed, fmt, log_run, workers,
+             address, root, tracking_uri, storage):
     """Evaluate the synthetic set FILE (safetensors, the export format) on its own: K fresh networks
     per model trained on it, next to a random real subset of the same size under the same protocol
     and seeds, and the full-data accuracy of the spec's stored experts. Exit 2 when the file does
@@ -551,6 +570,11 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
     from . import storage as _storage
     from .tracking import DEFAULT_ROOT, ROOT_ENV, TrackingStoreError, open_tracking_store
 
+    joined = address or os.environ.get("RAY_ADDRESS")
+    if joined and workers is not None and workers > 1:
+        how = "--address" if address else "RAY_ADDRESS (set inside a Ray job)"
+        _fail(f"--workers {workers} starts a local Ray, but this run joins the cluster at {joined} ({how}), whose "
+              f"free resources decide: drop --workers (or give --workers 1 to train here, one after another)")
     spec = _load(spec_path) if spec_path else None
     ws = None
     if log_run:  # a store that cannot take the run is named before anything trains
@@ -566,7 +590,8 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
                       Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser().resolve())
         trajectories = _storage.join(store_root, "trajectories")
     opts = ev.EvalOptions(dataset=dataset, data_root=data_root, spec=spec, models=models, networks=networks,
-                          epochs=epochs, aug=aug, lr=lr, seed=seed, trajectories=trajectories)
+                          epochs=epochs, aug=aug, lr=lr, seed=seed, trajectories=trajectories, workers=workers,
+                          address=address)
     say = (lambda line: click.echo(line, err=True))
     try:
         report = ev.evaluate_file(file, opts, say=say)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from algorithms.evaluate import EvalConfig, evaluate_set, random_subset_like
+from algorithms.evaluate import EVAL_THREADS, EvalConfig, network_job, random_subset_like
 from algorithms.networks import MODELS, build_network
 
 from .artifacts import SEQUENCES_FORMAT, file_model, read_synthetic
@@ -57,6 +57,8 @@ class EvalOptions:
     lr: float | None = None
     seed: int | None = None
     trajectories: Any = None  # the trajectory store's root (Path or URI) to look for the spec's experts
+    workers: int | None = None  # networks at once: 1 sequential, N a local Ray of N-1 CPUs, None auto
+    address: str | None = None  # a Ray cluster to train the networks on ('auto' or HOST:PORT)
 
 
 def _canon(name: str) -> str:
@@ -426,23 +428,37 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
     rows = []
     what_set = f"{sf.meta.get('algorithm')} set, {len(labels)} images" + \
         (f" ({counts[0]} per class)" if uniform else " (per-class counts as in the file)")
-    one = EvalConfig(**{**cfg.to_dict(), "networks": 1})
-
-    def run(label, model, images_, labels_, lr_, what):
-        """evaluate_set's networks (seeds seed, seed+1, ...) one at a time, to say how each went."""
-        out = []
+    # every network of every row is one job (evaluate_set's, seeds seed, seed+1, ...); they all go
+    # to the runner at once: in parallel when it can (the same numbers), said as each ends
+    trainings = []
+    for m, (label, model) in enumerate(models):
+        trainings.append((label, model, (m, "synthetic"), images, labels, lr, "the set"))
+        if r_images is not None:
+            trainings.append((label, model, (m, "random"), r_images, r_labels, random_lr, "the random subset"))
+    jobs, owner = [], []
+    for t, (label, model, _, images_, labels_, lr_, _) in enumerate(trainings):
         for k, s in enumerate(seeds):
-            acc = evaluate_set(model, info, images_, labels_, lr_, data.x_test, data.y_test, one, seed=s,
-                               device=device).accs[0]
-            say(f"{label}: {what}, network {k + 1}/{networks} (seed {s}): {100 * acc:.1f} %")
-            out.append({"acc": acc})
-        return out
+            jobs.append(network_job(model, info, images_, labels_, lr_, data.x_test, data.y_test, cfg, s, device))
+            owner.append((t, k))
 
-    for label, model in models:
-        rows.append(_row(label, "synthetic", what_set, lr, run(label, model, images, labels, lr, "the set"), seeds))
+    def done(i: int, acc: float) -> None:
+        t, k = owner[i]
+        label, what = trainings[t][0], trainings[t][6]
+        say(f"{label}: {what}, network {k + 1}/{networks} (seed {seeds[k]}): {100 * acc:.1f} %")
+
+    from .parallel import EvaluateRunner
+
+    runner = EvaluateRunner(opts.workers, opts.address)
+    accs = runner(jobs, on_done=done)
+    per: dict[tuple[int, str], list[dict[str, float]]] = {}  # (model's index, trained on) -> per network
+    for (t, _), acc in zip(owner, accs):
+        per.setdefault(trainings[t][2], []).append({"acc": acc})
+
+    for m, (label, model) in enumerate(models):
+        rows.append(_row(label, "synthetic", what_set, lr, per[(m, "synthetic")], seeds))
         if r_images is not None:
             rows.append(_row(label, "random", f"random real subset, {len(r_labels)} images", random_lr,
-                             run(label, model, r_images, r_labels, random_lr, "the random subset"), seeds))
+                             per[(m, "random")], seeds))
         else:
             rows.append(_row(label, "random", "random real subset", random_lr, [], None, random_note))
         if full and spec is not None and model == spec.model:
@@ -456,7 +472,8 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
     return {**_report_head(sf, name, spec), "kind": "images", "size": len(labels), "per_class": counts,
             "metrics": ["acc"], "models": {label: model for label, model in models}, "model_from": base_from,
             "protocol": {"networks": networks, "epochs": epochs, "batch_size": cfg.batch_size, "aug": aug,
-                         "seed": seed, "seeds": seeds, "optimizer": SGD, "device": str(device)},
+                         "seed": seed, "seeds": seeds, "optimizer": SGD, "device": str(device),
+                         "threads_per_network": EVAL_THREADS, "runner": runner.how},
             "lr": {"set": lr, "set_from": lr_from, "random": random_lr, "random_from": random_lr_from},
             "random_subset": {"seed": subset_seed, "budget": budget, "note": random_note},
             "full_data_note": full_note, "renormalised": renormalised, "rows": rows}
@@ -651,6 +668,8 @@ def notes(report: dict[str, Any]) -> list[str]:
             where = report["model_from"] if k == "convnet" else "convnet with one setting changed"
             out.append(f"model {k}: {model_text(v)}, {where}")
         drawn = "real training images with the set's per-class counts"
+        if p.get("runner"):
+            out.append(f"networks: {p['threads_per_network']} torch thread each, trained by {p['runner']}")
     else:
         out = [(f"protocol: {p['networks']} fresh model{'s' * (p['networks'] != 1)} per row, "
                 f"{p['epochs']} epochs of Adam, batch {p['batch_size']}, weight decay {p['weight_decay']}, {seeds}")]

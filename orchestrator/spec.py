@@ -139,7 +139,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "evaluation": {"networks": (int, 5, _pos), "epochs": (int, 300, _pos), "interval": (int, 100, _nonneg),
                    "batch_size": (int, 256, _pos), "dsa": (bool, True, None),
                    # cross-architecture: the final evaluation also trains these (acc_mean/<name> in MLflow)
-                   "models": (list, [], lambda v: _eval_models(v))},
+                   "models": (list, [], lambda v: _eval_models(v)),
+                   # the networks of one evaluation as Ray tasks on free resources (the same numbers)
+                   "parallel": (bool, True, None)},
     "resources": {"cpus_per_trial": (NUM, 1, _pos), "gpus_per_trial": ((str, int, float, dict), "auto", _gpus),
                   "cpus_per_expert": (NUM, 1, _pos),
                   "max_concurrent_trials": ((int, type(None)), None, lambda v: None if v is None or v > 0
@@ -260,6 +262,9 @@ class Spec:
         d["resources"].pop("max_trials", None)  # a guard, not part of the sweep: sweeps from before it resume
         if not d["evaluation"].get("models"):  # added later: specs without it keep their hash (and resume)
             d["evaluation"].pop("models", None)
+        # how the evaluation networks are scheduled, not what they compute (parallel or not, the
+        # same numbers): never part of the sweep, so switching it keeps the hash (and resumes)
+        d["evaluation"].pop("parallel", None)
         if not d["dataset"].get("zca"):
             d["dataset"].pop("zca", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -134,20 +134,28 @@ class ImageClassification(Task):
                  ) -> dict[str, tuple[float, float]]:
         """Accuracy of ``evaluation.networks`` fresh networks of the spec's model (``acc``); at the
         final evaluation also of each of ``evaluation.models`` with its own defaults
-        (``acc/<model>``: cross-architecture, DC's --eval_mode M), same seeds and protocol."""
+        (``acc/<model>``: cross-architecture, DC's --eval_mode M), same seeds and protocol. With
+        ``evaluation.parallel`` (default) and Ray initialised, the networks of one evaluation train
+        as Ray tasks on the cluster's free resources beside this process
+        (:class:`orchestrator.parallel.RayRunner`): the same numbers, sooner."""
         from algorithms.evaluate import EvalConfig, evaluate_set
 
         from .spec import eval_seed
 
         ev = spec["evaluation"]
         cfg = EvalConfig(networks=ev["networks"], epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"])
+        run = None  # one network after another, in this process
+        if ev.get("parallel", True):  # inside Ray (a Tune trial): the networks also on free CPUs/GPUs
+            from .parallel import RayRunner
+
+            run = RayRunner()
         models = [("acc", spec["model"])]
         if final:
             models += [(f"acc/{m}", {"name": m}) for m in ev.get("models", []) if m != spec["model"]["name"]]
         out = {}
         for key, model in models:
             res = evaluate_set(model, data.info, syn.images, syn.labels, syn.lr, data.x_test, data.y_test, cfg,
-                               seed=eval_seed(spec), device=device)
+                               seed=eval_seed(spec), device=device, run=run)
             out[key] = (res.mean, res.std)
         return out
 

@@ -147,7 +147,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     log_dataset(client, run_id, dataset_input(spec["dataset"], ctx.tags.get(DIGEST_TAG) or ctx.data.digest()))
     log.params({"algorithm": point["algorithm"], "budget": point["budget"], "iterations": point["iterations"],
                 "dataset": spec["dataset"]["name"], **{f"hp.{k}": v for k, v in point["hp"].items()},
-                **{f"eval.{k}": v for k, v in spec["evaluation"].items()},
+                **{f"eval.{k}": v for k, v in spec["evaluation"].items() if k != "parallel"},  # scheduling only
                 **{f"model.{k}": v for k, v in spec["model"].items()}})
     full = ctx.full_data
     common = {f"full_data_{k}_{s}": v[i] for k, v in full.items() for i, s in enumerate(("mean", "std"))}

@@ -1,0 +1,305 @@
+"""Evaluation networks in parallel: Ray tasks on the cluster's free resources.
+
+:class:`RayRunner` is a runner for :func:`algorithms.evaluate.evaluate_set` (its ``run``): it maps
+a list of jobs (zero-argument callables, :func:`algorithms.evaluate.network_job`) to their results
+in order, training some of them as Ray tasks while the calling process trains the others.
+
+It never waits on a task that cannot be scheduled. A trial holds its own CPUs (and GPU) while it
+evaluates, and on a full cluster nothing else may be free: so
+
+- it submits at most as many tasks as :func:`ray.available_resources` has room for right now
+  (one CPU each; with a CUDA ``device``, one CPU and :data:`GPUS_PER_NETWORK` of a GPU), and never
+  all of the jobs: the calling process always trains one itself, taking the jobs from the front
+  while the tasks take them from the back; before each job of its own it looks again and submits
+  more when something was freed meanwhile;
+- when its own share is done it waits for the tasks still out at most ``patience``: as long as
+  one job of its own took (the longest, at least :data:`MIN_PATIENCE_S`). A task not done by then
+  is queued, on a slower node or in a worker still starting; the caller cancels the most recently
+  submitted one and trains that job itself (the same seed: the same result), looks at the others
+  again, and so on until every job has its result. Waiting one job's time before training it
+  here is the ski-rental rule: the caller, idle, never ends more than one job's time later than
+  the best choice made knowing when the task would finish;
+- a task whose worker or node died is trained here too; an error of the job itself (as the job
+  would raise here) is raised.
+
+The tasks escape the caller's placement group: Tune runs a trial in a placement group that
+captures its child tasks, and the trial's bundle has no room for them (the trial uses it whole),
+so captured tasks would queue forever. They are scheduled on the cluster (``DEFAULT``) instead.
+
+Results are bit-identical to :func:`algorithms.evaluate.sequential`: a network depends only on its
+seed and the data (one torch thread, see :data:`algorithms.evaluate.EVAL_THREADS`), the tensors
+travel through Ray's object store unchanged, and a task trains on the caller's device type. On
+identical hardware and software, that is: a cluster whose nodes have other CPUs (another vector
+instruction set) or other GPUs, or CUDA kernels that are not deterministic, can differ in the last
+bits as any two machines do.
+
+Outside Ray (``ray`` not initialised) a runner trains everything in this process, one job after
+another, as :func:`~algorithms.evaluate.sequential` does.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from algorithms.evaluate import sequential
+
+GPUS_PER_NETWORK = 0.25  # of a GPU, per evaluation network task (small ConvNets: four share one GPU)
+MIN_PATIENCE_S = 1.0  # the least wait for a task still out once the caller's share is done (Ray's latency)
+LOCAL_RAY_MIN_S = 60.0  # orchestrate evaluate: remaining work (one after another) that pays a local Ray's start
+
+
+def _call(func: Callable, kwargs: dict, *args) -> Any:
+    """The Ray task: one job (its positional arguments last: Ray resolves top-level ObjectRefs
+    only). A CUDA device is the task's own GPU (Ray makes it device 0)."""
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type == "cuda":
+        kwargs = {**kwargs, "device": "cuda"}
+    return func(*args, **kwargs)
+
+
+def _job_device(job: Callable) -> str:
+    """``cuda`` for a job (a ``functools.partial``) whose ``device`` keyword is a CUDA device, else ``cpu``."""
+    device = getattr(job, "keywords", None) and job.keywords.get("device")
+    return "cuda" if device is not None and torch.device(device).type == "cuda" else "cpu"
+
+
+def free_resources() -> dict[str, float]:
+    """What the cluster has free now: ``CPU`` and ``GPU`` (placement groups' reserved bundles excluded)."""
+    import ray
+
+    free = ray.available_resources()
+    return {"CPU": float(free.get("CPU", 0.0)), "GPU": float(free.get("GPU", 0.0))}
+
+
+class RayRunner:
+    """Jobs as Ray tasks on free resources, the rest in this process (see the module's docstring).
+
+    ``free``: what is free now (default :func:`free_resources`; tests pass their own);
+    ``patience_s``: a fixed wait for the tasks still out once the caller's share is done (default:
+    the longest of the caller's own jobs, at least ``min_patience_s``). After a call, ``stats``
+    says where the jobs ran: ``remote`` (finished as tasks), ``local``, ``reclaimed`` (submitted,
+    then cancelled and trained here) and ``submitted``.
+    """
+
+    def __init__(self, gpus_per_network: float = GPUS_PER_NETWORK, patience_s: float | None = None,
+                 min_patience_s: float = MIN_PATIENCE_S, free: Callable[[], dict[str, float]] | None = None):
+        self.gpus_per_network = gpus_per_network
+        self.patience_s = patience_s
+        self.min_patience_s = min_patience_s
+        self.free = free or free_resources
+        self.stats: dict[str, int] = {}
+
+    def __call__(self, jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None) -> list:
+        import ray
+
+        jobs = list(jobs)
+        self.stats = {"submitted": 0, "remote": 0, "local": 0, "reclaimed": 0}
+        if not ray.is_initialized() or len(jobs) < 2:
+            self.stats["local"] = len(jobs)
+            return sequential(jobs, on_done)
+        return _Call(self, jobs, on_done, ray).run()
+
+
+class _Call:
+    """One call of a :class:`RayRunner`: its queue, its tasks and its results."""
+
+    def __init__(self, runner: RayRunner, jobs: list, on_done, ray):
+        self.runner, self.jobs, self.on_done, self.ray = runner, jobs, on_done, ray
+        self.results: list[Any] = [None] * len(jobs)
+        self.todo = deque(range(len(jobs)))  # this process takes from the left, tasks from the right
+        self.pending: dict[Any, int] = {}  # ObjectRef -> job index, in submission order
+        self.puts: dict[int, tuple[Any, Any]] = {}  # id(tensor) -> (tensor, its ObjectRef): one put per call
+        self.longest = 0.0  # the longest job of this process, seconds
+        self.task = ray.remote(max_retries=1, retry_exceptions=False)(_call)
+
+    def run(self) -> list:
+        try:
+            while self.todo:
+                i = self.todo.popleft()
+                self.submit()  # room for more now? (resources freed since the last look)
+                self.local(i)
+                self.collect(timeout=0)
+            deadline = time.monotonic() + self.patience()
+            while self.pending:
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self.collect(timeout=left, one=True)  # the next to finish, or the deadline
+                self.collect(timeout=0)  # and every other one already done
+                if self.pending and time.monotonic() >= deadline:
+                    self.reclaim()
+        finally:
+            for ref in self.pending:  # interrupted (Ctrl-C, Tune stopping the trial) or an error: no orphans
+                self.ray.cancel(ref)
+        return self.results
+
+    def patience(self) -> float:
+        r = self.runner
+        return r.patience_s if r.patience_s is not None else max(r.min_patience_s, self.longest)
+
+    # -- submitting ---------------------------------------------------------------------------
+    def submit(self) -> None:
+        if not self.todo:
+            return
+        free = self.runner.free()
+        while self.todo:
+            i = self.todo[-1]
+            need = {"CPU": 1.0, **({"GPU": self.runner.gpus_per_network}
+                                   if _job_device(self.jobs[i]) == "cuda" else {})}
+            if any(free.get(k, 0.0) + 1e-9 < v for k, v in need.items()):
+                return
+            for k, v in need.items():
+                free[k] -= v
+            self.todo.pop()
+            self.pending[self._submit(self.jobs[i], need)] = i
+            self.runner.stats["submitted"] += 1
+
+    def _submit(self, job, need: dict[str, float]):
+        if isinstance(job, functools.partial):
+            func, args, kwargs = job.func, tuple(self._ref(a) for a in job.args), dict(job.keywords)
+        else:
+            func, args, kwargs = job, (), {}
+        opts = {"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0), "name": "eval_network",
+                # not the caller's placement group (a Tune trial's captures child tasks): the cluster's
+                "scheduling_strategy": "DEFAULT"}
+        # tensors travel as top-level ObjectRefs: Ray hands the task their values
+        return self.task.options(**opts).remote(func, kwargs, *args)
+
+    def _ref(self, value):
+        """A tensor argument put once per call into the object store (the test set is shared by all jobs)."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        if id(value) not in self.puts:
+            self.puts[id(value)] = (value, self.ray.put(value))
+        return self.puts[id(value)][1]
+
+    # -- results ------------------------------------------------------------------------------
+    def local(self, i: int, reclaimed: bool = False) -> None:
+        t0 = time.monotonic()
+        value = self.jobs[i]()
+        if not reclaimed:
+            self.longest = max(self.longest, time.monotonic() - t0)
+        self.runner.stats["reclaimed" if reclaimed else "local"] += 1
+        self.done(i, value)
+
+    def done(self, i: int, value) -> None:
+        self.results[i] = value
+        if self.on_done is not None:
+            self.on_done(i, value)
+
+    def collect(self, timeout: float, one: bool = False) -> None:
+        """Take the results of the tasks that finished (waiting up to ``timeout`` for the first)."""
+        if not self.pending:
+            return
+        ready, _ = self.ray.wait(list(self.pending), num_returns=1 if one else len(self.pending), timeout=timeout)
+        for ref in ready:
+            i = self.pending.pop(ref)
+            try:
+                value = self.ray.get(ref)
+            except self.ray.exceptions.RayTaskError:
+                raise  # the job's own error (it is also an instance of the error's class)
+            except self.ray.exceptions.RayError:  # its worker or node died: the same job here
+                self.local(i, reclaimed=True)
+                continue
+            self.runner.stats["remote"] += 1
+            self.done(i, value)
+
+    def reclaim(self) -> None:
+        """Cancel the most recently submitted task still out and train its job here."""
+        ref = next(reversed(self.pending))
+        i = self.pending.pop(ref)
+        self.ray.cancel(ref)
+        self.local(i, reclaimed=True)
+
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class EvaluateRunner:
+    """``orchestrate evaluate``'s runner: where the networks of a set file train.
+
+    ``workers``: 1, one after another in this process (no Ray); N >= 2, a new local Ray of N - 1
+    CPUs, started at once, beside this process (which trains too); None (``auto``):
+
+    - in a Ray session (``address``, ``RAY_ADDRESS`` as inside a Ray job, or Ray already
+      initialised in this Python process): :class:`RayRunner` on that cluster's free resources;
+    - else on a machine of two CPUs or more: the networks train here one after another while the
+      time they took says that the rest would take at most ``min_s`` (:data:`LOCAL_RAY_MIN_S`)
+      more; past that, a local Ray with every usable CPU but one (this process's) trains the rest
+      beside this process. Starting Ray and its workers takes seconds (tens on a loaded machine):
+      a short evaluation does not pay it.
+
+    Every way gives the same numbers (see :mod:`orchestrator.parallel`). After a call, ``how``
+    says where the networks trained (the report's ``protocol.runner``).
+    """
+
+    def __init__(self, workers: int | None = None, address: str | None = None, min_s: float = LOCAL_RAY_MIN_S):
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be >= 1, not {workers}")
+        self.workers, self.address, self.min_s = workers, address, min_s
+        self.how = ""
+
+    def __call__(self, jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None) -> list:
+        import ray
+
+        jobs = list(jobs)
+        if self.workers == 1 or len(jobs) < 2:
+            self.how = "one network after another in this process"
+            return sequential(jobs, on_done)
+        if ray.is_initialized():
+            return self._ray(jobs, on_done, "the Ray session of this process")
+        address = self.address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            return self._session(jobs, on_done, address, None, f"the Ray cluster at {address}")
+        if self.workers is not None:
+            return self._session(jobs, on_done, None, self.workers - 1,
+                                 f"a local Ray of {self.workers - 1} CPUs and this process")
+        cpus = usable_cpus()
+        if cpus < 2:
+            self.how = "one network after another in this process (one CPU)"
+            return sequential(jobs, on_done)
+        results: list[Any] = []
+        t0 = time.monotonic()
+        for i, job in enumerate(jobs):
+            results.append(job())
+            if on_done is not None:
+                on_done(i, results[-1])
+            left = len(jobs) - len(results)
+            if left and (time.monotonic() - t0) / len(results) * left > self.min_s:
+                break
+        if len(results) == len(jobs):
+            self.how = (f"one network after another in this process (all {len(jobs)} in under "
+                        f"{self.min_s:.0f} s: no Ray started)")
+            return results
+        first = len(results)
+        shifted = None if on_done is None else (lambda i, r: on_done(first + i, r))
+        rest = self._session(jobs[first:], shifted, None, cpus - 1,
+                             f"a local Ray of {cpus - 1} CPUs and this process, started after {first} network(s) "
+                             f"here said the other {len(jobs) - first} would take over {self.min_s:.0f} s", first)
+        return results + rest
+
+    def _session(self, jobs, on_done, address, num_cpus, where: str, before: int = 0) -> list:
+        from .sweep import ray_session
+
+        with ray_session(address, num_cpus):
+            return self._ray(jobs, on_done, where, before)
+
+    def _ray(self, jobs, on_done, where: str, before: int = 0) -> list:
+        runner = RayRunner()
+        out = runner(jobs, on_done)
+        s = runner.stats
+        self.how = (f"{where}: {s['remote']} network(s) as Ray tasks, {before + s['local'] + s['reclaimed']} here"
+                    + (f" ({s['reclaimed']} of them reclaimed from tasks not done in time)" if s["reclaimed"] else ""))
+        return out

@@ -1,0 +1,274 @@
+"""Evaluation networks in parallel (orchestrator.parallel.RayRunner): the same numbers as one
+after another, bit for bit, on digits; and a runner that finds no free CPU, or whose tasks cannot
+be scheduled, still finishes (in the calling process). A 1-block ConvNet of width 8, a few epochs
+on one image per class: the networks take a fraction of a second, Ray's workers most of the time."""
+import functools
+import time
+
+import pytest
+import torch
+
+from algorithms.evaluate import EVAL_THREADS, EvalConfig, evaluate_set, network_job, random_real_subset, sequential
+from orchestrator.datasets import load_dataset
+from orchestrator.parallel import RayRunner
+
+SMALL = {"name": "convnet", "depth": 1, "width": 8, "norm": "instancenorm", "pooling": "avgpooling"}
+CFG = EvalConfig(networks=4, epochs=6, batch_size=8)
+SEED = 17
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def small_set(digits):
+    x, y = random_real_subset(digits.x_train, digits.y_train, 1, 10, torch.Generator().manual_seed(5))
+    return x, y, 0.02
+
+
+def digest_jobs(digits, small_set) -> list:
+    """The evaluation networks' jobs, each returning a digest of its trained weights (and its
+    thread count) instead of the test accuracy: equal digests are equal networks, bit for bit."""
+    def weights(*args, **kwargs):  # defined here: pickled by value, a worker needs no tests package
+        import hashlib
+
+        import algorithms.evaluate as ev
+
+        seen = {}
+
+        def digest(net, x, y):
+            seen["threads"] = torch.get_num_threads()
+            return hashlib.sha256(b"".join(t.detach().cpu().contiguous().numpy().tobytes()
+                                           for t in net.state_dict().values())).hexdigest()
+
+        accuracy, ev.accuracy = ev.accuracy, digest
+        try:
+            return ev._train_network(*args, **kwargs), seen["threads"]
+        finally:
+            ev.accuracy = accuracy
+
+    x, y, lr = small_set
+    return [functools.partial(weights, *job.args, **job.keywords)
+            for job in (network_job(SMALL, digits.info, x, y, lr, digits.x_test, digits.y_test, CFG, SEED + k)
+                        for k in range(CFG.networks))]
+
+
+def wait_for_free_cpus(n: float, timeout: float = 60) -> None:
+    """Ray's view of free resources lags behind: wait until it says ``n`` CPUs."""
+    import ray
+
+    end = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) != n:
+        assert time.monotonic() < end, f"Ray still reports {ray.available_resources().get('CPU', 0.0)} free CPUs"
+        time.sleep(0.2)
+
+
+def test_outside_ray_a_runner_is_sequential(digits, small_set):
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is up (this module runs after a slow test)")
+    runner = RayRunner()
+    jobs = digest_jobs(digits, small_set)
+    assert runner(jobs) == sequential(jobs) and runner.stats["local"] == CFG.networks
+
+
+# -- orchestrate evaluate ------------------------------------------------------------------------------
+@pytest.fixture
+def set_file(tmp_path, digits, small_set):
+    from algorithms.base import SyntheticSet
+    from orchestrator.artifacts import save_synthetic
+
+    x, y, lr = small_set
+    return save_synthetic(tmp_path / "set.safetensors", SyntheticSet(x, y, lr), digits.info, "mtt", {"run_id": "r0"},
+                          model=SMALL)
+
+
+def evaluate_json(*args, env=None) -> dict:
+    import json
+
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    res = CliRunner(env=env).invoke(main, ["evaluate", *map(str, args), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_cli_workers_option(set_file):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    res = CliRunner().invoke(main, ["evaluate", str(set_file), "--workers", "0"])
+    assert res.exit_code == 2 and "--workers" in res.output and "auto or a number" in res.output
+    res = CliRunner(env={"RAY_ADDRESS": "127.0.0.1:1"}).invoke(main, ["evaluate", str(set_file), "--workers", "3"])
+    assert res.exit_code == 2 and "joins the cluster at 127.0.0.1:1" in res.output
+
+
+def test_cli_short_evaluation_starts_no_ray(set_file):
+    """auto: networks of a second or so never pay a local Ray's start; --workers 1 is the same."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is up (this module runs after a slow test)")
+    auto = evaluate_json(set_file, "--networks", "3", "--epochs", "3")
+    assert not ray.is_initialized()
+    assert "no Ray started" in auto["protocol"]["runner"] and auto["protocol"]["threads_per_network"] == 1
+    one = evaluate_json(set_file, "--networks", "3", "--epochs", "3", "--workers", "1")
+    assert [r.get("acc") for r in one["rows"]] == [r.get("acc") for r in auto["rows"]]
+
+
+# -- with Ray (slow) ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_parallel_equals_sequential_bit_for_bit(ray_cluster, digits, small_set):
+    torch.set_num_threads(2)  # the caller's threads do not matter: every network trains with one
+    wait_for_free_cpus(2)
+    jobs = digest_jobs(digits, small_set)
+    seq = sequential(jobs)
+    assert torch.get_num_threads() == 2  # restored after each network
+    assert {threads for _, threads in seq} == {EVAL_THREADS}
+    assert len({d for d, _ in seq}) == CFG.networks  # four seeds, four networks
+    runner = RayRunner(patience_s=120)  # fresh workers start (import torch) slower than these networks train
+    done = []
+    par = runner(jobs, on_done=lambda i, r: done.append(i))
+    assert par == seq
+    assert sorted(done) == list(range(CFG.networks))
+    assert runner.stats["remote"] >= 1 and runner.stats["local"] >= 1, runner.stats
+    assert sum(runner.stats[k] for k in ("remote", "local", "reclaimed")) == CFG.networks
+
+    # and through evaluate_set: the accuracies of the protocol
+    x, y, lr = small_set
+    args = (SMALL, digits.info, x, y, lr, digits.x_test, digits.y_test, CFG)
+    assert evaluate_set(*args, seed=SEED, run=RayRunner(patience_s=120)).accs == evaluate_set(*args, seed=SEED).accs
+
+
+@pytest.mark.slow
+def test_no_free_cpu_runs_everything_here(ray_cluster, digits, small_set):
+    """Both CPUs held (two trials, say): nothing is submitted, the caller trains every network."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self):
+            return True
+
+    holders = [Holder.remote() for _ in range(2)]
+    try:
+        ray.get([h.ready.remote() for h in holders])
+        wait_for_free_cpus(0)
+        jobs = digest_jobs(digits, small_set)
+        runner = RayRunner()
+        assert runner(jobs) == sequential(jobs)
+        assert runner.stats == {"submitted": 0, "remote": 0, "local": CFG.networks, "reclaimed": 0}
+    finally:
+        for h in holders:
+            ray.kill(h)
+
+
+@pytest.mark.slow
+def test_tasks_that_cannot_be_scheduled_are_reclaimed(ray_cluster, digits, small_set):
+    """Ray says CPUs are free but they are not (another driver took them meanwhile): the tasks
+    queue; once the caller's share is done and the patience is over, it cancels them one by one
+    and trains their networks itself. The same results, no deadlock."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self):
+            return True
+
+    holders = [Holder.remote() for _ in range(2)]
+    try:
+        ray.get([h.ready.remote() for h in holders])
+        wait_for_free_cpus(0)
+        jobs = digest_jobs(digits, small_set)
+        runner = RayRunner(free=lambda: {"CPU": 2.0, "GPU": 0.0}, patience_s=1.0)
+        t0 = time.monotonic()
+        assert runner(jobs) == sequential(jobs)
+        assert runner.stats == {"submitted": 2, "remote": 0, "local": 2, "reclaimed": 2}, runner.stats
+        assert time.monotonic() - t0 < 60
+    finally:
+        for h in holders:
+            ray.kill(h)
+
+
+@pytest.mark.slow
+def test_inside_a_placement_group_that_captures_child_tasks(ray_cluster, digits, small_set):
+    """As in a Tune trial: the caller is an actor in a placement group bundle of 1 CPU that
+    captures its child tasks (Tune's trainable); the runner's tasks go to the cluster's free CPU,
+    not into the full bundle."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    wait_for_free_cpus(2)
+    jobs = digest_jobs(digits, small_set)
+
+    class Trial:
+        def evaluate(self, jobs):
+            from orchestrator.parallel import RayRunner
+
+            runner = RayRunner(patience_s=60.0)
+            return runner(jobs), runner.stats
+
+    pg = placement_group([{"CPU": 1}])
+    ray.get(pg.ready())
+    try:
+        strategy = PlacementGroupSchedulingStrategy(pg, 0, placement_group_capture_child_tasks=True)
+        trial = ray.remote(num_cpus=1)(Trial).options(scheduling_strategy=strategy).remote()
+        results, stats = ray.get(trial.evaluate.remote(jobs))
+        ray.kill(trial)
+    finally:
+        remove_placement_group(pg)
+    assert results == sequential(jobs)
+    assert stats["remote"] >= 1 and stats["reclaimed"] == 0, stats
+
+
+@pytest.mark.slow
+def test_cli_in_a_ray_session_gives_the_sequential_numbers(ray_cluster, set_file):
+    wait_for_free_cpus(2)
+    par = evaluate_json(set_file, "--networks", "3", "--epochs", "6")
+    assert "the Ray session of this process" in par["protocol"]["runner"]
+    seq = evaluate_json(set_file, "--networks", "3", "--epochs", "6", "--workers", "1")
+    assert seq["protocol"]["runner"] == "one network after another in this process"
+    assert [r.get("acc") for r in par["rows"]] == [r.get("acc") for r in seq["rows"]]
+    assert len(par["rows"][0]["acc"]) == 3 and len(par["rows"][1]["acc"]) == 3
+
+
+@pytest.mark.slow
+def test_a_sweeps_trials_log_the_sequential_numbers(ray_cluster, tmp_path, write_spec, digits):
+    """The tiny sweep, one trial at a time (a CPU left free for the networks): every trial's final
+    acc_mean is what evaluate_set computes one network after another on its exported set."""
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+
+    from orchestrator.artifacts import read_synthetic
+    from orchestrator.cli import main
+    from orchestrator.spec import eval_seed, load_spec
+    from orchestrator.tracking import workspace
+    from tests.conftest import tiny_spec
+
+    wait_for_free_cpus(2)
+    path = write_spec(tiny_spec(evaluation={"networks": 3}, resources={"max_concurrent_trials": 1}))
+    root = tmp_path / "runs"
+    res = CliRunner().invoke(main, ["launch", str(path), "--root", str(root)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    spec = load_spec(path)
+    ev = spec.evaluation
+    cfg = EvalConfig(networks=3, epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"])
+    client = MlflowClient(workspace(root).tracking_uri)
+    exp = client.get_experiment_by_name(spec.name)
+    trials = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrate.role` = 'trial'")
+    assert sorted(t.data.tags["algorithm"] for t in trials) == ["mtt", "random"]
+    for t in trials:
+        local = client.download_artifacts(t.info.run_id, "synthetic/synthetic.safetensors", str(tmp_path))
+        tensors, _ = read_synthetic(local)
+        # the random subset trains at experts.lr (a float; the file keeps it as float32)
+        lr = spec.experts["lr"] if t.data.tags["algorithm"] == "random" else float(tensors["lr"])
+        seq = evaluate_set(spec.model, digits.info, tensors["images"], tensors["labels"], lr, digits.x_test,
+                           digits.y_test, cfg, seed=eval_seed(spec.to_dict()))
+        assert t.data.metrics["acc_mean"] == seq.mean and t.data.metrics["acc_std"] == seq.std, t.data.tags
