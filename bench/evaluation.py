@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"One evaluation of K = {NETWORKS} networks: sequential vs parallel on {WORKERS} workers "
                         f"(median of {args.repeats})")
     for col in ("dataset", "model", "epochs", "test imgs", "seq s", "par s", "seq / par", "static 2+2 s",
-                "seq / static", "runs seq | par | static s", "par: tasks/here/reclaimed", "same accs"):
+                "seq / static", "par: tasks/here/reclaimed", "same accs"):
         table.add_column(col, justify="left" if col in ("dataset", "model") else "right")
     for r in rows:
         m = r["model"]
@@ -197,10 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r["dataset"], f"ConvNet-{m['depth']} w{m['width']}", str(r["epochs"]), str(r["test_images"]),
                       f"{r['sequential_median_s']:.2f}", f"{r['parallel_median_s']:.2f}", f"{r['ratio']:.2f}x",
                       f"{r['static_median_s']:.2f}", f"{r['static_ratio']:.2f}x",
-                      " | ".join(" ".join(f"{t:.1f}" for t in r[f"{m}_s"]) for m in MODES),
                       where, "yes" if r["identical"] else "[red]NO[/red]")
     for d, why in skipped.items():
-        table.add_row(d, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {why}")
+        table.add_row(d, "-", "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {why}")
     console.print(table)
     console.print(f"ideal ratio {WORKERS:.2f}x with {WORKERS} workers and K = {NETWORKS}; "
                   f"load average (1, 5, 15 min) at start {', '.join(f'{v:.2f}' for v in load_start)}, "

@@ -13,7 +13,8 @@ evaluates, and on a full cluster nothing else may be free: so
   list, while the tasks take theirs from the back. With room for s tasks, K jobs are shared as
   evenly as s + 1 workers allow: this process keeps ceil(K / (s + 1)), the s slots get the rest,
   queued in Ray behind one another (a slot's next task needs no word from this process). Before
-  each job of its own it looks again and submits one more task per slot freed meanwhile;
+  each job of its own it looks again and submits one more task per slot freed meanwhile (beyond
+  what its own queued tasks will take);
 - when its own share is done it waits for the tasks still out at most ``patience``: as long as
   one job of its own took (the longest, at least :data:`MIN_PATIENCE_S`). A task not done by then
   is queued, on a slower node or in a worker still starting; the caller cancels the most recently
@@ -149,6 +150,7 @@ class _Call:
         self.pending: dict[Any, int] = {}  # ObjectRef -> job index, in submission order
         self.puts: dict[int, tuple[Any, Any]] = {}  # id(tensor) -> (tensor, its ObjectRef): one put per call
         self.longest = 0.0  # the longest job of this process, seconds
+        self.slots = 0  # task slots found free (tasks beyond them wait in Ray's queue behind ours)
         self.task = ray.remote(max_retries=1, retry_exceptions=False)(_call)
 
     def run(self) -> list:
@@ -169,8 +171,10 @@ class _Call:
                 if self.pending and time.monotonic() >= deadline:
                     self.reclaim()
         finally:
-            for ref in self.pending:  # interrupted (Ctrl-C, Tune stopping the trial) or an error: no orphans
-                self.ray.cancel(ref)
+            # interrupted (Ctrl-C, Tune stopping the trial) or an error: no orphans, and their CPUs
+            # back at once (a running one's worker is killed: nothing else will run in it half-done)
+            for ref in self.pending:
+                self.ray.cancel(ref, force=True)
         return self.results
 
     def patience(self) -> float:
@@ -199,9 +203,14 @@ class _Call:
             for k, v in need.items():
                 free[k] -= v
             slots += 1
-        if slots and share:
-            total = len(self.todo) + 1
-            slots = total - math.ceil(total / (slots + 1))
+        if share:
+            self.slots = slots
+            if slots:
+                total = len(self.todo) + 1
+                slots = total - math.ceil(total / (slots + 1))
+        else:  # what is free goes first to our tasks queued behind our slots: only the rest is new room
+            slots = max(0, slots - max(0, len(self.pending) - self.slots))
+            self.slots += slots
         for _ in range(slots):
             i = self.todo.pop()
             self.pending[self._submit(self.jobs[i], self._need(i))] = i
@@ -267,7 +276,6 @@ class _Call:
         i = self.pending.pop(ref)
         self.ray.cancel(ref)
         self.local(i, reclaimed=True)
-
 
 
 def usable_cpus() -> int:
