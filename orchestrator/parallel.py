@@ -7,11 +7,14 @@ in order, training some of them as Ray tasks while the calling process trains th
 It never waits on a task that cannot be scheduled. A trial holds its own CPUs (and GPU) while it
 evaluates, and on a full cluster nothing else may be free: so
 
-- it submits at most as many tasks as :func:`ray.available_resources` has room for right now
+- it asks for no more task slots than :func:`ray.available_resources` has room for right now
   (one CPU each; with a CUDA ``device``, one CPU and :data:`GPUS_PER_NETWORK` of a GPU), and never
-  all of the jobs: the calling process always trains one itself, taking the jobs from the front
-  while the tasks take them from the back; before each job of its own it looks again and submits
-  more when something was freed meanwhile;
+  takes all of the jobs there: the calling process trains its share itself, from the front of the
+  list, while the tasks take theirs from the back. With room for s tasks, K jobs are shared as
+  evenly as s + 1 workers allow: this process keeps ceil(K / (s + 1)), the s slots get the rest,
+  queued in Ray behind one another (a slot's next task needs no word from this process). Before
+  each job of its own it looks again and submits one more task per slot freed meanwhile (beyond
+  what its own queued tasks will take);
 - when its own share is done it waits for the tasks still out at most ``patience``: as long as
   one job of its own took (the longest, at least :data:`MIN_PATIENCE_S`). A task not done by then
   is queued, on a slower node or in a worker still starting; the caller cancels the most recently
@@ -19,8 +22,11 @@ evaluates, and on a full cluster nothing else may be free: so
   again, and so on until every job has its result. Waiting one job's time before training it
   here is the ski-rental rule: the caller, idle, never ends more than one job's time later than
   the best choice made knowing when the task would finish;
-- a task whose worker or node died is trained here too; an error of the job itself (as the job
-  would raise here) is raised.
+- a task that failed (its worker or node died, a shared GPU ran out of memory, the job raised)
+  is trained here too, with a warning: a job that fails on its own terms raises here as it would
+  one network after another;
+- a task that is already running when it is reclaimed is not interrupted (see :func:`_call`): it
+  finishes, its result unread, and its worker stays warm for the next evaluation.
 
 The tasks escape the caller's placement group: Tune runs a trial in a placement group that
 captures its child tasks, and the trial's bundle has no room for them (the trial uses it whole),
@@ -38,9 +44,13 @@ another, as :func:`~algorithms.evaluate.sequential` does.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -50,6 +60,8 @@ import torch
 
 from algorithms.evaluate import sequential
 
+log = logging.getLogger(__name__)
+
 GPUS_PER_NETWORK = 0.25  # of a GPU, per evaluation network task (small ConvNets: four share one GPU)
 MIN_PATIENCE_S = 1.0  # the least wait for a task still out once the caller's share is done (Ray's latency)
 LOCAL_RAY_MIN_S = 60.0  # orchestrate evaluate: remaining work (one after another) that pays a local Ray's start
@@ -57,16 +69,37 @@ LOCAL_RAY_MIN_S = 60.0  # orchestrate evaluate: remaining work (one after anothe
 
 def _call(func: Callable, kwargs: dict, *args) -> Any:
     """The Ray task: one job (its positional arguments last: Ray resolves top-level ObjectRefs
-    only). A CUDA device is the task's own GPU (Ray makes it device 0)."""
+    only). A CUDA device is the task's own GPU (Ray makes it device 0).
+
+    Once running, the job is not interrupted by ``ray.cancel``: Ray cancels a running task with a
+    KeyboardInterrupt raised wherever its Python code is, and one that lands in an import (the
+    first network of a fresh worker imports much of torch lazily, seconds on a loaded machine)
+    leaves half-initialised modules behind, which break every later task of that worker. A
+    reclaimed task that was already running finishes instead (its result unread) and leaves its
+    worker warm; one still queued is removed by the cancel."""
     device = kwargs.get("device")
     if device is not None and torch.device(device).type == "cuda":
         kwargs = {**kwargs, "device": "cuda"}
-    return func(*args, **kwargs)
+    with _uninterrupted():
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _uninterrupted():
+    """SIGINT (how Ray's ``cancel`` interrupts a running task) ignored in the block, in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _job_device(job: Callable) -> str:
     """``cuda`` for a job (a ``functools.partial``) whose ``device`` keyword is a CUDA device, else ``cpu``."""
-    device = getattr(job, "keywords", None) and job.keywords.get("device")
+    device = (getattr(job, "keywords", None) or {}).get("device")
     return "cuda" if device is not None and torch.device(device).type == "cuda" else "cpu"
 
 
@@ -85,7 +118,7 @@ class RayRunner:
     ``patience_s``: a fixed wait for the tasks still out once the caller's share is done (default:
     the longest of the caller's own jobs, at least ``min_patience_s``). After a call, ``stats``
     says where the jobs ran: ``remote`` (finished as tasks), ``local``, ``reclaimed`` (submitted,
-    then cancelled and trained here) and ``submitted``.
+    then trained here: cancelled, or ``failed`` as tasks) and ``submitted``.
     """
 
     def __init__(self, gpus_per_network: float = GPUS_PER_NETWORK, patience_s: float | None = None,
@@ -100,7 +133,7 @@ class RayRunner:
         import ray
 
         jobs = list(jobs)
-        self.stats = {"submitted": 0, "remote": 0, "local": 0, "reclaimed": 0}
+        self.stats = {"submitted": 0, "remote": 0, "local": 0, "reclaimed": 0, "failed": 0}
         if not ray.is_initialized() or len(jobs) < 2:
             self.stats["local"] = len(jobs)
             return sequential(jobs, on_done)
@@ -117,13 +150,16 @@ class _Call:
         self.pending: dict[Any, int] = {}  # ObjectRef -> job index, in submission order
         self.puts: dict[int, tuple[Any, Any]] = {}  # id(tensor) -> (tensor, its ObjectRef): one put per call
         self.longest = 0.0  # the longest job of this process, seconds
+        self.slots = 0  # task slots found free (tasks beyond them wait in Ray's queue behind ours)
         self.task = ray.remote(max_retries=1, retry_exceptions=False)(_call)
 
     def run(self) -> list:
         try:
+            first = True
             while self.todo:
                 i = self.todo.popleft()
-                self.submit()  # room for more now? (resources freed since the last look)
+                self.submit(first)  # the first time a share; later, room freed since the last look
+                first = False
                 self.local(i)
                 self.collect(timeout=0)
             deadline = time.monotonic() + self.patience()
@@ -135,8 +171,10 @@ class _Call:
                 if self.pending and time.monotonic() >= deadline:
                     self.reclaim()
         finally:
-            for ref in self.pending:  # interrupted (Ctrl-C, Tune stopping the trial) or an error: no orphans
-                self.ray.cancel(ref)
+            # interrupted (Ctrl-C, Tune stopping the trial) or an error: no orphans, and their CPUs
+            # back at once (a running one's worker is killed: nothing else will run in it half-done)
+            for ref in self.pending:
+                self.ray.cancel(ref, force=True)
         return self.results
 
     def patience(self) -> float:
@@ -144,20 +182,38 @@ class _Call:
         return r.patience_s if r.patience_s is not None else max(r.min_patience_s, self.longest)
 
     # -- submitting ---------------------------------------------------------------------------
-    def submit(self) -> None:
+    def _need(self, i: int) -> dict[str, float]:
+        gpu = _job_device(self.jobs[i]) == "cuda"
+        return {"CPU": 1.0, **({"GPU": self.runner.gpus_per_network} if gpu else {})}
+
+    def submit(self, share: bool) -> None:
+        """Submit jobs from the back of the queue. ``share``: the first look, with the job this
+        process took first already out of the queue: of the K jobs, with room for s tasks now, the
+        tasks get all but ceil(K / (s + 1)), the rest of them queued in Ray behind the first s
+        (each slot then trains about as many as this process; no slot waits for this process to
+        hand it the next job). Later looks submit one task per slot freed meanwhile."""
         if not self.todo:
             return
         free = self.runner.free()
-        while self.todo:
-            i = self.todo[-1]
-            need = {"CPU": 1.0, **({"GPU": self.runner.gpus_per_network}
-                                   if _job_device(self.jobs[i]) == "cuda" else {})}
+        slots = 0
+        for i in reversed(self.todo):  # how many of the jobs at the back fit in what is free
+            need = self._need(i)
             if any(free.get(k, 0.0) + 1e-9 < v for k, v in need.items()):
-                return
+                break
             for k, v in need.items():
                 free[k] -= v
-            self.todo.pop()
-            self.pending[self._submit(self.jobs[i], need)] = i
+            slots += 1
+        if share:
+            self.slots = slots
+            if slots:
+                total = len(self.todo) + 1
+                slots = total - math.ceil(total / (slots + 1))
+        else:  # what is free goes first to our tasks queued behind our slots: only the rest is new room
+            slots = max(0, slots - max(0, len(self.pending) - self.slots))
+            self.slots += slots
+        for _ in range(slots):
+            i = self.todo.pop()
+            self.pending[self._submit(self.jobs[i], self._need(i))] = i
             self.runner.stats["submitted"] += 1
 
     def _submit(self, job, need: dict[str, float]):
@@ -202,9 +258,13 @@ class _Call:
             i = self.pending.pop(ref)
             try:
                 value = self.ray.get(ref)
-            except self.ray.exceptions.RayTaskError:
-                raise  # the job's own error (it is also an instance of the error's class)
-            except self.ray.exceptions.RayError:  # its worker or node died: the same job here
+            except self.ray.exceptions.RayError as e:
+                # its worker or node died, or the job failed there (a GPU shared with others out of
+                # memory, a node without a package): the same job here, which raises the job's
+                # own error if it has one
+                log.warning("evaluation network %d failed as a Ray task, training it here instead: %s", i,
+                            str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+                self.runner.stats["failed"] += 1
                 self.local(i, reclaimed=True)
                 continue
             self.runner.stats["remote"] += 1
@@ -216,7 +276,6 @@ class _Call:
         i = self.pending.pop(ref)
         self.ray.cancel(ref)
         self.local(i, reclaimed=True)
-
 
 
 def usable_cpus() -> int:
@@ -301,5 +360,6 @@ class EvaluateRunner:
         out = runner(jobs, on_done)
         s = runner.stats
         self.how = (f"{where}: {s['remote']} network(s) as Ray tasks, {before + s['local'] + s['reclaimed']} here"
-                    + (f" ({s['reclaimed']} of them reclaimed from tasks not done in time)" if s["reclaimed"] else ""))
+                    + (f" ({s['reclaimed']} of them reclaimed from tasks not done in time or failed)"
+                       if s["reclaimed"] else ""))
         return out

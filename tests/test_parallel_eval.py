@@ -163,7 +163,7 @@ def test_no_free_cpu_runs_everything_here(ray_cluster, digits, small_set):
         jobs = digest_jobs(digits, small_set)
         runner = RayRunner()
         assert runner(jobs) == sequential(jobs)
-        assert runner.stats == {"submitted": 0, "remote": 0, "local": CFG.networks, "reclaimed": 0}
+        assert runner.stats == {"submitted": 0, "remote": 0, "local": CFG.networks, "reclaimed": 0, "failed": 0}
     finally:
         for h in holders:
             ray.kill(h)
@@ -189,11 +189,41 @@ def test_tasks_that_cannot_be_scheduled_are_reclaimed(ray_cluster, digits, small
         runner = RayRunner(free=lambda: {"CPU": 2.0, "GPU": 0.0}, patience_s=1.0)
         t0 = time.monotonic()
         assert runner(jobs) == sequential(jobs)
-        assert runner.stats == {"submitted": 2, "remote": 0, "local": 2, "reclaimed": 2}, runner.stats
+        assert runner.stats == {"submitted": 2, "remote": 0, "local": 2, "reclaimed": 2, "failed": 0}, runner.stats
         assert time.monotonic() - t0 < 60
     finally:
         for h in holders:
             ray.kill(h)
+
+
+@pytest.mark.slow
+def test_a_running_task_that_is_reclaimed_finishes(ray_cluster, tmp_path):
+    """Reclaimed while running, a task is not interrupted (an interrupt inside a lazy import would
+    leave its worker broken): it finishes in its worker, its result unread."""
+    import os
+
+    import ray
+
+    wait_for_free_cpus(2)
+
+    def job(i, folder):  # pickled by value
+        import os
+        import pathlib
+        import time
+
+        time.sleep(2.0)
+        (pathlib.Path(folder) / f"{i}-{os.getpid()}").touch()
+        return i
+
+    ray.get([ray.remote(num_cpus=1)(lambda: os.getpid()).remote() for _ in range(2)])  # workers up
+    wait_for_free_cpus(2)
+    runner = RayRunner(patience_s=0.1)
+    assert runner([functools.partial(job, i, str(tmp_path)) for i in range(2)]) == [0, 1]
+    assert runner.stats["reclaimed"] == 1 and runner.stats["local"] == 1, runner.stats
+    end = time.monotonic() + 60
+    while not any(p.name.startswith("1-") and p.name != f"1-{os.getpid()}" for p in tmp_path.iterdir()):
+        assert time.monotonic() < end, sorted(p.name for p in tmp_path.iterdir())
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
