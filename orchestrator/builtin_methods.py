@@ -156,13 +156,19 @@ def load_convex(expert_files: dict[str, list[str]], cfg: MCTConfig, preloaded: d
 
 # -- gradient and distribution matching ------------------------------------------------------------
 class _FixedLR(Method):
+    """DC, DSA and DM: image-set distillers over the real images, no experts, sets at lr 0.01."""
     learns_lr = False
+    distiller: type = DCDistiller
 
     def expert_forms(self, hp, experts):
         return []
 
     def fixed_lr(self, hp):
         return EVAL_LR
+
+    def build(self, ctx):
+        return self.distiller(ctx.image_network(), ctx.data.x_train, ctx.data.y_train, ctx.data.info.num_classes,
+                              ctx.config(self), seed=ctx.seed, device=ctx.device)
 
 
 @register
@@ -177,10 +183,6 @@ class DC(_FixedLR):
             err(f"{prefix}.outer_loop", f"the authors define outer_loop/inner_loop only for {sorted(LOOPS)} images "
                 f"per class, not {budget}: set both")
 
-    def build(self, ctx):
-        return DCDistiller(ctx.image_network(), ctx.data.x_train, ctx.data.y_train, ctx.data.info.num_classes,
-                           ctx.config(self), seed=ctx.seed, device=ctx.device)
-
 
 @register
 class DSA(DC):
@@ -193,11 +195,8 @@ class DSA(DC):
 class DM(_FixedLR):
     name = "dm"
     config = DMConfig
+    distiller = DMDistiller
     description = "Distribution Matching (Zhao & Bilen 2023): class-mean embeddings, no experts; lr 0.01"
-
-    def build(self, ctx):
-        return DMDistiller(ctx.image_network(), ctx.data.x_train, ctx.data.y_train, ctx.data.info.num_classes,
-                           ctx.config(self), seed=ctx.seed, device=ctx.device)
 
 
 # -- event sequences ------------------------------------------------------------------------------

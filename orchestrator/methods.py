@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar
@@ -63,7 +64,7 @@ class BuildContext:
         return [open_trajectory(p).params for p in self.expert_files["full"]]
 
 
-class Method:
+class Method(ABC):
     """Subclass, set the class attributes and implement :meth:`build` (see the README's
     "Adding a method")."""
 
@@ -119,8 +120,9 @@ class Method:
         """The step size its sets are evaluated with when it does not learn one."""
         return None
 
+    @abstractmethod
     def build(self, ctx: BuildContext) -> Distiller:
-        raise NotImplementedError(f"{type(self).__name__}.build")
+        """The distiller of one trial."""
 
 
 def bounds(v: Any) -> list[float]:

@@ -10,6 +10,7 @@ of task they apply to.
 from __future__ import annotations
 
 import statistics
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +19,7 @@ import torch
 from algorithms.base import RealSequences, SyntheticSet
 
 
-class Task:
+class Task(ABC):
     """The interface. ``kind`` is what methods declare (``Method.kind``)."""
 
     kind: str = ""
@@ -27,46 +28,48 @@ class Task:
     budget_label: str = ""  # the results table's budget column
     schema: dict[str, dict[str, tuple]] = {}  # spec sections this task replaces (see spec.SCHEMA)
 
+    @abstractmethod
     def datasets(self) -> list[str]:
-        raise NotImplementedError
+        """The dataset names this task reads."""
 
     def handles(self, dataset: str) -> bool:
         return str(dataset).lower() in self.datasets()
 
+    @abstractmethod
     def load(self, spec) -> Any:
-        raise NotImplementedError
+        """The spec's dataset."""
 
     def check_budgets(self, spec, data) -> None:
         """Raise SpecError for budgets the data cannot fill."""
 
+    @abstractmethod
     def describe(self, data) -> str:
         """One line on the loaded data."""
-        raise NotImplementedError
 
+    @abstractmethod
     def headline(self, data) -> tuple[str, bool]:
         """The metric that picks the best evaluation and orders results, and whether higher is better."""
-        raise NotImplementedError
 
+    @abstractmethod
     def evaluate(self, spec: dict, data, syn, device, final: bool = False) -> dict[str, tuple[float, float]]:
         """Train the spec's evaluation networks on ``syn``: metric -> (mean, std). ``final``: the
         last evaluation of a trial, which may add metrics (other architectures: ``acc/<model>``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def export(self, directory: Path, syn, data, method: str, extra: dict, model: dict) -> list[Path]:
         """Write ``syn`` under the export contract (and what helps a reader see it) into ``directory``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def full_data(self, spec, data, experts) -> dict[str, list[float]]:
         """The reference trained on all the real data: metric -> [mean, std]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def random_set(self, spec: dict, data, budget: int, generator: torch.Generator):
         """A random real subset of ``budget`` (the baseline every distilled set is compared with)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def train_expert(self, data, model: dict, training: dict, seed: int, device) -> tuple[list, Any]:
         """(checkpoints, manifest) of one expert trained on the real data."""
-        raise NotImplementedError
 
     def expert_meta(self, data, model: dict) -> dict:
         """What an expert's stored metadata adds for this task."""
