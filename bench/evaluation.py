@@ -7,9 +7,11 @@ workers, the actor and one task slot. In the actor, :func:`algorithms.evaluate.e
 trains K fresh networks on a random real subset of IPC 1 (one image per class, the evaluation
 protocol: SGD, DSA, one torch thread per network), sequentially (``run`` left at its default)
 and through a ``RayRunner`` (K = 4 on 2 workers: two here, two as tasks), and the control below,
-each repeat running the modes in the reverse order of the one before. Before timing, one untimed parallel evaluation (1 epoch) starts the task
-worker (a fresh Ray worker imports torch: seconds, tens on a loaded machine, paid once per trial
-in a sweep; ``--no-warmup`` includes it in the first repeat).
+each repeat running the modes in the reverse order of the one before, each run starting once
+Ray's view of free CPUs shows the slot free again (it lags behind a task that just ended; a
+trial's evaluations are far apart). Before timing, one untimed parallel evaluation (1 epoch)
+starts the task worker (a fresh Ray worker imports torch: seconds, tens on a loaded machine, paid
+once per trial in a sweep; ``--no-warmup`` includes it in the first repeat).
 
 Models: digits, the quickstart's ConvNet (depth 2, width 32); MNIST, MTT's ConvNet-3 (width 128,
 search_spaces/mnist.yaml). The test accuracy is part of each network's time: on MNIST the forward
@@ -110,6 +112,14 @@ def _static_split(jobs: list) -> list:
     return here + ray.get(ref)
 
 
+def settle(timeout: float = 10.0) -> None:
+    """Wait until Ray's view of free CPUs shows the task slot free again (it lags behind a task
+    that just ended): each run starts as a trial's evaluation does, long after the last one."""
+    end = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) < WORKERS - 1 and time.monotonic() < end:
+        time.sleep(0.1)
+
+
 def bench_dataset(name: str, root: str | None, args, console) -> dict:
     test_images = args.mnist_test if name == "mnist" else None
     epochs = args.epochs if name == "digits" else args.mnist_epochs
@@ -124,6 +134,7 @@ def bench_dataset(name: str, root: str | None, args, console) -> dict:
         for r in range(args.repeats):
             order = MODES if r % 2 == 0 else MODES[::-1]
             for mode in order:
+                settle()
                 out = ray.get(trial.evaluate.remote(mode))
                 runs[mode].append(out)
                 s = out["stats"]
