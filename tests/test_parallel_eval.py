@@ -3,6 +3,7 @@ after another, bit for bit, on digits; and a runner that finds no free CPU, or w
 be scheduled, still finishes (in the calling process). A 1-block ConvNet of width 8, a few epochs
 on one image per class: the networks take a fraction of a second, Ray's workers most of the time."""
 import functools
+import contextlib
 import time
 
 import pytest
@@ -146,9 +147,9 @@ def test_parallel_equals_sequential_bit_for_bit(ray_cluster, digits, small_set):
     assert evaluate_set(*args, seed=SEED, run=RayRunner(patience_s=120)).accs == evaluate_set(*args, seed=SEED).accs
 
 
-@pytest.mark.slow
-def test_no_free_cpu_runs_everything_here(ray_cluster, digits, small_set):
-    """Both CPUs held (two trials, say): nothing is submitted, the caller trains every network."""
+@contextlib.contextmanager
+def both_cpus_held():
+    """Two actors of one CPU each hold the test cluster's 2 CPUs (two running trials, say)."""
     import ray
 
     @ray.remote(num_cpus=1)
@@ -160,13 +161,20 @@ def test_no_free_cpu_runs_everything_here(ray_cluster, digits, small_set):
     try:
         ray.get([h.ready.remote() for h in holders])
         wait_for_free_cpus(0)
+        yield
+    finally:
+        for h in holders:
+            ray.kill(h)
+
+
+@pytest.mark.slow
+def test_no_free_cpu_runs_everything_here(ray_cluster, digits, small_set):
+    """Both CPUs held (two trials, say): nothing is submitted, the caller trains every network."""
+    with both_cpus_held():
         jobs = digest_jobs(digits, small_set)
         runner = RayRunner()
         assert runner(jobs) == sequential(jobs)
         assert runner.stats == {"submitted": 0, "remote": 0, "local": CFG.networks, "reclaimed": 0, "failed": 0}
-    finally:
-        for h in holders:
-            ray.kill(h)
 
 
 @pytest.mark.slow
@@ -174,26 +182,13 @@ def test_tasks_that_cannot_be_scheduled_are_reclaimed(ray_cluster, digits, small
     """Ray says CPUs are free but they are not (another driver took them meanwhile): the tasks
     queue; once the caller's share is done and the patience is over, it cancels them one by one
     and trains their networks itself. The same results, no deadlock."""
-    import ray
-
-    @ray.remote(num_cpus=1)
-    class Holder:
-        def ready(self):
-            return True
-
-    holders = [Holder.remote() for _ in range(2)]
-    try:
-        ray.get([h.ready.remote() for h in holders])
-        wait_for_free_cpus(0)
+    with both_cpus_held():
         jobs = digest_jobs(digits, small_set)
         runner = RayRunner(free=lambda: {"CPU": 2.0, "GPU": 0.0}, patience_s=1.0)
         t0 = time.monotonic()
         assert runner(jobs) == sequential(jobs)
         assert runner.stats == {"submitted": 2, "remote": 0, "local": 2, "reclaimed": 2, "failed": 0}, runner.stats
         assert time.monotonic() - t0 < 60
-    finally:
-        for h in holders:
-            ray.kill(h)
 
 
 @pytest.mark.slow
