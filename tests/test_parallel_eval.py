@@ -66,14 +66,32 @@ def wait_for_free_cpus(n: float, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def test_outside_ray_a_runner_is_sequential(digits, small_set):
+def in_fresh_interpreter(fn, *args):
+    """``fn(*args)`` in a new Python process (spawn), where no Ray session is up: in a full run the
+    session's ``ray_cluster`` has started one in this process long before these tests."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def runner_outside_ray() -> tuple:
+    import os
+
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("a Ray session is up (this module runs after a slow test)")
+    os.environ.pop("RAY_ADDRESS", None)
+    digits = load_dataset("digits")
+    x, y = random_real_subset(digits.x_train, digits.y_train, 1, 10, torch.Generator().manual_seed(5))
+    jobs = digest_jobs(digits, (x, y, 0.02))
     runner = RayRunner()
-    jobs = digest_jobs(digits, small_set)
-    assert runner(jobs) == sequential(jobs) and runner.stats["local"] == CFG.networks
+    return runner(jobs) == sequential(jobs), runner.stats["local"], ray.is_initialized()
+
+
+def test_outside_ray_a_runner_is_sequential():
+    same, local, started = in_fresh_interpreter(runner_outside_ray)
+    assert same and local == CFG.networks and not started
 
 
 # -- orchestrate evaluate ------------------------------------------------------------------------------
@@ -110,16 +128,23 @@ def test_cli_workers_option(set_file):
     assert res.exit_code == 2 and "joins the cluster at 127.0.0.1:1" in res.output
 
 
-def test_cli_short_evaluation_starts_no_ray(set_file):
-    """auto: networks of a second or so never pay a local Ray's start; --workers 1 is the same."""
+def short_evaluation(set_file) -> tuple:
+    import os
+
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("a Ray session is up (this module runs after a slow test)")
+    os.environ.pop("RAY_ADDRESS", None)
     auto = evaluate_json(set_file, "--networks", "3", "--epochs", "3")
-    assert not ray.is_initialized()
-    assert "no Ray started" in auto["protocol"]["runner"] and auto["protocol"]["threads_per_network"] == 1
+    started = ray.is_initialized()
     one = evaluate_json(set_file, "--networks", "3", "--epochs", "3", "--workers", "1")
+    return auto, one, started or ray.is_initialized()
+
+
+def test_cli_short_evaluation_starts_no_ray(set_file):
+    """auto: networks of a second or so never pay a local Ray's start; --workers 1 is the same."""
+    auto, one, started = in_fresh_interpreter(short_evaluation, set_file)
+    assert not started
+    assert "no Ray started" in auto["protocol"]["runner"] and auto["protocol"]["threads_per_network"] == 1
     assert [r.get("acc") for r in one["rows"]] == [r.get("acc") for r in auto["rows"]]
 
 
