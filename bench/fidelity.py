@@ -178,7 +178,8 @@ def read_sweep(spec_path: str, ws, now_ms: int) -> tuple[dict[str, Any], list[di
     """The latest sweep of ``spec_path`` in the store of ``ws``: its description and report rows."""
     from mlflow import MlflowClient
 
-    from orchestrator.results import collect, get_runs, latest_sweep
+    from orchestrator.compare import get_runs
+    from orchestrator.results import collect, latest_sweep
     from orchestrator.spec import SpecError, load_spec
 
     try:

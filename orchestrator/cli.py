@@ -406,22 +406,22 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, 
 @click.option("--only-diff", is_flag=True, help="Only the rows whose values differ between the runs.")
 def compare(run_ids, root, tracking_uri, fmt, only_diff):
     """Show runs side by side: one column per run, one row per parameter, metric and tag."""
-    from . import results as res
+    from .compare import compare_runs, compare_table, compare_to_csv, compare_to_json, only_differing
 
     ws = workspace(root, tracking_uri)
     _check_tracking(ws)
     try:
-        cmp = res.compare_runs(ws.tracking_uri, list(run_ids))
+        cmp = compare_runs(ws.tracking_uri, list(run_ids))
     except LookupError as e:
         _fail(str(e), 1)
     if only_diff:
-        cmp = res.only_differing(cmp)
+        cmp = only_differing(cmp)
     if fmt == "json":
-        click.echo(res.compare_to_json(cmp))
+        click.echo(compare_to_json(cmp))
     elif fmt == "csv":
-        click.echo(res.compare_to_csv(cmp), nl=False)
+        click.echo(compare_to_csv(cmp), nl=False)
     else:
-        console.print(res.compare_table(cmp, title=f"{len(cmp['runs'])} runs"))
+        console.print(compare_table(cmp, title=f"{len(cmp['runs'])} runs"))
 
 
 _KINDS = ((stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "folder"), (stat.S_ISCHR, "character device"),

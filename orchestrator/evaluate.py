@@ -9,13 +9,17 @@ on it with the protocol of the sweeps' trials (:func:`algorithms.evaluate.evalua
 (the same per-class counts) trained under the same protocol and seeds, and the full-data result
 of the spec's stored experts when there are some. Every problem with the file is an
 :class:`EvaluateError` naming the file and the tensor or field.
+
+This module holds what both kinds of set share (the options, the file and its dataset's name, the
+stored experts, the report's rows, the printed table and notes, the MLflow run); the image sets'
+checks and evaluation are in :mod:`orchestrator.evaluate_images`, the sequence sets' in
+:mod:`orchestrator.evaluate_sequences`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -25,18 +29,14 @@ from typing import Any
 
 import torch
 
-from algorithms.evaluate import EVAL_THREADS, EvalConfig, network_job, random_subset_like
-from algorithms.networks import MODELS, build_network
-
-from .artifacts import SEQUENCES_FORMAT, file_model, read_synthetic
-from .datasets import DATASETS, FOLDER_DATASETS, DatasetFormatError, load_dataset
-from .sequences import SEQUENCE_DATASETS, load_sequences, seq_task
-from .spec import SCHEMA, SEQ_SCHEMA, Spec, eval_seed
+from .artifacts import SEQUENCES_FORMAT, read_synthetic
+from .datasets import DATASETS, FOLDER_DATASETS
+from .sequences import SEQUENCE_DATASETS
+from .spec import Spec
+from .spec_schema import SCHEMA, SEQ_SCHEMA
 
 EXPERIMENT = "evaluate"  # the MLflow experiment of `orchestrate evaluate --log`
 ROLE = "evaluate"  # its runs' orchestrate.role tag (results/compare list trials and sweeps only)
-IMAGE_MODEL_DEFAULTS = {k: v[1] for k, v in SCHEMA["model"].items()}  # ConvNet-3, width 128, instance norm
-SGD = "SGD momentum 0.9, weight decay 5e-4, step size x0.1 after half of the epochs"
 
 
 class EvaluateError(ValueError):
@@ -74,55 +74,6 @@ def file_sha256(path: str | Path) -> str:
 
 
 # -- models --------------------------------------------------------------------------------------
-# The ConvNet family as DC/MTT's code names it: convnet, and one setting changed: ConvNetD<depth>,
-# ConvNetW<width>, ConvNetNN / ConvNetIN (no / instance norm), ConvNetNP / ConvNetMP / ConvNetAP
-# (no / max / average pooling). The other architectures of the network registry
-# (algorithms/networks.py: mlp, lenet, alexnet, vgg11, resnet18 and their BatchNorm variants) by name.
-_VARIANT = re.compile(r"^convnet(?:(?P<dw>[dw])(?P<n>\d+)|(?P<flag>nn|in|np|mp|ap))?$")
-_FLAGS = {"nn": ("norm", "none"), "in": ("norm", "instancenorm"), "np": ("pooling", "none"),
-          "mp": ("pooling", "maxpooling"), "ap": ("pooling", "avgpooling")}
-KNOWN_MODELS_TEXT = (f"{', '.join(MODELS)} (convnet: the file's or the spec's ConvNet), and ConvNet variants with one setting "
-                     f"changed: convnetD<depth>, convnetW<width>, convnetNN, convnetIN (no / instance norm), "
-                     f"convnetNP, convnetMP, convnetAP (no / max / average pooling)")
-
-
-def parse_models(text: str | None, base: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """``--models convnet,convnetD2,resnet18_bn``: (name, model section) per model, in the given
-    order, duplicates dropped. Without ``text``: ``base`` itself (the file's model, else the spec's,
-    else the schema's defaults). ``convnet`` is ``base`` when that is a ConvNet (else the default
-    ConvNet), a variant changes one setting of it; another architecture of the network registry
-    is taken with its own defaults (cross-architecture evaluation)."""
-    out: list[tuple[str, dict[str, Any]]] = []
-    if not text and base.get("name") != "convnet":
-        return [(str(base.get("name")), dict(base))]
-    for raw in (text or "convnet").split(","):
-        name = raw.strip()
-        if not name:
-            raise EvaluateError(f"--models {text!r}: an empty model name; give names separated by commas, "
-                                f"e.g. convnet,convnetD2")
-        m = _VARIANT.match(name.lower())
-        if m is None and name.lower() in MODELS:
-            if name.lower() not in (n for n, _ in out):
-                out.append((name.lower(), {"name": name.lower()}))
-            continue
-        if m is None:
-            raise EvaluateError(f"--models: unknown model {name!r}; known: {KNOWN_MODELS_TEXT}")
-        model = dict(base) if base.get("name") == "convnet" else dict(IMAGE_MODEL_DEFAULTS)
-        if m.group("dw"):
-            n = int(m.group("n"))
-            if n < 1:
-                raise EvaluateError(f"--models {name}: the {'depth' if m.group('dw') == 'd' else 'width'} "
-                                    f"must be >= 1")
-            model["depth" if m.group("dw") == "d" else "width"] = n
-        elif m.group("flag"):
-            key, value = _FLAGS[m.group("flag")]
-            model[key] = value
-        label = name.lower()
-        if label not in (n for n, _ in out):
-            out.append((label, model))
-    return out
-
-
 def model_text(model: dict[str, Any]) -> str:
     order = [*SCHEMA["model"], *SEQ_SCHEMA["model"]]  # the spec's order: depth, width, norm, pooling
     keys = sorted((k for k in model if k != "name"), key=lambda k: (order.index(k) if k in order else len(order), k))
@@ -174,98 +125,6 @@ def check_dataset_name(sf: SetFile, given: str | None, spec: Spec | None) -> str
     return _canon(name)
 
 
-def load_image_data(name: str, sf: SetFile, data_root: str | None, spec: Spec | None):
-    """The dataset to evaluate on: the spec's (its root and image_folder options) when given;
-    image_folder without a spec is read at the set's size and channels, default split."""
-    root = data_root if data_root is not None else (spec.dataset.get("root") if spec else None)
-    options: dict[str, Any] = {}
-    if name in FOLDER_DATASETS:
-        if spec is not None:
-            options = {k: v for k, v in spec.dataset.items() if k not in ("name", "root", "zca")}
-            options["seed"] = spec.seed
-        else:
-            images = sf.tensors["images"]
-            options = {"size": int(images.shape[-1]), "channels": int(images.shape[1]) if images.ndim == 4 else None}
-    try:
-        return load_dataset(name, root, **options)
-    except DatasetFormatError:
-        raise
-    except (TypeError, ValueError) as e:  # image_folder's options (the set's size, say)
-        raise EvaluateError(f"{sf.path}: dataset {name!r}: {e}") from None
-
-
-def _whitened_like(sf: SetFile, data):
-    """The dataset whitened as the set was: ZCA refitted on its training split (deterministic),
-    checked against the set's own ``zca_inverse``; a set whitened otherwise is refused."""
-    from .datasets import whitened
-
-    w = whitened(data)
-    mine = w.zca.state_dict()["inverse"].float()
-    theirs = sf.tensors["zca_inverse"].float()
-    if not torch.allclose(mine, theirs, rtol=1e-3, atol=1e-4 * float(mine.abs().max())):
-        raise EvaluateError(f"{sf.path}: tensor 'zca_inverse' is not the ZCA whitening of {data.info.name}'s training "
-                            f"split (regularisation 0.1) that this tool fits: the set was whitened otherwise")
-    return w
-
-
-def _json_floats(sf: SetFile, key: str, channels: int) -> list[float]:
-    raw = sf.meta[key]
-    try:
-        v = json.loads(raw)
-    except ValueError:
-        v = None
-    if not (isinstance(v, list) and len(v) == channels and all(isinstance(x, (int, float)) and
-                                                               not isinstance(x, bool) and math.isfinite(x)
-                                                               for x in v)):
-        raise EvaluateError(f"{sf.path}: metadata field {key!r} must be a JSON list of {channels} finite "
-                            f"number(s), one per channel; got {raw[:80]!r}")
-    if key == "std" and any(x <= 0 for x in v):
-        raise EvaluateError(f"{sf.path}: metadata field 'std' must be > 0 for every channel; got {raw[:80]!r}")
-    return [float(x) for x in v]
-
-
-def check_images(sf: SetFile, info) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The images (in ``info``'s normalised input space) and labels of an image set, checked
-    against the dataset: shape (channels, size), finite values, labels among its classes, every
-    class present. Images written in another normalisation (``mean``/``std`` metadata) are
-    mapped to the dataset's (returns True then)."""
-    images, labels = sf.tensors["images"], sf.tensors["labels"]
-    if len(images) == 0:
-        raise EvaluateError(f"{sf.path}: tensor 'images' holds no image (shape {tuple(images.shape)})")
-    if tuple(images.shape[1:]) != info.shape:
-        c, h, w = images.shape[1:]
-        raise EvaluateError(f"{sf.path}: tensor 'images' has shape {tuple(images.shape)}, images of {c}x{h}x{w} "
-                            f"(channels x height x width), but {info.name} images are "
-                            f"{info.channels}x{info.size}x{info.size}")
-    if not bool(torch.isfinite(images).all()):
-        raise EvaluateError(f"{sf.path}: tensor 'images' holds NaN or infinite values")
-    if labels.ndim != 1:
-        raise EvaluateError(f"{sf.path}: tensor 'labels' must be one label per image (shape (N,)), "
-                            f"has shape {tuple(labels.shape)}")
-    k = info.num_classes
-    outside = sorted({int(v) for v in labels[(labels < 0) | (labels >= k)].tolist()})
-    if outside:
-        shown = ", ".join(map(str, outside[:10])) + (", ..." if len(outside) > 10 else "")
-        raise EvaluateError(f"{sf.path}: tensor 'labels' holds values outside {info.name}'s {k} classes "
-                            f"(0..{k - 1}): {shown}")
-    present = set(labels.tolist())
-    if len(present) != k:
-        missing = [c for c in range(k) if c not in present]
-        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-        raise EvaluateError(f"{sf.path}: tensor 'labels' has {len(present)} classes, but {info.name} has {k} "
-                            f"(no image of class {shown}); a set of the dataset holds every class")
-    if sf.meta.get("zca") == "true":  # whitened images: compared with the dataset whitened the same way
-        return images, labels, False
-    mean = _json_floats(sf, "mean", info.channels)
-    std = _json_floats(sf, "std", info.channels)
-    same = all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(mean + std, [*info.mean, *info.std]))
-    if same:
-        return images, labels, False
-    view = (1, -1, 1, 1)
-    pixels = images * torch.tensor(std).view(view) + torch.tensor(mean).view(view)
-    return ((pixels - torch.tensor(info.mean).view(view)) / torch.tensor(info.std).view(view)).float(), labels, True
-
-
 def _scalar(sf: SetFile, key: str) -> float | None:
     t = sf.tensors.get(key)
     if t is None:
@@ -274,18 +133,6 @@ def _scalar(sf: SetFile, key: str) -> float | None:
         raise EvaluateError(f"{sf.path}: tensor {key!r} must be a float scalar, is {t.dtype} of shape "
                             f"{tuple(t.shape)}")
     return float(t.reshape(()))
-
-
-def _set_lr(sf: SetFile, given: float | None) -> tuple[float, str]:
-    """The step size to train on the set with: ``--lr``, else the file's ``lr`` tensor."""
-    file_lr = _scalar(sf, "lr")
-    if given is not None:
-        return given, "--lr"
-    if file_lr is None:
-        raise EvaluateError(f"{sf.path}: tensor 'lr' is missing; give the step size with --lr")
-    if not math.isfinite(file_lr) or file_lr <= 0:
-        raise EvaluateError(f"{sf.path}: tensor 'lr' is {file_lr}, not a step size to train with; give one with --lr")
-    return file_lr, "the file's lr"
 
 
 # -- the experts' full-data result ---------------------------------------------------------------
@@ -349,7 +196,11 @@ def evaluate_file(path: str | Path, opts: EvalOptions, say: Callable[[str], None
     spec = opts.spec
     name = check_dataset_name(sf, opts.dataset, spec)
     if sf.sequences:
+        from .evaluate_sequences import _evaluate_sequences  # they import this module's shared names
+
         return _evaluate_sequences(sf, name, opts, say, device)
+    from .evaluate_images import _evaluate_images
+
     return _evaluate_images(sf, name, opts, say, device)
 
 
@@ -357,268 +208,6 @@ def _report_head(sf: SetFile, name: str, spec: Spec | None) -> dict[str, Any]:
     return {"file": str(sf.path.resolve()), "sha256": file_sha256(sf.path), "dataset": name,
             "algorithm": sf.meta.get("algorithm"), "source_run_id": sf.meta.get("run_id"),
             "spec": spec.path if spec else None, "spec_hash": spec.hash if spec else None}
-
-
-def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> dict[str, Any]:
-    spec = opts.spec
-    if opts.aug not in (None, "dsa", "none"):
-        raise EvaluateError(f"--aug {opts.aug}: must be dsa or none")
-    lr, lr_from = _set_lr(sf, opts.lr)
-    try:
-        recorded = file_model(sf.meta, sf.path)
-    except ValueError as e:
-        raise EvaluateError(str(e)) from None
-    if recorded is not None:
-        base, base_from = recorded, "the file's model"
-    elif spec is not None:
-        base, base_from = dict(spec.model), "the spec's model (the file records none)"
-    else:
-        base, base_from = dict(IMAGE_MODEL_DEFAULTS), "the spec schema's default ConvNet: the file records no model"
-    if base.get("name") not in MODELS:  # a model of a later network registry, say
-        raise EvaluateError(f"{sf.path}: metadata field 'model' names the model {base.get('name')!r}, which "
-                            f"algorithms/networks.py cannot build (known: {', '.join(MODELS)})")
-    models = parse_models(opts.models, base)
-    # the built-in datasets are described without their files: a file that does not fit is refused first
-    data = None if name in DATASETS else load_image_data(name, sf, opts.data_root, spec)
-    info = DATASETS[name] if data is None else data.info
-    images, labels, renormalised = check_images(sf, info)
-    for label, model in models:  # every model is built once before anything trains
-        try:
-            build_network(model, info.channels, info.num_classes, info.size)
-        except (TypeError, ValueError) as e:
-            where = f"{sf.path}: metadata field 'model'" if label == "convnet" and recorded is not None else \
-                f"--models {label}"
-            raise EvaluateError(f"{where}: {model_text(model)} cannot be built for {info.name} "
-                                f"({info.channels}x{info.size}x{info.size}): {e}") from None
-    if data is None:
-        data = load_image_data(name, sf, opts.data_root, spec)
-    if sf.meta.get("zca") == "true":
-        data = _whitened_like(sf, data)
-
-    ev = spec.evaluation if spec is not None else {k: v[1] for k, v in SCHEMA["evaluation"].items()}
-    networks = opts.networks or (ev["networks"] if spec is not None else 5)
-    epochs = opts.epochs or ev["epochs"]
-    aug = opts.aug or ("dsa" if ev["dsa"] else "none")
-    seed = opts.seed if opts.seed is not None else eval_seed({"seed": spec.seed if spec else 0})
-    cfg = EvalConfig(networks=networks, epochs=epochs, batch_size=ev["batch_size"], dsa=aug == "dsa")
-    seeds = list(range(seed, seed + networks))
-
-    counts = torch.bincount(labels, minlength=info.num_classes).tolist()
-    uniform = len(set(counts)) == 1
-    budget = counts[0] if uniform else len(labels)
-    subset_seed = (spec.seed if spec else 0) * 7919 + budget  # as a sweep's random baseline of this budget
-    if spec is not None:
-        random_lr, random_lr_from = float(spec.experts["lr"]), "the spec's experts.lr, as a sweep's random baseline"
-    else:
-        random_lr, random_lr_from = lr, f"no --spec: the set's lr, {lr_from}"
-    try:
-        r_images, r_labels = random_subset_like(data.x_train, data.y_train, labels, info.num_classes,
-                                                torch.Generator().manual_seed(subset_seed))
-        random_note = None
-    except ValueError as e:
-        r_images = r_labels = None
-        random_note = f"no random subset of these counts: {e}"
-
-    full, full_note = [], "no --spec: the experts' full-data accuracy needs the spec (and --root) of stored experts"
-    if spec is not None:
-        found, where = stored_experts(spec, data, opts.trajectories)
-        full = [acc for _, _, acc in found if not math.isnan(acc)]
-        full_note = (f"{len(full)} experts of the spec in {where} (their final test accuracy)" if full else where)
-
-    rows = []
-    what_set = f"{sf.meta.get('algorithm')} set, {len(labels)} images" + \
-        (f" ({counts[0]} per class)" if uniform else " (per-class counts as in the file)")
-    # every network of every row is one job (evaluate_set's, seeds seed, seed+1, ...); they all go
-    # to the runner at once: in parallel when it can (the same numbers), said as each ends
-    trainings = []
-    for m, (label, model) in enumerate(models):
-        trainings.append((label, model, (m, "synthetic"), images, labels, lr, "the set"))
-        if r_images is not None:
-            trainings.append((label, model, (m, "random"), r_images, r_labels, random_lr, "the random subset"))
-    jobs, owner = [], []
-    for t, (label, model, _, images_, labels_, lr_, _) in enumerate(trainings):
-        for k, s in enumerate(seeds):
-            jobs.append(network_job(model, info, images_, labels_, lr_, data.x_test, data.y_test, cfg, s, device))
-            owner.append((t, k))
-
-    def done(i: int, acc: float) -> None:
-        t, k = owner[i]
-        label, what = trainings[t][0], trainings[t][6]
-        say(f"{label}: {what}, network {k + 1}/{networks} (seed {seeds[k]}): {100 * acc:.1f} %")
-
-    from .parallel import EvaluateRunner
-
-    runner = EvaluateRunner(opts.workers, opts.address)
-    accs = runner(jobs, on_done=done)
-    per: dict[tuple[int, str], list[dict[str, float]]] = {}  # (model's index, trained on) -> per network
-    for (t, _), acc in zip(owner, accs):
-        per.setdefault(trainings[t][2], []).append({"acc": acc})
-
-    for m, (label, model) in enumerate(models):
-        rows.append(_row(label, "synthetic", what_set, lr, per[(m, "synthetic")], seeds))
-        if r_images is not None:
-            rows.append(_row(label, "random", f"random real subset, {len(r_labels)} images", random_lr,
-                             per[(m, "random")], seeds))
-        else:
-            rows.append(_row(label, "random", "random real subset", random_lr, [], None, random_note))
-        if full and spec is not None and model == spec.model:
-            rows.append(_row(label, "full_data", "full data (the spec's experts)", None,
-                             [{"acc": a} for a in full], None, full_note))
-        else:
-            note = full_note if spec is None or not full else \
-                f"the experts are {model_text(spec.model)}, not this model"
-            rows.append(_row(label, "full_data", "full data (the spec's experts)", None, [], None, note))
-
-    return {**_report_head(sf, name, spec), "kind": "images", "size": len(labels), "per_class": counts,
-            "metrics": ["acc"], "models": {label: model for label, model in models}, "model_from": base_from,
-            "protocol": {"networks": networks, "epochs": epochs, "batch_size": cfg.batch_size, "aug": aug,
-                         "seed": seed, "seeds": seeds, "optimizer": SGD, "device": str(device),
-                         "threads_per_network": EVAL_THREADS, "runner": runner.how},
-            "lr": {"set": lr, "set_from": lr_from, "random": random_lr, "random_from": random_lr_from},
-            "random_subset": {"seed": subset_seed, "budget": budget, "note": random_note},
-            "full_data_note": full_note, "renormalised": renormalised, "rows": rows}
-
-
-def check_sequences(sf: SetFile, data, max_len: int) -> None:
-    """A sequence set against its dataset: the task, the vocabulary (``M``'s columns, the ids of
-    ``sequences``) and the model's ``max_len`` (the length of the sequences)."""
-    info = data.info
-    if sf.meta.get("task") != info.task:
-        raise EvaluateError(f"{sf.path}: metadata field 'task' is {sf.meta.get('task')!r}, but {info.name} is a "
-                            f"{info.task} dataset")
-    try:
-        vocab = int(sf.meta["vocab_size"])
-    except ValueError:
-        raise EvaluateError(f"{sf.path}: metadata field 'vocab_size' must be an integer, got "
-                            f"{sf.meta['vocab_size'][:40]!r}") from None
-    if vocab != info.vocab_size:
-        raise EvaluateError(f"{sf.path}: metadata field 'vocab_size' is {vocab}, but {info.name} read from its files "
-                            f"has a vocabulary of {info.vocab_size}")
-    t = sf.tensors
-    if "F" in t:
-        F, M = t["F"], t["M"]
-        for key, x in (("F", F), ("M", M)):
-            if not x.dtype.is_floating_point:
-                raise EvaluateError(f"{sf.path}: tensor {key!r} is {x.dtype}, expected a float tensor")
-            if not bool(torch.isfinite(x).all()):
-                raise EvaluateError(f"{sf.path}: tensor {key!r} holds NaN or infinite values")
-        if M.shape[1] != info.vocab_size:
-            raise EvaluateError(f"{sf.path}: tensor 'M' has shape {tuple(M.shape)}: {M.shape[1]} columns, but "
-                                f"{info.name}'s vocabulary has {info.vocab_size} ids (M is [latent_dim, vocab])")
-        if F.shape[0] == 0:
-            raise EvaluateError(f"{sf.path}: tensor 'F' holds no sequence (shape {tuple(F.shape)})")
-        if F.shape[1] > max_len:
-            raise EvaluateError(f"{sf.path}: tensor 'F' has shape {tuple(F.shape)}: sequences of {F.shape[1]} "
-                                f"positions, longer than the model's max_len {max_len} (the spec's model.max_len)")
-        if "temperature" not in t:
-            raise EvaluateError(f"{sf.path}: tensor 'temperature' is missing (Farzi's sequences are "
-                                f"softmax(F·M/temperature))")
-        temp = _scalar(sf, "temperature")
-        if not math.isfinite(temp) or temp <= 0:
-            raise EvaluateError(f"{sf.path}: tensor 'temperature' is {temp}, must be > 0")
-        return
-    seqs = t["sequences"]
-    if seqs.dtype != torch.int64:
-        raise EvaluateError(f"{sf.path}: tensor 'sequences' is {seqs.dtype}, expected torch.int64")
-    if seqs.ndim != 2 or len(seqs) == 0:
-        raise EvaluateError(f"{sf.path}: tensor 'sequences' must be [N, length] with N >= 1, has shape "
-                            f"{tuple(seqs.shape)}")
-    if seqs.shape[1] > max_len:
-        raise EvaluateError(f"{sf.path}: tensor 'sequences' has shape {tuple(seqs.shape)}: sequences of "
-                            f"{seqs.shape[1]} positions, longer than the model's max_len {max_len}")
-    bad = sorted({int(v) for v in seqs[(seqs < 0) | (seqs >= info.vocab_size)].tolist()})
-    if bad:
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        raise EvaluateError(f"{sf.path}: tensor 'sequences' holds ids outside {info.name}'s vocabulary "
-                            f"(0..{info.vocab_size - 1}): {shown}")
-
-
-def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) -> dict[str, Any]:
-    from algorithms.farzi import FarziSet
-    from algorithms.seqtrain import SeqTrainConfig, evaluate_sequences, task_metrics
-
-    spec = opts.spec
-    if spec is None:
-        raise EvaluateError(f"{sf.path}: a sequence set ({name}): give --spec SPEC, whose model and evaluation "
-                            f"section (Adam epochs, lr, batch size) say how to train on it")
-    if opts.aug not in (None, "none"):
-        raise EvaluateError(f"--aug {opts.aug}: sequence sets are not augmented (DSA is for images); drop --aug")
-    model_name = spec.model["name"]
-    if opts.models is not None and [m.strip().lower() for m in opts.models.split(",")] != [model_name]:
-        raise EvaluateError(f"--models {opts.models}: a sequence set is evaluated with the spec's model, "
-                            f"{model_name!r} ({spec.path}); drop --models or give {model_name}")
-    root = opts.data_root if opts.data_root is not None else spec.dataset.get("root")
-    data = load_sequences(name, root)
-    check_sequences(sf, data, spec.model["max_len"])
-    try:
-        task = seq_task(data, spec.model["max_len"])
-    except ValueError as e:  # e.g. too few items for the sampled negatives
-        raise EvaluateError(f"{name} ({root or 'default root'}): cannot build the evaluation task: {e}") from None
-    ev = spec.evaluation
-    networks = opts.networks or ev["networks"]
-    epochs = opts.epochs or ev["epochs"]
-    seed = opts.seed if opts.seed is not None else eval_seed({"seed": spec.seed})
-    seeds = list(range(seed, seed + networks))
-    lr, lr_from = (opts.lr, "--lr") if opts.lr is not None else \
-        (float(ev["lr"]), "the spec's evaluation.lr, as a sweep's trials train")
-    t = sf.tensors
-    if "F" in t:
-        temp = _scalar(sf, "temperature")
-        syn = FarziSet(t["F"].float(), t["M"].float(), temp, data.info.pad_id, _scalar(sf, "lr") or 0.0)
-        x = syn.probs().detach()
-        what = f"{sf.meta.get('algorithm')} set, {len(t['F'])} soft sequences of {t['F'].shape[1]}"
-    else:
-        x = t["sequences"]
-        what = f"{sf.meta.get('algorithm')} set, {len(x)} sequences of {x.shape[1]}"
-    mu = len(x)
-    subset_seed = spec.seed * 7919 + mu  # as a sweep's random baseline of this budget
-    real = task.train
-    random_note = None
-    if mu > len(real):
-        r = None
-        random_note = f"no random subset: {mu} sequences, the data has {len(real)}"
-    else:
-        r = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(subset_seed))[:mu]]
-    random_lr, random_lr_from = float(ev["lr"]), "the spec's evaluation.lr"
-
-    def run(data_, lr_, what_):
-        cfg = SeqTrainConfig(epochs=epochs, lr=lr_, batch_size=ev["batch_size"], weight_decay=ev["weight_decay"])
-        out = []
-        for k, s in enumerate(seeds):
-            res = evaluate_sequences(spec.model, task, data_, cfg, 1, s, device).per_network[0]
-            say(f"{model_name}: {what_}, network {k + 1}/{networks} (seed {s}): "
-                + ", ".join(f"{m} {v:.4g}" for m, v in res.items()))
-            out.append(res)
-        return out
-
-    set_results = run(x, lr, "the set")
-    metrics = list(set_results[0])
-    rows = [_row(model_name, "synthetic", what, lr, set_results, seeds)]
-    if r is not None:
-        rows.append(_row(model_name, "random", f"random real sequences, {mu}", random_lr,
-                         run(r, random_lr, "the random sequences"), seeds))
-    else:
-        rows.append(_row(model_name, "random", "random real sequences", random_lr, [], None, random_note))
-    found, where = stored_experts(spec, data, opts.trajectories)
-    if found:
-        from algorithms.seqmodels import seeded_seq_model
-
-        from .store import open_trajectory
-
-        model = seeded_seq_model(spec.model, task.vocab_size, task.pad_id, 0)
-        per = [task_metrics(model, open_trajectory(p).params[-1].clone(), task) for _, p, _ in found]
-        rows.append(_row(model_name, "full_data", "full data (the spec's experts)", None, per, None,
-                         f"{len(per)} experts of the spec in {where} (their final parameters)"))
-    else:
-        rows.append(_row(model_name, "full_data", "full data (the spec's experts)", None, [], None, where))
-    return {**_report_head(sf, name, spec), "kind": "sequences", "task": data.info.task, "size": mu,
-            "metrics": metrics, "models": {model_name: dict(spec.model)}, "model_from": "the spec's model",
-            "protocol": {"networks": networks, "epochs": epochs, "batch_size": ev["batch_size"],
-                         "weight_decay": ev["weight_decay"], "seed": seed, "seeds": seeds, "optimizer": "Adam",
-                         "device": str(device)},
-            "lr": {"set": lr, "set_from": lr_from, "random": random_lr, "random_from": random_lr_from},
-            "random_subset": {"seed": subset_seed, "budget": mu, "note": random_note},
-            "full_data_note": rows[-1].get("note"), "renormalised": False, "rows": rows}
 
 
 # -- output --------------------------------------------------------------------------------------

@@ -7,11 +7,13 @@ Every problem found is reported at once, each naming the file and the key (``exp
 Hyperparameter values may be a fixed value, a list (a grid: one trial per value), or a Tune
 distribution written as a one-key mapping: ``{loguniform: [1e-6, 1e-4]}``, ``{uniform: [a, b]}``,
 ``{randint: [a, b]}`` (b excluded), ``{choice: [v1, v2]}``.
+
+The sections' keys, defaults and checks are in :mod:`orchestrator.spec_schema`, the checks of the
+algorithms and their hyperparameters in :mod:`orchestrator.spec_checks`.
 """
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import itertools
 import json
@@ -24,14 +26,11 @@ from typing import Any
 
 import yaml
 
-from algorithms.base import KIND_NAMES as _KIND_NAMES
-
 from . import methods
 from .datasets import FOLDER_DATASETS
-from .methods import bounds as _bounds
+from .spec_checks import _check_algorithms
+from .spec_schema import FOLDER_SCHEMA, REQUIRED, SCHEMA, TOP, _is, _type_name, _unknown
 from .tasks import task_for
-
-DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
 
 class SpecError(ValueError):
@@ -47,190 +46,10 @@ def default_spec_path() -> Path:
     return Path(str(resources.files("search_spaces").joinpath("quickstart.yaml")))
 
 
-# ---------------------------------------------------------------------------------------------
-# The schema: for each section, key -> (types, default, check). ``check`` returns an error
-# message or None. ``REQUIRED`` marks keys without default.
-REQUIRED = object()
-NUM = (int, float)
-
-
-def _pos(v):
-    return None if v > 0 else "must be > 0"
-
-
-def _nonneg(v):
-    return None if v >= 0 else "must be >= 0"
-
-
-def _prob(v):
-    return None if 0 <= v <= 1 else "must be in [0, 1]"
-
-
-from .tasks import TASKS as _TASKS  # noqa: E402
-
-ALL_DATASETS = sorted({d for t in _TASKS.values() for d in t.datasets()})
-
-
-def _eval_models(v: list) -> str | None:
-    from algorithms.networks import MODELS
-
-    bad = [m for m in v if not isinstance(m, str) or m not in MODELS]
-    if bad:
-        return f"unknown model {bad[0]!r}; known: {', '.join(MODELS)}"
-    if len(set(v)) != len(v):
-        return f"a model is listed twice: {v}"
-    return None
-
-
-def _gpus(v):
-    """'auto', a number >= 0 (0.5 packs two trials per GPU), or a mapping budget -> number."""
-    if v == "auto" or (isinstance(v, NUM) and not isinstance(v, bool) and v >= 0):
-        return None
-    if isinstance(v, dict) and v and all(isinstance(k, int) and k > 0 for k in v) and \
-            all(isinstance(x, NUM) and not isinstance(x, bool) and x >= 0 for x in v.values()):
-        return None
-    return "must be 'auto', a number >= 0 (0.5: two trials per GPU) or a mapping budget -> number, e.g. {1: 0.25, 50: 1}"
-
-
-def _scheduler(v):
-    if set(v) - {"name", "grace_period", "reduction_factor", "max_t"}:
-        return f"unknown keys {sorted(set(v) - {'name', 'grace_period', 'reduction_factor', 'max_t'})}; " \
-               "allowed: name, grace_period, reduction_factor, max_t"
-    if v.get("name") != "asha":
-        return "name must be asha (ASHA early stopping on the evaluation metric, iterations as time)"
-    for k in ("grace_period", "reduction_factor", "max_t"):
-        if k in v and not (isinstance(v[k], int) and not isinstance(v[k], bool) and v[k] >= (2 if k == "reduction_factor" else 1)):
-            return f"{k} must be an integer >= {2 if k == 'reduction_factor' else 1}"
-    return None
-
-
-def _search(v):
-    if set(v) - {"name", "seed"}:
-        return f"unknown keys {sorted(set(v) - {'name', 'seed'})}; allowed: name, seed"
-    if v.get("name") != "optuna":
-        return "name must be optuna (grids and Tune distributions need no search section)"
-    if "seed" in v and not (isinstance(v["seed"], int) and not isinstance(v["seed"], bool)):
-        return "seed must be an integer"
-    return None
-
-
-SCHEMA: dict[str, dict[str, tuple]] = {
-    "dataset": {"name": (str, REQUIRED, lambda v: None if v.lower() in ALL_DATASETS else
-                         f"unknown dataset {v!r}; known: {', '.join(ALL_DATASETS)}"),
-                "root": ((str, type(None)), None, None),
-                # ZCA whitening (MTT's CIFAR setting, regularisation 0.1), fitted on the training split
-                "zca": (bool, False, None)},
-    "model": {"name": (str, "convnet", lambda v: None if v == "convnet" else "unknown model; known: convnet"),
-              "depth": (int, 3, _pos), "width": (int, 128, _pos),
-              "norm": (str, "instancenorm", lambda v: None if v in ("instancenorm", "none") else
-                       "must be instancenorm or none"),
-              "pooling": (str, "avgpooling", lambda v: None if v in ("avgpooling", "maxpooling", "none") else
-                          "must be avgpooling, maxpooling or none")},
-    "experts": {"count": (int, 10, _pos), "epochs": (int, 50, _pos), "lr": (NUM, 0.01, _pos),
-                "batch_size": (int, 256, _pos), "momentum": (NUM, 0.0, _nonneg),
-                "weight_decay": (NUM, 0.0, _nonneg), "dsa": (bool, True, None), "lr_decay": (bool, False, None),
-                "seed": (int, 0, _nonneg),
-                # which forms of each expert the store keeps: full trajectories and/or MCT's compact form
-                "keep": (list, ["full"], lambda v: None if v and set(v) <= {"full", "convex"} and len(set(v)) == len(v)
-                         else "must be a non-empty list of 'full' and/or 'convex'"),
-                "convex_waypoints": (int, 2, lambda v: None if v >= 2 else "must be >= 2"),
-                "convex_beta": (str, "path", lambda v: None if v in ("path", "uniform") else "must be path or uniform"),
-                "convex_smooth": (bool, False, None)},
-    "evaluation": {"networks": (int, 5, _pos), "epochs": (int, 300, _pos), "interval": (int, 100, _nonneg),
-                   "batch_size": (int, 256, _pos), "dsa": (bool, True, None),
-                   # cross-architecture: the final evaluation also trains these (acc_mean/<name> in MLflow)
-                   "models": (list, [], lambda v: _eval_models(v)),
-                   # the networks of one evaluation as Ray tasks on free resources (the same numbers)
-                   "parallel": (bool, True, None)},
-    "resources": {"cpus_per_trial": (NUM, 1, _pos), "gpus_per_trial": ((str, int, float, dict), "auto", _gpus),
-                  "cpus_per_expert": (NUM, 1, _pos),
-                  "max_concurrent_trials": ((int, type(None)), None, lambda v: None if v is None or v > 0
-                                            else "must be > 0 or null"),
-                  # the most trials a sweep may have (Tune generates them all up front, on the driver)
-                  "max_trials": (int, 10000, _pos)},
-}
-# Keys of the dataset section that only image_folder (a user's folder of images) takes; the other
-# datasets' sections, and so their specs' hashes, are as before.
-FOLDER_SCHEMA: dict[str, tuple] = {
-    "size": (int, REQUIRED, lambda v: None if 2 <= v <= 1024 else
-             "must be from 2 to 1024 (the side in pixels the images are resized to, e.g. 32)"),
-    "test_fraction": (NUM, 0.2, lambda v: None if 0 < v < 1 else
-                      "must be in (0, 1) (the share of each class held out for testing)"),
-    "channels": ((int, type(None)), None, lambda v: None if v in (1, 3) else
-                 "must be 1 (grayscale), 3 (RGB) or null (from the files)"),
-}
-# Event-sequence datasets (ml-100k, ml-1m, ptb) replace the image sections' schemas with these.
-SEQ_SCHEMA: dict[str, dict[str, tuple]] = {
-    "model": {"name": (str, "sasrec", lambda v: None if v in ("sasrec", "transformer_lm") else
-                       "unknown sequence model; known: sasrec, transformer_lm"),
-              "dim": (int, 64, _pos), "blocks": (int, 2, _pos), "heads": (int, 1, _pos),
-              "max_len": (int, 50, lambda v: None if v >= 2 else "must be >= 2"), "dropout": (NUM, 0.0, _prob)},
-    "experts": {"count": (int, 5, _pos), "epochs": (int, 20, _pos), "lr": (NUM, 1e-3, _pos),
-                "batch_size": (int, 128, _pos), "weight_decay": (NUM, 0.0, _nonneg), "seed": (int, 0, _nonneg),
-                "keep": (list, ["full"], lambda v: None if v == ["full"] else
-                         "sequence experts keep full trajectories only: ['full']")},
-    "evaluation": {"networks": (int, 3, _pos), "epochs": (int, 50, _pos), "interval": (int, 100, _nonneg),
-                   "batch_size": (int, 64, _pos), "lr": (NUM, 1e-3, _pos), "weight_decay": (NUM, 0.0, _nonneg)},
-}
 def eval_seed(spec: dict) -> int:
     """Evaluation networks use the same seeds in every trial of a sweep (paired comparisons): seeds
     ``eval_seed``, ``eval_seed + 1``, ... (``orchestrate evaluate`` uses them too)."""
     return spec["seed"] * 1000 + 17
-
-
-NAME_BYTES = 200  # a folder name (with ".replaced-YYYYmmdd-HHMMSS" added by --fresh) stays under 255 bytes
-
-
-def _safe_name(v: str):
-    """A spec's name is a folder name (under the store's ``tune/``) and an MLflow experiment name:
-    letters (unicode too), digits, ``-``, ``_`` and ``.``; not empty, not ``.`` or ``..``."""
-    if v in ("", ".", ".."):
-        return f"must be a folder name, not {v!r}: use letters, digits, '-', '_' and '.'"
-    bad = "".join(dict.fromkeys(c for c in v if not (c.isalnum() or c in "-_.")))
-    if bad:
-        return (f"{v!r} is not a safe folder name: {bad!r} not allowed (use letters, digits, '-', '_' and '.'; "
-                "no path separators or spaces)")
-    if len(v.encode()) > NAME_BYTES:
-        return f"{v[:20]!r}... is too long for a folder name ({len(v.encode())} bytes, at most {NAME_BYTES})"
-    return None
-
-
-TOP = {"name": (str, REQUIRED, _safe_name), "description": (str, "", None), "seed": (int, 0, _nonneg),
-       "num_samples": (int, 1, _pos), "checkpoint_interval": (int, 50, _pos),
-       "baselines": (list, ["random"], lambda v: _baselines(v)),
-       # ASHA early stopping: {name: asha, grace_period: iterations, reduction_factor: 3}; null = none
-       "scheduler": ((dict, type(None)), None, _scheduler),
-       # Optuna (Ray Tune's OptunaSearch) instead of grid + random sampling: {name: optuna, seed: 0}
-       "search": ((dict, type(None)), None, _search),
-       # a wall-clock budget for the whole sweep (seconds); unfinished trials are stopped, resumable
-       "time_budget_s": ((int, float, type(None)), None, lambda v: None if v > 0 else "must be > 0 or null")}
-
-
-
-def _baselines(v: list) -> str | None:
-    known = methods.names(baseline=True)
-    bad = [b for b in v if not (isinstance(b, str) and methods.is_baseline(b))]
-    return f"unknown baseline {bad[0]!r}; known: {', '.join(known)}" if bad else None
-
-
-def _type_name(t) -> str:
-    ts = t if isinstance(t, tuple) else (t,)
-    return " or ".join("null" if x is type(None) else x.__name__ for x in ts)
-
-
-def _is(v, t) -> bool:
-    ts = t if isinstance(t, tuple) else (t,)
-    if isinstance(v, bool) and bool not in ts:
-        return False  # YAML's true is not a number here
-    if isinstance(v, int) and float in ts:
-        return True
-    return isinstance(v, ts)
-
-
-def _unknown(key: str, allowed) -> str:
-    near = difflib.get_close_matches(key, list(allowed), n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return f"unknown key{hint}; allowed: {', '.join(sorted(allowed))}"
 
 
 @dataclass
@@ -538,174 +357,3 @@ def count_trials(algorithms: dict, baselines: list, num_samples: int, search: di
             hp = {**algo["hyperparameters"], **algo.get("per_budget", {}).get(budget, {})}
             points += math.prod(len(v) for v in hp.values() if isinstance(v, list))
     return points * num_samples
-
-
-def _short(v: Any, width: int = 80) -> str:
-    r = repr(v)
-    return r if len(r) <= width else r[:width - 5] + " ...]"
-
-
-def _check_scalar(key: str, v: Any, kind: tuple[str, bool], check, err, where: str = "") -> bool:
-    """One plain value of a hyperparameter: its type (from the config dataclass), then its check."""
-    what, nullable = kind
-    if v is None:
-        if nullable:
-            return True
-        err(key, f"must be {_KIND_NAMES[what]}, got null{where}")
-        return False
-    ok = {"number": _is(v, NUM), "bool": isinstance(v, bool), "str": isinstance(v, str)}[what]
-    if not ok:
-        got = "a mapping" if isinstance(v, dict) else f"{type(v).__name__} {_short(v)}"
-        err(key, f"must be {_KIND_NAMES[what]}{' or null' if nullable else ''}, got {got}{where}")
-        return False
-    if isinstance(v, float) and not math.isfinite(v):
-        err(key, f"must be finite, got {v!r}{where}")
-        return False
-    if check and (msg := check(v)):
-        err(key, f"{msg}, got {v!r}{where}")
-        return False
-    return True
-
-
-def _check_hp_value(key: str, v: Any, kind: tuple[str, bool], check, err) -> bool:
-    """A hyperparameter's value: a plain value, a grid (a flat list of plain values or
-    distributions) or a distribution; every element is checked. Returns whether it is valid."""
-    if isinstance(v, list):
-        if not v:
-            err(key, "an empty list gives no trials; give at least one value")
-            return False
-        where, ok = f" (in the grid {_short(v)})", True
-        for item in v:
-            if isinstance(item, list):
-                err(key, f"a grid is a flat list of values, got the nested list {_short(item)}{where}")
-                ok = False
-            elif isinstance(item, dict):
-                ok = _check_distribution(key, item, kind, check, err) and ok
-            else:
-                ok = _check_scalar(key, item, kind, check, err, where) and ok
-        return ok
-    if isinstance(v, dict):
-        return _check_distribution(key, v, kind, check, err)
-    return _check_scalar(key, v, kind, check, err)
-
-
-def _check_distribution(key: str, v: dict, kind: tuple[str, bool], check, err) -> bool:
-    if len(v) != 1 or next(iter(v)) not in DISTRIBUTIONS:
-        err(key, f"a distribution is a one-key mapping, one of {', '.join(DISTRIBUTIONS)}; got {_short(v)}")
-        return False
-    (dist, args), = v.items()
-    if not isinstance(args, list) or not args:
-        err(key, f"{dist} needs a list of arguments, e.g. {{{dist}: [low, high]}}, got {_short(args)}")
-        return False
-    if dist == "choice":
-        where, ok = f" (in {{choice: {_short(args)}}})", True
-        for item in args:
-            if isinstance(item, (list, dict)):
-                err(key, f"choice takes plain values, got {_short(item)}{where}")
-                ok = False
-            else:
-                ok = _check_scalar(key, item, kind, check, err, where) and ok
-        return ok
-    if kind[0] != "number":
-        err(key, f"{dist} draws numbers, but this hyperparameter is {_KIND_NAMES[kind[0]]}: use "
-            f"{{choice: [...]}} or a list")
-        return False
-    if len(args) != 2 or not all(_is(a, NUM) and math.isfinite(a) for a in args) or not args[0] < args[1]:
-        err(key, f"{dist} needs [low, high], finite numbers with low < high, got {_short(args)}")
-        return False
-    if dist == "loguniform" and args[0] <= 0:
-        err(key, f"loguniform needs low > 0, got {args!r}")
-        return False
-    if dist == "randint" and not all(isinstance(a, int) for a in args):
-        err(key, f"randint needs integer bounds, got {args!r}")
-        return False
-    ok = True
-    for a in ([args[0], args[1] - 1] if dist == "randint" else args):
-        if check and (msg := check(a)):
-            err(key, f"bound {a}: {msg}")
-            ok = False
-    return ok
-
-
-def _check_algorithms(given: Any, experts: dict, err, model: dict, task, dataset: str = "?") -> dict[str, dict[str, Any]]:
-    fits = [n for n in methods.names(baseline=False) if methods.get(n).kind in (task.kind, "any")]
-    if not isinstance(given, dict) or not given:
-        err("algorithms", f"must map at least one algorithm ({', '.join(fits)}) to its budgets")
-        return {}
-    out = {}
-    for name, body in given.items():
-        key = f"algorithms.{name}"
-        try:
-            method = methods.get(str(name))
-        except methods.UnknownMethod as e:
-            err(key, str(e))
-            continue
-        if method.baseline:
-            err(key, f"{name} is a baseline: list it under baselines")
-            continue
-        if method.kind not in (task.kind, "any"):
-            err(key, f"{name} does not apply to the {task.label} dataset {dataset!r}; use {', '.join(fits)}")
-            continue
-        if not isinstance(body, dict):
-            err(key, "must be a mapping with budgets, iterations and hyperparameters")
-            continue
-        for k in body:
-            if k not in ("budgets", "iterations", "hyperparameters", "per_budget"):
-                err(f"{key}.{k}", _unknown(k, ("budgets", "iterations", "hyperparameters", "per_budget")))
-        budgets = body.get("budgets")
-        if not isinstance(budgets, list) or not budgets:
-            err(f"{key}.budgets", f"must be a non-empty list of {task.budget_unit}, e.g. [1, 10]")
-            budgets = []
-        elif not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in budgets):
-            err(f"{key}.budgets", f"every budget must be a positive integer ({task.budget_unit}), got {budgets!r}")
-            budgets = []
-        iterations = body.get("iterations", 500)
-        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-            err(f"{key}.iterations", f"must be a positive integer, got {iterations!r}")
-        allowed = method.hyperparameters(experts)
-        hp = dict(allowed)
-        hp.update(_check_hps(method, f"{key}.hyperparameters", body.get("hyperparameters"), allowed, err))
-        per_budget: dict[int, dict[str, Any]] = {}
-        given_pb = body.get("per_budget") or {}
-        if not isinstance(given_pb, dict):
-            err(f"{key}.per_budget", "must map a budget to the hyperparameters that differ at it, e.g. {10: {lr_lr: 1.0e-5}}")
-            given_pb = {}
-        for b, over in given_pb.items():
-            if b not in budgets:
-                err(f"{key}.per_budget.{b}", f"is not one of the budgets {budgets}")
-                continue
-            per_budget[b] = _check_hps(method, f"{key}.per_budget.{b}", over, allowed, err)
-        for b in budgets:
-            prefix = f"{key}.per_budget.{b}" if b in per_budget else f"{key}.hyperparameters"
-            merged = {**hp, **per_budget.get(b, {})}
-            _check_integers(method, prefix, merged, err)
-            method.check(prefix, b, merged, experts, model, err)
-        out[name] = {"budgets": budgets, "iterations": iterations, "hyperparameters": hp,
-                     "per_budget": per_budget}
-    return out
-
-
-def _check_hps(method, prefix: str, given: Any, allowed: dict, err) -> dict[str, Any]:
-    """Validate a mapping of hyperparameters of ``method`` against its config's fields; returns them."""
-    if given is None:
-        return {}
-    if not isinstance(given, dict):
-        err(prefix, "must be a mapping")
-        return {}
-    out = {}
-    fields_, kinds = method.hp_fields(), method.hp_kinds()
-    for k, v in given.items():
-        if k not in allowed:
-            err(f"{prefix}.{k}", _unknown(k, allowed))
-            continue
-        check = fields_[k].metadata.get("check")
-        _check_hp_value(f"{prefix}.{k}", v, kinds[k], check, err)
-        out[k] = v  # kept when wrong too: the spec is refused, and the windows are checked on what was given
-    return out
-
-
-def _check_integers(method, prefix: str, hp: dict, err) -> None:
-    for int_key in method.integer_hps():
-        bad = [b for b in _bounds(hp.get(int_key)) if not float(b).is_integer()]
-        if bad:
-            err(f"{prefix}.{int_key}", f"must be an integer, got {bad[0]}")

@@ -30,7 +30,7 @@ from .progress import Progress
 from .resume import (SIDECAR, LaunchError, ResumeTrustError, _prepare, _start_parent, _tune_path, check_resume,  # noqa: F401
                      check_resume_trust, sweep_dir, with_checkpoint_repair)
 from .schedulers import GroupedASHA, _scheduler, eval_metric, gpus_for, tune_value  # noqa: F401 (pickled sweeps)
-from .results import summarise_sweep
+from .summary import summarise_sweep
 from . import locks, storage
 from .spec import Spec
 from .store import TrajectoryStore, atomic_write_bytes, library_versions

@@ -26,7 +26,7 @@ class Task(ABC):
     label: str = ""  # in messages: "the image dataset 'mnist'"
     budget_unit: str = ""  # what one unit of budget is, for messages and tables
     budget_label: str = ""  # the results table's budget column
-    schema: dict[str, dict[str, tuple]] = {}  # spec sections this task replaces (see spec.SCHEMA)
+    schema: dict[str, dict[str, tuple]] = {}  # spec sections this task replaces (see spec_schema.SCHEMA)
 
     @abstractmethod
     def datasets(self) -> list[str]:
@@ -195,7 +195,7 @@ class EventSequences(Task):
 
     @property
     def schema(self):  # type: ignore[override]
-        from .spec import SEQ_SCHEMA
+        from .spec_schema import SEQ_SCHEMA
 
         return SEQ_SCHEMA
 

@@ -15,7 +15,8 @@ from algorithms.networks import manifest_of, seeded_network
 from orchestrator.artifacts import file_model, read_synthetic, save_sequences, save_synthetic
 from orchestrator.cli import main
 from orchestrator.datasets import load_dataset
-from orchestrator.evaluate import EvaluateError, parse_models
+from orchestrator.evaluate import EvaluateError
+from orchestrator.evaluate_images import parse_models
 from tests.conftest import tiny_spec
 
 SMALL = {"name": "convnet", "depth": 1, "width": 8, "norm": "instancenorm", "pooling": "avgpooling"}

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from orchestrator import results as res
+from orchestrator import summary
 from orchestrator.cli import main
 from orchestrator.tracking import workspace
 from tests.conftest import TINY
@@ -186,7 +187,7 @@ def test_compare(sweep):
 @pytest.mark.slow
 def test_summarise_sweep(sweep, tmp_path):
     _, uri, parent = sweep
-    paths = res.summarise_sweep(uri, parent, tmp_path / "summary")
+    paths = summary.summarise_sweep(uri, parent, tmp_path / "summary")
     assert [p.name for p in paths] == ["results.csv", "accuracy_vs_budget.png"]
     csv_path, png = paths
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -197,7 +198,7 @@ def test_summarise_sweep(sweep, tmp_path):
     assert sorted(a.path for a in client.list_artifacts(parent, "summary")) == [
         "summary/accuracy_vs_budget.png", "summary/results.csv"]
     with pytest.raises(LookupError, match="0" * 32):
-        res.summarise_sweep(uri, "0" * 32, tmp_path / "none")
+        summary.summarise_sweep(uri, "0" * 32, tmp_path / "none")
 
 
 def test_summary_plot_of_sequence_rows_skips_failed_trials(tmp_path):
@@ -206,7 +207,7 @@ def test_summary_plot_of_sequence_rows_skips_failed_trials(tmp_path):
     rows += [row("farzi", b, dataset="ptb", ppl_mean=300.0 - b, ppl_std=3.0, full_data_ppl_mean=150.0,
                  full_data_ppl_std=4.0) for b in (10, 100)]
     rows += [row("farzi", 1000, dataset="ptb", status="FAILED")]
-    png = res._plot_vs_budget(rows, {}, tmp_path / "p.png", "ptb")
+    png = summary._plot_vs_budget(rows, {}, tmp_path / "p.png", "ptb")
     assert png.stat().st_size > 5000
-    empty = res._plot_vs_budget([row(status="FAILED")], {"full_data_acc_mean": 0.9}, tmp_path / "e.png", "none")
+    empty = summary._plot_vs_budget([row(status="FAILED")], {"full_data_acc_mean": 0.9}, tmp_path / "e.png", "none")
     assert empty.stat().st_size > 2000

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from rich.console import Console
 
 from orchestrator import results as res
+from orchestrator import summary
 from orchestrator.cli import main
 from orchestrator.tracking import PARENT_TAG, ROLE_TAG, ensure_experiment, workspace
 
@@ -254,7 +255,7 @@ def test_results_json_csv_table(store):
 
 def test_summary_csv_and_plot(store, tmp_path):
     _, uri, parent, _ = store
-    csv_path, png = res.summarise_sweep(uri, parent, tmp_path / "summary")
+    csv_path, png = summary.summarise_sweep(uri, parent, tmp_path / "summary")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     written = {(r["algorithm"], int(r["budget"])): r for r in csv.DictReader(io.StringIO(csv_path.read_text()))}
     assert float(written[("mtt", 1)]["ddrs"]) == pytest.approx(by_hand(0.80, 0.60, 0.97))
@@ -269,8 +270,8 @@ def test_summary_csv_and_plot(store, tmp_path):
 
 def test_plot_without_baseline_or_gain(tmp_path):
     rows = [row("mtt", b, acc=0.5 + b / 100, full_data_acc_mean=0.9) for b in (1, 10, 50)]
-    png = res._plot_vs_budget(rows, {}, tmp_path / "nogain.png", "no random subset")
+    png = summary._plot_vs_budget(rows, {}, tmp_path / "nogain.png", "no random subset")
     assert png.stat().st_size > 5000
     rows = res.attach_baselines(rows + [row("random", b, acc=0.4 + b / 100) for b in (1, 10, 50)])
-    png = res._plot_vs_budget(rows, {}, tmp_path / "gain.png", "with gains")
+    png = summary._plot_vs_budget(rows, {}, tmp_path / "gain.png", "with gains")
     assert png.stat().st_size > 5000

@@ -1,0 +1,155 @@
+"""Sequence sets for ``orchestrate evaluate``: the checks of a set of event sequences against its
+dataset (task, vocabulary, the model's ``max_len``) and its evaluation with the spec's sequence
+model, next to random real sequences and the spec's stored experts."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .evaluate import EvalOptions, EvaluateError, SetFile, _report_head, _row, _scalar, stored_experts
+from .sequences import load_sequences, seq_task
+from .spec import eval_seed
+
+
+def check_sequences(sf: SetFile, data, max_len: int) -> None:
+    """A sequence set against its dataset: the task, the vocabulary (``M``'s columns, the ids of
+    ``sequences``) and the model's ``max_len`` (the length of the sequences)."""
+    info = data.info
+    if sf.meta.get("task") != info.task:
+        raise EvaluateError(f"{sf.path}: metadata field 'task' is {sf.meta.get('task')!r}, but {info.name} is a "
+                            f"{info.task} dataset")
+    try:
+        vocab = int(sf.meta["vocab_size"])
+    except ValueError:
+        raise EvaluateError(f"{sf.path}: metadata field 'vocab_size' must be an integer, got "
+                            f"{sf.meta['vocab_size'][:40]!r}") from None
+    if vocab != info.vocab_size:
+        raise EvaluateError(f"{sf.path}: metadata field 'vocab_size' is {vocab}, but {info.name} read from its files "
+                            f"has a vocabulary of {info.vocab_size}")
+    t = sf.tensors
+    if "F" in t:
+        F, M = t["F"], t["M"]
+        for key, x in (("F", F), ("M", M)):
+            if not x.dtype.is_floating_point:
+                raise EvaluateError(f"{sf.path}: tensor {key!r} is {x.dtype}, expected a float tensor")
+            if not bool(torch.isfinite(x).all()):
+                raise EvaluateError(f"{sf.path}: tensor {key!r} holds NaN or infinite values")
+        if M.shape[1] != info.vocab_size:
+            raise EvaluateError(f"{sf.path}: tensor 'M' has shape {tuple(M.shape)}: {M.shape[1]} columns, but "
+                                f"{info.name}'s vocabulary has {info.vocab_size} ids (M is [latent_dim, vocab])")
+        if F.shape[0] == 0:
+            raise EvaluateError(f"{sf.path}: tensor 'F' holds no sequence (shape {tuple(F.shape)})")
+        if F.shape[1] > max_len:
+            raise EvaluateError(f"{sf.path}: tensor 'F' has shape {tuple(F.shape)}: sequences of {F.shape[1]} "
+                                f"positions, longer than the model's max_len {max_len} (the spec's model.max_len)")
+        if "temperature" not in t:
+            raise EvaluateError(f"{sf.path}: tensor 'temperature' is missing (Farzi's sequences are "
+                                f"softmax(F·M/temperature))")
+        temp = _scalar(sf, "temperature")
+        if not math.isfinite(temp) or temp <= 0:
+            raise EvaluateError(f"{sf.path}: tensor 'temperature' is {temp}, must be > 0")
+        return
+    seqs = t["sequences"]
+    if seqs.dtype != torch.int64:
+        raise EvaluateError(f"{sf.path}: tensor 'sequences' is {seqs.dtype}, expected torch.int64")
+    if seqs.ndim != 2 or len(seqs) == 0:
+        raise EvaluateError(f"{sf.path}: tensor 'sequences' must be [N, length] with N >= 1, has shape "
+                            f"{tuple(seqs.shape)}")
+    if seqs.shape[1] > max_len:
+        raise EvaluateError(f"{sf.path}: tensor 'sequences' has shape {tuple(seqs.shape)}: sequences of "
+                            f"{seqs.shape[1]} positions, longer than the model's max_len {max_len}")
+    bad = sorted({int(v) for v in seqs[(seqs < 0) | (seqs >= info.vocab_size)].tolist()})
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise EvaluateError(f"{sf.path}: tensor 'sequences' holds ids outside {info.name}'s vocabulary "
+                            f"(0..{info.vocab_size - 1}): {shown}")
+
+
+def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) -> dict[str, Any]:
+    from algorithms.farzi import FarziSet
+    from algorithms.seqtrain import SeqTrainConfig, evaluate_sequences, task_metrics
+
+    spec = opts.spec
+    if spec is None:
+        raise EvaluateError(f"{sf.path}: a sequence set ({name}): give --spec SPEC, whose model and evaluation "
+                            f"section (Adam epochs, lr, batch size) say how to train on it")
+    if opts.aug not in (None, "none"):
+        raise EvaluateError(f"--aug {opts.aug}: sequence sets are not augmented (DSA is for images); drop --aug")
+    model_name = spec.model["name"]
+    if opts.models is not None and [m.strip().lower() for m in opts.models.split(",")] != [model_name]:
+        raise EvaluateError(f"--models {opts.models}: a sequence set is evaluated with the spec's model, "
+                            f"{model_name!r} ({spec.path}); drop --models or give {model_name}")
+    root = opts.data_root if opts.data_root is not None else spec.dataset.get("root")
+    data = load_sequences(name, root)
+    check_sequences(sf, data, spec.model["max_len"])
+    try:
+        task = seq_task(data, spec.model["max_len"])
+    except ValueError as e:  # e.g. too few items for the sampled negatives
+        raise EvaluateError(f"{name} ({root or 'default root'}): cannot build the evaluation task: {e}") from None
+    ev = spec.evaluation
+    networks = opts.networks or ev["networks"]
+    epochs = opts.epochs or ev["epochs"]
+    seed = opts.seed if opts.seed is not None else eval_seed({"seed": spec.seed})
+    seeds = list(range(seed, seed + networks))
+    lr, lr_from = (opts.lr, "--lr") if opts.lr is not None else \
+        (float(ev["lr"]), "the spec's evaluation.lr, as a sweep's trials train")
+    t = sf.tensors
+    if "F" in t:
+        temp = _scalar(sf, "temperature")
+        syn = FarziSet(t["F"].float(), t["M"].float(), temp, data.info.pad_id, _scalar(sf, "lr") or 0.0)
+        x = syn.probs().detach()
+        what = f"{sf.meta.get('algorithm')} set, {len(t['F'])} soft sequences of {t['F'].shape[1]}"
+    else:
+        x = t["sequences"]
+        what = f"{sf.meta.get('algorithm')} set, {len(x)} sequences of {x.shape[1]}"
+    mu = len(x)
+    subset_seed = spec.seed * 7919 + mu  # as a sweep's random baseline of this budget
+    real = task.train
+    random_note = None
+    if mu > len(real):
+        r = None
+        random_note = f"no random subset: {mu} sequences, the data has {len(real)}"
+    else:
+        r = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(subset_seed))[:mu]]
+    random_lr, random_lr_from = float(ev["lr"]), "the spec's evaluation.lr"
+
+    def run(data_, lr_, what_):
+        cfg = SeqTrainConfig(epochs=epochs, lr=lr_, batch_size=ev["batch_size"], weight_decay=ev["weight_decay"])
+        out = []
+        for k, s in enumerate(seeds):
+            res = evaluate_sequences(spec.model, task, data_, cfg, 1, s, device).per_network[0]
+            say(f"{model_name}: {what_}, network {k + 1}/{networks} (seed {s}): "
+                + ", ".join(f"{m} {v:.4g}" for m, v in res.items()))
+            out.append(res)
+        return out
+
+    set_results = run(x, lr, "the set")
+    metrics = list(set_results[0])
+    rows = [_row(model_name, "synthetic", what, lr, set_results, seeds)]
+    if r is not None:
+        rows.append(_row(model_name, "random", f"random real sequences, {mu}", random_lr,
+                         run(r, random_lr, "the random sequences"), seeds))
+    else:
+        rows.append(_row(model_name, "random", "random real sequences", random_lr, [], None, random_note))
+    found, where = stored_experts(spec, data, opts.trajectories)
+    if found:
+        from algorithms.seqmodels import seeded_seq_model
+
+        from .store import open_trajectory
+
+        model = seeded_seq_model(spec.model, task.vocab_size, task.pad_id, 0)
+        per = [task_metrics(model, open_trajectory(p).params[-1].clone(), task) for _, p, _ in found]
+        rows.append(_row(model_name, "full_data", "full data (the spec's experts)", None, per, None,
+                         f"{len(per)} experts of the spec in {where} (their final parameters)"))
+    else:
+        rows.append(_row(model_name, "full_data", "full data (the spec's experts)", None, [], None, where))
+    return {**_report_head(sf, name, spec), "kind": "sequences", "task": data.info.task, "size": mu,
+            "metrics": metrics, "models": {model_name: dict(spec.model)}, "model_from": "the spec's model",
+            "protocol": {"networks": networks, "epochs": epochs, "batch_size": ev["batch_size"],
+                         "weight_decay": ev["weight_decay"], "seed": seed, "seeds": seeds, "optimizer": "Adam",
+                         "device": str(device)},
+            "lr": {"set": lr, "set_from": lr_from, "random": random_lr, "random_from": random_lr_from},
+            "random_subset": {"seed": subset_seed, "budget": mu, "note": random_note},
+            "full_data_note": rows[-1].get("note"), "renormalised": False, "rows": rows}
