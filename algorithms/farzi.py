@@ -280,11 +280,21 @@ def real_init(F: torch.Tensor, M: torch.Tensor, real: torch.Tensor, pad_id: int 
     gives it ``target`` (0.9), ``a = d (1 - sqrt(1 - 2 log(target V / (1 - target)) / d))``, or
     ``a = d``, the most peaked start, when d is too small for that: with 1683 items d = 16 reaches
     ~0.6, d = 64 reaches 0.9 at a ≈ 10.5. (A larger ``a`` than needed saturates the softmax and
-    starves F of gradient.)"""
+    starves F of gradient.)
+
+    The real sequences are drawn among those that fill all ``xi`` positions when there are at least
+    ``mu`` of them (else the ``mu`` longest): a synthetic sequence has no padding, and positions left
+    at their random entries decode to near-uniform items. On ML-100k (17% of the last-50 positions
+    are padding; 551 of 943 users fill them), 3 SASRecs trained on the start of 50 sequences reach
+    HR@10 4.81 from full users against 4.28 from any users at d = 16, and 6.65 against 6.12 at
+    d = 64 (the same users as hard sequences: 6.47 and 5.94)."""
     mu, xi, d = F.shape
-    rows = real[torch.randperm(len(real), generator=generator)[:mu]]
-    if len(rows) < mu:
+    if len(real) < mu:
         raise ValueError(f"init 'real' needs {mu} real sequences, there are {len(real)}")
+    filled = (real[:, -xi:] != (-1 if pad_id is None else pad_id)).sum(1)
+    full = (filled == min(xi, real.shape[1])).nonzero().squeeze(1)
+    pool = full if len(full) >= mu else filled.argsort(descending=True, stable=True)[:mu]
+    rows = real[pool[torch.randperm(len(pool), generator=generator)[:mu]]]
     ids = rows[:, -xi:] if rows.shape[1] >= xi else torch.nn.functional.pad(rows, (xi - rows.shape[1], 0),
                                                                            value=-1 if pad_id is None else pad_id)
     keep = ids != (-1 if pad_id is None else pad_id)
@@ -322,7 +332,8 @@ class FarziConfig:
     init_scale: float = hp(1.0, positive, doc="std of F at random init; M starts N(0, 1/d)")
     # F's start: "random" (N(0, init_scale)) or "real": each position of synthetic sequence i starts as
     # the item at that position of a random real sequence (F[i, t] = a M[:, item] / ||M[:, item]||^2, a
-    # chosen for 90% probability on that item where d allows it: see real_init); padding stays random
+    # chosen for 90% probability on that item where d allows it; sequences that fill all seq_len
+    # positions first: see real_init)
     init: str = hp("random", one_of("random", "real"), doc="F's start: random, or real sequences' items")
     outer_schedule: str = hp("constant", one_of("constant", "cosine"), doc="outer learning-rate schedule")
     clip_norm: float | None = hp(None, positive_or_none("no clipping"), doc="clip the meta-gradient's L2 norm")

@@ -275,6 +275,26 @@ def test_real_init_starts_each_synthetic_sequence_as_a_real_one():
     assert float(_distiller().synthetic().probs().max(-1).values.mean()) < 0.3
 
 
+def test_real_init_draws_sequences_that_fill_every_position():
+    """A left-padded real sequence would leave its padding positions at random F (near-uniform
+    items): the start is drawn among the sequences that fill all seq_len positions, or the longest."""
+    from algorithms.farzi import real_init
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(1, 50, (30, 10), generator=g)
+    lengths = torch.tensor([10] * 3 + [8] * 3 + [7] * 4 + [3] * 20)  # seq_len 8: 6 fill it, 4 one short
+    real[torch.arange(10) < (10 - lengths).unsqueeze(1)] = 0  # left padding
+    M = torch.randn(16, 50, generator=g) / 4
+    for mu, allowed in ((5, set(range(6))), (8, set(range(10)))):  # 5 of the 6 full; 8: those 6, 2 one short
+        top = decode(real_init(torch.randn(mu, 8, 16, generator=g), M, real, 0, 1.0, torch.Generator().manual_seed(mu)),
+                     M, 1.0, 0).argmax(-1)
+        drawn = {i for row in top for i in range(30) if (row == real[i, -8:]).float().mean() >= 0.75}
+        assert len(drawn) == mu and drawn <= allowed and (mu < 6 or set(range(6)) <= drawn)
+        assert (top != 0).all()
+    with pytest.raises(ValueError, match="needs 31 real sequences"):
+        real_init(torch.randn(31, 8, 16), M, real, 0, 1.0, g)
+
+
 @pytest.mark.parametrize("d, median, top1", [(16, 0.65, 0.65), (64, 0.85, 0.99)])
 def test_real_init_is_peaked_on_a_movielens_sized_catalogue(d, median, top1):
     """1683 items: a fixed logit of 10 left the real item ~37% probability at d = 16 (4 nats of
