@@ -10,18 +10,22 @@ as high), so a constant scorer gets no credit.
 
 When the task carries sampled negatives (``test_negatives``: per user, items drawn uniformly from
 those the user never saw, fixed by a seed), the same models are also ranked against the target
-plus those negatives only, the protocol of SASRec's paper and of the follow-up distillation
-literature (e.g. TD3): ``hr10_s100`` and ``ndcg10_s100`` for 100 negatives.
+plus those negatives only, the protocol of SASRec's paper (which later recommendation work often
+follows; which protocol TD3 or Farzi report could not be checked here): ``hr10_s100`` and
+``ndcg10_s100`` for 100 negatives.
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Any
 
 import torch
 
+from .evaluate import EVAL_THREADS, sequential, torch_threads
 from .experts import Checkpoint
 from .networks import flatten_params, functional_forward, manifest_of
 from .seqmodels import CausalTransformer, seeded_seq_model, sequence_loss
@@ -193,17 +197,34 @@ class SeqEvalResult:
     per_network: list[dict[str, float]]
 
 
-def evaluate_sequences(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, networks: int,
-                       seed: int, device: str | torch.device = "cpu") -> SeqEvalResult:
-    """Train ``networks`` fresh models on ``data`` (seeds ``seed, seed+1, ...``) and report the
-    task metrics of each after the last epoch: mean and population std."""
-    runs = []
-    for n in range(networks):
+def _train_seq_network(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, seed: int, *,
+                       device: str | torch.device = "cpu") -> dict[str, float]:
+    with torch_threads(EVAL_THREADS):
         last = None
-        for last in train_seq_model(model_spec, task, data, cfg, seed + n, device):
+        for last in train_seq_model(model_spec, task, data, cfg, seed, device):
             pass
-        model = seeded_seq_model(model_spec, task.vocab_size, task.pad_id, seed + n).to(device)
-        runs.append(task_metrics(model, last.params.to(device), task))
+        model = seeded_seq_model(model_spec, task.vocab_size, task.pad_id, seed).to(device)
+        return task_metrics(model, last.params.to(device), task)
+
+
+def seq_network_job(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, seed: int,
+                    device: str | torch.device = "cpu") -> functools.partial:
+    """One evaluation model as a job, as :func:`algorithms.evaluate.network_job` for images: a
+    picklable zero-argument callable returning the task metrics of a fresh model of seed ``seed``
+    trained on ``data``, with :data:`~algorithms.evaluate.EVAL_THREADS` torch threads, so that it
+    computes the same numbers in any process."""
+    return functools.partial(_train_seq_network, model_spec, task, data.detach().cpu(), cfg, seed, device=device)
+
+
+def evaluate_sequences(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, networks: int,
+                       seed: int, device: str | torch.device = "cpu",
+                       run: Callable[[list], list[Any]] | None = None) -> SeqEvalResult:
+    """Train ``networks`` fresh models on ``data`` (seeds ``seed, seed+1, ...``) and report the
+    task metrics of each after the last epoch: mean and population std. ``run`` runs the models'
+    jobs (:func:`seq_network_job`): one after another by default, or e.g.
+    ``orchestrator.parallel.RayRunner`` on a cluster's free resources, with the same numbers."""
+    jobs = [seq_network_job(model_spec, task, data, cfg, seed + n, device) for n in range(networks)]
+    runs = list((run or sequential)(jobs))
     keys = runs[0].keys()
     return SeqEvalResult({k: statistics.fmean(r[k] for r in runs) for k in keys},
                          {k: statistics.pstdev([r[k] for r in runs]) for k in keys}, runs)

@@ -548,7 +548,7 @@ def _workers(ctx, param, value):
 @click.option("--log", "log_run", is_flag=True,
               help="Record an MLflow run (experiment 'evaluate') in --root's store or at --tracking-uri.")
 @click.option("--workers", default="auto", show_default=True, callback=_workers, metavar="auto|N",
-              help="Image networks trained at once (the numbers do not change): 1, one after another here; N, a "
+              help="Networks (or sequence models) trained at once (the numbers do not change): 1, one after another here; N, a "
                    "local Ray of N-1 CPUs beside this process; auto, the free CPUs/GPUs of the Ray cluster when "
                    "there is one (--address, RAY_ADDRESS), else a local Ray of all CPUs but one once the first "
                    "networks say the rest would take over a minute.")

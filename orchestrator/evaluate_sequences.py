@@ -69,7 +69,8 @@ def check_sequences(sf: SetFile, data, max_len: int) -> None:
 
 def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) -> dict[str, Any]:
     from algorithms.farzi import FarziSet
-    from algorithms.seqtrain import SeqTrainConfig, evaluate_sequences, task_metrics
+    from algorithms.evaluate import EVAL_THREADS
+    from algorithms.seqtrain import SeqTrainConfig, seq_network_job, task_metrics
 
     spec = opts.spec
     if spec is None:
@@ -115,22 +116,34 @@ def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) 
         r = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(subset_seed))[:mu]]
     random_lr, random_lr_from = float(ev["lr"]), "the spec's evaluation.lr"
 
-    def run(data_, lr_, what_):
+    # every model of both rows is one job (seq_network_job, seeds seed, seed+1, ...): all go to the
+    # runner at once, in parallel when it can (the same numbers), said as each ends
+    trainings = [(x, lr, "the set")] + ([(r, random_lr, "the random sequences")] if r is not None else [])
+    jobs, owner = [], []
+    for t, (data_, lr_, _) in enumerate(trainings):
         cfg = SeqTrainConfig(epochs=epochs, lr=lr_, batch_size=ev["batch_size"], weight_decay=ev["weight_decay"])
-        out = []
         for k, s in enumerate(seeds):
-            res = evaluate_sequences(spec.model, task, data_, cfg, 1, s, device).per_network[0]
-            say(f"{model_name}: {what_}, network {k + 1}/{networks} (seed {s}): "
-                + ", ".join(f"{m} {v:.4g}" for m, v in res.items()))
-            out.append(res)
-        return out
+            jobs.append(seq_network_job(spec.model, task, data_, cfg, s, device))
+            owner.append((t, k))
 
-    set_results = run(x, lr, "the set")
+    def done(i: int, res: dict[str, float]) -> None:
+        t, k = owner[i]
+        say(f"{model_name}: {trainings[t][2]}, network {k + 1}/{networks} (seed {seeds[k]}): "
+            + ", ".join(f"{m} {v:.4g}" for m, v in res.items()))
+
+    from .parallel import EvaluateRunner
+
+    runner = EvaluateRunner(opts.workers, opts.address)
+    results = runner(jobs, on_done=done)
+    per: list[list[dict[str, float]]] = [[] for _ in trainings]
+    for (t, _), res in zip(owner, results):
+        per[t].append(res)
+
+    set_results = per[0]
     metrics = list(set_results[0])
     rows = [_row(model_name, "synthetic", what, lr, set_results, seeds)]
     if r is not None:
-        rows.append(_row(model_name, "random", f"random real sequences, {mu}", random_lr,
-                         run(r, random_lr, "the random sequences"), seeds))
+        rows.append(_row(model_name, "random", f"random real sequences, {mu}", random_lr, per[1], seeds))
     else:
         rows.append(_row(model_name, "random", "random real sequences", random_lr, [], None, random_note))
     found, where = stored_experts(spec, data, opts.trajectories)
@@ -149,7 +162,7 @@ def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) 
             "metrics": metrics, "models": {model_name: dict(spec.model)}, "model_from": "the spec's model",
             "protocol": {"networks": networks, "epochs": epochs, "batch_size": ev["batch_size"],
                          "weight_decay": ev["weight_decay"], "seed": seed, "seeds": seeds, "optimizer": "Adam",
-                         "device": str(device)},
+                         "device": str(device), "threads_per_network": EVAL_THREADS, "runner": runner.how},
             "lr": {"set": lr, "set_from": lr_from, "random": random_lr, "random_from": random_lr_from},
             "random_subset": {"seed": subset_seed, "budget": mu, "note": random_note},
             "full_data_note": rows[-1].get("note"), "renormalised": False, "rows": rows}

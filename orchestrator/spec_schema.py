@@ -129,7 +129,8 @@ SEQ_SCHEMA: dict[str, dict[str, tuple]] = {
                 "keep": (list, ["full"], lambda v: None if v == ["full"] else
                          "sequence experts keep full trajectories only: ['full']")},
     "evaluation": {"networks": (int, 3, _pos), "epochs": (int, 50, _pos), "interval": (int, 100, _nonneg),
-                   "batch_size": (int, 64, _pos), "lr": (NUM, 1e-3, _pos), "weight_decay": (NUM, 0.0, _nonneg)},
+                   "batch_size": (int, 64, _pos), "lr": (NUM, 1e-3, _pos), "weight_decay": (NUM, 0.0, _nonneg),
+                   "parallel": (bool, True, None)},
 }
 
 

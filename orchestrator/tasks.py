@@ -250,7 +250,12 @@ class EventSequences(Task):
         cfg = SeqTrainConfig(epochs=ev["epochs"], lr=ev["lr"], batch_size=ev["batch_size"],
                              weight_decay=ev["weight_decay"])
         x = syn.training_input().detach().cpu()
-        res = evaluate_sequences(spec["model"], task, x, cfg, ev["networks"], eval_seed(spec), device)
+        run = None  # as for images: with evaluation.parallel and Ray initialised, on free CPUs/GPUs too
+        if ev.get("parallel", True):
+            from .parallel import RayRunner
+
+            run = RayRunner()
+        res = evaluate_sequences(spec["model"], task, x, cfg, ev["networks"], eval_seed(spec), device, run=run)
         return {k: (res.metrics[k], res.std[k]) for k in res.metrics}
 
     def export(self, directory: Path, syn, data, method: str, extra: dict, model: dict) -> list[Path]:

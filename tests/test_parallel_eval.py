@@ -322,3 +322,25 @@ def test_a_sweeps_trials_log_the_sequential_numbers(ray_cluster, tmp_path, write
         seq = evaluate_set(spec.model, digits.info, tensors["images"], tensors["labels"], lr, digits.x_test,
                            digits.y_test, cfg, seed=eval_seed(spec.to_dict()))
         assert t.data.metrics["acc_mean"] == seq.mean and t.data.metrics["acc_std"] == seq.std, t.data.tags
+
+
+@pytest.mark.slow
+def test_sequence_models_in_parallel_equal_sequential(ray_cluster):
+    """Sequence sets (Farzi's soft sequences, the random real ones) take the same runner: each
+    evaluation model is one job of one torch thread, identical wherever it trains."""
+    from algorithms.farzi import FarziSet
+    from algorithms.seqtrain import SeqTask, SeqTrainConfig, evaluate_sequences
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(1, 15, (16, 8), generator=g)
+    task = SeqTask("recommendation", 15, 0, real, real[:6], torch.randint(1, 15, (6,), generator=g), None)
+    spec = {"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8, "dropout": 0.3}
+    cfg = SeqTrainConfig(epochs=3, lr=0.01, batch_size=4)
+    soft = FarziSet(torch.randn(4, 8, 4, generator=g), torch.randn(4, 15, generator=g), 0.5, 0, 0.01).probs()
+    wait_for_free_cpus(2)
+    for data in (soft, real[:4]):
+        runner = RayRunner(patience_s=120)  # fresh workers start (import torch) slower than these train
+        par = evaluate_sequences(spec, task, data, cfg, 4, SEED, run=runner)
+        seq = evaluate_sequences(spec, task, data, cfg, 4, SEED)
+        assert par.per_network == seq.per_network and set(seq.metrics) >= {"hr10", "ndcg10"}
+        assert runner.stats["remote"] >= 1 and runner.stats["local"] >= 1, runner.stats
