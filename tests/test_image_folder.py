@@ -411,7 +411,7 @@ PINNED_HASHES = {
     "search_spaces/mct_vs_mtt.yaml": "43c6708e146f4538",
     "search_spaces/farzi_ml100k.yaml": "47b277b0a07cae30",
     "search_spaces/farzi_ptb.yaml": "b4b5b7ad7b61bfa0",
-    "search_spaces/reference/farzi_ml100k.yaml": "99adffa587345fed",  # latent_dim 64 (was db5bd04212fd4e59 at 16)
+    "search_spaces/reference/farzi_ml100k.yaml": "5fad745de34b418a",  # d 64, theta_0 epochs 0..1 (db5bd04212fd4e59 before)
 }
 
 
