@@ -36,6 +36,8 @@ class EvalConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     dsa: bool = True
+    # DSA's families while training on the set; DC/DSA's authors drop flip for digits (MNIST, SVHN)
+    dsa_strategy: str = DSAConfig.strategy
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +62,7 @@ def train_on_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, 
     """Train one fresh network on (images, labels) and return its final test accuracy."""
     net = seeded_network(model, info.channels, info.num_classes, info.size, seed).to(device)
     gen = torch.Generator().manual_seed(seed + 104729)
-    dsa = DSA(DSAConfig()) if cfg.dsa else None
+    dsa = DSA(DSAConfig(strategy=cfg.dsa_strategy)) if cfg.dsa else None
     opt = torch.optim.SGD(net.parameters(), lr=float(lr), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     images, labels = images.detach().to(device), labels.to(device)
     decay_at = cfg.epochs // 2 + 1

@@ -54,6 +54,7 @@ class EvalOptions:
     networks: int | None = None
     epochs: int | None = None
     aug: str | None = None  # dsa | none
+    dsa_strategy: str | None = None  # DSA's families (default: the spec's evaluation.dsa_strategy)
     lr: float | None = None
     seed: int | None = None
     trajectories: Any = None  # the trajectory store's root (Path or URI) to look for the spec's experts
@@ -252,7 +253,8 @@ def notes(report: dict[str, Any]) -> list[str]:
     if report["kind"] == "images":
         out = [(f"protocol: {p['networks']} fresh network{'s' * (p['networks'] != 1)} per row, "
                 f"{p['epochs']} epochs, {p['optimizer']}, "
-                f"{'DSA' if p['aug'] == 'dsa' else 'no augmentation'}, batch {p['batch_size']}, {seeds}")]
+                f"{'DSA (' + p.get('dsa_strategy', '') + ')' if p['aug'] == 'dsa' else 'no augmentation'}, "
+                f"batch {p['batch_size']}, {seeds}")]
         for k, v in report["models"].items():
             where = report["model_from"] if k == "convnet" else "convnet with one setting changed"
             out.append(f"model {k}: {model_text(v)}, {where}")

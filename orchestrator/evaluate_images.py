@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from algorithms.augment import DSAConfig
 from algorithms.evaluate import EVAL_THREADS, EvalConfig, network_job, random_subset_like
 from algorithms.networks import MODELS, build_network
 
@@ -220,8 +221,14 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
     networks = opts.networks or (ev["networks"] if spec is not None else 5)
     epochs = opts.epochs or ev["epochs"]
     aug = opts.aug or ("dsa" if ev["dsa"] else "none")
+    strategy = opts.dsa_strategy or ev["dsa_strategy"]
+    try:
+        DSAConfig(strategy=strategy).families()
+    except ValueError as e:
+        raise EvaluateError(f"--dsa-strategy {strategy}: {e}") from None
     seed = opts.seed if opts.seed is not None else eval_seed({"seed": spec.seed if spec else 0})
-    cfg = EvalConfig(networks=networks, epochs=epochs, batch_size=ev["batch_size"], dsa=aug == "dsa")
+    cfg = EvalConfig(networks=networks, epochs=epochs, batch_size=ev["batch_size"], dsa=aug == "dsa",
+                     dsa_strategy=strategy)
     seeds = list(range(seed, seed + networks))
 
     counts = torch.bincount(labels, minlength=info.num_classes).tolist()
@@ -293,6 +300,7 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
     return {**_report_head(sf, name, spec), "kind": "images", "size": len(labels), "per_class": counts,
             "metrics": ["acc"], "models": {label: model for label, model in models}, "model_from": base_from,
             "protocol": {"networks": networks, "epochs": epochs, "batch_size": cfg.batch_size, "aug": aug,
+                         "dsa_strategy": strategy,
                          "seed": seed, "seeds": seeds, "optimizer": SGD, "device": str(device),
                          "threads_per_network": EVAL_THREADS, "runner": runner.how},
             "lr": {"set": lr, "set_from": lr_from, "random": random_lr, "random_from": random_lr_from},

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from algorithms.augment import DSAConfig
+
 from . import methods
 from .datasets import FOLDER_DATASETS
 from .spec_checks import _check_algorithms
@@ -84,6 +86,8 @@ class Spec:
         # how the evaluation networks are scheduled, not what they compute (parallel or not, the
         # same numbers): never part of the sweep, so switching it keeps the hash (and resumes)
         d["evaluation"].pop("parallel", None)
+        if d["evaluation"].get("dsa_strategy") == DSAConfig.strategy:  # added later: the default keeps the hash
+            d["evaluation"].pop("dsa_strategy", None)
         if not d["dataset"].get("zca"):
             d["dataset"].pop("zca", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import difflib
 
+from algorithms.augment import DSAConfig
+
 from . import methods
 from .tasks import TASKS as _TASKS
 
@@ -28,6 +30,14 @@ def _prob(v):
 
 
 ALL_DATASETS = sorted({d for t in _TASKS.values() for d in t.datasets()})
+
+
+def _dsa_strategy(v: str) -> str | None:
+    try:
+        DSAConfig(strategy=v).families()
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _eval_models(v: list) -> str | None:
@@ -97,6 +107,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                 "convex_smooth": (bool, False, None)},
     "evaluation": {"networks": (int, 5, _pos), "epochs": (int, 300, _pos), "interval": (int, 100, _nonneg),
                    "batch_size": (int, 256, _pos), "dsa": (bool, True, None),
+                   # DSA's families in the evaluation (DC/DSA drop flip for digits: color_crop_cutout_scale_rotate)
+                   "dsa_strategy": (str, DSAConfig.strategy, _dsa_strategy),
                    # cross-architecture: the final evaluation also trains these (acc_mean/<name> in MLflow)
                    "models": (list, [], lambda v: _eval_models(v)),
                    # the networks of one evaluation as Ray tasks on free resources (the same numbers)

@@ -93,6 +93,28 @@ def test_seed_and_aug_options(set_file, digits):
     assert rep["rows"][0]["acc"] == direct.accs and rep["lr"]["set_from"] == "--lr"
 
 
+def test_dsa_strategy_option_and_spec_key(set_file, digits, write_spec, tmp_path):
+    """DC/DSA's authors drop flip for digits: --dsa-strategy (or the spec's evaluation.dsa_strategy)
+    sets DSA's families; the default is the strategy with flip, as before."""
+    tensors, _ = read_synthetic(set_file)
+    args = (SMALL, digits.info, tensors["images"], tensors["labels"], float(tensors["lr"]), digits.x_test, digits.y_test)
+    no_flip = "color_crop_cutout_scale_rotate"
+    direct = {s: evaluate_set(*args, EvalConfig(networks=2, epochs=3, dsa_strategy=s), seed=17).accs
+              for s in (no_flip, "flip")}
+    assert direct[no_flip] != direct["flip"]  # the families change what the networks see
+    rep = report_of(evaluate(set_file, *FAST, "--dsa-strategy", no_flip, "--format", "json"))
+    assert rep["rows"][0]["acc"] == direct[no_flip] and rep["protocol"]["dsa_strategy"] == no_flip
+    default = report_of(evaluate(set_file, *FAST, "--format", "json"))
+    assert default["protocol"]["dsa_strategy"] == "color_crop_cutout_flip_scale_rotate"
+    assert default["rows"][0]["acc"] == evaluate_set(*args, EvalConfig(networks=2, epochs=3), seed=17).accs
+    spec = write_spec(tiny_spec(evaluation={"dsa_strategy": "flip"}))
+    rep = report_of(evaluate(set_file, *FAST, "--spec", spec, "--root", tmp_path / "runs", "--seed", "17",
+                             "--format", "json"))
+    assert rep["protocol"]["dsa_strategy"] == "flip" and rep["rows"][0]["acc"] == direct["flip"]
+    res = evaluate(set_file, *FAST, "--dsa-strategy", "crop_mirror")
+    assert res.exit_code == 2 and "--dsa-strategy crop_mirror" in res.output and "mirror" in res.output
+
+
 def test_several_models(set_file):
     rep = report_of(evaluate(set_file, "--networks", "1", "--epochs", "1", "--models", "convnet,ConvNetW4,convnetNN",
                              "--format", "json"))

@@ -446,3 +446,15 @@ def test_per_budget_values_are_typed_too_and_max_trials_leaves_the_hash_alone():
         "pb.yaml: algorithms.mtt.per_budget.5.lr_img: must be a number, got null (in {choice: [1, None]})"]
     # max_trials is a guard, not part of the sweep: a sweep launched before it existed still resumes
     assert validate(BASE).hash == validate(with_change("resources.max_trials", 50)).hash
+
+
+def test_evaluation_dsa_strategy_is_checked_and_only_a_non_default_changes_the_hash():
+    default = validate(BASE)
+    assert default.evaluation["dsa_strategy"] == "color_crop_cutout_flip_scale_rotate"
+    assert validate(with_change("evaluation.dsa_strategy", "color_crop_cutout_flip_scale_rotate")).hash == default.hash
+    digits = validate(with_change("evaluation.dsa_strategy", "color_crop_cutout_scale_rotate"))
+    assert digits.hash != default.hash
+    with pytest.raises(SpecError) as e:
+        validate(with_change("evaluation.dsa_strategy", "crop_mirror"), "s.yaml")
+    assert e.value.problems == ["s.yaml: evaluation.dsa_strategy: unknown DSA families ['mirror'] in strategy "
+                                "'crop_mirror'; known: ('color', 'crop', 'cutout', 'flip', 'scale', 'rotate')"]
