@@ -16,11 +16,14 @@ import torch
 import torch.nn.functional as F
 
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
+# DSA's families by default; DC/DSA's authors drop ``flip`` for digits (MNIST, SVHN), where a
+# mirrored 2 or 7 is not the same class: ``color_crop_cutout_scale_rotate``.
+DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
 @dataclass(frozen=True)
 class DSAConfig:
-    strategy: str = "color_crop_cutout_flip_scale_rotate"
+    strategy: str = DEFAULT_STRATEGY
     mode: str = "S"  # S: one family per call; M: all families in sequence
     batchmode: bool = False  # True: one parameter set for the whole batch
     brightness: float = 1.0
@@ -38,6 +41,17 @@ class DSAConfig:
         if bad or not fams:
             raise ValueError(f"unknown DSA families {bad} in strategy {self.strategy!r}; known: {FAMILIES}")
         return fams
+
+
+def check_strategy(v) -> str | None:
+    """The problem with a strategy string (families joined by ``_``), or None."""
+    if not isinstance(v, str):
+        return f"must be a string of DSA families joined by '_', e.g. {DEFAULT_STRATEGY}"
+    try:
+        DSAConfig(strategy=v).families()
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 @dataclass

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import DSA, AugSample, DSAConfig
+from .augment import DEFAULT_STRATEGY, DSA, AugSample, DSAConfig, check_strategy
 from .base import (ImageSetState, SyntheticSet, check_config, check_finite, hp, one_of, positive,
                    positive_or_none, unit_interval)
 from .evaluate import random_real_subset
@@ -68,6 +68,7 @@ def check_ipc(cfg: Any) -> None:
 class DCConfig:
     ipc: int
     dsa: bool = hp(False, doc="false: DC; true: DSA (differentiable siamese augmentation)")
+    dsa_strategy: str = hp(DEFAULT_STRATEGY, check_strategy, doc="DSA families joined by _ (digits: color_crop_cutout_scale_rotate, no flip)")
     outer_loop: int | None = hp(None, positive_or_none("the authors' value for the ipc"), integer=True,
                                 doc="matchings per network; null: the authors' get_loops")
     inner_loop: int | None = hp(None, lambda v: None if v is None or v >= 0 else
@@ -190,8 +191,9 @@ class DCDistiller(ImageSetState):
         self.device = torch.device(device)
         self.outer_loop, self.inner_loop = cfg.loops()
         self.gen = torch.Generator().manual_seed(seed)
+        dsa = dsa or DSAConfig(strategy=cfg.dsa_strategy)
         self.match_augment = siamese_augment(dsa) if cfg.dsa else None
-        self.train_augment = DSA(dsa or DSAConfig()) if cfg.dsa else None
+        self.train_augment = DSA(dsa) if cfg.dsa else None
         self.real = ClassSampler(x_real, y_real, num_classes, self.device)
         images, labels = init_images(x_real, y_real, cfg.ipc, num_classes, cfg.pix_init, self.gen)
         self.images = images.to(self.device, torch.float32).requires_grad_(True)

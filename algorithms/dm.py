@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from .augment import DSAConfig
+from .augment import DEFAULT_STRATEGY, DSAConfig, check_strategy
 from .base import ImageSetState, SyntheticSet, check_config, check_finite, hp, one_of, positive, unit_interval
 from .dc import (EVAL_LR, ClassSampler, broadcast_sample, check_ipc, draw_seed, init_images,
                  siamese_augment, siamese_sample)
@@ -39,6 +39,7 @@ class DMConfig:
     batch_real: int = hp(256, positive, integer=True, doc="real images per class and iteration")
     pix_init: str = hp("real", one_of("real", "noise"), doc="initial images: real ones, or noise")
     dsa: bool = hp(True, doc="the same augmentation on the real and the synthetic batch of a class")
+    dsa_strategy: str = hp(DEFAULT_STRATEGY, check_strategy, doc="DSA families joined by _ (digits: color_crop_cutout_scale_rotate, no flip)")
 
     def __post_init__(self):
         check_ipc(self)
@@ -65,7 +66,7 @@ class DMDistiller(ImageSetState):
         self.manifest: Manifest = manifest_of(net)
         self.device = torch.device(device)
         self.gen = torch.Generator().manual_seed(seed)
-        self.augment = siamese_augment(dsa) if cfg.dsa else None
+        self.augment = siamese_augment(dsa or DSAConfig(strategy=cfg.dsa_strategy)) if cfg.dsa else None
         self.real = ClassSampler(x_real, y_real, num_classes, self.device)
         images, labels = init_images(x_real, y_real, cfg.ipc, num_classes, cfg.pix_init, self.gen)
         self.images = images.to(self.device, torch.float32).requires_grad_(True)

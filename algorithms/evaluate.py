@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .augment import DSA, DSAConfig
+from .augment import DEFAULT_STRATEGY, DSA, DSAConfig
 from .networks import accuracy, seeded_network
 
 
@@ -37,7 +37,7 @@ class EvalConfig:
     weight_decay: float = 5e-4
     dsa: bool = True
     # DSA's families while training on the set; DC/DSA's authors drop flip for digits (MNIST, SVHN)
-    dsa_strategy: str = DSAConfig.strategy
+    dsa_strategy: str = DEFAULT_STRATEGY
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .augment import DSA, DSAConfig
+from .augment import DEFAULT_STRATEGY, DSA, DSAConfig
 from .networks import accuracy, flatten_params, seeded_network
 
 
@@ -27,6 +27,7 @@ class ExpertConfig:
     weight_decay: float = 0.0
     dsa: bool = True
     lr_decay: bool = False  # x0.1 after epoch epochs//2, as MTT's --decay
+    dsa_strategy: str = DEFAULT_STRATEGY  # DSA's families (digits: color_crop_cutout_scale_rotate)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +56,7 @@ def train_expert(model: dict, data, cfg: ExpertConfig, seed: int, device: str | 
     info = data.info
     net = seeded_network(model, info.channels, info.num_classes, info.size, seed).to(device)
     gen = torch.Generator().manual_seed(seed + 7919)
-    dsa = DSA(DSAConfig()) if cfg.dsa else None
+    dsa = DSA(DSAConfig(strategy=cfg.dsa_strategy)) if cfg.dsa else None
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     x, y = data.x_train, data.y_train
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import DSA, AugSample, DSAConfig
+from .augment import DEFAULT_STRATEGY, DSA, AugSample, DSAConfig, check_strategy
 from .base import SyntheticSet, check_config, check_finite, hp, nonneg, one_of, positive, positive_or_none
 from .evaluate import random_real_subset
 from .networks import Manifest, functional_forward, manifest_of
@@ -69,6 +69,7 @@ class MTTConfig:
     momentum: float = hp(0.5, nonneg, doc="momentum of the pixels' and syn_lr's SGD")
     pix_init: str = hp("real", one_of("real", "noise"), doc="initial images: real ones, or noise")
     dsa: bool = hp(True, doc="differentiable siamese augmentation in the student steps")
+    dsa_strategy: str = hp(DEFAULT_STRATEGY, check_strategy, doc="DSA families joined by _ (digits: color_crop_cutout_scale_rotate, no flip)")
     grad_mode: str = hp("full", one_of("full", "tesla"),
                         doc="full: backpropagate through the unroll; tesla: constant-memory estimator")
 
@@ -150,7 +151,7 @@ class MTTDistiller:
         self.manifest: Manifest = manifest_of(net)
         self.device = torch.device(device)
         self.gen = torch.Generator().manual_seed(seed)
-        self.augment = DSA(dsa or DSAConfig()) if cfg.dsa else None
+        self.augment = DSA(dsa or DSAConfig(strategy=cfg.dsa_strategy)) if cfg.dsa else None
         if cfg.pix_init == "real":
             images, labels = random_real_subset(x_real, y_real, cfg.ipc, num_classes, self.gen)
         elif cfg.pix_init == "noise":

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from algorithms.augment import DSAConfig
+from algorithms.augment import check_strategy
 from algorithms.evaluate import EVAL_THREADS, EvalConfig, network_job, random_subset_like
 from algorithms.networks import MODELS, build_network
 
@@ -222,10 +222,8 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
     epochs = opts.epochs or ev["epochs"]
     aug = opts.aug or ("dsa" if ev["dsa"] else "none")
     strategy = opts.dsa_strategy or ev["dsa_strategy"]
-    try:
-        DSAConfig(strategy=strategy).families()
-    except ValueError as e:
-        raise EvaluateError(f"--dsa-strategy {strategy}: {e}") from None
+    if problem := check_strategy(strategy):
+        raise EvaluateError(f"--dsa-strategy {strategy}: {problem}")
     seed = opts.seed if opts.seed is not None else eval_seed({"seed": spec.seed if spec else 0})
     cfg = EvalConfig(networks=networks, epochs=epochs, batch_size=ev["batch_size"], dsa=aug == "dsa",
                      dsa_strategy=strategy)

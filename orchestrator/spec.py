@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from algorithms.augment import DSAConfig
+from algorithms.augment import DEFAULT_STRATEGY
 
 from . import methods
 from .datasets import FOLDER_DATASETS
@@ -86,8 +86,12 @@ class Spec:
         # how the evaluation networks are scheduled, not what they compute (parallel or not, the
         # same numbers): never part of the sweep, so switching it keeps the hash (and resumes)
         d["evaluation"].pop("parallel", None)
-        if d["evaluation"].get("dsa_strategy") == DSAConfig.strategy:  # added later: the default keeps the hash
-            d["evaluation"].pop("dsa_strategy", None)
+        # DSA's families, added later: the default keeps the hash (and the experts' store key)
+        for section in (d["evaluation"], d["experts"], *(part for algo in d["algorithms"].values()
+                                                          for part in (algo["hyperparameters"],
+                                                                       *algo.get("per_budget", {}).values()))):
+            if section.get("dsa_strategy") == DEFAULT_STRATEGY:
+                section.pop("dsa_strategy")
         if not d["dataset"].get("zca"):
             d["dataset"].pop("zca", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -95,7 +99,7 @@ class Spec:
     def expert_training(self) -> dict[str, Any]:
         """The training config that (with dataset, model and seed) determines the trajectories."""
         return {k: v for k, v in self.experts.items() if k not in ("count", "seed", "keep") and
-                not k.startswith("convex_")}
+                not k.startswith("convex_") and not (k == "dsa_strategy" and v == DEFAULT_STRATEGY)}
 
     def convex_options(self) -> dict[str, Any]:
         e = self.experts

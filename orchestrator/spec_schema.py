@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import difflib
 
-from algorithms.augment import DSAConfig
+from algorithms.augment import DEFAULT_STRATEGY, check_strategy
 
 from . import methods
 from .tasks import TASKS as _TASKS
@@ -30,14 +30,6 @@ def _prob(v):
 
 
 ALL_DATASETS = sorted({d for t in _TASKS.values() for d in t.datasets()})
-
-
-def _dsa_strategy(v: str) -> str | None:
-    try:
-        DSAConfig(strategy=v).families()
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def _eval_models(v: list) -> str | None:
@@ -98,6 +90,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "experts": {"count": (int, 10, _pos), "epochs": (int, 50, _pos), "lr": (NUM, 0.01, _pos),
                 "batch_size": (int, 256, _pos), "momentum": (NUM, 0.0, _nonneg),
                 "weight_decay": (NUM, 0.0, _nonneg), "dsa": (bool, True, None), "lr_decay": (bool, False, None),
+                # DSA's families while the experts train (digits: color_crop_cutout_scale_rotate, no flip)
+                "dsa_strategy": (str, DEFAULT_STRATEGY, check_strategy),
                 "seed": (int, 0, _nonneg),
                 # which forms of each expert the store keeps: full trajectories and/or MCT's compact form
                 "keep": (list, ["full"], lambda v: None if v and set(v) <= {"full", "convex"} and len(set(v)) == len(v)
@@ -108,7 +102,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "evaluation": {"networks": (int, 5, _pos), "epochs": (int, 300, _pos), "interval": (int, 100, _nonneg),
                    "batch_size": (int, 256, _pos), "dsa": (bool, True, None),
                    # DSA's families in the evaluation (DC/DSA drop flip for digits: color_crop_cutout_scale_rotate)
-                   "dsa_strategy": (str, DSAConfig.strategy, _dsa_strategy),
+                   "dsa_strategy": (str, DEFAULT_STRATEGY, check_strategy),
                    # cross-architecture: the final evaluation also trains these (acc_mean/<name> in MLflow)
                    "models": (list, [], lambda v: _eval_models(v)),
                    # the networks of one evaluation as Ray tasks on free resources (the same numbers)

@@ -80,3 +80,74 @@ def test_families_do_what_they_say():
 def test_unknown_family_is_rejected():
     with pytest.raises(ValueError, match="unknown DSA families"):
         DSA(DSAConfig(strategy="color_blur"))
+
+
+# -- the strategy reaches every place that augments ------------------------------------------------
+def _spy_families(monkeypatch) -> list[str]:
+    """Every family DSA draws from now on (``DSA.sample`` records what it picked)."""
+    seen: list[str] = []
+    original = DSA.sample
+
+    def sample(self, *a, **kw):
+        s = original(self, *a, **kw)
+        seen.extend(s.families)
+        return s
+
+    monkeypatch.setattr(DSA, "sample", sample)
+    return seen
+
+
+def _digits_like():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(30, 1, 8, 8, generator=g), torch.arange(3).repeat_interleave(10)
+
+
+def _run(kind: str, strategy: str | None, steps: int = 4) -> None:
+    from algorithms.dc import DCConfig, DCDistiller
+    from algorithms.dm import DMConfig, DMDistiller
+    from algorithms.experts import ExpertConfig, train_expert
+    from algorithms.mtt import EpochSampler, MTTConfig, MTTDistiller
+    from algorithms.networks import flatten_params, seeded_network
+
+    kw = {} if strategy is None else {"dsa_strategy": strategy}
+    net = seeded_network({"depth": 1, "width": 4}, 1, 3, 8, seed=0)
+    x, y = _digits_like()
+    if kind == "expert":
+        data = type("D", (), {"x_train": x, "y_train": y, "x_test": x[:6], "y_test": y[:6],
+                              "info": type("I", (), {"channels": 1, "num_classes": 3, "size": 8})()})()
+        list(train_expert({"depth": 1, "width": 4}, data, ExpertConfig(epochs=steps, batch_size=8, **kw), seed=0))
+        return
+    if kind == "mtt":
+        p0 = flatten_params(net)
+        traj = [torch.stack([p0 + 0.01 * k for k in range(4)])]
+        d = MTTDistiller(net, EpochSampler(traj, 1, 2), x, y, 3,
+                         MTTConfig(ipc=2, syn_steps=3, expert_epochs=1, max_start_epoch=2, **kw))
+    elif kind == "dm":
+        d = DMDistiller(net, x, y, 3, DMConfig(ipc=2, batch_real=4, **kw))
+    else:
+        d = DCDistiller(net, x, y, 3, DCConfig(ipc=2, dsa=True, outer_loop=2, inner_loop=2, batch_real=4,
+                                               batch_train=4, **kw))
+    for _ in range(steps):
+        d.step()
+
+
+@pytest.mark.parametrize("kind", ["expert", "mtt", "dsa", "dm"])
+def test_the_configured_strategy_is_the_one_applied(kind, monkeypatch):
+    """Experts, the MTT/MCT student, DSA's siamese matching and training, DM: each draws only the
+    families of its config's ``dsa_strategy`` (digits: no flip), and the default draws all six."""
+    seen = _spy_families(monkeypatch)
+    _run(kind, "flip_rotate")
+    assert seen and set(seen) <= {"flip", "rotate"}
+    seen.clear()
+    _run(kind, "color_crop_cutout_scale_rotate", steps=8)
+    assert seen and "flip" not in seen
+    seen.clear()
+    _run(kind, None, steps=8)
+    assert len(set(seen)) >= 4  # one family per call, drawn from all six
+
+
+def test_a_bad_strategy_names_the_field():
+    from algorithms.mtt import MTTConfig
+
+    with pytest.raises(ValueError, match=r"dsa_strategy.*mirror"):
+        MTTConfig(ipc=1, dsa_strategy="crop_mirror")

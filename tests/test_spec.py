@@ -458,3 +458,27 @@ def test_evaluation_dsa_strategy_is_checked_and_only_a_non_default_changes_the_h
         validate(with_change("evaluation.dsa_strategy", "crop_mirror"), "s.yaml")
     assert e.value.problems == ["s.yaml: evaluation.dsa_strategy: unknown DSA families ['mirror'] in strategy "
                                 "'crop_mirror'; known: ('color', 'crop', 'cutout', 'flip', 'scale', 'rotate')"]
+
+
+@pytest.mark.parametrize("path", ["experts.dsa_strategy", "algorithms.mtt.hyperparameters.dsa_strategy"])
+def test_training_dsa_strategy_default_keeps_the_hash_and_the_experts_store_key(path):
+    """Experts and distillers augment with a spec's strategy (DC/DSA's no-flip one for digits); the
+    default, written or not, is the spec of before: its hash, its experts (resumes, reuses)."""
+    from orchestrator.experts import expert_key
+
+    default = validate(BASE)
+    data = type("D", (), {"digest": lambda self: "d"})()
+    assert validate(with_change(path, "color_crop_cutout_flip_scale_rotate")).hash == default.hash
+    digits = validate(with_change(path, "color_crop_cutout_scale_rotate"))
+    assert digits.hash != default.hash
+    if path.startswith("experts"):
+        assert "dsa_strategy" not in default.expert_training()
+        assert digits.expert_training()["dsa_strategy"] == "color_crop_cutout_scale_rotate"
+        assert expert_key(digits, data) != expert_key(default, data)
+    else:
+        assert digits.algorithms["mtt"]["hyperparameters"]["dsa_strategy"] == "color_crop_cutout_scale_rotate"
+        assert expert_key(digits, data) == expert_key(default, data)  # the same experts serve both
+    with pytest.raises(SpecError) as e:
+        validate(with_change(path, "crop_mirror"), "s.yaml")
+    [problem] = e.value.problems  # a hyperparameter's message also repeats the value (", got ...")
+    assert problem.startswith(f"s.yaml: {path}: unknown DSA families ['mirror'] in strategy 'crop_mirror'; known: ")
