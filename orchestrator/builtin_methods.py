@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from algorithms.augment import DEFAULT_STRATEGY
 from algorithms.base import RealSequences, SyntheticSet
 from algorithms.dc import EVAL_LR, LOOPS, DCConfig, DCDistiller
 from algorithms.dm import DMConfig, DMDistiller
@@ -175,7 +176,7 @@ class _FixedLR(Method):
 class DC(_FixedLR):
     name = "dc"
     config = DCConfig
-    fixed = {"dsa": False}
+    fixed = {"dsa": False, "dsa_strategy": DEFAULT_STRATEGY}  # no augmentation: no strategy to set
     description = "Dataset Condensation with gradient matching (Zhao, Mopuri & Bilen 2021); sets evaluated at lr 0.01"
 
     def check(self, prefix, budget, hp, experts, model, err):
