@@ -280,7 +280,63 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
                      f"| {e['budget']} | {e['iterations']} | {label} {_pm(e['final_mean'], e['final_std'], scale)} "
                      f"| {best} | {_pm(e['random_mean'], e['random_std'], scale)} | {pct} | {pub} "
                      f"| `{e['spec']}` | {(e['git_commit'] or 'unknown')[:10]} |")
+    extra = [(e, p) for e in sorted(entries, key=lambda e: e["file"]) for p in e.get("protocols", [])]
+    if extra:
+        lines += ["", "## The same sets under other evaluation protocols", "",
+                  "Evaluated again by `orchestrate evaluate FILE --dsa-strategy S` with the sweep's evaluation "
+                  "(networks, epochs, seeds) but DSA's families `S` (DC/DSA's authors drop `flip` for digits), "
+                  "next to a random real subset under the same protocol; written by `bench/fidelity.py "
+                  "--also-strategy S`.", "",
+                  "| set | DSA strategy | networks x epochs | ours | random subset | gain |", "|---|---|---|---|---|---|"]
+        for e, p in extra:
+            gain = "-" if p["random_mean"] is None else f"{100 * (p['mean'] - p['random_mean']):+.1f}"
+            lines.append(f"| {e['file']} | `{p['dsa_strategy']}` | {p['networks']} x {p['epochs']} "
+                         f"| {_pm(p['mean'], p['std'], 100.0)} | {_pm(p['random_mean'], p['random_std'], 100.0)} "
+                         f"| {gain} |")
     return "\n".join(lines) + "\n"
+
+
+def also_evaluate(folder: Path, strategies: list[str], console) -> list[dict[str, Any]]:
+    """Evaluate every published image set of ``folder`` again under each DSA strategy it has not
+    been evaluated with (``orchestrate evaluate``'s code: the sweep's networks, epochs and seeds,
+    the set and a random subset of its size), record it under the entry's ``protocols`` and
+    rewrite the index and the README. Sequence sets are left alone (no augmentation)."""
+    import json
+
+    from orchestrator.evaluate import EvalOptions, EvaluateError, evaluate_file
+    from orchestrator.spec import load_spec
+    from orchestrator.store import atomic_write_bytes
+
+    index_path = folder / INDEX
+    if not index_path.is_file():
+        raise ReportError(f"{folder}: no {INDEX}: nothing is published to evaluate again")
+    entries = json.loads(index_path.read_text())
+    for e in entries:
+        if e["metric"] != "acc":
+            continue
+        done = {p["dsa_strategy"] for p in e.get("protocols", [])}
+        for strategy in strategies:
+            if strategy in done:
+                continue
+            spec = load_spec(REPO / e["spec"])
+            console.print(f"evaluating {e['file']} with DSA {strategy} ({spec.evaluation['networks']} networks x "
+                          f"{spec.evaluation['epochs']} epochs, and a random subset)")
+            try:
+                report = evaluate_file(folder / e["file"], EvalOptions(dataset=e["dataset"], spec=spec,
+                                                                       dsa_strategy=strategy))
+            except EvaluateError as err:
+                raise ReportError(f"{folder / e['file']}: {err}") from None
+            first = report["rows"][0]["model"]
+            rows = {r["trained_on"]: r for r in report["rows"] if r["model"] == first}
+            syn, rnd = rows["synthetic"], rows.get("random") or {}
+            e.setdefault("protocols", []).append({
+                "dsa_strategy": strategy, "networks": report["protocol"]["networks"],
+                "epochs": report["protocol"]["epochs"], "seed": report["protocol"]["seed"],
+                "mean": syn["acc_mean"], "std": syn["acc_std"],
+                "random_mean": rnd.get("acc_mean"), "random_std": rnd.get("acc_std")})
+            atomic_write_bytes(index_path, (json.dumps(entries, indent=1) + "\n").encode(), replace=True)
+            atomic_write_bytes(folder / README, readme_text(entries).encode(), replace=True)
+    return entries
 
 
 def check_size(folder: Path, index: dict[str, dict], new: dict[str, int]) -> int:
@@ -461,7 +517,13 @@ def main() -> None:
     ap.add_argument("--publish", metavar="DIR", default=None,
                     help="export the set of every finished row into DIR (e.g. distilled/) and rewrite its "
                          "index.json and README.md table")
+    ap.add_argument("--also-strategy", metavar="S", action="append", default=[],
+                    help="with --publish: also evaluate each published image set with DSA's families S (e.g. "
+                         "color_crop_cutout_scale_rotate, DC/DSA's digits protocol: no flip), the sweep's networks, "
+                         "epochs and seeds, next to a random subset; recorded in index.json and the README")
     args = ap.parse_args()
+    if args.also_strategy and not args.publish:
+        ap.error("--also-strategy evaluates the published sets: give --publish DIR")
     console = bench_console(170)
     load0 = os.getloadavg()
     if args.quick and args.specs:
@@ -502,6 +564,8 @@ def main() -> None:
         if args.publish:
             try:
                 publish(rows, ws, Path(args.publish), console)
+                if args.also_strategy:
+                    also_evaluate(Path(args.publish), args.also_strategy, console)
             except ReportError as e:
                 errors.append(str(e))
         for s, rc in launches.items():

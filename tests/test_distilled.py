@@ -58,7 +58,8 @@ def test_published_image_sets_evaluate_independently_near_their_stated_accuracy(
         ev = spec.evaluation
         res = evaluate_set(spec.model, data.info, tensors["images"], tensors["labels"], float(tensors["lr"]),
                            data.x_test, data.y_test,
-                           EvalConfig(networks=2, epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"]),
+                           EvalConfig(networks=2, epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"],
+                                      dsa_strategy=ev["dsa_strategy"]),
                            seed=12345)
         tol = max(0.04, 3 * (e["final_std"] or 0))
         assert abs(res.mean - e["final_mean"]) <= tol, (e["file"], res.mean, e["final_mean"])
@@ -92,3 +93,49 @@ def test_set_names_and_the_size_limit(tmp_path):
     assert fidelity.check_size(tmp_path, index, {"a": 2**20}) == 2 * 2**20  # replacing a shrinks the folder
     with pytest.raises(fidelity.ReportError, match="5.5 MB, over its 5 MB limit"):
         fidelity.check_size(tmp_path, index, {"c": int(1.5 * 2**20)})
+
+
+def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp_path, write_spec, monkeypatch):
+    """--also-strategy: a published digits set is evaluated again without flips (the spec's
+    networks, epochs and seeds, and a random subset), recorded in the index and the README's second
+    table; a second call finds it done and trains nothing."""
+    import json
+
+    import torch
+
+    from algorithms.base import SyntheticSet
+    from algorithms.evaluate import EvalConfig, evaluate_set, random_real_subset
+    from orchestrator.artifacts import save_synthetic
+    from orchestrator.datasets import load_dataset
+    from orchestrator.spec import eval_seed
+    from orchestrator.spec import load_spec
+    from tests.conftest import tiny_spec
+
+    small = {"depth": 1, "width": 8}
+    spec_path = write_spec(tiny_spec(model=small, evaluation={"networks": 2, "epochs": 20}))
+    digits = load_dataset("digits")
+    x, y = random_real_subset(digits.x_train, digits.y_train, 1, 10, torch.Generator().manual_seed(3))
+    folder = tmp_path / "distilled"
+    folder.mkdir()
+    save_synthetic(folder / "digits-mtt-ipc1.safetensors", SyntheticSet(x, y, 0.02), digits.info, "mtt",
+                   {"run_id": "r0"}, model=load_spec(spec_path).model)
+    data = (folder / "digits-mtt-ipc1.safetensors").read_bytes()
+    entry = _entry("digits-mtt-ipc1.safetensors", len(data), dataset="digits", spec=str(spec_path))
+    (folder / "index.json").write_text(json.dumps([entry]))
+    strategy = "color_crop_cutout_scale_rotate"
+    [out] = fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120))
+    [p] = out["protocols"]
+    spec = load_spec(spec_path)
+    assert (p["dsa_strategy"], p["networks"], p["epochs"], p["seed"]) == (strategy, 2, 20, eval_seed({"seed": spec.seed}))
+    direct = evaluate_set(spec.model, digits.info, x, y, 0.02, digits.x_test, digits.y_test,
+                          EvalConfig(networks=2, epochs=20, batch_size=spec.evaluation["batch_size"],
+                                     dsa_strategy=strategy), seed=p["seed"])
+    assert p["mean"] == pytest.approx(direct.mean, abs=1e-9)  # the set, under that protocol, with the sweep's seeds
+    assert 0.1 < p["random_mean"] < 1 and p["random_std"] is not None
+    assert json.loads((folder / "index.json").read_text()) == [out]
+    readme = (folder / "README.md").read_text()
+    assert readme == fidelity.readme_text([out]) and "other evaluation protocols" in readme
+    assert f"| digits-mtt-ipc1.safetensors | `{strategy}` | 2 x 20 | {100 * p['mean']:.1f} ± " in readme
+
+    monkeypatch.setattr("orchestrator.evaluate.evaluate_file", lambda *a, **k: pytest.fail("evaluated twice"))
+    assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120)) == [out]
