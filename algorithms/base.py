@@ -104,11 +104,14 @@ class ImageSetState:
 Check = Callable[[Any], "str | None"]  # a message when the value is wrong, None when it is fine
 
 
-def hp(default: Any, check: Check | None = None, *, integer: bool = False, doc: str = "") -> Any:
+def hp(default: Any, check: Check | None = None, *, integer: bool = False, doc: str = "",
+       added: bool = False) -> Any:
     """A config field that is a hyperparameter: its default, a check of one value (returns the
     problem, or None), whether it must be a whole number, and a line of documentation. The spec
-    validator and :func:`check_config` both read them, so a config is checked in one place."""
-    return field(default=default, metadata={"check": check, "integer": integer, "doc": doc})
+    validator and :func:`check_config` both read them, so a config is checked in one place.
+    ``added``: the field came after specs were written; at its default it is left out of a spec's
+    hash, so those specs keep their hash (their sweeps resume, their experts are reused)."""
+    return field(default=default, metadata={"check": check, "integer": integer, "doc": doc, "added": added})
 
 
 def positive(v) -> str | None:

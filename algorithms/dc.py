@@ -68,7 +68,8 @@ def check_ipc(cfg: Any) -> None:
 class DCConfig:
     ipc: int
     dsa: bool = hp(False, doc="false: DC; true: DSA (differentiable siamese augmentation)")
-    dsa_strategy: str = hp(DEFAULT_STRATEGY, check_strategy, doc="DSA families joined by _ (digits: color_crop_cutout_scale_rotate, no flip)")
+    dsa_strategy: str = hp(DEFAULT_STRATEGY, check_strategy, added=True,
+                           doc="DSA families joined by _ (digits: color_crop_cutout_scale_rotate, no flip)")
     outer_loop: int | None = hp(None, positive_or_none("the authors' value for the ipc"), integer=True,
                                 doc="matchings per network; null: the authors' get_loops")
     inner_loop: int | None = hp(None, lambda v: None if v is None or v >= 0 else

@@ -39,7 +39,8 @@ class DMConfig:
     batch_real: int = hp(256, positive, integer=True, doc="real images per class and iteration")
     pix_init: str = hp("real", one_of("real", "noise"), doc="initial images: real ones, or noise")
     dsa: bool = hp(True, doc="the same augmentation on the real and the synthetic batch of a class")
-    dsa_strategy: str = hp(DEFAULT_STRATEGY, check_strategy, doc="DSA families joined by _ (digits: color_crop_cutout_scale_rotate, no flip)")
+    dsa_strategy: str = hp(DEFAULT_STRATEGY, check_strategy, added=True,
+                           doc="DSA families joined by _ (digits: color_crop_cutout_scale_rotate, no flip)")
 
     def __post_init__(self):
         check_ipc(self)

@@ -337,6 +337,11 @@ class FarziConfig:
     init: str = hp("random", one_of("random", "real"), doc="F's start: random, or real sequences' items")
     outer_schedule: str = hp("constant", one_of("constant", "cosine"), doc="outer learning-rate schedule")
     clip_norm: float | None = hp(None, positive_or_none("no clipping"), doc="clip the meta-gradient's L2 norm")
+    # theta_0 samples per outer step: the meta-gradient is theta_0's far more than the real batch's (ML-100k,
+    # reference start: cosine 0.93-1.0 between two real batches on one theta_0, -0.1..+0.2 between experts),
+    # so one sample is mostly noise; K samples average it (K inner loops per step)
+    theta_samples: int = hp(1, positive, integer=True, added=True,
+                            doc="problems (theta_0, real batch) whose meta-gradients one outer step averages")
 
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
@@ -406,16 +411,28 @@ class FarziDistiller:
         return theta0, prob, {"expert": float(e), "start_epoch": float(start)}
 
     def step(self) -> dict[str, float]:
+        """One outer step: the meta-gradient averaged over ``theta_samples`` problems, then Adam.
+        Metrics (outer and inner losses, start epoch, expert) are the means over the problems."""
         cfg = self.cfg
-        theta0, prob, info = self.problem()
-        res = meta_gradient(cfg.grad_mode, theta0, prob, self.hp, cfg.second_moment, cfg.checkpoint_every,
-                            PRECISIONS[cfg.reverse_precision])
-        check_finite("outer loss", torch.tensor(res.outer_loss), self.iteration)
-        for p, gr in zip((self.F, self.M), res.grads):
-            check_finite(f"meta-gradient of {'F' if p is self.F else 'M'}", gr, self.iteration)
+        grads, sums = None, {"loss": 0.0, "inner_loss_first": 0.0, "inner_loss_last": 0.0,
+                             "expert": 0.0, "start_epoch": 0.0}
+        for _ in range(cfg.theta_samples):
+            theta0, prob, info = self.problem()
+            res = meta_gradient(cfg.grad_mode, theta0, prob, self.hp, cfg.second_moment, cfg.checkpoint_every,
+                                PRECISIONS[cfg.reverse_precision])
+            check_finite("outer loss", torch.tensor(res.outer_loss), self.iteration)
+            for p, gr in zip((self.F, self.M), res.grads):
+                check_finite(f"meta-gradient of {'F' if p is self.F else 'M'}", gr, self.iteration)
+            grads = list(res.grads) if grads is None else [a + b for a, b in zip(grads, res.grads)]
+            for k, v in (("loss", res.outer_loss), ("inner_loss_first", res.inner_first),
+                         ("inner_loss_last", res.inner_last), *info.items()):
+                sums[k] += v
+        k = cfg.theta_samples
+        grads = grads if k == 1 else [gr / k for gr in grads]
+        for p, gr in zip((self.F, self.M), grads):
             p.grad = gr.to(p.dtype)
         with torch.no_grad():
-            gnorm = float(torch.sqrt(sum((gr.double() ** 2).sum() for gr in res.grads)))
+            gnorm = float(torch.sqrt(sum((gr.double() ** 2).sum() for gr in grads)))
         if not math.isfinite(gnorm):
             raise DivergenceError(f"meta-gradient norm is {gnorm} at iteration {self.iteration + 1}")
         if cfg.clip_norm is not None:
@@ -426,8 +443,8 @@ class FarziDistiller:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.iteration += 1
-        return {"loss": res.outer_loss, "inner_loss_first": res.inner_first, "inner_loss_last": res.inner_last,
-                "grad_norm": gnorm, "outer_lr": lr, "entropy": self.synthetic().entropy(), **info}
+        return {**{name: v / k for name, v in sums.items()}, "grad_norm": gnorm, "outer_lr": lr,
+                "entropy": self.synthetic().entropy()}
 
     def outer_lr(self, iteration: int) -> float:
         """The outer Adam step size of 0-based step ``iteration`` (a function of the step alone, so a

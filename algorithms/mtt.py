@@ -69,7 +69,8 @@ class MTTConfig:
     momentum: float = hp(0.5, nonneg, doc="momentum of the pixels' and syn_lr's SGD")
     pix_init: str = hp("real", one_of("real", "noise"), doc="initial images: real ones, or noise")
     dsa: bool = hp(True, doc="differentiable siamese augmentation in the student steps")
-    dsa_strategy: str = hp(DEFAULT_STRATEGY, check_strategy, doc="DSA families joined by _ (digits: color_crop_cutout_scale_rotate, no flip)")
+    dsa_strategy: str = hp(DEFAULT_STRATEGY, check_strategy, added=True,
+                           doc="DSA families joined by _ (digits: color_crop_cutout_scale_rotate, no flip)")
     grad_mode: str = hp("full", one_of("full", "tesla"),
                         doc="full: backpropagate through the unroll; tesla: constant-memory estimator")
 

@@ -87,11 +87,17 @@ class Spec:
         # same numbers): never part of the sweep, so switching it keeps the hash (and resumes)
         d["evaluation"].pop("parallel", None)
         # DSA's families, added later: the default keeps the hash (and the experts' store key)
-        for section in (d["evaluation"], d["experts"], *(part for algo in d["algorithms"].values()
-                                                          for part in (algo["hyperparameters"],
-                                                                       *algo.get("per_budget", {}).values()))):
+        for section in (d["evaluation"], d["experts"]):
             if section.get("dsa_strategy") == DEFAULT_STRATEGY:
                 section.pop("dsa_strategy")
+        # a method's hyperparameters added after specs were written (``hp(..., added=True)``): at
+        # their default they are not part of the hash either
+        for name, algo in d["algorithms"].items():
+            later = {k: f.default for k, f in methods.get(name).hp_fields().items() if f.metadata.get("added")}
+            for part in (algo["hyperparameters"], *algo.get("per_budget", {}).values()):
+                for k, default in later.items():
+                    if k in part and part[k] == default:
+                        part.pop(k)
         if not d["dataset"].get("zca"):
             d["dataset"].pop("zca", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -261,6 +261,36 @@ def test_cosine_outer_schedule_and_clipping_resume_exactly():
         _distiller(outer_schedule="cosine")
 
 
+def test_theta_samples_average_the_meta_gradients_of_that_many_problems_and_resume_exactly():
+    """theta_samples K: one outer step's gradient is the mean of the meta-gradients of the next K
+    problems the distiller's generator draws (theta_0, real batch), its loss their mean loss; a
+    restored distiller continues identically."""
+    from algorithms.farzi import meta_gradient
+
+    trajs3 = dict(max_start_epoch=2, precision="float64")
+    ref = _distiller(**trajs3)  # K = 1: draw the same problems by hand
+    parts = []
+    for _ in range(3):
+        theta0, prob, info = ref.problem()
+        parts.append((meta_gradient("reverse", theta0, prob, ref.hp), info))
+    d = _distiller(theta_samples=3, **trajs3)
+    seen = {}
+    original = d.opt.step
+    d.opt.step = lambda *a, **k: (seen.update(F=d.F.grad.clone(), M=d.M.grad.clone()), original(*a, **k))[1]
+    out = d.step()
+    for i, name in enumerate("FM"):
+        mean = sum(r.grads[i] for r, _ in parts) / 3
+        assert rel_err(seen[name], mean) < 1e-12
+    assert out["loss"] == pytest.approx(sum(r.outer_loss for r, _ in parts) / 3, rel=1e-12)
+    assert out["start_epoch"] == pytest.approx(sum(i["start_epoch"] for _, i in parts) / 3)
+    assert len({i["start_epoch"] for _, i in parts}) > 1  # the three problems differ
+    state = d.state_dict()
+    nxt = [d.step()["loss"] for _ in range(2)]
+    e = _distiller(theta_samples=3, seed=7, **trajs3)
+    e.load_state_dict(state)
+    assert [e.step()["loss"] for _ in range(2)] == nxt
+
+
 def test_real_init_starts_each_synthetic_sequence_as_a_real_one():
     d = _distiller(init="real", latent_dim=12)
     probs = d.synthetic().probs()  # [4, 6, 15]
