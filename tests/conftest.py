@@ -95,3 +95,17 @@ def pytest_collection_modifyitems(config, items):
     if unmarked:
         raise pytest.UsageError("these tests start Ray (ray_cluster) but are not marked slow: "
                                 + ", ".join(unmarked))
+
+
+def results_row(algorithm="mtt", budget=1, acc=None, status="FINISHED", dataset="digits", sweep="s1", run_id=None,
+                **extra) -> dict:
+    """A row of ``orchestrator.results`` as the tests of results, scores and browsing build them:
+    every sortable field None, then these values (acc_std 0.01 when there is an accuracy)."""
+    from orchestrator import results as res
+
+    r = {f: None for f in res.SORT_FIELDS}
+    r.update({"run_id": run_id or f"{algorithm}-{budget}", "sweep": sweep, "algorithm": algorithm,
+              "dataset": dataset, "budget": budget, "status": status, "acc_mean": acc,
+              "acc_std": None if acc is None else 0.01, "iterations": 2, "hyperparameters": {}})
+    r.update(extra)
+    return r

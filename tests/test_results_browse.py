@@ -14,16 +14,11 @@ from orchestrator import results as res
 from orchestrator import summary
 from orchestrator.cli import main
 from orchestrator.tracking import workspace
-from tests.conftest import TINY
+from tests.conftest import TINY, results_row
 
 
-def row(algorithm="mtt", budget=1, status="FINISHED", acc=None, dataset="digits", sweep="s1", run_id=None, **extra):
-    r = {f: None for f in res.SORT_FIELDS}
-    r.update({"run_id": run_id or f"{algorithm}-{budget}-{acc}", "sweep": sweep, "algorithm": algorithm,
-              "dataset": dataset, "budget": budget, "status": status, "acc_mean": acc,
-              "acc_std": None if acc is None else 0.01, "iterations": 2, "hyperparameters": {}})
-    r.update(extra)
-    return r
+def row(algorithm="mtt", budget=1, status="FINISHED", acc=None, run_id=None, **extra):
+    return results_row(algorithm, budget, acc, status, run_id=run_id or f"{algorithm}-{budget}-{acc}", **extra)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from orchestrator import results as res
 from orchestrator import summary
 from orchestrator.cli import main
 from orchestrator.tracking import PARENT_TAG, ROLE_TAG, ensure_experiment, workspace
+from tests.conftest import results_row
 
 E = math.e
 
@@ -26,13 +27,7 @@ def by_hand(acc, rnd, full, w=0.5):
     return (E ** alpha - E ** -1) / (E - E ** -1)
 
 
-def row(algorithm="mtt", budget=1, acc=None, status="FINISHED", dataset="digits", sweep="s1", run_id=None, **extra):
-    r = {f: None for f in res.SORT_FIELDS}
-    r.update({"run_id": run_id or f"{algorithm}-{budget}", "sweep": sweep, "algorithm": algorithm,
-              "dataset": dataset, "budget": budget, "status": status, "acc_mean": acc,
-              "acc_std": None if acc is None else 0.01, "iterations": 2, "hyperparameters": {}})
-    r.update(extra)
-    return r
+row = results_row
 
 
 # ------------------------------------------------------------------------------------------------
