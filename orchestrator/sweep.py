@@ -190,7 +190,7 @@ class _TrialProgress(Callback):
         if self.progress is None:
             return
         point = trial.config["trial"]
-        self.bars[trial.trial_id] = self.progress.task(f"  {trial_name(point)} {trial.trial_id[-5:]}",
+        self.bars[trial.trial_id] = self.progress.task(f"  {_name(point)} {trial.trial_id[-5:]}",
                                                        total=max(1, point["iterations"]))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -210,7 +210,7 @@ class _TrialProgress(Callback):
         if self.progress is None:
             return
         self.done.advance()
-        self.progress.warn(f"trial {trial.trial_id} ({trial_name(trial.config['trial'])}) failed")
+        self.progress.warn(f"trial {trial.trial_id} ({_name(trial.config['trial'])}) failed")
 
 
 class _CloseStoppedRuns(Callback):
@@ -279,7 +279,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
                                                                                   has_gpu)})
     points = [{**pt, "hp": {k: tune_value(v) for k, v in pt["hp"].items()}} for pt in spec.trial_points()]
     total = spec.num_samples if spec.search else len(points) * spec.num_samples
-    _ACTIVE.update(progress=progress, total=total)
+    _ACTIVE.update(progress=progress, total=total, prefix=spec.task.budget_prefix)
     if resume is not None and resume["tune_state"]:
         path, fs = _tune_path(exp_dir)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
@@ -401,8 +401,13 @@ def _ctrl_c_during_fit() -> Iterator[None]:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
 
 
+def _name(point: dict) -> str:
+    """The trial's name with the running sweep's budget prefix (ipc, or mu for sequences)."""
+    return trial_name(point, _ACTIVE.get("prefix", "ipc"))
+
+
 def _trial_label(t) -> str:
-    return f"{trial_name(t.config['trial'])}_{t.trial_id}"
+    return f"{_name(t.config['trial'])}_{t.trial_id}"
 
 
 

@@ -26,6 +26,7 @@ class Task(ABC):
     label: str = ""  # in messages: "the image dataset 'mnist'"
     budget_unit: str = ""  # what one unit of budget is, for messages and tables
     budget_label: str = ""  # the results table's budget column
+    budget_prefix: str = ""  # in trial names: mtt-ipc10, farzi-mu50
     schema: dict[str, dict[str, tuple]] = {}  # spec sections this task replaces (see spec_schema.SCHEMA)
 
     @abstractmethod
@@ -86,6 +87,7 @@ class ImageClassification(Task):
     label = "image"
     budget_unit = "images per class"
     budget_label = "IPC"
+    budget_prefix = "ipc"
 
     def datasets(self) -> list[str]:
         from .datasets import FOLDER_DATASETS, IMAGES
@@ -193,6 +195,7 @@ class EventSequences(Task):
     label = "event-sequence"
     budget_unit = "synthetic sequences"
     budget_label = "budget (seqs)"
+    budget_prefix = "mu"
 
     @property
     def schema(self):  # type: ignore[override]

@@ -50,8 +50,9 @@ class TrialContext:
         return task_for(self.spec["dataset"]["name"])
 
 
-def trial_name(point: dict) -> str:
-    return f"{point['algorithm']}-ipc{point['budget']}"
+def trial_name(point: dict, prefix: str = "ipc") -> str:
+    """``<algorithm>-<prefix><budget>``: ``mtt-ipc10`` (images per class), ``farzi-mu50`` (sequences)."""
+    return f"{point['algorithm']}-{prefix}{point['budget']}"
 
 
 def run_name(point: dict, spec: dict, trial_id: str) -> str:
@@ -66,7 +67,8 @@ def run_name(point: dict, spec: dict, trial_id: str) -> str:
     shown = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in point["hp"].items()
              if isinstance(hp.get(k), (list, dict))]
     repeats = (spec.get("num_samples") or 1) > 1
-    return " ".join([trial_name(point), *shown, *([f"#{trial_id[-5:]}"] if repeats else [])])
+    prefix = task_for(spec["dataset"]["name"]).budget_prefix if spec.get("dataset") else "ipc"
+    return " ".join([trial_name(point, prefix), *shown, *([f"#{trial_id[-5:]}"] if repeats else [])])
 
 
 def _device() -> torch.device:
@@ -132,7 +134,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     client = MlflowClient(ctx.tracking_uri)
     tags = {"algorithm": point["algorithm"], "dataset": spec["dataset"]["name"], "budget": point["budget"],
             "orchestrate.spec_hash": ctx.spec_hash, "orchestrate.store_key": ctx.store_key,
-            "orchestrate.trial_name": tctx.get_trial_name() or trial_name(point),
+            "orchestrate.trial_name": tctx.get_trial_name() or trial_name(point, ctx.task.budget_prefix),
             # one digest over the checksums of every expert file the trial may read
             "orchestrate.experts_sha256": hashlib.sha256("".join(ctx.expert_sha256).encode()).hexdigest()[:16],
             **ctx.tags}

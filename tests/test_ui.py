@@ -133,6 +133,11 @@ def test_run_names_tell_the_trials_of_a_sweep_apart():
     assert run_name({"algorithm": "mtt", "budget": 1, "hp": {"syn_steps": 3}}, plain, "abc_00001") == "mtt-ipc1"
     assert run_name({"algorithm": "random", "budget": 1, "hp": {}}, {**plain, "num_samples": 3}, "abc_00004") == \
         "random-ipc1 #00004"
+    # event sequences count their budget in sequences (mu), not images per class
+    seqs = {**plain, "dataset": {"name": "ml-100k"}, "algorithms": {"farzi": {"hyperparameters": {}}}}
+    assert run_name({"algorithm": "farzi", "budget": 50, "hp": {}}, seqs, "x") == "farzi-mu50"
+    assert run_name({"algorithm": "random", "budget": 50, "hp": {}}, seqs, "x") == "random-mu50"
+    assert run_name({"algorithm": "mtt", "budget": 1, "hp": {}}, {**plain, "dataset": {"name": "mnist"}}, "x") == "mtt-ipc1"
 
 
 # -- the UI in a browser -----------------------------------------------------------------------------
