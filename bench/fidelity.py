@@ -296,7 +296,7 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def also_evaluate(folder: Path, strategies: list[str], console) -> list[dict[str, Any]]:
+def also_evaluate(folder: Path, strategies: list[str], console, workers: int | None = None) -> list[dict[str, Any]]:
     """Evaluate every published image set of ``folder`` again under each DSA strategy it has not
     been evaluated with (``orchestrate evaluate``'s code: the sweep's networks, epochs and seeds,
     the set and a random subset of its size), record it under the entry's ``protocols`` and
@@ -323,7 +323,7 @@ def also_evaluate(folder: Path, strategies: list[str], console) -> list[dict[str
                           f"{spec.evaluation['epochs']} epochs, and a random subset)")
             try:
                 report = evaluate_file(folder / e["file"], EvalOptions(dataset=e["dataset"], spec=spec,
-                                                                       dsa_strategy=strategy))
+                                                                       dsa_strategy=strategy, workers=workers))
             except EvaluateError as err:
                 raise ReportError(f"{folder / e['file']}: {err}") from None
             first = report["rows"][0]["model"]
@@ -521,6 +521,9 @@ def main() -> None:
                     help="with --publish: also evaluate each published image set with DSA's families S (e.g. "
                          "color_crop_cutout_scale_rotate, DC/DSA's digits protocol: no flip), the sweep's networks, "
                          "epochs and seeds, next to a random subset; recorded in index.json and the README")
+    ap.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="networks at once for --also-strategy, as `orchestrate evaluate --workers` (1: one after "
+                         "another here; default: auto)")
     args = ap.parse_args()
     if args.also_strategy and not args.publish:
         ap.error("--also-strategy evaluates the published sets: give --publish DIR")
@@ -565,7 +568,7 @@ def main() -> None:
             try:
                 publish(rows, ws, Path(args.publish), console)
                 if args.also_strategy:
-                    also_evaluate(Path(args.publish), args.also_strategy, console)
+                    also_evaluate(Path(args.publish), args.also_strategy, console, args.workers)
             except ReportError as e:
                 errors.append(str(e))
         for s, rc in launches.items():
