@@ -7,7 +7,8 @@ the final evaluation (mean ± std over the evaluation networks), the best of the
 evaluations (the ``eval/<metric>_mean`` history, with its iteration; selected on the test set, as
 MTT reports), the random real subset of the same budget from the same sweep, % of the full-data
 result, the published number with its source, and the trial's wall time (MLflow run start to
-end, or to now for a trial still running). Images report test accuracy; ML-100k HR@10 (and
+end, or to now for a trial still running; with the steps' own time when a resumed trial's wall
+time counts hours it was stopped). Images report test accuracy; ML-100k HR@10 (and
 NDCG@10 on a second line); PTB perplexity. A sweep still running is read as it stands.
 
     orchestrate launch search_spaces/reference/mnist_ipc1.yaml --root ~/runs-ref   # hours on a CPU
@@ -122,7 +123,8 @@ def report_row(row: dict[str, Any], history: dict[str, list[tuple[int, float]]],
                       "random_mean": row.get(f"random_{k}_mean"), "random_std": row.get(f"random_{k}_std"),
                       "full_data_mean": full, "full_data_std": row.get(f"full_data_{k}_std"),
                       "pct_of_full": pct if pct is not None else _pct(final, full, higher)}
-    done = max((s for s, _ in history.get("sec_per_iter", [])), default=0)
+    per_step = dict(history.get("sec_per_iter", []))  # one value per iteration (a resumed trial logs on)
+    done = max(per_step, default=0)
     end = now_ms if running or not end_ms else end_ms
     return {"spec": spec, "sweep": row.get("sweep"), "run_id": row.get("run_id"), "dataset": row.get("dataset"),
             "method": row.get("algorithm"), "budget": row.get("budget"), "trials": trials,
@@ -130,7 +132,10 @@ def report_row(row: dict[str, Any], history: dict[str, list[tuple[int, float]]],
             "iterations_done": done, "iterations_planned": row.get("iterations"),
             "metric": metric, "higher_is_better": higher, "metrics": metrics,
             "published": published(row.get("dataset"), row.get("algorithm"), row.get("budget")),
-            "wall_s": (end - start_ms) / 1000 if start_ms is not None else None}
+            "wall_s": (end - start_ms) / 1000 if start_ms is not None else None,
+            # the distillation steps' own time: a trial resumed across sessions has a wall time that
+            # counts the hours it was stopped; this does not (nor its evaluations)
+            "steps_s": sum(per_step.values()) if per_step else None}
 
 
 def report_rows(rows: list[dict[str, Any]], histories: dict[str, dict], times: dict[str, tuple], now_ms: int,
@@ -433,13 +438,17 @@ def _pm(mean, std, scale: float) -> str:
     return "-" if mean is None else f"{_num(mean, scale)} ± {_num(std or 0.0, scale)}"
 
 
-def _wall(r: dict) -> str:
-    s = r["wall_s"]
+def _duration(s: float | None) -> str:
     if s is None:
-        text = "-"
-    else:
-        h, rem = divmod(round(s), 3600)
-        text = f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s" if rem >= 60 else f"{rem}s"
+        return "-"
+    h, rem = divmod(round(s), 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s" if rem >= 60 else f"{rem}s"
+
+
+def _wall(r: dict) -> str:
+    text = _duration(r["wall_s"])
+    if r.get("steps_s") and r["wall_s"] and r["wall_s"] > 1.2 * r["steps_s"]:  # evaluations, or stopped hours
+        text += f", steps {_duration(r['steps_s'])}"
     if r["running"]:
         return f"{text} (running)"
     return text if r["status"] == "FINISHED" else f"{text} ({(r['status'] or '?').lower()})"

@@ -69,6 +69,7 @@ def test_report_rows_images():
     assert acc["pct_of_full"] == pytest.approx(100 * 0.85 / 0.98)
     assert (mtt["iterations_done"], mtt["iterations_planned"]) == (100, 100)
     assert mtt["wall_s"] == 90 and not mtt["running"]
+    assert mtt["steps_s"] == 100  # the steps' own seconds (wall time also counts stops and evaluations)
     assert mtt["published"]["value"] == 88.7 and mtt["published"]["method"] == "dsa"
     assert mtt["spec"] == "ref.yaml"
 
