@@ -342,6 +342,15 @@ class FarziConfig:
     # so one sample is mostly noise; K samples average it (K inner loops per step)
     theta_samples: int = hp(1, positive, integer=True, added=True,
                             doc="problems (theta_0, real batch) whose meta-gradients one outer step averages")
+    # the outer objective: "loss", Farzi's, the real data's loss after the T inner steps; "match", MTT's
+    # objective in Farzi's parameterisation (the baseline the Farzi paper adapts): the normalised distance
+    # ||theta_T - theta*_{s+E}||^2 / ||theta_s - theta*_{s+E}||^2 to the expert's checkpoint expert_epochs
+    # after the start s (no real batch). With "loss" the meta-gradients of two random inits share no
+    # measurable direction on ML-100k (bench/farzi_snr.py): an outer step needs ~100+ of them
+    objective: str = hp("loss", one_of("loss", "match"), added=True,
+                        doc="outer objective: real-data loss after T steps, or MTT's distance to an expert checkpoint")
+    expert_epochs: int = hp(2, positive, integer=True, added=True,
+                            doc="objective match: the target is this many expert epochs after theta_0")
 
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
@@ -390,24 +399,40 @@ class FarziDistiller:
     def _forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_forward(self.model, theta, x, self.manifest)
 
-    def problem(self) -> tuple[torch.Tensor, InnerProblem, dict[str, float]]:
-        """Sample theta_0, the inner minibatches and the real batch of one outer step."""
+    def problem(self, expert: int | None = None, start: int | None = None
+                ) -> tuple[torch.Tensor, InnerProblem, dict[str, float]]:
+        """Sample theta_0 (expert ``expert``'s epoch ``start`` when given), the inner minibatches and
+        the outer objective (a real batch, or the expert's checkpoint ``expert_epochs`` later)."""
         cfg, g = self.cfg, self.gen
-        e = int(torch.randint(len(self.trajectories), (1,), generator=g))
+        match = cfg.objective == "match"
+        e = int(torch.randint(len(self.trajectories), (1,), generator=g)) if expert is None else expert
         traj = self.trajectories[e]
-        start = int(torch.randint(min(cfg.max_start_epoch, len(traj) - 1) + 1, (1,), generator=g))
+        last = len(traj) - 1 - (cfg.expert_epochs if match else 0)
+        if last < 0:
+            raise ValueError(f"expert {e} has {len(traj) - 1} epochs: fewer than expert_epochs ({cfg.expert_epochs})")
+        if start is None:
+            start = int(torch.randint(min(cfg.max_start_epoch, last) + 1, (1,), generator=g))
+        elif not 0 <= start <= last:
+            raise ValueError(f"start epoch {start} outside 0..{last} for expert {e}")
         theta0 = traj[start].to(self.device, self.dtype)
         if cfg.inner_batch and cfg.inner_batch < cfg.budget:
             batches = [torch.randperm(cfg.budget, generator=g)[: cfg.inner_batch] for _ in range(cfg.inner_steps)]
         else:
             batches = [None] * cfg.inner_steps
-        real = self.real[torch.randperm(len(self.real), generator=g)[: cfg.real_batch]].to(self.device)
+        if match:
+            target = traj[start + cfg.expert_epochs].to(self.device, self.dtype)
+            span = float(((theta0.double() - target.double()) ** 2).sum())
+            if not span > 0:
+                raise ValueError(f"expert {e}: epochs {start} and {start + cfg.expert_epochs} are identical")
+            outer = lambda th: ((th - target) ** 2).sum() / span  # noqa: E731
+        else:
+            real = self.real[torch.randperm(len(self.real), generator=g)[: cfg.real_batch]].to(self.device)
+            outer = lambda th: sequence_loss(self._forward(th, real), real, self.pad_id)  # noqa: E731
         prob = InnerProblem(
             data=lambda idx: decode((self.F if idx is None else self.F[idx.to(self.device)]).to(self.dtype),
                                     self.M.to(self.dtype), cfg.temperature, self.pad_id),
             loss=lambda th, x: soft_loss(self._forward(th, x), x),
-            outer=lambda th: sequence_loss(self._forward(th, real), real, self.pad_id),
-            data_params=[self.F, self.M], batches=batches)
+            outer=outer, data_params=[self.F, self.M], batches=batches)
         return theta0, prob, {"expert": float(e), "start_epoch": float(start)}
 
     def step(self) -> dict[str, float]:

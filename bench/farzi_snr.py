@@ -14,6 +14,9 @@ and prints c with its standard error, K*, and how far the norms spread. Sources:
 - ``epoch:E``: expert k's epoch E for k = 0..N-1 (needs ``--root`` with the spec's experts);
 - ``same``: one fixed fresh network, different real batches (the real batch's share of the noise).
 
+``--vary objective=match`` measures MTT's objective in Farzi's parameterisation (the distance to the
+expert's checkpoint ``expert_epochs`` later) from ``epoch:E`` sources.
+
     python bench/farzi_snr.py [--spec SPEC] [--root RUNS] [--sources init,same,epoch:1]
                               [--vary eps=1e-8,1e-4 --vary latent_dim=16] [--problems N] [--quick] [--json PATH]
 """
@@ -133,12 +136,19 @@ def main() -> None:
                 thetas = [flatten_params(seeded_seq_model(spec.model, V, pad, 1000))] * n
             else:
                 sys.exit(f"--sources: unknown source {source!r} (init, same, epoch:E)")
+            if cfg.objective == "match" and not source.startswith("epoch:"):
+                sys.exit(f"{label}: objective match needs epoch:E sources (its target is the expert's checkpoint)")
             # one distiller per (variant, source): the same start (F, M) and the same real batches
-            d = FarziDistiller(template, [thetas[0][None]], task.train, V, pad, cfg, seed=0, iterations=algo["iterations"])
+            d = FarziDistiller(template, experts if experts else [thetas[0][None]], task.train, V, pad, cfg, seed=0,
+                               iterations=algo["iterations"])
             grads, losses, t0 = [], [], time.perf_counter()
-            for theta0 in thetas:
-                _, prob, _ = d.problem()
-                res = meta_gradient(cfg.grad_mode, theta0.to(d.device, d.dtype), prob, d.hp, cfg.second_moment,
+            for k, theta in enumerate(thetas):
+                if source.startswith("epoch:"):  # expert k's epoch E (and, for match, its checkpoint E + expert_epochs)
+                    theta0, prob, _ = d.problem(expert=k, start=epoch)
+                else:
+                    _, prob, _ = d.problem()
+                    theta0 = theta.to(d.device, d.dtype)
+                res = meta_gradient(cfg.grad_mode, theta0, prob, d.hp, cfg.second_moment,
                                     cfg.checkpoint_every, PRECISIONS[cfg.reverse_precision])
                 grads.append(torch.cat([g.double().flatten() for g in res.grads]))
                 losses.append(res.outer_loss)

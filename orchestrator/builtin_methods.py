@@ -215,7 +215,17 @@ class Farzi(Method):
             if long:
                 err(f"{prefix}.seq_len", f"{max(long)} exceeds model.max_len ({model['max_len']})")
         starts = bounds(hp.get("max_start_epoch"))
-        if starts:  # theta_0 from epochs 0..max_start_epoch (both included); no target
+        if not starts:
+            return
+        objective = hp.get("objective")  # a value, a grid (list) or a distribution ({choice: [...]})
+        if isinstance(objective, dict) and len(objective) == 1:
+            objective = next(iter(objective.values()))
+        if "match" in (objective if isinstance(objective, list) else [objective]):
+            spans = bounds(hp.get("expert_epochs")) or [FarziConfig.__dataclass_fields__["expert_epochs"].default]
+            worst = max(starts) + max(spans)  # theta_0 from epochs 0..max_start_epoch, the target expert_epochs later
+            _windows(prefix, worst, f"max_start_epoch ({max(starts)}) + expert_epochs ({max(spans)}) = {worst}",
+                     " (objective match: the target is expert_epochs after theta_0)", experts, err)
+        else:  # theta_0 from epochs 0..max_start_epoch (both included); no target
             _windows(prefix, max(starts), f"max_start_epoch ({max(starts)})", "", experts, err)
 
     def build(self, ctx):

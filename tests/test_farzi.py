@@ -341,3 +341,82 @@ def test_real_init_is_peaked_on_a_movielens_sized_catalogue(d, median, top1):
     p_item = probs.gather(-1, rows.unsqueeze(-1)).squeeze(-1)
     assert float(p_item.median()) > median and float((probs.argmax(-1) == rows).float().mean()) > top1
     assert float(p_item.median()) < 0.95  # not saturated: F keeps a gradient
+
+
+def _trained_trajectory(epochs=3, steps_per_epoch=4, seed=0):
+    """A real (tiny) expert: the _distiller model trained with Adam on its real data, one
+    checkpoint per 'epoch' of a few steps (epoch 0 is the init)."""
+    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8}, 15, 0, 0)
+    real = torch.randint(1, 15, (20, 8), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    ckpts = [flatten_params(model)]
+    for _ in range(epochs):
+        for _ in range(steps_per_epoch):
+            loss = sequence_loss(model(real), real, 0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        ckpts.append(flatten_params(model))
+    return torch.stack(ckpts)
+
+
+def test_match_objective_is_the_normalised_distance_to_the_expert_checkpoint_and_its_meta_gradient_is_exact():
+    from algorithms.farzi import meta_gradient
+
+    d = _distiller(objective="match", expert_epochs=2, max_start_epoch=1, precision="float64")
+    d.trajectories = [_trained_trajectory().double()]
+    theta0, prob, info = d.problem(expert=0, start=1)
+    traj = d.trajectories[0]
+    assert torch.equal(theta0, traj[1]) and info["start_epoch"] == 1.0
+    assert float(prob.outer(traj[1])) == pytest.approx(1.0, rel=1e-12)  # normalised by the start's distance
+    assert float(prob.outer(traj[3])) == 0.0
+    rev = meta_gradient("reverse", theta0, prob, d.hp)
+    unr = meta_gradient("unrolled", theta0, prob, d.hp)
+    assert rev.outer_loss == pytest.approx(unr.outer_loss, rel=1e-10)
+    for a, b in zip(rev.grads, unr.grads):
+        assert float(b.norm()) > 0 and rel_err(a, b) < 1e-6
+    # and against a central finite difference of the whole inner loop along a random direction of F
+    g = torch.Generator().manual_seed(3)
+    dF = torch.randn(d.F.shape, generator=g, dtype=d.F.dtype)
+    h, base = 1e-5, d.F.detach().clone()
+
+    def outer_at(F):
+        with torch.no_grad():
+            d.F.copy_(F)
+        return meta_gradient("unrolled", theta0, prob, d.hp).outer_loss
+
+    fd = (outer_at(base + h * dF) - outer_at(base - h * dF)) / (2 * h)
+    outer_at(base)
+    assert float((rev.grads[0] * dF).sum()) == pytest.approx(fd, rel=1e-5)
+
+
+def test_match_objective_windows_and_no_real_batch():
+    d = _distiller(objective="match", expert_epochs=2, max_start_epoch=2)
+    # 3 checkpoints (epochs 0..2) and a target 2 epochs on: every start is epoch 0
+    assert {int(d.problem()[2]["start_epoch"]) for _ in range(20)} == {0}
+    with pytest.raises(ValueError, match=r"start epoch 1 outside 0\.\.0"):
+        d.problem(expert=0, start=1)
+    with pytest.raises(ValueError, match="fewer than expert_epochs"):
+        _distiller(objective="match", expert_epochs=3).problem()
+    # the loss objective draws the same problems as before the option existed (resumed sweeps continue)
+    a, b = _distiller(), _distiller(objective="loss", expert_epochs=1)
+    assert [a.problem()[2] for _ in range(5)] == [b.problem()[2] for _ in range(5)]
+
+
+def test_match_objective_distillation_lowers_the_matching_loss():
+    """Outer steps on one expert window (start 1, target 3): the matching loss of the data falls."""
+    from algorithms.farzi import meta_gradient
+
+    d = _distiller(objective="match", expert_epochs=2, max_start_epoch=1, precision="float64", outer_lr=0.05,
+                   inner_steps=8, latent_dim=6)
+    d.trajectories = [_trained_trajectory().double()]
+    theta0, prob, _ = d.problem(expert=0, start=1)
+    first = meta_gradient("reverse", theta0, prob, d.hp).outer_loss
+    for _ in range(25):
+        res = meta_gradient("reverse", theta0, prob, d.hp)
+        for p, gr in zip((d.F, d.M), res.grads):
+            p.grad = gr.to(p.dtype)
+        d.opt.step()
+        d.opt.zero_grad(set_to_none=True)
+    last = meta_gradient("reverse", theta0, prob, d.hp).outer_loss
+    assert last < 0.8 * first, (first, last)
