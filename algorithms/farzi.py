@@ -317,6 +317,9 @@ class FarziConfig:
     inner_batch: int = hp(0, nonneg, integer=True, doc="synthetic sequences per inner step; 0: all of them")
     beta1: float = hp(0.9, unit_interval, doc="inner Adam beta1")
     beta2: float = hp(0.999, unit_interval, doc="inner Adam beta2")
+    # at 1e-8 the meta-gradient is dominated by coordinates whose tiny gradients Adam divides by their tiny
+    # sqrt(v), which differ from network to network: on ML-100k two problems' meta-gradients then share no
+    # measurable direction, at 1e-4 they do (bench/farzi_snr.py; search_spaces/reference/farzi_ml100k.yaml)
     eps: float = hp(1e-8, positive, doc="inner Adam epsilon")
     outer_lr: float = hp(0.01, positive, doc="outer Adam step size on (F, M)")
     real_batch: int = hp(128, positive, integer=True, doc="real sequences per meta-gradient")

@@ -412,7 +412,7 @@ PINNED_HASHES = {
     "search_spaces/mct_vs_mtt.yaml": "43c6708e146f4538",
     "search_spaces/farzi_ml100k.yaml": "47b277b0a07cae30",
     "search_spaces/farzi_ptb.yaml": "b4b5b7ad7b61bfa0",
-    "search_spaces/reference/farzi_ml100k.yaml": "5fad745de34b418a",  # d 64, theta_0 epochs 0..1 (db5bd04212fd4e59 before)
+    "search_spaces/reference/farzi_ml100k.yaml": "978ab7f0d5af4e62",  # inner Adam eps 1e-4 (5fad745de34b418a: eps 1e-8; db5bd04212fd4e59: d 16)
 }
 
 
