@@ -420,3 +420,94 @@ def test_match_objective_distillation_lowers_the_matching_loss():
         d.opt.zero_grad(set_to_none=True)
     last = meta_gradient("reverse", theta0, prob, d.hp).outer_loss
     assert last < 0.8 * first, (first, last)
+
+
+def _teacher_logits(V, r, seed=0):
+    """A stand-in trained model: logits of rank r (hidden state times item embeddings)."""
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(V, r, generator=g)
+    W = torch.randn(r, r, generator=g)
+    return lambda ids: torch.tanh(E[ids] @ W) @ E.t() * 2.0, E
+
+
+@pytest.mark.parametrize("pad_id", [0, None])
+def test_teacher_init_decodes_to_the_models_next_item_distributions(pad_id):
+    """At full rank the start is exact: position t of a synthetic sequence decodes to the softmax of
+    what the model predicts from the real items before t, the first real position to its item (90%),
+    padding to the uniform distribution over the non-pad items; the pad id never appears."""
+    from algorithms.farzi import real_rows, teacher_init
+
+    V, mu, xi = 12, 5, 6
+    logits_of, _ = _teacher_logits(V, 3)
+    g = torch.Generator().manual_seed(3)
+    real = torch.randint(1, V, (4, 8), generator=g)  # 4 rows for mu = 5: the longest are drawn, one padded
+    real = torch.cat([real, torch.randint(1, V, (1, 8), generator=g)])
+    if pad_id is not None:
+        real[4, :5] = pad_id
+    F, M = teacher_init(logits_of, real, pad_id, (mu, xi, 64), 0.7, torch.Generator().manual_seed(1))
+    assert F.shape == (mu, xi, 64) and M.shape == (64, V)
+    probs = decode(F, M, 0.7, pad_id)
+    ids = real_rows(real, pad_id, mu, xi, torch.Generator().manual_seed(1), "teacher")
+    lo = 1 if pad_id is not None else 0
+    for i in range(mu):
+        for t in range(xi):
+            p = probs[i, t]
+            if pad_id is not None and ids[i, t] == pad_id:
+                assert torch.allclose(p[lo:], torch.full((V - lo,), 1 / (V - lo)), atol=1e-5)
+            elif t == 0 or (pad_id is not None and ids[i, t - 1] == pad_id):
+                assert float(p[ids[i, t]]) == pytest.approx(0.9, abs=1e-4)
+            else:
+                want = logits_of(ids[i, :t])[-1]
+                if pad_id is not None:
+                    want[pad_id] = float("-inf")
+                assert torch.allclose(p, want.softmax(-1), atol=1e-5), (i, t)
+    if pad_id is not None:
+        assert float(probs[..., pad_id].max()) == 0.0
+        assert (ids == pad_id).any()  # the padded row was drawn (5 rows, 4 fill the window)
+
+
+def test_teacher_init_below_full_rank_is_the_best_rank_d_approximation():
+    """F M is the truncated SVD of the (temperature-scaled, centred) target logits: its error is the
+    norm of the dropped singular values, and it shrinks as d grows; columns beyond the rank stay
+    trainable (F 0, M random)."""
+    from algorithms.farzi import teacher_init
+
+    V, mu, xi = 40, 6, 10
+    logits_of, _ = _teacher_logits(V, 8)
+    real = torch.randint(1, V, (30, 12), generator=torch.Generator().manual_seed(0))
+    full_F, full_M = teacher_init(logits_of, real, 0, (mu, xi, 128), 1.5, torch.Generator().manual_seed(2))
+    target = (full_F @ full_M).reshape(mu * xi, V)  # exact at full rank (previous test)
+    S = torch.linalg.svdvals(target.double())
+    errs = []
+    for d in (2, 4, 8, 16):
+        F, M = teacher_init(logits_of, real, 0, (mu, xi, d), 1.5, torch.Generator().manual_seed(2))
+        err = float((F @ M).reshape(mu * xi, V).double().sub(target).norm())
+        assert err == pytest.approx(float(S[d:].norm()), rel=1e-3, abs=1e-4), d
+        errs.append(err)
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 0.5 * errs[0]
+    F, M = teacher_init(logits_of, real, 0, (2, 3, 10), 1.0, torch.Generator().manual_seed(2))  # rank <= 6 < 10
+    assert float(F[..., 6:].abs().max()) == 0.0 and float(M[6:].abs().min()) > 0.0
+
+
+def test_distiller_teacher_init_reads_the_first_experts_last_checkpoint():
+    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8}, 15, 0, 0)
+    start = flatten_params(model)
+    last = start + 0.3 * torch.randn(start.shape, generator=torch.Generator().manual_seed(5))
+    other = start - 0.3 * torch.randn(start.shape, generator=torch.Generator().manual_seed(6))
+    trajs = [torch.stack([start, last]), torch.stack([start, other])]
+    real = torch.randint(1, 15, (20, 8), generator=torch.Generator().manual_seed(1))
+    cfg = FarziConfig(budget=4, seq_len=6, latent_dim=15, inner_steps=2, real_batch=8, init="teacher")
+    d = FarziDistiller(model, trajs, real, 15, 0, cfg, seed=0)
+    probs = d.synthetic().probs()
+    g = torch.Generator().manual_seed(0)  # the distiller draws F's and M's random start first
+    torch.randn(4, 6, 15, generator=g)
+    torch.randn(15, 15, generator=g)
+    from algorithms.farzi import real_rows
+
+    ids = real_rows(real, 0, 4, 6, g, "teacher")
+    man = manifest_of(model)
+    for theta, close in ((last, True), (other, False)):
+        want = functional_forward(model, theta, ids, man)[:, :-1].index_fill(-1, torch.tensor([0]), float("-inf"))
+        assert torch.allclose(probs[:, 1:], want.softmax(-1), atol=1e-4) is close
+    d.step()  # and it distils from there
+    assert not torch.allclose(d.synthetic().probs(), probs)
