@@ -5,7 +5,8 @@ Farzi's outer loss is the next-item cross-entropy on real users of a model train
 Adam steps (full batch, no dropout) from theta_0, a checkpoint of an expert trajectory. This
 script runs those T steps from the stored experts' epochs on fixed sets of the budget's size: no
 step at all (theta_0 itself), mu random real users, Farzi's ``init: real`` start (the spec's d and
-temperature), the item-popularity distribution at every position (soft), and, with ``--full``, all
+temperature), its ``init: teacher`` start (the first expert's next-item predictions along real
+sequences), the item-popularity distribution at every position (soft), and, with ``--full``, all
 the real users (full batch: the most the objective can reward). Where even all the data does not
 lower the loss, or where every small set raises it (theta_0 from a trained epoch), the
 meta-gradient has nothing to learn from: it can only ask for the data that does least harm.
@@ -49,7 +50,7 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     load_start = os.getloadavg()
-    from algorithms.farzi import FarziSet, real_init
+    from algorithms.farzi import FarziSet, real_init, teacher_init
     from algorithms.networks import load_flat
     from algorithms.seqmodels import seeded_seq_model, sequence_loss
     from orchestrator.evaluate import stored_experts
@@ -64,6 +65,7 @@ def main() -> None:
     mu, T, d, tau = algo["budgets"][0], int(hp.get("inner_steps", 20)), int(hp.get("latent_dim", 16)), \
         float(hp.get("temperature", 1.0))
     lr0 = float(hp.get("inner_lr", 1e-3))
+    eps = float(hp.get("eps", 1e-8))  # the spec's inner Adam epsilon
     quick_defaults(args, epochs=("0,5", "0,1,5,10"), inner_lr=(f"{lr0:g}", f"{lr0:g},{10 * lr0:g}"))
     epochs = [int(e) for e in args.epochs.split(",")]
     lrs = [float(v) for v in args.inner_lr.split(",")]
@@ -88,14 +90,20 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     F0, M0 = torch.randn(mu, hp.get("seq_len", 20), d, generator=gen), torch.randn(d, V, generator=gen) / d ** 0.5
     start = FarziSet(real_init(F0, M0, real, pad, tau, gen), M0, tau, pad, lr0).probs().detach()
+    teacher = seeded_seq_model(spec.model, V, pad, 0)  # init 'teacher': the first expert's last checkpoint
+    load_flat(teacher, open_trajectory(found[0][1]).params[-1].clone())
+    teacher.eval()
+    with torch.no_grad():
+        taught = FarziSet(*teacher_init(teacher, real, pad, (mu, start.shape[1], d), tau, torch.Generator().manual_seed(1)),
+                          tau, pad, lr0).probs()
     sets = {"theta_0": None, f"{mu} random users": users, f"farzi start (d={d})": start,
-            "popularity (soft)": pop.expand(mu, start.shape[1], V).clone()}
+            f"teacher start (d={d})": taught, "popularity (soft)": pop.expand(mu, start.shape[1], V).clone()}
     if args.full:
         sets[f"all {len(real)} users"] = real
 
     console = bench_console(160)
     console.print(f"{spec.name}: outer loss (next-item cross-entropy on {len(outer)} real users) after T = {T} inner "
-                  f"Adam steps (full batch, no dropout) from expert {args.expert}'s epoch, per training set")
+                  f"Adam steps (eps {eps:g}, full batch, no dropout) from expert {args.expert}'s epoch, per training set")
     rows = []
     for epoch in epochs:
         for lr in lrs:
@@ -104,7 +112,7 @@ def main() -> None:
                 model = seeded_seq_model(spec.model, V, pad, 0)
                 load_flat(model, traj[epoch].clone())
                 model.eval()
-                opt = torch.optim.Adam(model.parameters(), lr=lr)
+                opt = torch.optim.Adam(model.parameters(), lr=lr, eps=eps)
                 t0 = time.perf_counter()
                 for _ in range(T if x is not None else 0):
                     loss = sequence_loss(model(x), x, pad)
