@@ -511,3 +511,45 @@ def test_distiller_teacher_init_reads_the_first_experts_last_checkpoint():
         assert torch.allclose(probs[:, 1:], want.softmax(-1), atol=1e-4) is close
     d.step()  # and it distils from there
     assert not torch.allclose(d.synthetic().probs(), probs)
+
+
+def test_teacher_start_trains_a_better_model_than_the_same_users_hard_sequences():
+    """Users have a taste (one of 4 genres of 10 items) and pick 12 items from it. An expert trained
+    on 400 users knows every genre's items; 8 users' 96 items show a few of each. Fresh models
+    trained on the teacher start of 8 sequences (the expert's next-item distributions along those
+    users) predict held-out users' items better than models trained on the same users' ids
+    (ML-100k, 50 x 50: HR@10 14.5 against 5.6)."""
+    from algorithms.farzi import real_rows, teacher_init
+
+    V, n, length, mu = 41, 400, 12, 8  # id 0 is padding; genre k holds items 10k+1 .. 10k+10
+    g = torch.Generator().manual_seed(0)
+    genre = torch.randint(0, 4, (n + 100, 1), generator=g)
+    seqs = 1 + 10 * genre + torch.randint(0, 10, (n + 100, length), generator=g)
+    train, held = seqs[:n], seqs[n:]
+    spec = {"name": "sasrec", "dim": 16, "blocks": 1, "heads": 1, "max_len": length}
+
+    def fit(x, steps, seed, batch=None):
+        torch.manual_seed(seed)
+        m = seeded_seq_model(spec, V, 0, seed)
+        opt = torch.optim.Adam(m.parameters(), lr=0.01)
+        for _ in range(steps):
+            xb = x if batch is None else x[torch.randint(0, len(x), (batch,), generator=g)]
+            loss = sequence_loss(m(xb), xb, 0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return m.eval()
+
+    def held_loss(m):
+        with torch.no_grad():
+            return float(sequence_loss(m(held), held, 0))
+
+    expert = fit(train, 200, 1, batch=64)
+    assert held_loss(expert) < math.log(10) + 0.3  # it knows the genres (ideal: ~log 10 after the first item)
+    F, M = teacher_init(expert, train, 0, (mu, length, 16), 1.0, torch.Generator().manual_seed(2))
+    taught = decode(F, M, 1.0, 0)
+    users = real_rows(train, 0, mu, length, torch.Generator().manual_seed(2), "teacher")  # the rows it read
+    assert (taught[:, 0].argmax(-1) == users[:, 0]).all()
+    losses = {name: [held_loss(fit(x, 40, s)) for s in (3, 4)] for name, x in (("hard", users), ("teacher", taught))}
+    assert max(losses["teacher"]) < min(losses["hard"]) - 0.5, losses  # measured 2.5-2.9 against 4.7
+    assert max(losses["teacher"]) < math.log(10) + 0.7, losses  # near the expert, far below uniform (log 40)
