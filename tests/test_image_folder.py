@@ -410,9 +410,10 @@ PINNED_HASHES = {
     "search_spaces/mnist.yaml": "a582257331c9d11c",
     "search_spaces/cifar10.yaml": "9a9b3f5f69d0df47",
     "search_spaces/mct_vs_mtt.yaml": "43c6708e146f4538",
-    "search_spaces/farzi_ml100k.yaml": "47b277b0a07cae30",
+    "search_spaces/farzi_ml100k.yaml": "da25be40724558d2",  # init teacher, eps 1e-3, max_start_epoch 1 (47b277b0a07cae30 before)
     "search_spaces/farzi_ptb.yaml": "b4b5b7ad7b61bfa0",
-    "search_spaces/reference/farzi_ml100k.yaml": "978ab7f0d5af4e62",  # inner Adam eps 1e-4 (5fad745de34b418a: eps 1e-8; db5bd04212fd4e59: d 16)
+    # init teacher, eps 1e-3, outer lr 1e-3 (978ab7f0d5af4e62: eps 1e-4; 5fad745de34b418a: eps 1e-8; db5bd04212fd4e59: d 16)
+    "search_spaces/reference/farzi_ml100k.yaml": "213d95e84eed8e9d",
 }
 
 
