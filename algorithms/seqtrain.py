@@ -43,6 +43,18 @@ class SeqTask:
     test_seen: list[torch.Tensor] | None = None  # rec: the items of each input (masked when ranking)
     k: int = 10
     test_negatives: torch.Tensor | None = None  # rec: [U, n] sampled negatives per user (sampled metrics)
+    # the validation split, scored beside the test split to choose among sets without the test data
+    # (rec: each user's training history and the held-out second-to-last item; LM: the valid chunks)
+    valid_inputs: torch.Tensor | None = None
+    valid_targets: torch.Tensor | None = None
+    valid_seen: list[torch.Tensor] | None = None
+
+    def validation(self) -> SeqTask | None:
+        """The validation split as a task whose test fields hold it (no sampled negatives), or None."""
+        if self.valid_inputs is None or len(self.valid_inputs) == 0:  # e.g. a valid stream shorter than a chunk
+            return None
+        return SeqTask(self.kind, self.vocab_size, self.pad_id, self.train, self.valid_inputs, self.valid_targets,
+                       self.valid_seen, self.k)
 
     @property
     def primary(self) -> str:
@@ -154,6 +166,16 @@ def task_metrics(model: CausalTransformer, flat: torch.Tensor, task: SeqTask) ->
     return lm_metrics(model, flat, task)
 
 
+def evaluation_metrics(model: CausalTransformer, flat: torch.Tensor, task: SeqTask) -> dict[str, float]:
+    """The test metrics and, where the task has a validation split, its headline metrics on it as
+    ``valid_<metric>`` (``valid_hr10``, ``valid_ndcg10``; ``valid_ppl``, ``valid_token_acc``)."""
+    out = task_metrics(model, flat, task)
+    valid = task.validation()
+    if valid is not None:
+        out.update({f"valid_{k}": v for k, v in task_metrics(model, flat, valid).items() if k in task.headline})
+    return out
+
+
 # -- training -----------------------------------------------------------------------------------
 def train_seq_model(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, seed: int,
                     device: str | torch.device = "cpu", evaluate_every: int = 0) -> Iterator[Checkpoint]:
@@ -204,13 +226,13 @@ def _train_seq_network(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg:
         for last in train_seq_model(model_spec, task, data, cfg, seed, device):
             pass
         model = seeded_seq_model(model_spec, task.vocab_size, task.pad_id, seed).to(device)
-        return task_metrics(model, last.params.to(device), task)
+        return evaluation_metrics(model, last.params.to(device), task)
 
 
 def seq_network_job(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, seed: int,
                     device: str | torch.device = "cpu") -> functools.partial:
     """One evaluation model as a job, as :func:`algorithms.evaluate.network_job` for images: a
-    picklable zero-argument callable returning the task metrics of a fresh model of seed ``seed``
+    picklable zero-argument callable returning the :func:`evaluation_metrics` of a fresh model of seed ``seed``
     trained on ``data``, with :data:`~algorithms.evaluate.EVAL_THREADS` torch threads, so that it
     computes the same numbers in any process."""
     return functools.partial(_train_seq_network, model_spec, task, data.detach().cpu(), cfg, seed, device=device)

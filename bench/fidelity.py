@@ -3,9 +3,10 @@
 For each reference spec (default: every ``search_spaces/reference/*.yaml``; positional arguments
 name others) it reads the latest sweep of that spec (MLflow experiment = the spec's name) from the
 store of ``--root`` and prints one row per (dataset, method, budget): iterations done of planned,
-the final evaluation (mean ± std over the evaluation networks), the best of the periodic
-evaluations (the ``eval/<metric>_mean`` history, with its iteration; selected on the test set, as
-MTT reports), the random real subset of the same budget from the same sweep, % of the full-data
+the final evaluation (mean ± std over the evaluation networks), for sequence trials the evaluation
+that scored best on the validation split (with its iteration: the set ``--publish`` publishes), the
+best of the periodic evaluations (the ``eval/<metric>_mean`` history, with its iteration; selected
+on the test set, as MTT reports), the random real subset of the same budget from the same sweep, % of the full-data
 result, the published number with its source, and the trial's wall time (MLflow run start to
 end, or to now for a trial still running; with the steps' own time when a resumed trial's wall
 time counts hours it was stopped). Images report test accuracy; ML-100k HR@10 (and
@@ -119,6 +120,8 @@ def report_row(row: dict[str, Any], history: dict[str, list[tuple[int, float]]],
         final, full = row.get(f"{k}_mean"), row.get(f"full_data_{k}_mean")
         pct = row.get(f"{k}_pct_of_full")
         metrics[k] = {"final_mean": final, "final_std": row.get(f"{k}_std"),
+                      # the evaluation chosen on the validation split (sequences), None where there is none
+                      "selected_mean": row.get(f"{k}_selected_mean"), "selected_std": row.get(f"{k}_selected_std"),
                       "best_mean": best and best[0], "best_std": best and best[1], "best_iteration": best and best[2],
                       "random_mean": row.get(f"random_{k}_mean"), "random_std": row.get(f"random_{k}_std"),
                       "full_data_mean": full, "full_data_std": row.get(f"full_data_{k}_std"),
@@ -131,6 +134,7 @@ def report_row(row: dict[str, Any], history: dict[str, list[tuple[int, float]]],
             "status": row.get("status"), "running": running, "failure_reason": row.get("failure_reason"),
             "iterations_done": done, "iterations_planned": row.get("iterations"),
             "metric": metric, "higher_is_better": higher, "metrics": metrics,
+            "selected_iteration": row.get("selected_iteration"), "selected_by": row.get("selected_by"),
             "published": published(row.get("dataset"), row.get("algorithm"), row.get("budget")),
             "wall_s": (end - start_ms) / 1000 if start_ms is not None else None,
             # the distillation steps' own time: a trial resumed across sessions has a wall time that
@@ -245,12 +249,19 @@ def index_entry(row: dict[str, Any], file: str, data: bytes) -> dict[str, Any]:
     import hashlib
 
     m = row["metrics"][row["metric"]]
+    chosen = row.get("selected_iteration") is not None
+    # the published file's own evaluation: the set chosen on validation where the trial chose one, else the final
+    score = (m["selected_mean"], m["selected_std"], row["selected_iteration"]) if chosen else \
+        (m["final_mean"], m["final_std"], row["iterations_done"])
     return {"file": file, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "set_mean": score[0], "set_std": score[1], "set_iteration": score[2],
+            "selected_by": row.get("selected_by") if chosen else None,
             "dataset": row["dataset"], "method": row["method"], "budget": row["budget"], "metric": row["metric"],
             "higher_is_better": row["higher_is_better"],
             "final_mean": m["final_mean"], "final_std": m["final_std"], "best_mean": m["best_mean"],
             "best_iteration": m["best_iteration"], "random_mean": m["random_mean"], "random_std": m["random_std"],
-            "pct_of_full": m["pct_of_full"], "iterations": row["iterations_done"],
+            "pct_of_full": _pct(score[0], m["full_data_mean"], row["higher_is_better"]) if chosen else m["pct_of_full"],
+            "iterations": row["iterations_done"],
             "published": row["published"], "spec": row["spec"], "spec_hash": row.get("spec_hash"),
             "git_commit": row.get("git_commit"), "run_id": row["run_id"], "sweep": row["sweep"]}
 
@@ -260,15 +271,20 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
     lines = ["# Distilled sets we stand behind", "",
              "Each file is the best synthetic set a reference sweep reached for one (dataset, method, budget),",
              "in the export contract of the main README (`orchestrate export`; Farzi: `F` and `M`). The table",
-             "gives the spec and the commit that made it, our evaluation of it (the sweep's final evaluation,",
-             "mean ± std over its evaluation networks), the random real subset of the same size under the same",
-             "protocol, and the published number. `tests/test_distilled.py` checks every file against this",
+             "gives the spec and the commit that made it, our evaluation of it (mean ± std over the sweep's",
+             "evaluation networks), the random real subset of the same size under the same protocol, and the",
+             "published number. Which set: image sets are the sweep's final one (the image datasets have no",
+             "validation split); sequence sets are the evaluation that scored best on the validation split",
+             "(each user's second-to-last item; PTB's valid text), chosen without the test data, whose test",
+             "numbers the table gives (`orchestrate export --selected`). `best (iter)` is the best test",
+             "number over the periodic evaluations, as MTT reports it, for comparison only.",
+             "`tests/test_distilled.py` checks every file against this",
              "table and evaluates the sets again independently. Written by",
              "`python bench/fidelity.py --root ROOT --publish distilled/` from the sweeps in ROOT; the folder",
              "stays under 5 MB.", "",
-             "| set | dataset | method | budget | iterations | ours (final) | best (iter) | random subset "
-             "| % of full | published | spec | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| set | dataset | method | budget | iterations | ours: this set (iter) | final | best (iter) "
+             "| random subset | % of full | published | spec | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in sorted(entries, key=lambda e: e["file"]):
         scale = 1.0 if e["metric"] == "ppl" else 100.0
         label = LABELS.get(e["metric"], e["metric"])
@@ -281,8 +297,10 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
             pub = f"{v[0]:g}-{v[1]:g}% of full" if isinstance(v, list) else f"{v:g}"
             pub += ("" if p["kind"] == "published" else f" ({p['method'].upper()}, to reach)") + f", {p['source']}"
         pct = "-" if e["pct_of_full"] is None else f"{e['pct_of_full']:.0f}%"
+        which = f"{e['set_iteration']}" + (f", by {e['selected_by']}" if e["selected_by"] else ", final")
         lines.append(f"| [{e['file']}]({e['file']}) ({e['bytes'] / 1024:.0f} KB) | {e['dataset']} | {e['method']} "
-                     f"| {e['budget']} | {e['iterations']} | {label} {_pm(e['final_mean'], e['final_std'], scale)} "
+                     f"| {e['budget']} | {e['iterations']} | {label} {_pm(e['set_mean'], e['set_std'], scale)} ({which}) "
+                     f"| {_pm(e['final_mean'], e['final_std'], scale)} "
                      f"| {best} | {_pm(e['random_mean'], e['random_std'], scale)} | {pct} | {pub} "
                      f"| `{e['spec']}` | {(e['git_commit'] or 'unknown')[:10]} |")
     extra = [(e, p) for e in sorted(entries, key=lambda e: e["file"]) for p in e.get("protocols", [])]
@@ -363,7 +381,7 @@ def publish(rows: list[dict[str, Any]], ws, folder: Path, console) -> list[dict[
 
     from orchestrator.artifacts import read_synthetic
     from orchestrator.store import atomic_write_bytes
-    from orchestrator.trial import SYNTHETIC_ARTIFACT
+    from orchestrator.trial import SELECTED_ARTIFACT, SYNTHETIC_ARTIFACT
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per set is enough
     folder.mkdir(parents=True, exist_ok=True)
@@ -376,7 +394,8 @@ def publish(rows: list[dict[str, Any]], ws, folder: Path, console) -> list[dict[
             console.print(f"not published: {r['dataset']} {r['method']} {r['budget']} is {r['status']}")
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(r["run_id"], SYNTHETIC_ARTIFACT, tmp)
+            chosen = r.get("selected_iteration") is not None  # the set chosen on validation, else the final
+            local = client.download_artifacts(r["run_id"], SELECTED_ARTIFACT if chosen else SYNTHETIC_ARTIFACT, tmp)
             read_synthetic(local)  # the export contract, checked before it is published
             data = Path(local).read_bytes()
         name = set_name(r)
@@ -468,8 +487,8 @@ def _published_cell(p: dict | None, notes: dict[str, int]) -> str:
 def table(rows: list[dict[str, Any]], title: str = "fidelity") -> tuple[Table, dict[str, int]]:
     """The report table and its footnotes (source -> number)."""
     t = Table(title=title)
-    for col in ("dataset", "method", "budget", "iters", "metric", "final", "best (iter)", "random subset",
-                "% of full", "published", "wall"):
+    for col in ("dataset", "method", "budget", "iters", "metric", "final", "selected (iter)", "best (iter)",
+                "random subset", "% of full", "published", "wall"):
         t.add_column(col, justify="left" if col in ("dataset", "method", "metric", "published", "wall")
                      else "right")
     notes: dict[str, int] = {}
@@ -481,15 +500,18 @@ def table(rows: list[dict[str, Any]], title: str = "fidelity") -> tuple[Table, d
             best = "-" if m["best_mean"] is None else \
                 f"{_pm(m['best_mean'], m['best_std'], scale)} ({m['best_iteration']})"
             first = i == 0
+            sel = "-" if m["selected_mean"] is None else \
+                f"{_pm(m['selected_mean'], m['selected_std'], scale)} ({r['selected_iteration']})"
             t.add_row(r["dataset"] if first else "", r["method"] if first else "",
                       str(r["budget"]) if first else "",
                       f"{r['iterations_done']}/{r['iterations_planned']}" if first else "", LABELS.get(k, k),
-                      _pm(m["final_mean"], m["final_std"], scale), best,
+                      _pm(m["final_mean"], m["final_std"], scale), sel, best,
                       _pm(m["random_mean"], m["random_std"], scale),
                       "-" if m["pct_of_full"] is None else f"{m['pct_of_full']:.0f}%",
                       _published_cell(r["published"], notes) if first else "", _wall(r) if first else "")
-    t.caption = ("%, mean ± std over the evaluation networks (ppl as is); best: over the periodic evaluations, "
-                 "selected on the test set as MTT reports it; published: the source's number for this "
+    t.caption = ("%, mean ± std over the evaluation networks (ppl as is); selected: the evaluation that scored "
+                 "best on the validation split (sequences; --publish publishes its set); best: over the periodic "
+                 "evaluations, selected on the test set as MTT reports it; published: the source's number for this "
                  "(dataset, method, budget), 'to reach' when it is another method's")
     return t, notes
 

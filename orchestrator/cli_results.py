@@ -126,16 +126,20 @@ def _export_target_problem(path: Path, force: bool) -> str | None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
               help="Where to write (.safetensors); - writes to stdout (the summary then goes to stderr).")
 @click.option("--force", is_flag=True, help="Overwrite an existing regular file (never a link, device, folder or pipe).")
+@click.option("--selected", is_flag=True,
+              help="The set of the evaluation that scored best on the validation split (sequence trials) instead of "
+                   "the final one.")
 @root_option
 @uri_option
-def export(run_id, output, force, root, tracking_uri):
-    """Write the synthetic set of trial RUN_ID to a safetensors file (a new one unless --force)."""
+def export(run_id, output, force, selected, root, tracking_uri):
+    """Write the synthetic set of trial RUN_ID to a safetensors file (a new one unless --force):
+    its final set, or with --selected the one chosen on the validation split."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from .artifacts import read_synthetic
     from .store import atomic_write_bytes
-    from .trial import SYNTHETIC_ARTIFACT
+    from .trial import SELECTED_ARTIFACT, SYNTHETIC_ARTIFACT
 
     to_stdout = output == "-"
     if to_stdout and sys.stdout.isatty():
@@ -147,10 +151,12 @@ def export(run_id, output, force, root, tracking_uri):
     ws = workspace(root, tracking_uri)
     client = MlflowClient(ws.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
+        artifact = SELECTED_ARTIFACT if selected else SYNTHETIC_ARTIFACT
         try:
-            local = client.download_artifacts(run_id, SYNTHETIC_ARTIFACT, tmp)
+            local = client.download_artifacts(run_id, artifact, tmp)
         except MlflowException as e:
-            _fail(f"run {run_id} has no synthetic set ({SYNTHETIC_ARTIFACT}) in {ws.tracking_uri}: {e.message}", 1)
+            why = " (only sequence trials choose a set on a validation split)" if selected else ""
+            _fail(f"run {run_id} has no synthetic set ({artifact}) in {ws.tracking_uri}{why}: {e.message}", 1)
         try:
             tensors, meta = read_synthetic(local)
         except ValueError as e:
@@ -173,4 +179,5 @@ def export(run_id, output, force, root, tracking_uri):
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items() if v.ndim)
     lr = f", lr {float(tensors['lr']):.5g}" if "lr" in tensors else ""
     click.echo(f"wrote {'stdout' if to_stdout else output}: {shapes}{lr}, dataset {meta['dataset']}, "
-               f"algorithm {meta['algorithm']}", err=to_stdout)
+               f"algorithm {meta['algorithm']}" + (f", iteration {meta['iteration']}" if "iteration" in meta else ""),
+               err=to_stdout)

@@ -3,6 +3,8 @@ dataset (task, vocabulary, the model's ``max_len``) and its evaluation with the 
 model, next to random real sequences and the spec's stored experts."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Any
 
@@ -86,7 +88,9 @@ def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) 
     data = load_sequences(name, root)
     check_sequences(sf, data, spec.model["max_len"])
     try:
-        task = seq_task(data, spec.model["max_len"])
+        # the test metrics only: the validation split chooses among a trial's sets, not here
+        task = dataclasses.replace(seq_task(data, spec.model["max_len"]), valid_inputs=None, valid_targets=None,
+                                   valid_seen=None)
     except ValueError as e:  # e.g. too few items for the sampled negatives
         raise EvaluateError(f"{name} ({root or 'default root'}): cannot build the evaluation task: {e}") from None
     ev = spec.evaluation

@@ -100,6 +100,10 @@ def collect(tracking_uri: str, sweep: str | None = None, experiment: str | None 
             "hyperparameters": {k[3:]: v for k, v in p.items() if k.startswith("hp.")},
             **{f: m.get(f) for f in SEQ_FIELDS if not f.startswith("random_")},
             **{k: v for k, v in m.items() if k.partition("/")[0] in ARCH_STATS and k.partition("/")[2]},
+            # the set chosen on the validation split (sequences): its iteration and test metrics
+            "selected_iteration": None if m.get("selected_iteration") is None else int(m["selected_iteration"]),
+            "selected_by": t.get("orchestrate.selected_by"),
+            **{k: v for k, v in m.items() if k.endswith(("_selected_mean", "_selected_std"))},
         })
     attach_baselines(rows)
     attach_scores(rows)
@@ -245,8 +249,8 @@ def _seq_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Sequence trials: the task's headline metric, its baseline, the full-data result and % of it;
     the scores on the row's headline metric line."""
     t = Table(title=title)
-    for col in ("algorithm", "dataset", "budget (seqs)", "metric", "final", "random", "full data", "% of full",
-                "gain", "gap", "DDRS", "status", "run_id"):
+    for col in ("algorithm", "dataset", "budget (seqs)", "metric", "final", "selected (iter)", "random", "full data",
+                "% of full", "gain", "gap", "DDRS", "status", "run_id"):
         t.add_column(col, justify="right" if col not in ("algorithm", "dataset", "metric", "status", "run_id")
                      else "left", no_wrap=col == "run_id")
     only_random = all(is_baseline(r["algorithm"]) for r in rows)  # e.g. ``results --algorithm random``
@@ -261,12 +265,15 @@ def _seq_table(rows: list[dict[str, Any]], title: str) -> Table:
             fmt = (lambda m, sd: "-" if m is None else f"{m:.2f} ± {sd or 0:.2f}") if k == "ppl" else _pm
             pct = r.get(f"{k}_pct_of_full")
             score_cells = [_fmt_score(k, f, sc[f]) if k == headline else "" for f in SCORE_FIELDS]
-            t.add_row(r["algorithm"], r["dataset"], str(r["budget"]), k, fmt(r[f"{k}_mean"], r[f"{k}_std"]),
+            sel = "-" if r.get(f"{k}_selected_mean") is None else \
+                f"{fmt(r[f'{k}_selected_mean'], r.get(f'{k}_selected_std'))} ({r.get('selected_iteration')})"
+            t.add_row(r["algorithm"], r["dataset"], str(r["budget"]), k, fmt(r[f"{k}_mean"], r[f"{k}_std"]), sel,
                       fmt(r[f"random_{k}_mean"], r[f"random_{k}_std"]),
                       fmt(r[f"full_data_{k}_mean"], r[f"full_data_{k}_std"]), "-" if pct is None else f"{pct:.0f}%",
                       *score_cells, status, r["run_id"])
     t.caption = ("HR@10 / NDCG@10 (%, full ranking; _s100: against 100 sampled negatives) or perplexity, "
-                 "mean ± std over the evaluation networks; "
+                 "mean ± std over the evaluation networks; selected: the evaluation (iteration) that scored best on "
+                 "the validation split, whose set the trial stands behind (`orchestrate export --selected`); "
                  "% of full: ours ÷ full data (perplexity: full ÷ ours); on the headline metric's line "
                  "(HR@10, or perplexity): gain over the random subset and gap to full data (points; perplexity: "
                  "lower is better, so random − ours and ours − full), DDRS: DD-Ranking score (none for perplexity)")

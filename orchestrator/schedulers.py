@@ -41,8 +41,10 @@ def gpus_for(gpus, budget: int, has_gpu: bool) -> float:
 
 
 def eval_metric(spec: Spec, data) -> tuple[str, str]:
-    """The periodic evaluation's headline, as every trial result carries it, and its direction."""
-    metric, higher = spec.task.headline(data)
+    """What ASHA and Optuna compare, as every trial result carries it, and its direction: the
+    periodic evaluation's metric on the validation split where the data has one (sequences: the
+    test split then only reports), else its headline (images: test accuracy)."""
+    metric, higher = spec.task.selection(data) or spec.task.headline(data)
     return f"eval_{metric}_mean", ("max" if higher else "min")
 
 

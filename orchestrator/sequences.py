@@ -282,14 +282,18 @@ def seq_task(data: RecData | LMData, max_len: int) -> SeqTask:
     """What training and evaluation need (``algorithms.seqtrain.SeqTask``): the real training
     sequences cut to the model's ``max_len`` and the test split (recommendation: each user's
     history with the held-out last item, and 100 sampled negatives per user, seed 0, for the
-    sampled metrics when every user has that many unseen items; language modelling: the test stream in chunks)."""
+    sampled metrics when every user has that many unseen items; language modelling: the test stream in chunks),
+    and the validation split beside it (recommendation: the training history and the second-to-last
+    item; language modelling: the valid stream in chunks), which chooses among sets without the test data."""
     if isinstance(data, RecData):
         inputs, targets, seen = data.eval_inputs("test", max_len)
         # sampled metrics only where every user has 100 unseen items to draw (not on tiny vocabularies)
         room = data.info.vocab_size - (data.info.pad_id is not None) - 1 - max(len(h) for h in seen)
         negatives = (sample_negatives(data.info.vocab_size, data.info.pad_id, seen, targets, SAMPLED_NEGATIVES)
                      if room >= SAMPLED_NEGATIVES else None)
+        v_inputs, v_targets, v_seen = data.eval_inputs("valid", max_len)
         return SeqTask("recommendation", data.info.vocab_size, data.info.pad_id, data.train_matrix(max_len),
-                       inputs, targets, seen, test_negatives=negatives)
+                       inputs, targets, seen, test_negatives=negatives,
+                       valid_inputs=v_inputs, valid_targets=v_targets, valid_seen=v_seen)
     return SeqTask("language_model", data.info.vocab_size, None, data.chunks("train", max_len),
-                   data.chunks("test", max_len))
+                   data.chunks("test", max_len), valid_inputs=data.chunks("valid", max_len))

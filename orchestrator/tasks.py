@@ -51,6 +51,12 @@ class Task(ABC):
     def headline(self, data) -> tuple[str, bool]:
         """The metric that picks the best evaluation and orders results, and whether higher is better."""
 
+    def selection(self, data) -> tuple[str, bool] | None:
+        """The metric of :meth:`evaluate` on a validation split that chooses a trial's published set
+        among its evaluations (the test metrics never choose), and whether higher is better; None
+        where the data has no validation split (the trial's final set is its set)."""
+        return None
+
     @abstractmethod
     def evaluate(self, spec: dict, data, syn, device, final: bool = False) -> dict[str, tuple[float, float]]:
         """Train the spec's evaluation networks on ``syn``: metric -> (mean, std). ``final``: the
@@ -243,6 +249,12 @@ class EventSequences(Task):
         from .sequences import RecData
 
         return ("hr10", True) if isinstance(data, RecData) else ("ppl", False)
+
+    def selection(self, data) -> tuple[str, bool] | None:
+        """HR@10 on each user's second-to-last item (recommendation), perplexity on the valid
+        stream (language modelling): ``evaluate`` scores the same networks on it."""
+        metric, higher = self.headline(data)
+        return f"valid_{metric}", higher
 
     def evaluate(self, spec: dict, data, syn, device, final: bool = False) -> dict[str, tuple[float, float]]:
         from algorithms.seqtrain import SeqTrainConfig, evaluate_sequences

@@ -27,6 +27,9 @@ from .tasks import Task, task_for
 from .tracking import DIGEST_TAG, RunLogger, dataset_input, find_or_create_child, log_dataset
 
 SYNTHETIC_ARTIFACT = "synthetic/synthetic.safetensors"
+# the set of the evaluation that scored best on the task's validation split (``Task.selection``;
+# sequences), written when an evaluation improves on it: the one a trial stands behind
+SELECTED_ARTIFACT = "synthetic_selected/synthetic.safetensors"
 
 
 @dataclass
@@ -105,12 +108,13 @@ def primary_metric(ctx: TrialContext) -> tuple[str, bool]:
     return ctx.task.headline(ctx.data)
 
 
-def _log_outputs(log: RunLogger, ctx: TrialContext, syn, algorithm: str, point: dict, iteration: int) -> None:
+def _log_outputs(log: RunLogger, ctx: TrialContext, syn, algorithm: str, point: dict, iteration: int,
+                 artifact: str = SYNTHETIC_ARTIFACT) -> None:
     extra = {"budget": point["budget"], "iteration": iteration, "spec_hash": ctx.spec_hash,
              "store_key": ctx.store_key, "run_id": log.run_id}
     with tempfile.TemporaryDirectory() as tmp:
         for f in ctx.task.export(Path(tmp), syn, ctx.data, algorithm, extra, ctx.spec["model"]):
-            log.artifact(f, "synthetic")
+            log.artifact(f, artifact.rpartition("/")[0])
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -193,6 +197,7 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
         distiller.load_state_dict(restored["distiller"])
         history = restored["history"]
     primary, higher = primary_metric(ctx)
+    selection = ctx.task.selection(ctx.data)
     iterations, interval = point["iterations"], spec["evaluation"]["interval"]
     ckpt_every = spec["checkpoint_interval"]
     t0, first = time.perf_counter(), distiller.iteration
@@ -204,10 +209,16 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     def evaluate_if_due(it: int) -> None:
         if (it >= iterations or (interval and it % interval == 0)) and \
                 (not history["evals"] or history["evals"][-1][0] != it):
-            evals = _evaluate(ctx, distiller.synthetic(), device, final=it >= iterations)
+            syn = distiller.synthetic()
+            evals = _evaluate(ctx, syn, device, final=it >= iterations)
             history["evals"].append((it, {k: list(v) for k, v in evals.items()}))
             if it > logged["eval"]:
                 log.metrics(_stats(evals, "eval/"), step=it)
+            if selection and selection[0] in evals:  # a new best on validation: its set is the trial's
+                value, best = evals[selection[0]][0], history.get("selected")
+                if best is None or (value > best[1] if selection[1] else value < best[1]):
+                    history["selected"] = [it, value]
+                    _log_outputs(log, ctx, syn, point["algorithm"], point, it, SELECTED_ARTIFACT)
 
     evaluate_if_due(distiller.iteration)
     while distiller.iteration < iterations:
@@ -237,12 +248,23 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     final = {**_final_metrics(ctx, {k: tuple(v) for k, v in last.items()}),
              f"{primary}_best_over_evals_mean": best[primary][0], f"{primary}_best_over_evals_std": best[primary][1],
              f"{primary}_best_over_evals_iteration": best_it, **common}
+    if history.get("selected"):  # the set chosen on validation: when, and its test metrics
+        sel_it = history["selected"][0]
+        sel = next(e for i, e in history["evals"] if i == sel_it)
+        final.update({"selected_iteration": sel_it,
+                      **{f"{k}_selected_{s}": sel[k][j] for k in sel if not k.startswith("valid_")
+                         for j, s in enumerate(("mean", "std"))}})
     syn = distiller.synthetic()
     final["final_syn_lr"] = syn.lr
     if _last_step(log, f"{primary}_mean") < it_final:  # a replay after a kill past this point logs it once
         log.metrics(final, step=it_final)
     log.tags({"orchestrate.best_over_evals": f"{primary}_best_over_evals_* is the best over periodic evaluations "
                                              f"(test-set selection, as MTT reports); {primary}_mean is the final one"})
+    if history.get("selected"):
+        log.tags({"orchestrate.selected_by": f"{selection[0]} ({'max' if selection[1] else 'min'})",
+                  "orchestrate.selected": f"{SELECTED_ARTIFACT} is the set of iteration {history['selected'][0]}, "
+                                          f"the best {selection[0]} over the evaluations; <metric>_selected_* are its "
+                                          f"test metrics"})
     _log_outputs(log, ctx, syn, point["algorithm"], point, it_final)
     log.flush()
     _report_with_checkpoint({**final, **_stats(last, "eval_"), "iteration": distiller.iteration}, distiller,

@@ -240,6 +240,28 @@ def test_sampled_metrics_rank_the_target_among_its_negatives_only():
     assert m["hr10_s3"] == 0.5 and m["ndcg10_s3"] == pytest.approx(0.5)  # sampled: ranks 1 and 0
 
 
+def test_evaluation_scores_the_validation_split_beside_the_test_split():
+    """``evaluation_metrics``: the test metrics, and the headline metrics on the validation split
+    (its own inputs and targets, no sampled negatives) as ``valid_*``; a task without one adds none.
+    Here the validation targets are each user's top-scored item and the test targets its 4th: HR@1
+    1 and 0, so neither split is read in place of the other."""
+    from algorithms.seqtrain import evaluation_metrics
+
+    vocab = 12
+    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 4}, vocab, 0, 0)
+    flat = flatten_params(model)
+    inputs = torch.tensor([[0, 1, 2, 3], [0, 0, 4, 5]])
+    order = functional_forward(model, flat, inputs, manifest_of(model))[:, -1].argsort(1, descending=True)
+    negatives = torch.stack([order[0, [6, 7, 8]], order[1, [8, 9, 10]]])
+    task = SeqTask("recommendation", vocab, None, inputs, inputs, order[:, 3], None, k=1, test_negatives=negatives,
+                   valid_inputs=inputs, valid_targets=order[:, 0], valid_seen=None)
+    m = evaluation_metrics(model, flat, task)
+    assert m["hr10"] == 0.0 and m["valid_hr10"] == 1.0 and m["valid_ndcg10"] == 1.0
+    assert m["hr10_s3"] == 1.0 and "valid_hr10_s3" not in m  # sampled metrics on the test split only
+    no_valid = SeqTask("recommendation", vocab, None, inputs, inputs, order[:, 3], None, k=1)
+    assert no_valid.validation() is None and set(evaluation_metrics(model, flat, no_valid)) == {"hr10", "ndcg10"}
+
+
 def test_cosine_outer_schedule_and_clipping_resume_exactly():
     a = _distiller(outer_schedule="cosine", clip_norm=1e-3, outer_lr=0.1, iterations=4)
     lrs = [a.step()["outer_lr"] for _ in range(2)]

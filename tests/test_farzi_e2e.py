@@ -75,6 +75,17 @@ def test_farzi_launch_end_to_end(tiny_farzi):
     farzi = next(c for c in children if c.data.tags["algorithm"] == "farzi")
     assert sorted(m.step for m in client.get_metric_history(farzi.info.run_id, "loss")) == [1, 2, 3, 4]
     assert sorted(m.step for m in client.get_metric_history(farzi.info.run_id, "eval/hr10_mean")) == [0, 2, 4]
+    # the set chosen on the validation split: the first evaluation with the best valid HR@10, logged
+    # beside the final one, with that evaluation's test metrics
+    valid = sorted((m.step, m.value) for m in client.get_metric_history(farzi.info.run_id, "eval/valid_hr10_mean"))
+    assert [s for s, _ in valid] == [0, 2, 4]
+    chosen = min(valid, key=lambda sv: (-sv[1], sv[0]))[0]
+    assert farzi.data.metrics["selected_iteration"] == chosen
+    assert farzi.data.tags["orchestrate.selected_by"] == "valid_hr10 (max)"
+    test_at = dict((m.step, m.value) for m in client.get_metric_history(farzi.info.run_id, "eval/hr10_mean"))
+    assert farzi.data.metrics["hr10_selected_mean"] == pytest.approx(test_at[chosen])
+    picked = client.download_artifacts(farzi.info.run_id, "synthetic_selected/synthetic.safetensors", str(root / "sel"))
+    assert read_synthetic(picked)[1]["iteration"] == str(chosen)
     local = client.download_artifacts(farzi.info.run_id, "synthetic", str(root / "dl"))
     with safe_open(f"{local}/synthetic.safetensors", framework="pt") as f:
         meta = f.metadata()
@@ -99,6 +110,14 @@ def test_results_show_sequence_metrics(tiny_farzi):
     assert res.exit_code == 0, res.output
     tensors, meta = read_synthetic(out)
     assert set(tensors) == {"F", "M", "lr", "temperature"} and meta["algorithm"] == "farzi"
+    assert meta["iteration"] == "4"  # the final set
+    picked = root.parent / "farzi-selected.safetensors"
+    res = CliRunner().invoke(main, ["export", farzi["run_id"], "-o", str(picked), "--selected", "--root", str(root)])
+    assert res.exit_code == 0, res.output
+    assert read_synthetic(picked)[1]["iteration"] == str(farzi["selected_iteration"])
+    assert f"iteration {farzi['selected_iteration']}" in res.output
+    assert "select" in table.output and f"({farzi['selected_iteration']})" in table.output, table.output
+    assert farzi["hr10_selected_mean"] is not None and farzi["selected_by"] == "valid_hr10 (max)"
 
 
 @pytest.mark.parametrize("items, sampled", [(30, False), (130, True)])

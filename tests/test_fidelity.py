@@ -110,3 +110,28 @@ def test_report_rows_sequences_and_grid():
     assert nd["pct_of_full"] == pytest.approx(50.0)  # computed from the full-data result
     assert r["published"]["value"] == [98.0, 120.0] and r["wall_s"] == 5
     assert fidelity.table(out)[0].row_count == 2  # HR@10 and NDCG@10 lines
+
+
+def test_a_sequence_set_chosen_on_validation_is_the_one_indexed_with_its_test_numbers():
+    """A Farzi trial whose validation HR@10 peaked at iteration 0: its row carries that evaluation's
+    test numbers, the index entry scores the published file by them (not by the final evaluation)
+    with % of full from them, and the README row says which iteration and by what it was chosen."""
+    seq = {"full_data_hr10_mean": 0.16, "full_data_hr10_std": 0.005}
+    rows = attach_baselines([
+        trial("random", "ml-100k", 50, hr10_mean=0.061, hr10_std=0.005),
+        {**trial("farzi", "ml-100k", 50, hr10_mean=0.135, hr10_std=0.004, hr10_pct_of_full=84.4,
+                 hr10_selected_mean=0.146, hr10_selected_std=0.005, ndcg10_selected_mean=0.075,
+                 selected_iteration=0, selected_by="valid_hr10 (max)", **seq), "run_id": "f"},
+    ])
+    r, = fidelity.report_rows(rows, {}, {}, now_ms=1)
+    assert r["selected_iteration"] == 0 and r["metrics"]["hr10"]["selected_mean"] == 0.146
+    assert r["metrics"]["ndcg10"]["selected_mean"] == 0.075
+    r["iterations_done"] = 500
+    e = fidelity.index_entry(r, "ml-100k-farzi-mu50.safetensors", b"x")
+    assert (e["set_mean"], e["set_std"], e["set_iteration"], e["selected_by"]) == (0.146, 0.005, 0, "valid_hr10 (max)")
+    assert (e["final_mean"], e["iterations"]) == (0.135, 500) and e["pct_of_full"] == pytest.approx(91.25)
+    row, = [line for line in fidelity.readme_text([e]).splitlines() if line.startswith("| [")]
+    for needle in ("| HR@10 14.6 ± 0.5 (0, by valid_hr10 (max)) |", "| 13.5 ± 0.4 |", "| 91% |"):
+        assert needle in row, (needle, row)
+    image = fidelity.index_entry({**r, "selected_iteration": None}, "x.safetensors", b"x")  # no validation split
+    assert (image["set_mean"], image["set_iteration"], image["selected_by"]) == (0.135, 500, None)
