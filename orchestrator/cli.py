@@ -87,6 +87,7 @@ def launch(spec, root, tracking_uri, storage, address, num_cpus, fresh):
     trials are kept, unfinished ones continue from their last checkpoint."""
     from . import locks
     from . import results as res
+    from .results_tables import table as results_table
     from .sweep import LaunchError, check_resume, ray_session, sweep_dir
     from .sweep import launch as run_launch
 
@@ -111,7 +112,7 @@ def launch(spec, root, tracking_uri, storage, address, num_cpus, fresh):
     except (DatasetNotFoundError, DatasetFormatError) as e:
         _fail(str(e))
     rows = res.collect(ws.tracking_uri, sweep=out.parent_run_id)
-    console.print(res.table(rows, title=f"{s.name}: {s.dataset['name']} (sweep run {out.parent_run_id})"))
+    console.print(results_table(rows, title=f"{s.name}: {s.dataset['name']} (sweep run {out.parent_run_id})"))
     for e in out.errors:
         click.secho(f"trial error: {e}", fg="red", err=True)
     click.echo(f"finished in {time.time() - t0:.0f} s; experts: {out.experts.directory} "

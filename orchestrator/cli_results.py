@@ -49,6 +49,7 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, 
     from mlflow import MlflowClient
 
     from . import results as res
+    from .results_tables import table as results_table
 
     if sweep and all_sweeps:
         _fail(f"--sweep {sweep} and --all contradict each other: give --sweep for one sweep, --all for every one")
@@ -72,7 +73,7 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, 
     else:
         if not rows:
             click.echo(f"no trials found in {ws.tracking_uri}", err=True)
-        console.print(res.table(rows))
+        console.print(results_table(rows))
 
 
 @click.command()

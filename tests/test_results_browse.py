@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from orchestrator import results as res
+from orchestrator.results_tables import table as results_table
 from orchestrator import summary
 from orchestrator.cli import main
 from orchestrator.tracking import workspace
@@ -90,11 +91,11 @@ def test_tables_of_filtered_rows(rows):
     from rich.console import Console
 
     console = Console(width=200, record=True)
-    console.print(res.table(res.filter_rows(rows, algorithms=["random"])))  # only the baseline: shown, not empty
+    console.print(results_table(res.filter_rows(rows, algorithms=["random"])))  # only the baseline: shown, not empty
     assert "r1" in console.export_text()
-    console.print(res.table(res.filter_rows(rows, datasets=["ptb"])))
+    console.print(results_table(res.filter_rows(rows, datasets=["ptb"])))
     assert "p2" in console.export_text()
-    console.print(res.table(res.filter_rows(rows, datasets=["digits"])))  # the scores' columns (tests/test_scores.py)
+    console.print(results_table(res.filter_rows(rows, datasets=["digits"])))  # the scores' columns (tests/test_scores.py)
     text = console.export_text()
     assert all(col in text for col in ("gain", "gap", "DDRS"))
 

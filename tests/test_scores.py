@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from rich.console import Console
 
 from orchestrator import results as res
+from orchestrator.results_tables import table as results_table
 from orchestrator import summary
 from orchestrator.cli import main
 from orchestrator.tracking import PARENT_TAG, ROLE_TAG, ensure_experiment, workspace
@@ -119,7 +120,7 @@ def test_table_shows_scores_and_dashes():
         row("mtt", 1, acc=0.80, full_data_acc_mean=0.90, run_id="trial-a"),
         row("mtt", 10, acc=0.95, run_id="trial-b"),
     ])
-    text = render(res.table(rows))
+    text = render(results_table(rows))
     assert "gain" in text and "gap" in text and "DDRS" in text
     line_a = next(line for line in text.splitlines() if "trial-a" in line)
     assert "+20.0" in line_a and "10.0" in line_a and f"{by_hand(0.8, 0.6, 0.9):.3f}" in line_a
@@ -129,7 +130,7 @@ def test_table_shows_scores_and_dashes():
         row("random", 50, dataset="ptb", ppl_mean=400.0, ppl_std=3.0, full_data_ppl_mean=150.0, run_id="rp"),
         row("farzi", 50, dataset="ptb", ppl_mean=300.0, ppl_std=3.0, full_data_ppl_mean=150.0, run_id="p"),
     ])
-    text = render(res.table(seq))
+    text = render(results_table(seq))
     assert "% of full" in text and "+100.00" in text and "150.00" in text
 
 
