@@ -4,7 +4,8 @@ For each reference spec (default: every ``search_spaces/reference/*.yaml``; posi
 name others) it reads the latest sweep of that spec (MLflow experiment = the spec's name) from the
 store of ``--root`` and prints one row per (dataset, method, budget): iterations done of planned,
 the final evaluation (mean ± std over the evaluation networks), for sequence trials the evaluation
-that scored best on the validation split (with its iteration: the set ``--publish`` publishes), the
+that scored best on the validation split (with its iteration: the set ``--publish`` publishes; for
+a trial still running, the one its ``eval/valid_<metric>_mean`` history chooses so far), the
 best of the periodic evaluations (the ``eval/<metric>_mean`` history, with its iteration; selected
 on the test set, as MTT reports), the random real subset of the same budget from the same sweep, % of the full-data
 result, the published number with its source, and the trial's wall time (MLflow run start to
@@ -114,6 +115,13 @@ def report_row(row: dict[str, Any], history: dict[str, list[tuple[int, float]]],
     ``default``: the sweep's headline metric, for a row that has logged none yet (running)."""
     metric, higher = row_metric(row) or default
     running = row.get("status") == "RUNNING"
+    selected = row.get("selected_iteration")
+    at: dict[str, Any] = {}  # metric statistic -> value at the selected evaluation, while the trial runs
+    if selected is None and running:  # the evaluation the trial would stand behind if it ended now
+        valid = best_of(history.get(f"eval/valid_{metric}_mean", []), [], higher)
+        if valid:
+            selected = valid[2]
+            at = {key[len("eval/"):]: dict(h).get(selected) for key, h in history.items() if key.startswith("eval/")}
     metrics = {}
     for k in (metric, *SECONDARY.get(metric, ())):
         best = best_of(history.get(f"eval/{k}_mean", []), history.get(f"eval/{k}_std", []), higher)
@@ -121,7 +129,8 @@ def report_row(row: dict[str, Any], history: dict[str, list[tuple[int, float]]],
         pct = row.get(f"{k}_pct_of_full")
         metrics[k] = {"final_mean": final, "final_std": row.get(f"{k}_std"),
                       # the evaluation chosen on the validation split (sequences), None where there is none
-                      "selected_mean": row.get(f"{k}_selected_mean"), "selected_std": row.get(f"{k}_selected_std"),
+                      "selected_mean": row.get(f"{k}_selected_mean", at.get(f"{k}_mean")),
+                      "selected_std": row.get(f"{k}_selected_std", at.get(f"{k}_std")),
                       "best_mean": best and best[0], "best_std": best and best[1], "best_iteration": best and best[2],
                       "random_mean": row.get(f"random_{k}_mean"), "random_std": row.get(f"random_{k}_std"),
                       "full_data_mean": full, "full_data_std": row.get(f"full_data_{k}_std"),
@@ -134,7 +143,7 @@ def report_row(row: dict[str, Any], history: dict[str, list[tuple[int, float]]],
             "status": row.get("status"), "running": running, "failure_reason": row.get("failure_reason"),
             "iterations_done": done, "iterations_planned": row.get("iterations"),
             "metric": metric, "higher_is_better": higher, "metrics": metrics,
-            "selected_iteration": row.get("selected_iteration"), "selected_by": row.get("selected_by"),
+            "selected_iteration": selected, "selected_by": row.get("selected_by"),
             "published": published(row.get("dataset"), row.get("algorithm"), row.get("budget")),
             "wall_s": (end - start_ms) / 1000 if start_ms is not None else None,
             # the distillation steps' own time: a trial resumed across sessions has a wall time that
@@ -217,8 +226,8 @@ def read_sweep(spec_path: str, ws, now_ms: int) -> tuple[dict[str, Any], list[di
         if r["algorithm"] == "random":
             continue
         metric = (row_metric(r) or default)[0]
-        keys = ["sec_per_iter"] + [f"eval/{k}_{s}" for k in (metric, *SECONDARY.get(metric, ()))
-                                   for s in ("mean", "std")]
+        keys = ["sec_per_iter", f"eval/valid_{metric}_mean"] + [
+            f"eval/{k}_{s}" for k in (metric, *SECONDARY.get(metric, ())) for s in ("mean", "std")]
         histories[r["run_id"]] = {k: [(m.step, m.value) for m in client.get_metric_history(r["run_id"], k)]
                                   for k in keys}
         info = runs[r["run_id"]].info

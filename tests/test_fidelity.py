@@ -135,3 +135,19 @@ def test_a_sequence_set_chosen_on_validation_is_the_one_indexed_with_its_test_nu
         assert needle in row, (needle, row)
     image = fidelity.index_entry({**r, "selected_iteration": None}, "x.safetensors", b"x")  # no validation split
     assert (image["set_mean"], image["set_iteration"], image["selected_by"]) == (0.135, 500, None)
+
+
+def test_a_running_sequence_trial_shows_the_evaluation_its_validation_history_chooses_so_far():
+    """Until a trial ends (and logs ``selected_iteration``), the report picks from its
+    ``eval/valid_hr10_mean`` history the first best step and shows the test numbers logged there."""
+    rows = attach_baselines([trial("farzi", "ml-100k", 50, status="RUNNING", full_data_hr10_mean=0.16)])
+    hist = {"eval/valid_hr10_mean": [(0, 0.189), (100, 0.174), (200, 0.189)],
+            "eval/hr10_mean": [(0, 0.146), (100, 0.138), (200, 0.140)], "eval/hr10_std": [(0, 0.005), (100, 0.006)],
+            "eval/ndcg10_mean": [(0, 0.075), (100, 0.073)]}
+    r, = fidelity.report_rows(rows, {rows[0]["run_id"]: hist}, {}, now_ms=1)
+    assert r["selected_iteration"] == 0
+    hr, nd = r["metrics"]["hr10"], r["metrics"]["ndcg10"]
+    assert (hr["selected_mean"], hr["selected_std"], nd["selected_mean"]) == (0.146, 0.005, 0.075)
+    assert hr["best_mean"] == 0.146 and hr["final_mean"] is None
+    done, = fidelity.report_rows([{**rows[0], "status": "FINISHED"}], {rows[0]["run_id"]: hist}, {}, now_ms=1)
+    assert done["selected_iteration"] is None  # a finished trial's choice is the one it logged (none here)
