@@ -1,6 +1,7 @@
 """The small protocol every distiller follows, so that the orchestrator treats them alike."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import typing
@@ -62,6 +63,18 @@ class Distiller(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def autocast(device: torch.device | str, precision: str) -> typing.ContextManager:
+    """The context a distillation step runs in: ``fp32`` as written, or ``bf16`` under
+    :func:`torch.autocast` (convolutions and matrix products in bfloat16, parameters, images and
+    optimiser states stay float32). On a CPU with AMX, or a GPU with tensor cores, a bf16 step is
+    about twice as fast: the step is memory- and matmul-bound."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def check_finite(name: str, value: torch.Tensor, iteration: int) -> None:

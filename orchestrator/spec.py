@@ -98,6 +98,8 @@ class Spec:
                 for k, default in later.items():
                     if k in part and part[k] == default:
                         part.pop(k)
+        if d["resources"].get("precision") == "fp32":  # added later: the default keeps the hash
+            d["resources"].pop("precision")
         if not d["dataset"].get("zca"):
             d["dataset"].pop("zca", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from ray import tune
 
-from algorithms.base import DivergenceError
+from algorithms.base import DivergenceError, autocast
 
 from . import methods
 from .artifacts import load_state, save_state
@@ -200,6 +200,7 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     selection = ctx.task.selection(ctx.data)
     iterations, interval = point["iterations"], spec["evaluation"]["interval"]
     ckpt_every = spec["checkpoint_interval"]
+    precision = spec["resources"].get("precision", "fp32")
     t0, first = time.perf_counter(), distiller.iteration
     # A restarted trial replays the iterations after its last checkpoint. Metrics are flushed to
     # MLflow just before each checkpoint, so the run may already hold some of them: those steps
@@ -223,7 +224,8 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     evaluate_if_due(distiller.iteration)
     while distiller.iteration < iterations:
         t_iter = time.perf_counter()
-        m = distiller.step()
+        with autocast(device, precision):
+            m = distiller.step()
         it = distiller.iteration
         if it > logged["loss"]:
             log.metrics({**{k: v for k, v in m.items() if k != "expert"},
