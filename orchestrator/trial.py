@@ -224,8 +224,7 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     evaluate_if_due(distiller.iteration)
     while distiller.iteration < iterations:
         t_iter = time.perf_counter()
-        with autocast(device, precision):
-            m = distiller.step()
+        m = run_step(distiller, device, precision)
         it = distiller.iteration
         if it > logged["loss"]:
             log.metrics({**{k: v for k, v in m.items() if k != "expert"},
@@ -271,6 +270,12 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     log.flush()
     _report_with_checkpoint({**final, **_stats(last, "eval_"), "iteration": distiller.iteration}, distiller,
                             history, log, finish=True)
+
+
+def run_step(distiller, device: torch.device, precision: str) -> dict[str, float]:
+    """One distillation step in the spec's ``resources.precision`` (bf16: under torch.autocast)."""
+    with autocast(device, precision):
+        return distiller.step()
 
 
 def _last_step(log: RunLogger, key: str) -> int:
