@@ -315,10 +315,11 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
     extra = [(e, p) for e in sorted(entries, key=lambda e: e["file"]) for p in e.get("protocols", [])]
     if extra:
         lines += ["", "## The same sets under other evaluation protocols", "",
-                  "Evaluated again by `orchestrate evaluate FILE --dsa-strategy S` with the sweep's evaluation "
-                  "(networks, epochs, seeds) but DSA's families `S` (DC/DSA's authors drop `flip` for digits), "
-                  "next to a random real subset under the same protocol; written by `bench/fidelity.py "
-                  "--also-strategy S`.", "",
+                  "Evaluated again by `orchestrate evaluate FILE --dsa-strategy S [--epochs N]` with the sweep's "
+                  "evaluation (networks, seeds, and its epochs unless N is given) but DSA's families `S` (DC/DSA's "
+                  "authors drop `flip` for digits), next to a random real subset under the same protocol; 1000 "
+                  "epochs is the MTT, DC, DSA and DM authors' evaluation. Written by `bench/fidelity.py "
+                  "--also-strategy S [--also-epochs N]`.", "",
                   "| set | DSA strategy | networks x epochs | ours | random subset | gain |", "|---|---|---|---|---|---|"]
         for e, p in extra:
             gain = "-" if p["random_mean"] is None else f"{100 * (p['mean'] - p['random_mean']):+.1f}"
@@ -328,11 +329,13 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def also_evaluate(folder: Path, strategies: list[str], console, workers: int | None = None) -> list[dict[str, Any]]:
-    """Evaluate every published image set of ``folder`` again under each DSA strategy it has not
-    been evaluated with (``orchestrate evaluate``'s code: the sweep's networks, epochs and seeds,
-    the set and a random subset of its size), record it under the entry's ``protocols`` and
-    rewrite the index and the README. Sequence sets are left alone (no augmentation)."""
+def also_evaluate(folder: Path, strategies: list[str], console, workers: int | None = None,
+                  epochs: list[int | None] | None = None) -> list[dict[str, Any]]:
+    """Evaluate every published image set of ``folder`` again under each (DSA strategy, epochs) it
+    has not been evaluated with (``orchestrate evaluate``'s code: the sweep's networks and seeds,
+    its epochs where ``epochs`` holds None, the set and a random subset of its size), record it
+    under the entry's ``protocols`` and rewrite the index and the README. Sequence sets are left
+    alone (no augmentation)."""
     import json
 
     from orchestrator.evaluate import EvalOptions, EvaluateError, evaluate_file
@@ -346,15 +349,15 @@ def also_evaluate(folder: Path, strategies: list[str], console, workers: int | N
     for e in entries:
         if e["metric"] != "acc":
             continue
-        done = {p["dsa_strategy"] for p in e.get("protocols", [])}
-        for strategy in strategies:
-            if strategy in done:
+        spec = load_spec(REPO / e["spec"])
+        done = {(p["dsa_strategy"], p["epochs"]) for p in e.get("protocols", [])}
+        for strategy, n_epochs in ((s, n or spec.evaluation["epochs"]) for s in strategies for n in epochs or [None]):
+            if (strategy, n_epochs) in done:
                 continue
-            spec = load_spec(REPO / e["spec"])
             console.print(f"evaluating {e['file']} with DSA {strategy} ({spec.evaluation['networks']} networks x "
-                          f"{spec.evaluation['epochs']} epochs, and a random subset)")
+                          f"{n_epochs} epochs, and a random subset)")
             try:
-                report = evaluate_file(folder / e["file"], EvalOptions(dataset=e["dataset"], spec=spec,
+                report = evaluate_file(folder / e["file"], EvalOptions(dataset=e["dataset"], spec=spec, epochs=n_epochs,
                                                                        dsa_strategy=strategy, workers=workers))
             except EvaluateError as err:
                 raise ReportError(f"{folder / e['file']}: {err}") from None
@@ -561,12 +564,19 @@ def main() -> None:
                     help="with --publish: also evaluate each published image set with DSA's families S (e.g. "
                          "color_crop_cutout_scale_rotate, DC/DSA's digits protocol: no flip), the sweep's networks, "
                          "epochs and seeds, next to a random subset; recorded in index.json and the README")
+    ap.add_argument("--also-epochs", metavar="N", type=int, action="append", default=[],
+                    help="with --also-strategy: train N epochs instead of the sweep's (e.g. 1000, the MTT, DC, DSA "
+                         "and DM authors' evaluation); repeat for several")
     ap.add_argument("--workers", type=int, default=None, metavar="N",
                     help="networks at once for --also-strategy, as `orchestrate evaluate --workers` (1: one after "
                          "another here; default: auto)")
     args = ap.parse_args()
     if args.also_strategy and not args.publish:
         ap.error("--also-strategy evaluates the published sets: give --publish DIR")
+    if args.also_epochs and not args.also_strategy:
+        ap.error("--also-epochs sets the epochs of --also-strategy's evaluations: give --also-strategy S")
+    if any(n < 1 for n in args.also_epochs):
+        ap.error("--also-epochs must be >= 1")
     console = bench_console(170)
     load0 = os.getloadavg()
     if args.quick and args.specs:
@@ -608,7 +618,8 @@ def main() -> None:
             try:
                 publish(rows, ws, Path(args.publish), console)
                 if args.also_strategy:
-                    also_evaluate(Path(args.publish), args.also_strategy, console, args.workers)
+                    also_evaluate(Path(args.publish), args.also_strategy, console, args.workers,
+                                  args.also_epochs or None)
             except ReportError as e:
                 errors.append(str(e))
         for s, rc in launches.items():

@@ -181,5 +181,15 @@ def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp
     assert readme == fidelity.readme_text([out]) and "other evaluation protocols" in readme
     assert f"| digits-mtt-ipc1.safetensors | `{strategy}` | 2 x 20 | {100 * p['mean']:.1f} ± " in readme
 
+    # the same protocol with more epochs is another protocol: evaluated once more, recorded beside
+    [more] = fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120), epochs=[30])
+    assert [(q["dsa_strategy"], q["epochs"]) for q in more["protocols"]] == [(strategy, 20), (strategy, 30)]
+    longer = evaluate_set(spec.model, digits.info, x, y, 0.02, digits.x_test, digits.y_test,
+                          EvalConfig(networks=2, epochs=30, batch_size=spec.evaluation["batch_size"],
+                                     dsa_strategy=strategy), seed=p["seed"])
+    assert more["protocols"][1]["mean"] == pytest.approx(longer.mean, abs=1e-9)
+    assert f"| digits-mtt-ipc1.safetensors | `{strategy}` | 2 x 30 | " in (folder / "README.md").read_text()
+
     monkeypatch.setattr("orchestrator.evaluate.evaluate_file", lambda *a, **k: pytest.fail("evaluated twice"))
-    assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120)) == [out]
+    assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120)) == [more]
+    assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120), epochs=[30, None]) == [more]
