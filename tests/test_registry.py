@@ -264,3 +264,23 @@ def test_cross_architecture_evaluation_at_the_final_evaluation_only(contexts):
     with pytest.raises(SpecError, match=r"evaluation\.models: unknown model 'vit'"):
         validate(tiny_spec(evaluation={"models": ["vit"]}))
     assert validate(tiny_spec()).hash == validate(tiny_spec(evaluation={"models": []})).hash
+
+
+@pytest.mark.parametrize("name,kind", [c for c in _cases() if not methods.get(c.values[0]).baseline])
+def test_every_method_steps_under_bf16_autocast_and_keeps_its_set_in_its_dtype(contexts, name, kind):
+    """``resources.precision: bf16`` runs a trial's steps under torch.autocast: every learning
+    method's step still returns finite numbers and moves its set, whose tensors keep their dtype
+    (the set, its optimiser and the evaluation stay in full precision)."""
+    import math
+
+    from orchestrator.trial import run_step
+
+    ctx = contexts[kind]
+    point = _point(name, kind, ctx)
+    d = build_distiller(point, ctx, torch.device("cpu"), seed=3)
+    before = [t.clone() for t in _tensors(d.synthetic())]
+    metrics = run_step(d, torch.device("cpu"), "bf16")
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    after = _tensors(d.synthetic())
+    assert [t.dtype for t in after] == [t.dtype for t in before]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
