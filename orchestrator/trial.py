@@ -154,7 +154,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     log.params({"algorithm": point["algorithm"], "budget": point["budget"], "iterations": point["iterations"],
                 "dataset": spec["dataset"]["name"], **{f"hp.{k}": v for k, v in point["hp"].items()},
                 **{f"eval.{k}": v for k, v in spec["evaluation"].items() if k != "parallel"},  # scheduling only
-                **{f"model.{k}": v for k, v in spec["model"].items()}})
+                **{f"model.{k}": v for k, v in spec["model"].items()},
+                "precision": spec["resources"].get("precision", "fp32")})
     full = ctx.full_data
     common = {f"full_data_{k}_{s}": v[i] for k, v in full.items() for i, s in enumerate(("mean", "std"))}
     try:

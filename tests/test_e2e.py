@@ -176,7 +176,9 @@ def test_a_killed_trial_continues_from_its_checkpoint(tmp_path, ray_cluster):
 
 
 def test_mct_sweep_reads_the_compact_form_only(tmp_path, ray_cluster):
+    """(Its steps also run in bf16, ``resources.precision``, recorded as the run's ``precision``.)"""
     raw = {**TINY, "name": "tiny-mct",
+           "resources": {**TINY.get("resources", {}), "precision": "bf16"},
            "experts": {**TINY["experts"], "keep": ["convex"]},
            "algorithms": {"mct": {"budgets": [1], "iterations": 4,
                                   "hyperparameters": {"syn_steps": 3, "expert_epochs": 2.5, "max_start_epoch": 3.5,
@@ -191,6 +193,7 @@ def test_mct_sweep_reads_the_compact_form_only(tmp_path, ray_cluster):
     client, children = runs_of_experiment(root, "tiny-mct")
     mct = next(c for c in children if c.data.tags["algorithm"] == "mct")
     assert mct.info.status == "FINISHED" and mct.data.params["hp.grad_mode"] == "tesla"
+    assert mct.data.params["precision"] == "bf16"
     starts = [m.value for m in client.get_metric_history(mct.info.run_id, "start_epoch")]
     assert len(starts) == 4 and all(0 <= s < 3.5 for s in starts) and any(s != int(s) for s in starts)
     assert [a.path for a in client.list_artifacts(mct.info.run_id, "synthetic")] == [
