@@ -256,13 +256,19 @@ def set_name(row: dict[str, Any]) -> str:
     return f"{row['dataset']}-{row['method']}-{unit}{row['budget']}.safetensors"
 
 
+def chose_on_validation(row: dict[str, Any]) -> bool:
+    """Whether the published set of ``row`` is the one its trial chose on validation (sequence trials),
+    rather than its final set."""
+    return row.get("selected_iteration") is not None
+
+
 def index_entry(row: dict[str, Any], file: str, data: bytes) -> dict[str, Any]:
     """What the index (and the README table) records of one published set."""
     import hashlib
 
     m = row["metrics"][row["metric"]]
-    chosen = row.get("selected_iteration") is not None
-    # the published file's own evaluation: the set chosen on validation where the trial chose one, else the final
+    chosen = chose_on_validation(row)
+    # the published file's own evaluation: the chosen set's where there is one, else the final set's
     score = (m["selected_mean"], m["selected_std"], row["selected_iteration"]) if chosen else \
         (m["final_mean"], m["final_std"], row["iterations_done"])
     return {"file": file, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
@@ -409,8 +415,8 @@ def publish(rows: list[dict[str, Any]], ws, folder: Path, console) -> list[dict[
             console.print(f"not published: {r['dataset']} {r['method']} {r['budget']} is {r['status']}")
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            chosen = r.get("selected_iteration") is not None  # the set chosen on validation, else the final
-            local = client.download_artifacts(r["run_id"], SELECTED_ARTIFACT if chosen else SYNTHETIC_ARTIFACT, tmp)
+            artifact = SELECTED_ARTIFACT if chose_on_validation(r) else SYNTHETIC_ARTIFACT
+            local = client.download_artifacts(r["run_id"], artifact, tmp)
             read_synthetic(local)  # the export contract, checked before it is published
             data = Path(local).read_bytes()
         name = set_name(r)
