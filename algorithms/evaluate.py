@@ -2,7 +2,8 @@
 
 A fresh network is trained on the set with SGD (momentum 0.9, weight decay 5e-4), the step
 size being the learned ``syn_lr`` (or the experts' lr for real subsets), the step size
-divided by 10 after half of the epochs, and DSA on every batch; its final test accuracy is
+divided by 10 after half of the epochs, and DSA on every batch (or DC's own augmentation,
+``EvalConfig.dc_strategy``, the DC authors' evaluation of DC sets); its final test accuracy is
 reported. K networks with different seeds give mean and standard deviation.
 
 Every network trains with one torch thread (:data:`EVAL_THREADS`), whoever runs it: CPU kernels
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .augment import DEFAULT_STRATEGY, DSA, DSAConfig
+from .augment import DEFAULT_STRATEGY, DSA, DCAugConfig, DCAugment, DSAConfig
 from .networks import accuracy, seeded_network
 
 
@@ -38,6 +39,9 @@ class EvalConfig:
     dsa: bool = True
     # DSA's families while training on the set; DC/DSA's authors drop flip for digits (MNIST, SVHN)
     dsa_strategy: str = DEFAULT_STRATEGY
+    # DC's own per-image augmentation with these families instead of DSA (``dsa`` is then ignored):
+    # DC's authors evaluate DC sets on MNIST with crop_scale_rotate (:class:`augment.DCAugConfig`)
+    dc_strategy: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +66,8 @@ def train_on_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, 
     """Train one fresh network on (images, labels) and return its final test accuracy."""
     net = seeded_network(model, info.channels, info.num_classes, info.size, seed).to(device)
     gen = torch.Generator().manual_seed(seed + 104729)
-    dsa = DSA(DSAConfig(strategy=cfg.dsa_strategy)) if cfg.dsa else None
+    augment = DCAugment(DCAugConfig(strategy=cfg.dc_strategy)) if cfg.dc_strategy else \
+        DSA(DSAConfig(strategy=cfg.dsa_strategy)) if cfg.dsa else None
     opt = torch.optim.SGD(net.parameters(), lr=float(lr), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     images, labels = images.detach().to(device), labels.to(device)
     decay_at = cfg.epochs // 2 + 1
@@ -75,8 +80,8 @@ def train_on_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, 
         for i in range(0, len(images), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             xb = images[idx]
-            if dsa is not None:
-                xb = dsa(xb, gen)
+            if augment is not None:
+                xb = augment(xb, gen)
             loss = F.cross_entropy(net(xb), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

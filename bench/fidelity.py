@@ -326,16 +326,39 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
         lines += ["", "## The same sets under other evaluation protocols", "",
                   "Evaluated again by `orchestrate evaluate FILE --dsa-strategy S [--epochs N]` with the sweep's "
                   "evaluation (networks, seeds, and its epochs unless N is given) but DSA's families `S` (DC/DSA's "
-                  "authors drop `flip` for digits), next to a random real subset under the same protocol; 1000 "
-                  "epochs is the MTT, DC, DSA and DM authors' evaluation. Written by `bench/fidelity.py "
-                  "--also-strategy S [--also-epochs N]`.", "",
-                  "| set | DSA strategy | networks x epochs | ours | random subset | gain |", "|---|---|---|---|---|---|"]
+                  "authors drop `flip` for digits), or with `--aug dc --dc-strategy S`: DC's own per-image "
+                  "augmentation, under which DC's authors evaluate DC sets (`crop_scale_rotate` on MNIST); next "
+                  "to a random real subset under the same protocol. 1000 epochs is the MTT, DC, DSA and DM "
+                  "authors' evaluation. Written by `bench/fidelity.py --also-strategy [dc:]S [--also-epochs N]`.",
+                  "",
+                  "| set | augmentation | networks x epochs | ours | random subset | gain |", "|---|---|---|---|---|---|"]
         for e, p in extra:
             gain = "-" if p["random_mean"] is None else f"{100 * (p['mean'] - p['random_mean']):+.1f}"
-            lines.append(f"| {e['file']} | `{p['dsa_strategy']}` | {p['networks']} x {p['epochs']} "
+            aug, families, _ = protocol_key(p)
+            lines.append(f"| {e['file']} | {aug.upper()} `{families}` | {p['networks']} x {p['epochs']} "
                          f"| {_pm(p['mean'], p['std'], 100.0)} | {_pm(p['random_mean'], p['random_std'], 100.0)} "
                          f"| {gain} |")
     return "\n".join(lines) + "\n"
+
+
+def parse_augmentation(text: str) -> tuple[str, str]:
+    """``--also-strategy``'s value as (augmentation, families): DSA's families as they are, or
+    ``dc:FAMILIES`` for DC's own per-image augmentation (``dc:crop_scale_rotate``: how DC's authors
+    evaluate DC sets on MNIST)."""
+    from algorithms.augment import check_dc_strategy, check_strategy
+
+    aug, families = text.split(":", 1) if ":" in text else ("dsa", text)
+    problem = check_dc_strategy(families) if aug == "dc" else \
+        check_strategy(families) if aug == "dsa" else "the prefix must be dc: (DC's augmentation) or none (DSA's)"
+    if problem:
+        raise ReportError(f"--also-strategy {text}: {problem}")
+    return aug, families
+
+
+def protocol_key(p: dict[str, Any]) -> tuple[str, str, int]:
+    """(augmentation, families, epochs) of a recorded protocol; entries from before DC's augmentation are DSA's."""
+    aug = p.get("aug", "dsa")
+    return aug, p["dc_strategy"] if aug == "dc" else p["dsa_strategy"], p["epochs"]
 
 
 def also_evaluate(folder: Path, strategies: list[str], console, workers: int | None = None,
@@ -359,22 +382,26 @@ def also_evaluate(folder: Path, strategies: list[str], console, workers: int | N
         if e["metric"] != "acc":
             continue
         spec = load_spec(REPO / e["spec"])
-        done = {(p["dsa_strategy"], p["epochs"]) for p in e.get("protocols", [])}
+        done = {protocol_key(p) for p in e.get("protocols", [])}
         for strategy, n_epochs in ((s, n or spec.evaluation["epochs"]) for s in strategies for n in epochs or [None]):
-            if (strategy, n_epochs) in done:
+            aug, families = parse_augmentation(strategy)
+            if (aug, families, n_epochs) in done:
                 continue
-            console.print(f"evaluating {e['file']} with DSA {strategy} ({spec.evaluation['networks']} networks x "
-                          f"{n_epochs} epochs, and a random subset)")
+            console.print(f"evaluating {e['file']} with {aug.upper()} {families} ({spec.evaluation['networks']} "
+                          f"networks x {n_epochs} epochs, and a random subset)")
+            families_opt = {"dc_strategy": families} if aug == "dc" else {"dsa_strategy": families}
             try:
                 report = evaluate_file(folder / e["file"], EvalOptions(dataset=e["dataset"], spec=spec, epochs=n_epochs,
-                                                                       dsa_strategy=strategy, workers=workers))
+                                                                       aug=aug, workers=workers, **families_opt))
             except EvaluateError as err:
                 raise ReportError(f"{folder / e['file']}: {err}") from None
             first = report["rows"][0]["model"]
             rows = {r["trained_on"]: r for r in report["rows"] if r["model"] == first}
             syn, rnd = rows["synthetic"], rows.get("random") or {}
             e.setdefault("protocols", []).append({
-                "dsa_strategy": strategy, "networks": report["protocol"]["networks"],
+                **({"aug": "dc", "dc_strategy": families, "dsa_strategy": None} if aug == "dc" else
+                   {"dsa_strategy": families}),
+                "networks": report["protocol"]["networks"],
                 "epochs": report["protocol"]["epochs"], "seed": report["protocol"]["seed"],
                 "mean": syn["acc_mean"], "std": syn["acc_std"],
                 "random_mean": rnd.get("acc_mean"), "random_std": rnd.get("acc_std")})
@@ -571,8 +598,10 @@ def main() -> None:
                          "index.json and README.md table")
     ap.add_argument("--also-strategy", metavar="S", action="append", default=[],
                     help="with --publish: also evaluate each published image set with DSA's families S (e.g. "
-                         "color_crop_cutout_scale_rotate, DC/DSA's digits protocol: no flip), the sweep's networks, "
-                         "epochs and seeds, next to a random subset; recorded in index.json and the README")
+                         "color_crop_cutout_scale_rotate, DC/DSA's digits protocol: no flip), or with DC's own "
+                         "augmentation if S is dc:FAMILIES (dc:crop_scale_rotate, how DC's authors evaluate DC "
+                         "sets on MNIST), the sweep's networks, epochs and seeds, next to a random subset; recorded "
+                         "in index.json and the README")
     ap.add_argument("--also-epochs", metavar="N", type=int, action="append", default=[],
                     help="with --also-strategy: train N epochs instead of the sweep's (e.g. 1000, the MTT, DC, DSA "
                          "and DM authors' evaluation); repeat for several")
@@ -580,6 +609,11 @@ def main() -> None:
                     help="networks at once for --also-strategy, as `orchestrate evaluate --workers` (1: one after "
                          "another here; default: auto)")
     args = ap.parse_args()
+    for text in args.also_strategy:  # a bad value is refused before anything is published
+        try:
+            parse_augmentation(text)
+        except ReportError as e:
+            ap.error(str(e))
     if args.also_strategy and not args.publish:
         ap.error("--also-strategy evaluates the published sets: give --publish DIR")
     if args.also_epochs and not args.also_strategy:

@@ -51,11 +51,15 @@ def _workers(ctx, param, value):
               help="Fresh networks per model (default: the spec's evaluation.networks, else 5).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Training epochs (default: the spec's evaluation.epochs, else 300).")
-@click.option("--aug", type=click.Choice(["dsa", "none"]), default=None,
-              help="Augmentation while training on the set (default: dsa, or the spec's evaluation.dsa).")
+@click.option("--aug", type=click.Choice(["dsa", "dc", "none"]), default=None,
+              help="Augmentation while training on the set: DSA's, DC's own per-image one (how DC's authors "
+                   "evaluate DC sets), or none (default: the spec's evaluation, else dsa).")
 @click.option("--dsa-strategy", default=None, metavar="FAMILIES",
               help="DSA's families with --aug dsa, e.g. color_crop_cutout_scale_rotate (DC/DSA's choice for digits: "
                    "no flip); default: the spec's evaluation.dsa_strategy, else color_crop_cutout_flip_scale_rotate.")
+@click.option("--dc-strategy", default=None, metavar="FAMILIES",
+              help="DC's families with --aug dc, of crop, scale, rotate, noise; default: the spec's "
+                   "evaluation.dc_strategy, else crop_scale_rotate (DC's authors' choice for MNIST).")
 @click.option("--lr", type=float, default=None, callback=_positive_lr,
               help="Step size to train on the set with (default: the file's lr; sequences: the spec's evaluation.lr).")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
@@ -75,8 +79,8 @@ def _workers(ctx, param, value):
 @uri_option
 @storage_option
 @_ctrl_c("run the command again")
-def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug, dsa_strategy, lr, seed, fmt,
-             log_run, workers, address, root, tracking_uri, storage):
+def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug, dsa_strategy, dc_strategy, lr, seed,
+             fmt, log_run, workers, address, root, tracking_uri, storage):
     """Evaluate the synthetic set FILE (safetensors, the export format) on its own: K fresh networks
     per model trained on it, next to a random real subset of the same size under the same protocol
     and seeds, and the full-data accuracy of the spec's stored experts. Exit 2 when the file does
@@ -107,7 +111,7 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
                       Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser().resolve())
         trajectories = _storage.join(store_root, "trajectories")
     opts = ev.EvalOptions(dataset=dataset, data_root=data_root, spec=spec, models=models, networks=networks,
-                          epochs=epochs, aug=aug, dsa_strategy=dsa_strategy, lr=lr, seed=seed,
+                          epochs=epochs, aug=aug, dsa_strategy=dsa_strategy, dc_strategy=dc_strategy, lr=lr, seed=seed,
                           trajectories=trajectories, workers=workers,
                           address=address)
     say = (lambda line: click.echo(line, err=True))
@@ -122,6 +126,7 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
                   "models": ",".join(report["models"]), "networks": report["protocol"]["networks"],
                   "epochs": report["protocol"]["epochs"], "aug": report["protocol"].get("aug", "none"),
                   "dsa_strategy": report["protocol"].get("dsa_strategy"),
+                  "dc_strategy": report["protocol"].get("dc_strategy"),
                   "lr": report["lr"]["set"], "random_lr": report["lr"]["random"], "seed": report["protocol"]["seed"],
                   "batch_size": report["protocol"]["batch_size"],
                   **{f"model.{name}": json.dumps(m, sort_keys=True) for name, m in report["models"].items()}}

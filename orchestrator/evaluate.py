@@ -53,8 +53,9 @@ class EvalOptions:
     models: str | None = None  # "convnet,convnetD2"
     networks: int | None = None
     epochs: int | None = None
-    aug: str | None = None  # dsa | none
+    aug: str | None = None  # dsa | dc | none
     dsa_strategy: str | None = None  # DSA's families (default: the spec's evaluation.dsa_strategy)
+    dc_strategy: str | None = None  # DC's families with aug dc (default: the spec's, else crop_scale_rotate)
     lr: float | None = None
     seed: int | None = None
     trajectories: Any = None  # the trajectory store's root (Path or URI) to look for the spec's experts
@@ -246,6 +247,9 @@ def table(report: dict[str, Any]):
     return t
 
 
+AUG_TEXT = {"dsa": "DSA ({0})", "dc": "DC's augmentation ({1})", "none": "no augmentation"}
+
+
 def notes(report: dict[str, Any]) -> list[str]:
     """The lines printed under the table: where the models, the lr, the baseline and full data come from."""
     lr, rs, p = report["lr"], report["random_subset"], report["protocol"]
@@ -253,7 +257,7 @@ def notes(report: dict[str, Any]) -> list[str]:
     if report["kind"] == "images":
         out = [(f"protocol: {p['networks']} fresh network{'s' * (p['networks'] != 1)} per row, "
                 f"{p['epochs']} epochs, {p['optimizer']}, "
-                f"{'DSA (' + p.get('dsa_strategy', '') + ')' if p['aug'] == 'dsa' else 'no augmentation'}, "
+                f"{AUG_TEXT[p['aug']].format(p.get('dsa_strategy'), p.get('dc_strategy'))}, "
                 f"batch {p['batch_size']}, {seeds}")]
         for k, v in report["models"].items():
             where = report["model_from"] if k == "convnet" else "convnet with one setting changed"

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from algorithms.augment import check_strategy
+from algorithms.augment import DC_MNIST_STRATEGY, check_dc_strategy, check_strategy
 from algorithms.evaluate import EVAL_THREADS, EvalConfig, network_job, random_subset_like
 from algorithms.networks import MODELS, build_network
 
@@ -183,8 +183,8 @@ def _set_lr(sf: SetFile, given: float | None) -> tuple[float, str]:
 
 def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> dict[str, Any]:
     spec = opts.spec
-    if opts.aug not in (None, "dsa", "none"):
-        raise EvaluateError(f"--aug {opts.aug}: must be dsa or none")
+    if opts.aug not in (None, "dsa", "dc", "none"):
+        raise EvaluateError(f"--aug {opts.aug}: must be dsa, dc or none")
     lr, lr_from = _set_lr(sf, opts.lr)
     try:
         recorded = file_model(sf.meta, sf.path)
@@ -220,13 +220,16 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
     ev = spec.evaluation if spec is not None else {k: v[1] for k, v in SCHEMA["evaluation"].items()}
     networks = opts.networks or (ev["networks"] if spec is not None else 5)
     epochs = opts.epochs or ev["epochs"]
-    aug = opts.aug or ("dsa" if ev["dsa"] else "none")
+    aug = opts.aug or ("dc" if ev.get("dc_strategy") else "dsa" if ev["dsa"] else "none")
     strategy = opts.dsa_strategy or ev["dsa_strategy"]
     if problem := check_strategy(strategy):
         raise EvaluateError(f"--dsa-strategy {strategy}: {problem}")
+    dc_strategy = (opts.dc_strategy or ev.get("dc_strategy") or DC_MNIST_STRATEGY) if aug == "dc" else None
+    if dc_strategy is not None and (problem := check_dc_strategy(dc_strategy)):
+        raise EvaluateError(f"--dc-strategy {dc_strategy}: {problem}")
     seed = opts.seed if opts.seed is not None else eval_seed({"seed": spec.seed if spec else 0})
     cfg = EvalConfig(networks=networks, epochs=epochs, batch_size=ev["batch_size"], dsa=aug == "dsa",
-                     dsa_strategy=strategy)
+                     dsa_strategy=strategy, dc_strategy=dc_strategy)
     seeds = list(range(seed, seed + networks))
 
     counts = torch.bincount(labels, minlength=info.num_classes).tolist()
@@ -298,7 +301,7 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
     return {**_report_head(sf, name, spec), "kind": "images", "size": len(labels), "per_class": counts,
             "metrics": ["acc"], "models": {label: model for label, model in models}, "model_from": base_from,
             "protocol": {"networks": networks, "epochs": epochs, "batch_size": cfg.batch_size, "aug": aug,
-                         "dsa_strategy": strategy,
+                         "dsa_strategy": strategy, "dc_strategy": dc_strategy,
                          "seed": seed, "seeds": seeds, "optimizer": SGD, "device": str(device),
                          "threads_per_network": EVAL_THREADS, "runner": runner.how},
             "lr": {"set": lr, "set_from": lr_from, "random": random_lr, "random_from": random_lr_from},

@@ -100,6 +100,8 @@ class Spec:
                         part.pop(k)
         if d["resources"].get("precision") == "fp32":  # added later: the default keeps the hash
             d["resources"].pop("precision")
+        if d["evaluation"].get("dc_strategy") is None:  # added later: the default keeps the hash
+            d["evaluation"].pop("dc_strategy", None)
         if not d["dataset"].get("zca"):
             d["dataset"].pop("zca", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import difflib
 
-from algorithms.augment import DEFAULT_STRATEGY, check_strategy
+from algorithms.augment import DEFAULT_STRATEGY, check_dc_strategy, check_strategy
 
 from . import methods
 from .tasks import TASKS as _TASKS
@@ -105,6 +105,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                    "batch_size": (int, 256, _pos), "dsa": (bool, True, None),
                    # DSA's families in the evaluation (DC/DSA drop flip for digits: color_crop_cutout_scale_rotate)
                    "dsa_strategy": (str, DEFAULT_STRATEGY, check_strategy),
+                   # DC's own per-image augmentation with these families instead of DSA's (null: DSA's, as
+                   # `dsa` says): DC's authors evaluate DC sets on MNIST with crop_scale_rotate
+                   "dc_strategy": ((str, type(None)), None, lambda v: None if v is None else check_dc_strategy(v)),
                    # cross-architecture: the final evaluation also trains these (acc_mean/<name> in MLflow)
                    "models": (list, [], lambda v: _eval_models(v)),
                    # the networks of one evaluation as Ray tasks on free resources (the same numbers)

@@ -155,7 +155,7 @@ class ImageClassification(Task):
 
         ev = spec["evaluation"]
         cfg = EvalConfig(networks=ev["networks"], epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"],
-                         dsa_strategy=ev["dsa_strategy"])
+                         dsa_strategy=ev["dsa_strategy"], dc_strategy=ev.get("dc_strategy"))
         run = None  # one network after another, in this process
         if ev.get("parallel", True):  # inside Ray (a Tune trial): the networks also on free CPUs/GPUs
             from .parallel import RayRunner

@@ -151,3 +151,67 @@ def test_a_bad_strategy_names_the_field():
 
     with pytest.raises(ValueError, match=r"dsa_strategy.*mirror"):
         MTTConfig(ipc=1, dsa_strategy="crop_mirror")
+
+
+# -- DC's own evaluation augmentation (utils.augment of DC's authors) ---------------------------------
+def _family_of(x: torch.Tensor, out: torch.Tensor) -> str | None:
+    """Which of DC's transformations of one image (c, h, w) gives ``out``, searched over every value
+    the transformation can take and computed as DC's authors do, or None. ``x`` is one image of a
+    batch whose channel means were ``_MEAN`` (set by the caller)."""
+    import torch.nn.functional as F
+    from scipy.ndimage import rotate
+
+    c, h, w = x.shape
+    padded = _MEAN.view(c, 1, 1).repeat(1, h + 8, w + 8)
+    padded[:, 4:4 + h, 4:4 + w] = x
+    if any(torch.equal(out, padded[:, r:r + h, q:q + w]) for r in range(8) for q in range(8)):
+        return "crop"
+    for sh in range(int(0.8 * h), int(1.2 * h) + 1):
+        for sw in range(int(0.8 * h), int(1.2 * h) + 1):
+            small = F.interpolate(x[None], [sh, sw])[0]
+            m = max(sh, sw, h, w)
+            canvas = torch.zeros(c, m, m)
+            canvas[:, (m - sh) // 2:(m - sh) // 2 + sh, (m - sw) // 2:(m - sw) // 2 + sw] = small
+            if torch.equal(out, canvas[:, (m - h) // 2:(m - h) // 2 + h, (m - w) // 2:(m - w) // 2 + w]):
+                return "scale"
+    for angle in range(-45, 45):
+        turned = torch.from_numpy(rotate(x.numpy(), angle=angle, axes=(-2, -1), cval=float(_MEAN.mean())))
+        r, q = (turned.shape[-2] - h) // 2, (turned.shape[-1] - w) // 2
+        if torch.allclose(out, turned[:, r:r + h, q:q + w].float(), atol=1e-5):
+            return "rotate"
+    return None
+
+
+_MEAN = torch.zeros(1)
+
+
+def test_dc_augmentation_is_one_of_the_authors_transformations_per_image():
+    """Every image is exactly one of DC's crop (shift in [-4, 3] filled with the batch's channel
+    mean), scale (nearest resize of height and width by 0.8-1.2, centred on zeros) or rotation
+    (scipy, whole degrees in [-45, 44], filled with the mean), each drawn about a third of the time;
+    the input is left alone and the same generator gives the same batch."""
+    from algorithms.augment import DCAugment
+
+    global _MEAN
+    torch.manual_seed(0)
+    x = torch.rand(45, 1, 12, 12) * torch.linspace(0.5, 2, 45).view(-1, 1, 1, 1)
+    before = x.clone()
+    out = DCAugment()(x, torch.Generator().manual_seed(3))
+    assert torch.equal(x, before)
+    assert torch.equal(out, DCAugment()(x, torch.Generator().manual_seed(3)))
+    _MEAN = x.mean(dim=(0, 2, 3))
+    families = Counter(_family_of(x[i], out[i]) for i in range(len(x)))
+    assert None not in families, families
+    assert set(families) == {"crop", "scale", "rotate"} and min(families.values()) >= 8, families
+
+
+def test_dc_noise_and_strategy_errors():
+    from algorithms.augment import DCAugConfig, DCAugment, check_dc_strategy
+
+    x = torch.randn(64, 3, 8, 8)
+    noisy = DCAugment(DCAugConfig(strategy="noise"))(x, torch.Generator().manual_seed(0))
+    assert abs(float((noisy - x).std()) - 0.001) < 1e-4
+    assert check_dc_strategy("crop_scale_rotate") is None and check_dc_strategy("crop_noise") is None
+    assert "flip" in check_dc_strategy("crop_flip") and check_dc_strategy(3) is not None
+    with pytest.raises(ValueError, match="color"):
+        DCAugment(DCAugConfig(strategy="color"))

@@ -179,7 +179,7 @@ def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp
     assert json.loads((folder / "index.json").read_text()) == [out]
     readme = (folder / "README.md").read_text()
     assert readme == fidelity.readme_text([out]) and "other evaluation protocols" in readme
-    assert f"| digits-mtt-ipc1.safetensors | `{strategy}` | 2 x 20 | {100 * p['mean']:.1f} ± " in readme
+    assert f"| digits-mtt-ipc1.safetensors | DSA `{strategy}` | 2 x 20 | {100 * p['mean']:.1f} ± " in readme
 
     # the same protocol with more epochs is another protocol: evaluated once more, recorded beside
     [more] = fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120), epochs=[30])
@@ -188,7 +188,20 @@ def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp
                           EvalConfig(networks=2, epochs=30, batch_size=spec.evaluation["batch_size"],
                                      dsa_strategy=strategy), seed=p["seed"])
     assert more["protocols"][1]["mean"] == pytest.approx(longer.mean, abs=1e-9)
-    assert f"| digits-mtt-ipc1.safetensors | `{strategy}` | 2 x 30 | " in (folder / "README.md").read_text()
+    assert f"| digits-mtt-ipc1.safetensors | DSA `{strategy}` | 2 x 30 | " in (folder / "README.md").read_text()
+
+    # DC's own augmentation (dc:FAMILIES), how DC's authors evaluate DC sets: one more protocol
+    [dc] = fidelity.also_evaluate(folder, ["dc:crop_scale_rotate"], fidelity.bench_console(120))
+    q = dc["protocols"][2]
+    assert (q["aug"], q["dc_strategy"], q["epochs"]) == ("dc", "crop_scale_rotate", 20)
+    dc_direct = evaluate_set(spec.model, digits.info, x, y, 0.02, digits.x_test, digits.y_test,
+                             EvalConfig(networks=2, epochs=20, batch_size=spec.evaluation["batch_size"],
+                                        dc_strategy="crop_scale_rotate"), seed=p["seed"])
+    assert q["mean"] == pytest.approx(dc_direct.mean, abs=1e-9) and dc_direct.accs != direct.accs
+    assert "| digits-mtt-ipc1.safetensors | DC `crop_scale_rotate` | 2 x 20 | " in (folder / "README.md").read_text()
+    with pytest.raises(fidelity.ReportError, match="dc:crop_color.*color"):
+        fidelity.also_evaluate(folder, ["dc:crop_color"], fidelity.bench_console(120))
+    more = dc
 
     monkeypatch.setattr("orchestrator.evaluate.evaluate_file", lambda *a, **k: pytest.fail("evaluated twice"))
     assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120)) == [more]

@@ -115,6 +115,48 @@ def test_dsa_strategy_option_and_spec_key(set_file, digits, write_spec, tmp_path
     assert res.exit_code == 2 and "--dsa-strategy crop_mirror" in res.output and "mirror" in res.output
 
 
+def test_dc_augmentation_option_and_spec_key(set_file, digits, write_spec, tmp_path):
+    """--aug dc trains on the set with DC's own per-image augmentation (how DC's authors evaluate DC
+    sets; crop_scale_rotate unless --dc-strategy or the spec's evaluation.dc_strategy says otherwise):
+    the numbers of evaluate_set with EvalConfig.dc_strategy, other than DSA's."""
+    tensors, _ = read_synthetic(set_file)
+    args = (SMALL, digits.info, tensors["images"], tensors["labels"], float(tensors["lr"]), digits.x_test, digits.y_test)
+    direct = {s: evaluate_set(*args, EvalConfig(networks=2, epochs=3, dc_strategy=s), seed=17).accs
+              for s in ("crop_scale_rotate", "rotate")}
+    assert direct["crop_scale_rotate"] != evaluate_set(*args, EvalConfig(networks=2, epochs=3), seed=17).accs
+    rep = report_of(evaluate(set_file, *FAST, "--aug", "dc", "--format", "json"))
+    assert rep["protocol"]["aug"] == "dc" and rep["protocol"]["dc_strategy"] == "crop_scale_rotate"
+    assert rep["rows"][0]["acc"] == direct["crop_scale_rotate"]
+    assert "DC's augmentation (crop_scale_rotate)" in evaluate(set_file, *FAST, "--aug", "dc").output
+    rep = report_of(evaluate(set_file, *FAST, "--aug", "dc", "--dc-strategy", "rotate", "--format", "json"))
+    assert rep["rows"][0]["acc"] == direct["rotate"]
+    spec = write_spec(tiny_spec(evaluation={"dc_strategy": "rotate"}))  # the spec's key selects DC's augmentation
+    rep = report_of(evaluate(set_file, *FAST, "--spec", spec, "--root", tmp_path / "runs", "--seed", "17",
+                             "--format", "json"))
+    assert rep["protocol"]["aug"] == "dc" and rep["rows"][0]["acc"] == direct["rotate"]
+    res = evaluate(set_file, *FAST, "--aug", "dc", "--dc-strategy", "crop_color")
+    assert res.exit_code == 2 and "--dc-strategy crop_color" in res.output and "color" in res.output
+
+
+def test_a_sweeps_evaluation_follows_the_specs_dc_strategy(digits):
+    """The trials' evaluation (the image task) trains with DC's augmentation when the spec's
+    evaluation.dc_strategy names one: the same numbers as evaluate_set with it."""
+    from orchestrator.spec import eval_seed, validate
+    from orchestrator.tasks import ImageClassification
+
+    spec = validate(tiny_spec(evaluation={"dc_strategy": "crop_scale_rotate", "networks": 2, "epochs": 3,
+                                          "parallel": False}, model=SMALL)).to_dict()
+    syn = real_set(digits)
+    got = ImageClassification().evaluate(spec, digits, syn, torch.device("cpu"))["acc"]
+    want = evaluate_set(SMALL, digits.info, syn.images, syn.labels, syn.lr, digits.x_test, digits.y_test,
+                        EvalConfig(networks=2, epochs=3, batch_size=spec["evaluation"]["batch_size"],
+                                   dc_strategy="crop_scale_rotate"), seed=eval_seed(spec))
+    assert got == (want.mean, want.std)
+    dsa = evaluate_set(SMALL, digits.info, syn.images, syn.labels, syn.lr, digits.x_test, digits.y_test,
+                       EvalConfig(networks=2, epochs=3), seed=eval_seed(spec))
+    assert dsa.accs != want.accs
+
+
 def test_several_models(set_file):
     rep = report_of(evaluate(set_file, "--networks", "1", "--epochs", "1", "--models", "convnet,ConvNetW4,convnetNN",
                              "--format", "json"))

@@ -467,6 +467,17 @@ def test_evaluation_dsa_strategy_is_checked_and_only_a_non_default_changes_the_h
                                 "'crop_mirror'; known: ('color', 'crop', 'cutout', 'flip', 'scale', 'rotate')"]
 
 
+def test_evaluation_dc_strategy_is_checked_and_only_a_non_default_changes_the_hash():
+    default = validate(BASE)
+    assert default.evaluation["dc_strategy"] is None  # DSA's augmentation, as before
+    assert validate(with_change("evaluation.dc_strategy", None)).hash == default.hash
+    assert validate(with_change("evaluation.dc_strategy", "crop_scale_rotate")).hash != default.hash
+    with pytest.raises(SpecError) as e:
+        validate(with_change("evaluation.dc_strategy", "crop_color"), "s.yaml")
+    assert e.value.problems == ["s.yaml: evaluation.dc_strategy: unknown DC augmentation families ['color'] in "
+                                "'crop_color'; known: ('crop', 'scale', 'rotate', 'noise')"]
+
+
 @pytest.mark.parametrize("path", ["experts.dsa_strategy", "algorithms.mtt.hyperparameters.dsa_strategy"])
 def test_training_dsa_strategy_default_keeps_the_hash_and_the_experts_store_key(path):
     """Experts and distillers augment with a spec's strategy (DC/DSA's no-flip one for digits); the
