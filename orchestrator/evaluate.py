@@ -247,7 +247,12 @@ def table(report: dict[str, Any]):
     return t
 
 
-AUG_TEXT = {"dsa": "DSA ({0})", "dc": "DC's augmentation ({1})", "none": "no augmentation"}
+def _aug_text(p: dict[str, Any]) -> str:
+    """The augmentation of an image protocol, in words."""
+    aug = p["aug"]
+    if aug == "dc":
+        return f"DC's augmentation ({p.get('dc_strategy')})"
+    return f"DSA ({p.get('dsa_strategy')})" if aug == "dsa" else "no augmentation"
 
 
 def notes(report: dict[str, Any]) -> list[str]:
@@ -257,7 +262,7 @@ def notes(report: dict[str, Any]) -> list[str]:
     if report["kind"] == "images":
         out = [(f"protocol: {p['networks']} fresh network{'s' * (p['networks'] != 1)} per row, "
                 f"{p['epochs']} epochs, {p['optimizer']}, "
-                f"{AUG_TEXT[p['aug']].format(p.get('dsa_strategy'), p.get('dc_strategy'))}, "
+                f"{_aug_text(p)}, "
                 f"batch {p['batch_size']}, {seeds}")]
         for k, v in report["models"].items():
             where = report["model_from"] if k == "convnet" else "convnet with one setting changed"
