@@ -36,22 +36,31 @@ class DSAConfig:
     rotate: float = 15.0  # degrees
 
     def families(self) -> tuple[str, ...]:
-        fams = tuple(f for f in self.strategy.split("_") if f)
-        bad = [f for f in fams if f not in FAMILIES]
-        if bad or not fams:
-            raise ValueError(f"unknown DSA families {bad} in strategy {self.strategy!r}; known: {FAMILIES}")
-        return fams
+        return _families(self.strategy, FAMILIES, "DSA")
+
+
+def _families(strategy: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """The families of ``strategy`` (joined by ``_``); ValueError naming the unknown ones."""
+    fams = tuple(f for f in strategy.split("_") if f)
+    bad = [f for f in fams if f not in known]
+    if bad or not fams:
+        raise ValueError(f"unknown {what} families {bad} in strategy {strategy!r}; known: {known}")
+    return fams
+
+
+def _strategy_problem(v, config: type, what: str, example: str) -> str | None:
+    if not isinstance(v, str):
+        return f"must be a string of {what} families joined by '_', e.g. {example}"
+    try:
+        config(strategy=v).families()
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def check_strategy(v) -> str | None:
     """The problem with a strategy string (families joined by ``_``), or None."""
-    if not isinstance(v, str):
-        return f"must be a string of DSA families joined by '_', e.g. {DEFAULT_STRATEGY}"
-    try:
-        DSAConfig(strategy=v).families()
-    except ValueError as e:
-        return str(e)
-    return None
+    return _strategy_problem(v, DSAConfig, "DSA", DEFAULT_STRATEGY)
 
 
 @dataclass
@@ -201,22 +210,12 @@ class DCAugConfig:
     noise: float = 0.001
 
     def families(self) -> tuple[str, ...]:
-        fams = tuple(f for f in self.strategy.split("_") if f)
-        bad = [f for f in fams if f not in DC_FAMILIES]
-        if bad or not fams:
-            raise ValueError(f"unknown DC augmentation families {bad} in {self.strategy!r}; known: {DC_FAMILIES}")
-        return fams
+        return _families(self.strategy, DC_FAMILIES, "DC augmentation")
 
 
 def check_dc_strategy(v) -> str | None:
     """The problem with a DC augmentation strategy (families joined by ``_``), or None."""
-    if not isinstance(v, str):
-        return f"must be a string of DC augmentation families joined by '_', e.g. {DC_MNIST_STRATEGY}"
-    try:
-        DCAugConfig(strategy=v).families()
-    except ValueError as e:
-        return str(e)
-    return None
+    return _strategy_problem(v, DCAugConfig, "DC augmentation", DC_MNIST_STRATEGY)
 
 
 class DCAugment:

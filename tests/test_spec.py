@@ -475,7 +475,7 @@ def test_evaluation_dc_strategy_is_checked_and_only_a_non_default_changes_the_ha
     with pytest.raises(SpecError) as e:
         validate(with_change("evaluation.dc_strategy", "crop_color"), "s.yaml")
     assert e.value.problems == ["s.yaml: evaluation.dc_strategy: unknown DC augmentation families ['color'] in "
-                                "'crop_color'; known: ('crop', 'scale', 'rotate', 'noise')"]
+                                "strategy 'crop_color'; known: ('crop', 'scale', 'rotate', 'noise')"]
 
 
 @pytest.mark.parametrize("path", ["experts.dsa_strategy", "algorithms.mtt.hyperparameters.dsa_strategy"])
