@@ -365,8 +365,8 @@ def protocol_key(p: dict[str, Any]) -> tuple[str, str, int]:
 
 
 def also_evaluate(folder: Path, strategies: list[str], console, workers: int | None = None,
-                  epochs: list[int | None] | None = None) -> list[dict[str, Any]]:
-    """Evaluate every published image set of ``folder`` again under each (DSA strategy, epochs) it
+                  epochs: list[int | None] | None = None, methods: list[str] | None = None) -> list[dict[str, Any]]:
+    """Evaluate every published image set of ``folder`` (of ``methods``, when given) again under each (DSA strategy, epochs) it
     has not been evaluated with (``orchestrate evaluate``'s code: the sweep's networks and seeds,
     its epochs where ``epochs`` holds None, the set and a random subset of its size), record it
     under the entry's ``protocols`` and rewrite the index and the README. Sequence sets are left
@@ -382,7 +382,7 @@ def also_evaluate(folder: Path, strategies: list[str], console, workers: int | N
         raise ReportError(f"{folder}: no {INDEX}: nothing is published to evaluate again")
     entries = json.loads(index_path.read_text())
     for e in entries:
-        if e["metric"] != "acc":
+        if e["metric"] != "acc" or (methods and e["method"] not in methods):
             continue
         spec = load_spec(REPO / e["spec"])
         done = {protocol_key(p) for p in e.get("protocols", [])}
@@ -608,6 +608,9 @@ def main() -> None:
     ap.add_argument("--also-epochs", metavar="N", type=int, action="append", default=[],
                     help="with --also-strategy: train N epochs instead of the sweep's (e.g. 1000, the MTT, DC, DSA "
                          "and DM authors' evaluation); repeat for several")
+    ap.add_argument("--also-method", metavar="M", action="append", default=[],
+                    help="with --also-strategy: only the published sets of method M (e.g. dc with "
+                         "dc:crop_scale_rotate, DC's own protocol); repeat for several; default: every set")
     ap.add_argument("--workers", type=int, default=None, metavar="N",
                     help="networks at once for --also-strategy, as `orchestrate evaluate --workers` (1: one after "
                          "another here; default: auto)")
@@ -619,6 +622,8 @@ def main() -> None:
             ap.error(str(e))
     if args.also_strategy and not args.publish:
         ap.error("--also-strategy evaluates the published sets: give --publish DIR")
+    if args.also_method and not args.also_strategy:
+        ap.error("--also-method chooses the sets of --also-strategy's evaluations: give --also-strategy S")
     if args.also_epochs and not args.also_strategy:
         ap.error("--also-epochs sets the epochs of --also-strategy's evaluations: give --also-strategy S")
     if any(n < 1 for n in args.also_epochs):
@@ -665,7 +670,7 @@ def main() -> None:
                 publish(rows, ws, Path(args.publish), console)
                 if args.also_strategy:
                     also_evaluate(Path(args.publish), args.also_strategy, console, args.workers,
-                                  args.also_epochs or None)
+                                  args.also_epochs or None, args.also_method or None)
             except ReportError as e:
                 errors.append(str(e))
         for s, rc in launches.items():

@@ -190,8 +190,12 @@ def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp
     assert more["protocols"][1]["mean"] == pytest.approx(longer.mean, abs=1e-9)
     assert f"| digits-mtt-ipc1.safetensors | DSA `{strategy}` | 2 x 30 | " in (folder / "README.md").read_text()
 
-    # DC's own augmentation (dc:FAMILIES), how DC's authors evaluate DC sets: one more protocol
-    [dc] = fidelity.also_evaluate(folder, ["dc:crop_scale_rotate"], fidelity.bench_console(120))
+    # DC's own augmentation (dc:FAMILIES), how DC's authors evaluate DC sets: one more protocol, for the
+    # methods asked for only
+    untouched = json.loads((folder / "index.json").read_text())
+    assert fidelity.also_evaluate(folder, ["dc:crop_scale_rotate"], fidelity.bench_console(120),
+                                  methods=["dc"]) == untouched
+    [dc] = fidelity.also_evaluate(folder, ["dc:crop_scale_rotate"], fidelity.bench_console(120), methods=["mtt"])
     q = dc["protocols"][2]
     assert (q["aug"], q["dc_strategy"], q["epochs"]) == ("dc", "crop_scale_rotate", 20)
     dc_direct = evaluate_set(spec.model, digits.info, x, y, 0.02, digits.x_test, digits.y_test,
