@@ -46,6 +46,14 @@ class EvalConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_section(cls, ev: dict, **changes) -> EvalConfig:
+        """The protocol of a spec's ``evaluation`` section (networks, epochs, batch size and the
+        augmentation), with ``changes`` on top."""
+        return cls(**{"networks": ev["networks"], "epochs": ev["epochs"], "batch_size": ev["batch_size"],
+                      "dsa": ev["dsa"], "dsa_strategy": ev["dsa_strategy"], "dc_strategy": ev.get("dc_strategy"),
+                      **changes})
+
 
 @dataclass
 class EvalResult:

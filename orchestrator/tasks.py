@@ -154,8 +154,7 @@ class ImageClassification(Task):
         from .spec import eval_seed
 
         ev = spec["evaluation"]
-        cfg = EvalConfig(networks=ev["networks"], epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"],
-                         dsa_strategy=ev["dsa_strategy"], dc_strategy=ev.get("dc_strategy"))
+        cfg = EvalConfig.from_section(ev)
         run = None  # one network after another, in this process
         if ev.get("parallel", True):  # inside Ray (a Tune trial): the networks also on free CPUs/GPUs
             from .parallel import RayRunner

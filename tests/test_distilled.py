@@ -81,8 +81,7 @@ def independent_job(entry: dict, folder):
         from orchestrator.datasets import load_dataset
 
         data = load_dataset(entry["dataset"], None if entry["dataset"] == "digits" else str(real_data(entry["dataset"])))
-        cfg = EvalConfig(networks=1, epochs=ev["epochs"], batch_size=ev["batch_size"], dsa=ev["dsa"],
-                         dsa_strategy=ev["dsa_strategy"])
+        cfg = EvalConfig.from_section(ev, networks=1)
         return network_job(spec.model, data.info, tensors["images"], tensors["labels"], float(tensors["lr"]),
                            data.x_test, data.y_test, cfg, seed=INDEPENDENT_SEED)
     import dataclasses
