@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import glob
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -265,15 +266,29 @@ def chose_on_validation(row: dict[str, Any]) -> bool:
     return row.get("selected_iteration") is not None
 
 
-def index_entry(row: dict[str, Any], file: str, data: bytes) -> dict[str, Any]:
-    """What the index (and the README table) records of one published set."""
+def index_entry(row: dict[str, Any], file: str, data: bytes, meta: dict[str, str] | None = None) -> dict[str, Any]:
+    """What the index (and the README table) records of one published set. ``meta``: the file's
+    metadata, which scores the set of a trial still running (its latest evaluation)."""
     import hashlib
+
+    from orchestrator.artifacts import set_evaluation
 
     m = row["metrics"][row["metric"]]
     chosen = chose_on_validation(row)
-    # the published file's own evaluation: the chosen set's where there is one, else the final set's
-    score = (m["selected_mean"], m["selected_std"], row["selected_iteration"]) if chosen else \
-        (m["final_mean"], m["final_std"], row["iterations_done"])
+    unfinished = row["status"] != "FINISHED"
+    # the published file's own evaluation: the chosen set's where there is one, else the final set's, else
+    # (a trial still running) the latest evaluation's, which the file carries
+    if chosen:
+        score = (m["selected_mean"], m["selected_std"], row["selected_iteration"])
+    elif unfinished:
+        own = set_evaluation(meta or {}).get(row["metric"])
+        if own is None:
+            raise ReportError(f"{row['dataset']} {row['method']} {row['budget']} (run {row['run_id']}): its latest set "
+                              f"carries no evaluation (written before sets carried one); let the trial reach its "
+                              f"next evaluation, or finish")
+        score = (own[0], own[1], int(json.loads(meta["iteration"])))
+    else:
+        score = (m["final_mean"], m["final_std"], row["iterations_done"])
     return {"file": file, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "set_mean": score[0], "set_std": score[1], "set_iteration": score[2],
             "selected_by": row.get("selected_by") if chosen else None,
@@ -281,8 +296,10 @@ def index_entry(row: dict[str, Any], file: str, data: bytes) -> dict[str, Any]:
             "higher_is_better": row["higher_is_better"],
             "final_mean": m["final_mean"], "final_std": m["final_std"], "best_mean": m["best_mean"],
             "best_iteration": m["best_iteration"], "random_mean": m["random_mean"], "random_std": m["random_std"],
-            "pct_of_full": _pct(score[0], m["full_data_mean"], row["higher_is_better"]) if chosen else m["pct_of_full"],
-            "iterations": row["iterations_done"],
+            "pct_of_full": _pct(score[0], m["full_data_mean"], row["higher_is_better"])
+            if chosen or unfinished else m["pct_of_full"],
+            "iterations": row["iterations_done"], "iterations_planned": row.get("iterations_planned"),
+            "status": row["status"],
             "published": row["published"], "spec": row["spec"], "spec_hash": row.get("spec_hash"),
             "git_commit": row.get("git_commit"), "run_id": row["run_id"], "sweep": row["sweep"]}
 
@@ -298,7 +315,9 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
              "validation split); sequence sets are the evaluation that scored best on the validation split",
              "(each user's second-to-last item; PTB's valid text), chosen without the test data, whose test",
              "numbers the table gives (`orchestrate export --selected`). `best (iter)` is the best test",
-             "number over the periodic evaluations, as MTT reports it, for comparison only.",
+             "number over the periodic evaluations, as MTT reports it, for comparison only. A trial still",
+             "running when its set was published (`--unfinished`) shows `N of M (running)` iterations and the",
+             "set of its latest evaluation (`latest`; `orchestrate export --latest`), with that evaluation's numbers.",
              "`tests/test_distilled.py` checks every file against this",
              "table and evaluates the sets again independently. Written by",
              "`python bench/fidelity.py --root ROOT --publish distilled/` from the sweeps in ROOT; the folder",
@@ -318,9 +337,12 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
             pub = f"{v[0]:g}-{v[1]:g}% of full" if isinstance(v, list) else f"{v:g}"
             pub += ("" if p["kind"] == "published" else f" ({p['method'].upper()}, to reach)") + f", {p['source']}"
         pct = "-" if e["pct_of_full"] is None else f"{e['pct_of_full']:.0f}%"
-        which = f"{e['set_iteration']}" + (f", by {e['selected_by']}" if e["selected_by"] else ", final")
+        running = e.get("status", "FINISHED") != "FINISHED"
+        which = f"{e['set_iteration']}" + (f", by {e['selected_by']}" if e["selected_by"] else
+                                           ", latest" if running else ", final")
+        iters = f"{e['iterations']} of {e['iterations_planned']} ({e['status'].lower()})" if running else e["iterations"]
         lines.append(f"| [{e['file']}]({e['file']}) ({e['bytes'] / 1024:.0f} KB) | {e['dataset']} | {e['method']} "
-                     f"| {e['budget']} | {e['iterations']} | {label} {_pm(e['set_mean'], e['set_std'], scale)} ({which}) "
+                     f"| {e['budget']} | {iters} | {label} {_pm(e['set_mean'], e['set_std'], scale)} ({which}) "
                      f"| {_pm(e['final_mean'], e['final_std'], scale)} "
                      f"| {best} | {_pm(e['random_mean'], e['random_std'], scale)} | {pct} | {pub} "
                      f"| `{e['spec']}` | {(e['git_commit'] or 'unknown')[:10]} |")
@@ -371,8 +393,6 @@ def also_evaluate(folder: Path, strategies: list[str], console, workers: int | N
     its epochs where ``epochs`` holds None, the set and a random subset of its size), record it
     under the entry's ``protocols`` and rewrite the index and the README. Sequence sets are left
     alone (no augmentation)."""
-    import json
-
     from orchestrator.evaluate import EvalOptions, EvaluateError, evaluate_file
     from orchestrator.spec import load_spec
     from orchestrator.store import atomic_write_bytes
@@ -422,17 +442,18 @@ def check_size(folder: Path, index: dict[str, dict], new: dict[str, int]) -> int
     return total
 
 
-def publish(rows: list[dict[str, Any]], ws, folder: Path, console) -> list[dict[str, Any]]:
+def publish(rows: list[dict[str, Any]], ws, folder: Path, console, unfinished: bool = False) -> list[dict[str, Any]]:
     """Export the synthetic set of every finished row into ``folder`` (atomic writes), record it in
     ``index.json`` (a set already there is replaced) and rewrite ``README.md``. Rows still running
-    or failed are skipped and said so; a folder that would exceed 5 MB is refused before writing."""
-    import json
-
+    or cut off are skipped and said so, or with ``unfinished`` published by the set of their latest
+    evaluation (the index and the README say which iteration of how many); a folder that would
+    exceed 5 MB is refused before writing."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from orchestrator.artifacts import read_synthetic
     from orchestrator.store import atomic_write_bytes
-    from orchestrator.trial import SELECTED_ARTIFACT, SYNTHETIC_ARTIFACT
+    from orchestrator.trial import set_artifact
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per set is enough
     folder.mkdir(parents=True, exist_ok=True)
@@ -441,16 +462,23 @@ def publish(rows: list[dict[str, Any]], ws, folder: Path, console) -> list[dict[
     client = MlflowClient(ws.tracking_uri)
     new: dict[str, tuple[bytes, dict]] = {}
     for r in rows:
-        if r["status"] != "FINISHED":
-            console.print(f"not published: {r['dataset']} {r['method']} {r['budget']} is {r['status']}")
+        finished = r["status"] == "FINISHED"
+        if not finished and not unfinished:
+            console.print(f"not published: {r['dataset']} {r['method']} {r['budget']} is {r['status']} (--unfinished "
+                          f"publishes the set of its latest evaluation)")
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            artifact = SELECTED_ARTIFACT if chose_on_validation(r) else SYNTHETIC_ARTIFACT
-            local = client.download_artifacts(r["run_id"], artifact, tmp)
-            read_synthetic(local)  # the export contract, checked before it is published
+            artifact = set_artifact(finished, chose_on_validation(r))
+            try:
+                local = client.download_artifacts(r["run_id"], artifact, tmp)
+            except MlflowException as e:  # a running trial that has not been evaluated since it logs the set
+                console.print(f"not published: {r['dataset']} {r['method']} {r['budget']} ({r['status']}) has no "
+                              f"{artifact} yet: {e.message}")
+                continue
+            _, meta = read_synthetic(local)  # the export contract, checked before it is published
             data = Path(local).read_bytes()
         name = set_name(r)
-        new[name] = (data, index_entry(r, name, data))
+        new[name] = (data, index_entry(r, name, data, meta))
     check_size(folder, index, {name: len(d) for name, (d, _) in new.items()})
     for name, (data, entry) in new.items():
         atomic_write_bytes(folder / name, data, replace=True)
@@ -599,6 +627,9 @@ def main() -> None:
     ap.add_argument("--publish", metavar="DIR", default=None,
                     help="export the set of every finished row into DIR (e.g. distilled/) and rewrite its "
                          "index.json and README.md table")
+    ap.add_argument("--unfinished", action="store_true",
+                    help="with --publish: also publish the rows still running or cut off, by the set of their latest "
+                         "evaluation (marked `N of M (running)` in the README); a later --publish replaces it")
     ap.add_argument("--also-strategy", metavar="S", action="append", default=[],
                     help="with --publish: also evaluate each published image set with DSA's families S (e.g. "
                          "color_crop_cutout_scale_rotate, DC/DSA's digits protocol: no flip), or with DC's own "
@@ -622,6 +653,8 @@ def main() -> None:
             ap.error(str(e))
     if args.also_strategy and not args.publish:
         ap.error("--also-strategy evaluates the published sets: give --publish DIR")
+    if args.unfinished and not args.publish:
+        ap.error("--unfinished chooses the rows --publish exports: give --publish DIR")
     if args.also_method and not args.also_strategy:
         ap.error("--also-method chooses the sets of --also-strategy's evaluations: give --also-strategy S")
     if args.also_epochs and not args.also_strategy:
@@ -667,7 +700,7 @@ def main() -> None:
             print_report(console, rows, sweeps, root)
         if args.publish:
             try:
-                publish(rows, ws, Path(args.publish), console)
+                publish(rows, ws, Path(args.publish), console, args.unfinished)
                 if args.also_strategy:
                     also_evaluate(Path(args.publish), args.also_strategy, console, args.workers,
                                   args.also_epochs or None, args.also_method or None)

@@ -105,6 +105,16 @@ def save_sequences(path: str | Path, syn, data, algorithm: str, extra: dict[str,
     return Path(path), text
 
 
+def set_evaluation(meta: dict[str, str]) -> dict[str, list[float]]:
+    """The evaluation a set file carries (metric -> [mean, std] over the trial's evaluation networks at
+    the set's iteration); {} for a file written before sets carried it, or made outside a trial."""
+    try:
+        value = json.loads(meta.get("evaluation", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return {k: [float(v[0]), float(v[1])] for k, v in value.items()} if isinstance(value, dict) else {}
+
+
 def read_synthetic(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read and check a synthetic-set file (images, or sequences: Farzi's ``F``/``M`` or real
     ``sequences``); raises ValueError naming the file and the field."""

@@ -130,18 +130,25 @@ def _export_target_problem(path: Path, force: bool) -> str | None:
 @click.option("--selected", is_flag=True,
               help="The set of the evaluation that scored best on the validation split (sequence trials) instead of "
                    "the final one.")
+@click.option("--latest", is_flag=True,
+              help="The set of the trial's latest evaluation: of a trial still running or cut off, the one it was "
+                   "last evaluated at; of a finished trial, its final set.")
 @root_option
 @uri_option
-def export(run_id, output, force, selected, root, tracking_uri):
+def export(run_id, output, force, selected, latest, root, tracking_uri):
     """Write the synthetic set of trial RUN_ID to a safetensors file (a new one unless --force):
-    its final set, or with --selected the one chosen on the validation split."""
+    its final set, with --selected the one chosen on the validation split, or with --latest the
+    one of its latest evaluation (a trial still running). The file's metadata carries the set's
+    iteration and its evaluation."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from .artifacts import read_synthetic
+    from .artifacts import read_synthetic, set_evaluation
     from .store import atomic_write_bytes
-    from .trial import SELECTED_ARTIFACT, SYNTHETIC_ARTIFACT
+    from .trial import set_artifact
 
+    if selected and latest:
+        _fail("--selected and --latest name different sets: give one of them")
     to_stdout = output == "-"
     if to_stdout and sys.stdout.isatty():
         _fail("-o - writes binary safetensors to stdout, which is a terminal here: redirect it (> set.safetensors) "
@@ -151,12 +158,20 @@ def export(run_id, output, force, selected, root, tracking_uri):
         _fail(problem)
     ws = workspace(root, tracking_uri)
     client = MlflowClient(ws.tracking_uri)
+    finished = True
+    if latest:
+        try:
+            finished = client.get_run(run_id).info.status == "FINISHED"
+        except MlflowException as e:
+            _fail(f"run {run_id} is not in {ws.tracking_uri}: {e.message}", 1)
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = SELECTED_ARTIFACT if selected else SYNTHETIC_ARTIFACT
+        artifact = set_artifact(finished, selected)
         try:
             local = client.download_artifacts(run_id, artifact, tmp)
         except MlflowException as e:
-            why = " (only sequence trials choose a set on a validation split)" if selected else ""
+            why = (" (only sequence trials choose a set on a validation split)" if selected else
+                   " (a trial logs it at each periodic evaluation: none has happened yet, or the trial predates it)"
+                   if not finished else "")
             _fail(f"run {run_id} has no synthetic set ({artifact}) in {ws.tracking_uri}{why}: {e.message}", 1)
         try:
             tensors, meta = read_synthetic(local)
@@ -180,5 +195,6 @@ def export(run_id, output, force, selected, root, tracking_uri):
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items() if v.ndim)
     lr = f", lr {float(tensors['lr']):.5g}" if "lr" in tensors else ""
     click.echo(f"wrote {'stdout' if to_stdout else output}: {shapes}{lr}, dataset {meta['dataset']}, "
-               f"algorithm {meta['algorithm']}" + (f", iteration {meta['iteration']}" if "iteration" in meta else ""),
+               f"algorithm {meta['algorithm']}" + (f", iteration {meta['iteration']}" if "iteration" in meta else "")
+               + "".join(f", {k} {v[0]:.4g} ± {v[1]:.2g}" for k, v in set_evaluation(meta).items()),
                err=to_stdout)

@@ -30,6 +30,15 @@ SYNTHETIC_ARTIFACT = "synthetic/synthetic.safetensors"
 # the set of the evaluation that scored best on the task's validation split (``Task.selection``;
 # sequences), written when an evaluation improves on it: the one a trial stands behind
 SELECTED_ARTIFACT = "synthetic_selected/synthetic.safetensors"
+# the set of the trial's latest periodic evaluation, rewritten at each one: what a trial that is still
+# running (or was cut off) can be exported and published by; a finished trial's latest set is its final one
+LATEST_ARTIFACT = "synthetic_latest/synthetic.safetensors"
+
+
+def set_artifact(finished: bool, selected: bool = False) -> str:
+    """Which logged set stands for a trial: the one chosen on validation (``selected``), else the
+    final set of a finished trial, else the set of its latest evaluation."""
+    return SELECTED_ARTIFACT if selected else SYNTHETIC_ARTIFACT if finished else LATEST_ARTIFACT
 
 
 @dataclass
@@ -109,9 +118,12 @@ def primary_metric(ctx: TrialContext) -> tuple[str, bool]:
 
 
 def _log_outputs(log: RunLogger, ctx: TrialContext, syn, algorithm: str, point: dict, iteration: int,
-                 artifact: str = SYNTHETIC_ARTIFACT) -> None:
+                 evaluation: dict, artifact: str = SYNTHETIC_ARTIFACT) -> None:
+    """Export ``syn`` (the set of ``iteration``) as the run's ``artifact``; the file carries its own
+    ``evaluation`` (metric -> [mean, std] over the evaluation networks) in its metadata."""
     extra = {"budget": point["budget"], "iteration": iteration, "spec_hash": ctx.spec_hash,
-             "store_key": ctx.store_key, "run_id": log.run_id}
+             "store_key": ctx.store_key, "run_id": log.run_id,
+             "evaluation": {k: [float(v[0]), float(v[1])] for k, v in evaluation.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         for f in ctx.task.export(Path(tmp), syn, ctx.data, algorithm, extra, ctx.spec["model"]):
             log.artifact(f, artifact.rpartition("/")[0])
@@ -220,7 +232,9 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
                 value, best = evals[selection[0]][0], history.get("selected")
                 if best is None or (value > best[1] if selection[1] else value < best[1]):
                     history["selected"] = [it, value]
-                    _log_outputs(log, ctx, syn, point["algorithm"], point, it, SELECTED_ARTIFACT)
+                    _log_outputs(log, ctx, syn, point["algorithm"], point, it, evals, SELECTED_ARTIFACT)
+            if it < iterations:
+                _log_outputs(log, ctx, syn, point["algorithm"], point, it, evals, LATEST_ARTIFACT)
 
     evaluate_if_due(distiller.iteration)
     while distiller.iteration < iterations:
@@ -267,7 +281,7 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
                   "orchestrate.selected": f"{SELECTED_ARTIFACT} is the set of iteration {history['selected'][0]}, "
                                           f"the best {selection[0]} over the evaluations; <metric>_selected_* are its "
                                           f"test metrics"})
-    _log_outputs(log, ctx, syn, point["algorithm"], point, it_final)
+    _log_outputs(log, ctx, syn, point["algorithm"], point, it_final, last)
     log.flush()
     _report_with_checkpoint({**final, **_stats(last, "eval_"), "iteration": distiller.iteration}, distiller,
                             history, log, finish=True)

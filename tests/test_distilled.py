@@ -209,3 +209,87 @@ def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp
     monkeypatch.setattr("orchestrator.evaluate.evaluate_file", lambda *a, **k: pytest.fail("evaluated twice"))
     assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120)) == [more]
     assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120), epochs=[30, None]) == [more]
+
+
+def test_a_running_trial_is_exported_and_published_by_its_latest_evaluated_set(tmp_path):
+    """`orchestrate export --latest` writes a running trial's latest evaluated set (a finished one's
+    final set); --publish skips a trial still running, --unfinished publishes that set, scored by the
+    evaluation it carries, marked `N of M (running)`; once the trial has finished, publishing again
+    replaces it by the final set."""
+    import torch
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+
+    from orchestrator.cli import main
+
+    from algorithms.base import SyntheticSet
+    from orchestrator.artifacts import save_synthetic
+    from orchestrator.datasets import dataset_info
+    from orchestrator.tracking import workspace
+    from orchestrator.trial import LATEST_ARTIFACT, SYNTHETIC_ARTIFACT
+
+    ws = workspace(tmp_path / "root")
+    client = MlflowClient(ws.tracking_uri)
+    exp = client.create_experiment("pub", artifact_location=(tmp_path / "root" / "artifacts").as_uri())
+    run = client.create_run(exp).info.run_id
+    info = dataset_info("digits")
+
+    def log(artifact: str, iteration: int, acc: list[float], fill: float):
+        syn = SyntheticSet(torch.full((10, 1, 8, 8), fill), torch.arange(10), 0.01)
+        f = save_synthetic(tmp_path / "synthetic.safetensors", syn, info, "dm",
+                           {"iteration": iteration, "evaluation": {"acc": acc}})
+        client.log_artifact(run, str(f), artifact.rpartition("/")[0])
+        return f.read_bytes()
+
+    latest = log(LATEST_ARTIFACT, 500, [0.8969, 0.0039], 0.5)
+
+    def export(*args):
+        out = tmp_path / "export.safetensors"
+        res = CliRunner().invoke(main, ["export", run, "-o", str(out), "--force", "--root", str(tmp_path / "root"),
+                                        *args])
+        return res, out.read_bytes() if res.exit_code == 0 else None
+
+    res, data = export("--latest")
+    assert res.exit_code == 0 and data == latest, res.output
+    assert "iteration 500, acc 0.8969 ± 0.0039" in res.output
+    res, _ = export()  # no final set before the trial ends
+    assert res.exit_code == 1 and "synthetic/synthetic.safetensors" in res.output
+    res, _ = export("--latest", "--selected")
+    assert res.exit_code == 2 and "give one of them" in res.output
+    history = {"sec_per_iter": [(i, 5.0) for i in range(1, 511)], "eval/acc_mean": [(0, 0.661), (250, 0.897)],
+               "eval/acc_std": [(0, 0.008), (250, 0.004)]}  # metrics buffered until the next checkpoint
+    row = {"run_id": run, "sweep": "s1", "algorithm": "dm", "dataset": "digits", "budget": 1, "iterations": 5000,
+           "status": "RUNNING", "random_acc_mean": 0.66, "random_acc_std": 0.01}
+    rows = fidelity.report_rows([row], {run: history}, {run: (0, None)}, 1000, spec="s.yaml")
+    folder = tmp_path / "distilled"
+    console = fidelity.bench_console(120)
+    assert fidelity.publish(rows, ws, folder, console) == []  # a running trial is not published by default
+    [e] = fidelity.publish(rows, ws, folder, console, unfinished=True)
+    assert (folder / e["file"]).read_bytes() == latest
+    assert (e["set_mean"], e["set_std"], e["set_iteration"]) == (0.8969, 0.0039, 500)
+    assert (e["iterations"], e["iterations_planned"], e["status"], e["final_mean"]) == (510, 5000, "RUNNING", None)
+    line = next(x for x in (folder / "README.md").read_text().splitlines() if x.startswith("| [digits-dm"))
+    assert "| 510 of 5000 (running) | acc 89.7 ± 0.4 (500, latest) |" in line, line
+
+    final = log(SYNTHETIC_ARTIFACT, 5000, [0.91, 0.002], 0.7)
+    client.set_terminated(run, "FINISHED")
+    assert export("--latest")[1] == final  # a finished trial's latest set is its final one
+    done = {**row, "status": "FINISHED", "acc_mean": 0.91, "acc_std": 0.002}
+    history["eval/acc_mean"].append((5000, 0.91))
+    history["eval/acc_std"].append((5000, 0.002))
+    history["sec_per_iter"] = [(i, 5.0) for i in range(1, 5001)]
+    rows = fidelity.report_rows([done], {run: history}, {run: (0, 1)}, 1000, spec="s.yaml")
+    [e] = fidelity.publish(rows, ws, folder, console, unfinished=True)
+    assert (folder / e["file"]).read_bytes() == final
+    assert (e["set_mean"], e["set_iteration"], e["status"]) == (0.91, 5000, "FINISHED")
+    assert "| 5000 | acc 91.0 ± 0.2 (5000, final) |" in (folder / "README.md").read_text()
+
+    # a set written before sets carried their evaluation cannot be scored: refused, naming the run
+    run2 = client.create_run(exp).info.run_id
+    (tmp_path / "old").mkdir()
+    old = save_synthetic(tmp_path / "old" / "synthetic.safetensors",
+                         SyntheticSet(torch.zeros(10, 1, 8, 8), torch.arange(10), 0.01), info, "dm", {"iteration": 250})
+    client.log_artifact(run2, str(old), LATEST_ARTIFACT.rpartition("/")[0])
+    rows = fidelity.report_rows([{**row, "run_id": run2}], {run2: history}, {run2: (0, None)}, 1000)
+    with pytest.raises(fidelity.ReportError, match=f"run {run2}.*carries no evaluation"):
+        fidelity.publish(rows, ws, folder, console, unfinished=True)

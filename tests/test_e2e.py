@@ -17,6 +17,7 @@ from orchestrator.datasets import dataset_info
 from orchestrator.progress import Progress
 from orchestrator.spec import validate
 from orchestrator.sweep import launch
+from orchestrator.trial import LATEST_ARTIFACT, SYNTHETIC_ARTIFACT
 from orchestrator.tracking import workspace
 
 from .conftest import TINY
@@ -40,7 +41,7 @@ def runs_of(root, role):
     return client, client.search_runs([exp.experiment_id], filter_string=f"tags.`orchestrate.role` = '{role}'")
 
 
-def test_launch_logs_one_parent_and_one_child_per_trial(tiny):
+def test_launch_logs_one_parent_and_one_child_per_trial(tiny, tmp_path):
     spec, root, first = tiny
     assert first.exit_code == 0, first.output
     assert "orchestrate ui" in first.output and "mlflow.db" in first.output
@@ -66,6 +67,13 @@ def test_launch_logs_one_parent_and_one_child_per_trial(tiny):
     assert sorted(m.step for m in loss) == [1, 2, 3, 4, 5, 6]
     evals = client.get_metric_history(mtt.info.run_id, "eval/acc_mean")
     assert sorted(m.step for m in evals) == [0, 3, 6]
+    # each set carries its own evaluation; the latest periodic one (3) stays logged beside the final (6)
+    stds = {m.step: m.value for m in client.get_metric_history(mtt.info.run_id, "eval/acc_std")}
+    for artifact, step in ((SYNTHETIC_ARTIFACT, 6), (LATEST_ARTIFACT, 3)):
+        _, meta = read_synthetic(client.download_artifacts(mtt.info.run_id, artifact, str(tmp_path)))
+        assert json.loads(meta["iteration"]) == step
+        mean = next(m.value for m in evals if m.step == step)
+        assert json.loads(meta["evaluation"])["acc"] == pytest.approx([mean, stds[step]], abs=1e-9)
     assert "acc_best_over_evals_mean" in mtt.data.metrics and "final_syn_lr" in mtt.data.metrics
 
 
