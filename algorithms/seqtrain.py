@@ -129,12 +129,12 @@ def recommendation_metrics(model: CausalTransformer, flat: torch.Tensor, task: S
                                                                                  device=dev)).cpu())
         if task.pad_id is not None:
             scores[:, task.pad_id] = -math.inf
-        tgt = task.test_targets[i : i + batch_size].to(dev)
+        tgt = task.test_targets[i : i + batch_size]  # on the task's device (the CPU), as test_seen
         if mask_seen and task.test_seen is not None:
             for r, seen in enumerate(task.test_seen[i : i + batch_size]):
                 seen = seen[seen != tgt[r]]  # never mask the target itself
                 scores[r, seen.to(dev)] = -math.inf
-        ranks.append(rank_of_targets(scores, tgt).cpu())
+        ranks.append(rank_of_targets(scores, tgt.to(dev)).cpu())
     hr, ndcg = hr_ndcg(torch.cat(ranks), task.k)
     out = {"hr10": hr, "ndcg10": ndcg}
     if sampled:

@@ -36,6 +36,7 @@ import torch
 from common import bench_console, bench_parser, machine_info, print_load, quick_defaults, write_results
 from rich.table import Table
 
+from orchestrator.methods import trial_seed
 from orchestrator.progress import Progress
 from orchestrator.spec import load_spec, validate
 from orchestrator.sweep import launch, load_data, ray_session, train_experts
@@ -67,7 +68,7 @@ def trial_work(spec, ctx: TrialContext, point: dict, iterations: int, evaluation
     """Seconds of one trial's computation, without Ray or MLflow."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    d = build_distiller(point, ctx, torch.device("cpu"), seed=spec.seed * 7919 + point["budget"])
+    d = build_distiller(point, ctx, torch.device("cpu"), seed=trial_seed(ctx.spec, point))
     for _ in range(iterations):
         d.step()
     for _ in range(evaluations):

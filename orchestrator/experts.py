@@ -12,7 +12,6 @@ import math
 import statistics
 from dataclasses import dataclass
 
-import ray
 import torch
 
 from algorithms.mct import ConvexTrajectory
@@ -75,16 +74,25 @@ def write_forms(index: int, checkpoints, manifest, paths: dict[str, str], convex
     return out
 
 
-def _train_one(data, model: dict, training: dict, seed: int, index: int, paths: dict[str, str],
-               convex_opts: dict, meta: dict, threads: int) -> dict[str, ExpertRecord]:
-    torch.set_num_threads(max(1, threads))
-    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+def train_and_write(data, model: dict, training: dict, seed: int, index: int, paths: dict[str, str],
+                    convex_opts: dict, meta: dict, device: str, **where) -> dict[str, ExpertRecord]:
+    """Train expert ``index`` (seed ``seed``) on ``device`` and write it in every form of ``paths``;
+    ``where`` adds to its stored metadata (the Ray node)."""
     task = task_for(meta["dataset"]["name"])
     checkpoints, manifest = task.train_expert(data, model, training, seed, device)
     meta = {**meta, **task.expert_meta(data, model)}
     return write_forms(index, checkpoints, manifest, paths, convex_opts,
-                       {**meta, "seed": seed, "expert_index": index, "device": device,
-                        "node_id": ray.get_runtime_context().get_node_id()})
+                       {**meta, "seed": seed, "expert_index": index, "device": str(device), **where})
+
+
+def _train_one(data, model: dict, training: dict, seed: int, index: int, paths: dict[str, str],
+               convex_opts: dict, meta: dict, threads: int) -> dict[str, ExpertRecord]:
+    import ray
+
+    torch.set_num_threads(max(1, threads))
+    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    return train_and_write(data, model, training, seed, index, paths, convex_opts, meta, device,
+                           node_id=ray.get_runtime_context().get_node_id())
 
 
 def _derive_convex(path_full: str, path: str, convex_opts: dict, index: int, meta: dict) -> ExpertRecord:
@@ -127,6 +135,8 @@ def ensure_experts(spec: Spec, data, store: TrajectoryStore, progress: Progress 
                 records[form][i] = _derive_convex(records["full"][i].path, str(store.expert_path(key, name, i, form)),
                                                   convex_opts, i, meta)
     if todo:
+        import ray
+
         gpus = ray.cluster_resources().get("GPU", 0)
         cpus = spec.resources["cpus_per_expert"]
         opts = {"num_gpus": 1, "num_cpus": 1} if gpus >= 1 else {"num_cpus": cpus}

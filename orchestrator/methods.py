@@ -125,6 +125,21 @@ class Method(ABC):
         """The distiller of one trial."""
 
 
+def trial_seed(spec: dict[str, Any], point: dict[str, Any]) -> int:
+    """The seed of a trial point's distiller (its initial set, its sampling)."""
+    return spec["seed"] * 7919 + point["budget"]
+
+
+def build_point(point: dict[str, Any], spec: dict[str, Any], data: Any, task: Any,
+                expert_files: dict[str, list[str]], device: torch.device, seed: int | None = None) -> Distiller:
+    """The distiller of one trial point (``Spec.trial_points``) of ``spec`` (``Spec.to_dict()``),
+    built by its method from the registry: what a sweep's trial runs, and ``bench/direct.py``."""
+    return get(point["algorithm"]).build(BuildContext(
+        budget=point["budget"], hp=dict(point["hp"]), iterations=point["iterations"], data=data, task=task,
+        model=spec["model"], spec=spec, expert_files=expert_files, device=device,
+        seed=trial_seed(spec, point) if seed is None else seed))
+
+
 def bounds(v: Any) -> list[float]:
     """The extreme values a hyperparameter can take in a spec (a value, a grid, a distribution);
     malformed parts, which the validator reports, are skipped."""

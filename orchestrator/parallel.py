@@ -130,11 +130,13 @@ class RayRunner:
         self.stats: dict[str, int] = {}
 
     def __call__(self, jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None) -> list:
-        import ray
-
+        try:
+            import ray
+        except ImportError:  # the components without Ray (bench/direct.py on a bare GPU machine)
+            ray = None
         jobs = list(jobs)
         self.stats = {"submitted": 0, "remote": 0, "local": 0, "reclaimed": 0, "failed": 0}
-        if not ray.is_initialized() or len(jobs) < 2:
+        if ray is None or not ray.is_initialized() or len(jobs) < 2:
             self.stats["local"] = len(jobs)
             return sequential(jobs, on_done)
         return _Call(self, jobs, on_done, ray).run()

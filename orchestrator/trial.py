@@ -22,7 +22,6 @@ from algorithms.base import DivergenceError, autocast
 
 from . import methods
 from .artifacts import load_state, save_state
-from .methods import BuildContext
 from .tasks import Task, task_for
 from .tracking import DIGEST_TAG, RunLogger, dataset_input, find_or_create_child, log_dataset
 
@@ -89,10 +88,7 @@ def _device() -> torch.device:
 
 def build_distiller(point: dict, ctx: TrialContext, device: torch.device, seed: int):
     """The distiller of a trial point, built by its method from the registry."""
-    method = methods.get(point["algorithm"])
-    return method.build(BuildContext(budget=point["budget"], hp=dict(point["hp"]), iterations=point["iterations"],
-                                     data=ctx.data, task=ctx.task, model=ctx.spec["model"], spec=ctx.spec,
-                                     expert_files=ctx.expert_files, device=device, seed=seed))
+    return methods.build_point(point, ctx.spec, ctx.data, ctx.task, ctx.expert_files, device, seed)
 
 
 def _evaluate(ctx: TrialContext, syn, device, final: bool = False) -> dict[str, tuple[float, float]]:
@@ -137,7 +133,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     device = _device()
     tctx = tune.get_context()
     trial_id = tctx.get_trial_id() or "local"
-    seed = spec["seed"] * 7919 + point["budget"]
+    seed = methods.trial_seed(spec, point)
 
     restored: dict[str, Any] | None = None
     ckpt = tune.get_checkpoint()

@@ -111,6 +111,37 @@ def test_results_and_export(tiny, tmp_path):
     assert bad.exit_code != 0
 
 
+def test_bench_direct_reproduces_the_sweep_without_ray_or_mlflow(tiny, tmp_path):
+    """bench/direct.py runs the spec's trials with the sweep's own components in one process: the same
+    experts (checksums), and the same evaluations at the same iterations as the sweep's trials."""
+    import sys
+
+    from .conftest import REPO
+
+    spec, root, _ = tiny
+    sys.path.insert(0, str(REPO / "bench"))
+    import direct
+
+    out = tmp_path / "direct"
+    assert direct.main([str(spec), "--out", str(out), "--threads", "1", "--device", "cpu"]) == 0
+    client, children = runs_of(root, "trial")
+    for c in children:
+        name = f"{c.data.tags['algorithm']}-ipc1"
+        curve = json.loads((out / name / "curve.json").read_text())
+        logged = {m.step: m.value for m in client.get_metric_history(c.info.run_id, "eval/acc_mean")}
+        ours = {e["iteration"]: e["acc"][0] for e in curve["evals"]}
+        assert ours == pytest.approx(logged, abs=1e-9), name
+        assert curve["iterations_done"] == curve["iterations_planned"] == (6 if name.startswith("mtt") else 0)
+        _, meta = read_synthetic(out / name / "synthetic.safetensors")
+        assert json.loads(meta["evaluation"])["acc"][0] == pytest.approx(logged[max(logged)], abs=1e-9)
+    from orchestrator.store import open_trajectory
+
+    def params(folder):  # expert file -> the checksum of its parameters per epoch
+        return {p.name: open_trajectory(p).meta["params_sha256"] for p in folder.rglob("expert_*.arrow")}
+
+    assert params(root / "trajectories") and params(out / "trajectories") == params(root / "trajectories")
+
+
 def test_second_launch_reuses_the_experts(tiny, tmp_path):
     # its own root: the launches below add runs that the tests of the shared sweep must not see
     spec, root = tiny[0], tmp_path / "runs"

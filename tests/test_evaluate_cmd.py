@@ -230,8 +230,9 @@ def test_trial_outputs_record_the_spec_model(tmp_path, digits, monkeypatch):
     ctx = trial.TrialContext(data=digits, spec={"dataset": {"name": "digits"}, "model": SMALL}, spec_hash="h",
                              expert_files={}, expert_sha256=[], store_key="k", experts_acc=(0.9, 0.0),
                              tracking_uri="", experiment_id="", parent_run_id="")
-    trial._log_outputs(Log(), ctx, real_set(digits), "mtt", {"budget": 1}, 3)
+    trial._log_outputs(Log(), ctx, real_set(digits), "mtt", {"budget": 1}, 3, {"acc": (0.5, 0.25)})
     assert json.loads(seen["meta"]["model"]) == SMALL and seen["meta"]["run_id"] == "run-x"
+    assert json.loads(seen["meta"]["evaluation"]) == {"acc": [0.5, 0.25]} and seen["meta"]["iteration"] == "3"
 
 
 # -- errors: exit 2, naming the file and the tensor or field ------------------------------------------------

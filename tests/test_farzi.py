@@ -240,6 +240,22 @@ def test_sampled_metrics_rank_the_target_among_its_negatives_only():
     assert m["hr10_s3"] == 0.5 and m["ndcg10_s3"] == pytest.approx(0.5)  # sampled: ranks 1 and 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the task stays on the CPU, the "
+                                                            "model's parameters on the GPU)")
+def test_recommendation_metrics_with_parameters_on_the_gpu_match_the_cpu():
+    """Regression: with the parameters on CUDA and the task's tensors on the CPU (how experts and
+    evaluation networks run on a GPU), masking the seen items compared CPU with CUDA tensors and
+    raised (found on an H200 by bench/direct.py). The metrics must equal the CPU's."""
+    vocab = 12
+    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 4}, vocab, 0, 0)
+    flat = flatten_params(model)
+    inputs = torch.tensor([[0, 1, 2, 3], [0, 0, 4, 5], [6, 7, 8, 9]])
+    seen = [torch.tensor([1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6, 7, 8, 9])]
+    task = SeqTask("recommendation", vocab, 0, inputs, inputs, torch.tensor([4, 1, 10]), seen, k=3)
+    cpu = recommendation_metrics(model, flat, task)
+    assert recommendation_metrics(model.to("cuda"), flat.to("cuda"), task) == pytest.approx(cpu, abs=1e-6)
+
+
 def test_evaluation_scores_the_validation_split_beside_the_test_split():
     """``evaluation_metrics``: the test metrics, and the headline metrics on the validation split
     (its own inputs and targets, no sampled negatives) as ``valid_*``; a task without one adds none.
