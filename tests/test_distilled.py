@@ -271,6 +271,15 @@ def test_a_running_trial_is_exported_and_published_by_its_latest_evaluated_set(t
     line = next(x for x in (folder / "README.md").read_text().splitlines() if x.startswith("| [digits-dm"))
     assert "| 510 of 5000 (running) | acc 89.7 ± 0.4 (500, latest) |" in line, line
 
+    # publishing the same file again keeps what it was measured at under other protocols (another file drops it)
+    index = json.loads((folder / "index.json").read_text())
+    index[0]["protocols"] = [{"aug": "dsa", "dc_strategy": None, "dsa_strategy": "color_crop_cutout_scale_rotate",
+                              "networks": 5, "epochs": 1000, "seed": 17, "mean": 0.9, "std": 0.01,
+                              "random_mean": 0.66, "random_std": 0.01}]
+    (folder / "index.json").write_text(json.dumps(index))
+    [e] = fidelity.publish(rows, ws, folder, console, unfinished=True)
+    assert e["protocols"] == index[0]["protocols"]
+
     final = log(SYNTHETIC_ARTIFACT, 5000, [0.91, 0.002], 0.7)
     client.set_terminated(run, "FINISHED")
     assert export("--latest")[1] == final  # a finished trial's latest set is its final one
@@ -281,7 +290,7 @@ def test_a_running_trial_is_exported_and_published_by_its_latest_evaluated_set(t
     rows = fidelity.report_rows([done], {run: history}, {run: (0, 1)}, 1000, spec="s.yaml")
     [e] = fidelity.publish(rows, ws, folder, console, unfinished=True)
     assert (folder / e["file"]).read_bytes() == final
-    assert (e["set_mean"], e["set_iteration"], e["status"]) == (0.91, 5000, "FINISHED")
+    assert (e["set_mean"], e["set_iteration"], e["status"]) == (0.91, 5000, "FINISHED") and "protocols" not in e
     assert "| 5000 | acc 91.0 ± 0.2 (5000, final) |" in (folder / "README.md").read_text()
 
     # a set written before sets carried their evaluation cannot be scored: refused, naming the run
