@@ -271,7 +271,10 @@ def test_the_expert_lock_makes_a_second_trainer_wait_then_go_on(tmp_path):
 # -- items 11 and 4: Ctrl-C in every phase --------------------------------------------------------
 # `orchestrate launch` in a new session, and SIGINT to its process group, as a terminal sends it
 LAUNCH_WITH = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # a launch at a terminal, whatever the test runner's own SIGINT: a runner started in the background
+    # of a non-interactive shell (`.ci/run &`) ignores SIGINT, and its children would inherit that
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     def slow(*args, **kwargs):  # stands for Tune generating a huge grid's variants (its first step)
         print("SLOW PHASE", file=sys.stderr, flush=True)
         time.sleep(120)
