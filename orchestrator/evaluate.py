@@ -143,7 +143,7 @@ def stored_experts(spec: Spec, data, trajectories) -> tuple[list[tuple[int, str,
     metric)], where or why none), from the store's ``manifest.json`` (else the files' own records,
     read without moving anything). Nothing is trained or written."""
     from . import storage
-    from .experts import expert_key  # imports Ray: only with --spec
+    from .experts import expert_key  # only with --spec
     from .store import TrajectoryStore
 
     if trajectories is None:
