@@ -13,7 +13,8 @@ every ``evaluation.interval`` iterations and at the end. What it leaves out: Tun
 checkpoints and restore (a trial cut off starts over), and MLflow.
 
 Written under ``--out``, per trial ``<out>/<trial name>/``: ``curve.json`` (every evaluation so far,
-seconds per step, the full-data result; rewritten after each evaluation, so a run cut off keeps
+seconds per step, each step's metrics as a trial reports them (``steps``: name -> one value per
+iteration: the matching loss, ``syn_lr``, ...), the full-data result; rewritten after each evaluation, so a run cut off keeps
 what it measured) and ``synthetic.safetensors``, the set of the latest evaluation in the export
 contract with its ``iteration`` and ``evaluation`` in the metadata, as a trial logs it (sequences:
 also ``synthetic_selected.safetensors``, the best on the validation split so far). ``--json``
@@ -139,8 +140,8 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
     precision = spec.resources.get("precision", "fp32")
     out = {"trial": trial_name(spec, point), "algorithm": point["algorithm"], "budget": point["budget"],
            "hp": point["hp"], "iterations_planned": iterations, "iterations_done": 0, "precision": precision,
-           "device": str(device), "evals": [], "sec_per_step": [], "full_data": full, "diverged": None,
-           "selected": None}
+           "device": str(device), "evals": [], "sec_per_step": [], "steps": {}, "full_data": full,
+           "diverged": None, "selected": None}
     selection = task.selection(data)  # sequences: the set a trial stands behind is the best on validation
 
     def evaluate(it: int) -> None:
@@ -173,7 +174,9 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
         while distiller.iteration < iterations:
             t0 = time.perf_counter()
             with autocast(device, precision):
-                distiller.step()
+                metrics = distiller.step()
+            for k, v in metrics.items():  # what a trial reports to Tune each iteration: loss, syn_lr, ...
+                out["steps"].setdefault(k, []).append(float(v))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             out["sec_per_step"].append(time.perf_counter() - t0)

@@ -80,6 +80,7 @@ from algorithms.mct import ConvexTrajectory
 from algorithms.mtt import MTTDistiller
 from algorithms.networks import manifest_of, seeded_network
 from orchestrator.datasets import DatasetNotFoundError, load_dataset
+from orchestrator.experts import expert_seed
 from orchestrator import methods
 from orchestrator.methods import BuildContext
 from orchestrator.spec import load_spec
@@ -98,11 +99,6 @@ METHODS = ("mtt", "mct")
 SPEC_PATH = Path(__file__).resolve().parent.parent / "search_spaces" / "mct_vs_mtt.yaml"
 EXPERIMENT = "bench-mct-vs-mtt"
 CONVEX = {"num_waypoints": 2, "beta": "path", "smooth": False}
-
-
-def expert_seed(base: int, index: int) -> int:
-    """As ``orchestrator.experts.expert_seed`` (not imported: that module imports Ray)."""
-    return base * 1_000_003 + index
 
 
 # -- memory: distill.py's saved-tensor count, plus the peak of what is alive at once ---------------

@@ -132,6 +132,13 @@ def test_bench_direct_reproduces_the_sweep_without_ray_or_mlflow(tiny, tmp_path)
         ours = {e["iteration"]: e["acc"][0] for e in curve["evals"]}
         assert ours == pytest.approx(logged, abs=1e-9), name
         assert curve["iterations_done"] == curve["iterations_planned"] == (6 if name.startswith("mtt") else 0)
+        for metric, values in curve["steps"].items():  # each step's metrics, as the trial logged them
+            if metric != "expert":
+                logged_steps = [m.value for m in sorted(client.get_metric_history(c.info.run_id, metric),
+                                                        key=lambda m: m.step)]
+                assert values == pytest.approx(logged_steps, rel=1e-6), (name, metric)
+        assert (set(curve["steps"]) >= {"loss", "syn_lr", "start_epoch"} and len(curve["steps"]["loss"]) == 6
+                if name.startswith("mtt") else curve["steps"] == {})
         _, meta = read_synthetic(out / name / "synthetic.safetensors")
         assert json.loads(meta["evaluation"])["acc"][0] == pytest.approx(logged[max(logged)], abs=1e-9)
     from orchestrator.store import open_trajectory
