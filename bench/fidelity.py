@@ -245,7 +245,10 @@ def read_sweep(spec_path: str, ws, now_ms: int) -> tuple[dict[str, Any], list[di
             "spec_hash": spec.hash, "sweep_spec_hash": sweep_hash, "git_commit": commit, "trials": len(rows)}
     out = report_rows(rows, histories, times, now_ms, spec=spec_path)
     for r in out:
-        r["git_commit"], r["spec_hash"] = commit, sweep_hash
+        # the trial's code history (a trial resumed under later code ran partly on it), else the sweep's launch
+        r["git_commits"] = code_history(runs[r["run_id"]].data.tags) if r["run_id"] in runs else None
+        known = [c for _, c in r["git_commits"] or [] if c]
+        r["git_commit"], r["spec_hash"] = (known[-1] if known else commit), sweep_hash
     return desc, out
 
 
@@ -301,7 +304,36 @@ def index_entry(row: dict[str, Any], file: str, data: bytes, meta: dict[str, str
             "iterations": row["iterations_done"], "iterations_planned": row.get("iterations_planned"),
             "status": row["status"],
             "published": row["published"], "spec": row["spec"], "spec_hash": row.get("spec_hash"),
-            "git_commit": row.get("git_commit"), "run_id": row["run_id"], "sweep": row["sweep"]}
+            "git_commit": row.get("git_commit"), "git_commits": row.get("git_commits"), "run_id": row["run_id"],
+            "sweep": row["sweep"]}
+
+
+def code_history(tags: dict[str, str]) -> list | None:
+    """A trial run's ``[[iteration, commit], ...]`` (``orchestrate.git_commits``), None when the run
+    predates it."""
+    from orchestrator.tracking import COMMITS_TAG
+
+    raw = tags.get(COMMITS_TAG)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _short(commit: str | None) -> str:
+    if not commit:
+        return "unknown"
+    head, _, flag = commit.partition("+")
+    return head[:10] + (f"+{flag}" if flag else "")
+
+
+def commit_cell(e: dict[str, Any]) -> str:
+    """The README's commit: one commit, or the code history of a trial that ran under several,
+    ``abc@0, … , def@590`` (``…``: resumes that were not recorded)."""
+    hist = e.get("git_commits") or []
+    if len(hist) <= 1:
+        return _short(e.get("git_commit"))
+    return ", ".join("…" if c is None else f"{_short(c)}@{it}" for it, c in hist)
 
 
 def readme_text(entries: list[dict[str, Any]]) -> str:
@@ -309,7 +341,9 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
     lines = ["# Distilled sets we stand behind", "",
              "Each file is the best synthetic set a reference sweep reached for one (dataset, method, budget),",
              "in the export contract of the main README (`orchestrate export`; Farzi: `F` and `M`). The table",
-             "gives the spec and the commit that made it, our evaluation of it (mean ± std over the sweep's",
+             "gives the spec and the commit that made it (`c@N, d@M`: a trial resumed under later code ran on",
+             "commit c from iteration N and on d from M; `…`: resumes made before runs recorded their code),",
+             "our evaluation of it (mean ± std over the sweep's",
              "evaluation networks), the random real subset of the same size under the same protocol, and the",
              "published number. Which set: image sets are the sweep's final one (the image datasets have no",
              "validation split); sequence sets are the evaluation that scored best on the validation split",
@@ -345,7 +379,7 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
                      f"| {e['budget']} | {iters} | {label} {_pm(e['set_mean'], e['set_std'], scale)} ({which}) "
                      f"| {_pm(e['final_mean'], e['final_std'], scale)} "
                      f"| {best} | {_pm(e['random_mean'], e['random_std'], scale)} | {pct} | {pub} "
-                     f"| `{e['spec']}` | {(e['git_commit'] or 'unknown')[:10]} |")
+                     f"| `{e['spec']}` | {commit_cell(e)} |")
     extra = [(e, p) for e in sorted(entries, key=lambda e: e["file"]) for p in e.get("protocols", [])]
     if extra:
         lines += ["", "## The same sets under other evaluation protocols", "",

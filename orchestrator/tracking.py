@@ -10,6 +10,7 @@ the artifacts there; the database stays in the folder.
 """
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -28,6 +29,11 @@ DEFAULT_ROOT = "orchestrate-runs"
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "orchestrate.role"  # sweep | trial
 DIGEST_TAG = "orchestrate.dataset_digest"  # SHA-256 of the sweep's data (the data object's digest())
+COMMIT_TAG = "orchestrate.git_commit"  # the code of the launch that created the run ("+dirty": uncommitted changes)
+# a trial's code history, JSON [[iteration, commit], ...]: which code ran it from which iteration on
+# (a sweep resumed under later code continues its trials with it); [null, null] stands for resumes
+# made before runs recorded it
+COMMITS_TAG = "orchestrate.git_commits"
 
 
 @dataclass(frozen=True)
@@ -277,6 +283,24 @@ class RunLogger:
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status)
+
+
+def record_code(client: MlflowClient, run_id: str, commit: str, iteration: int) -> list:
+    """Append ``[iteration, commit]`` to the run's :data:`COMMITS_TAG` when the code differs from
+    the last entry, and return the history. A run resumed past iteration 0 without the tag (made by
+    a version that did not record it) starts its history with its creating launch's commit and a
+    ``[null, null]`` gap: the resumes in between are not known."""
+    tags = client.get_run(run_id).data.tags
+    if tags.get(COMMITS_TAG):
+        history = json.loads(tags[COMMITS_TAG])
+    elif iteration > 0 and tags.get(COMMIT_TAG):
+        history = [[0, tags[COMMIT_TAG]], [None, None]]
+    else:
+        history = []
+    if not history or history[-1][1] != commit:
+        history.append([int(iteration), commit])
+        client.set_tag(run_id, COMMITS_TAG, json.dumps(history))
+    return history
 
 
 def find_or_create_child(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str,

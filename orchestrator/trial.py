@@ -23,7 +23,8 @@ from algorithms.base import DivergenceError, autocast
 from . import methods
 from .artifacts import load_state, save_state
 from .tasks import Task, task_for
-from .tracking import DIGEST_TAG, RunLogger, dataset_input, find_or_create_child, log_dataset
+from .tracking import (COMMIT_TAG, DIGEST_TAG, RunLogger, dataset_input, find_or_create_child, log_dataset,
+                       record_code)
 
 SYNTHETIC_ARTIFACT = "synthetic/synthetic.safetensors"
 # the set of the evaluation that scored best on the task's validation split (``Task.selection``;
@@ -155,6 +156,9 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                              tags)[0]
     if restored:
         client.update_run(run_id, status="RUNNING")
+    # which code runs the trial from which iteration (a resumed sweep continues under today's code)
+    record_code(client, run_id, ctx.tags.get(COMMIT_TAG, "unknown"),
+                int(restored["distiller"].get("iteration", 0)) if restored else 0)
     log = RunLogger(ctx.tracking_uri, run_id)
     # the dataset as an MLflow input (once per run); the experiment's row of it (same name and
     # digest) is the parent run's, whose source the driver resolved

@@ -125,6 +125,14 @@ def test_readme_rows_state_the_numbers_and_their_provenance():
     for needle in ("acc 88.8 ± 1.2 (2000, final)", "| 88.8 ± 1.2 |", "89.1 (1750)", "67.1 ± 3.1", "88.7 (DSA, to reach)", "DatasetCondensation",
                    "`search_spaces/reference/mnist_ipc1.yaml`", "b668f8c012", "| 2000 |", "(30 KB)"):
         assert needle in mtt, needle
+    # a trial resumed under later code: each commit from the iteration it ran on, and the gap of the
+    # resumes made before runs recorded their code
+    hist = [[0, "b668f8c0123456789"], [None, None], [590, "c0ffee0123456789+dirty"]]
+    row = next(x for x in fidelity.readme_text([_entry(git_commit=hist[-1][1], git_commits=hist)]).splitlines()
+               if x.startswith("| ["))
+    assert row.endswith("| b668f8c012@0, …, c0ffee0123+dirty@590 |"), row
+    assert fidelity.code_history({"orchestrate.git_commits": json.dumps(hist)}) == hist
+    assert fidelity.code_history({}) is None
 
 
 def test_set_names_and_the_size_limit(tmp_path):

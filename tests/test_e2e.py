@@ -57,6 +57,8 @@ def test_launch_logs_one_parent_and_one_child_per_trial(tiny, tmp_path):
         assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert c.data.tags["orchestrate.store_key"] == parent.data.tags["orchestrate.store_key"]
         assert c.data.tags["orchestrate.spec_hash"] == parent.data.tags["orchestrate.spec_hash"]
+        # the code that ran the trial, from iteration 0: the launch's commit
+        assert json.loads(c.data.tags["orchestrate.git_commits"]) == [[0, parent.data.tags["orchestrate.git_commit"]]]
         assert 0 < c.data.metrics["acc_mean"] <= 1 and "acc_std" in c.data.metrics
         files = [a.path for a in client.list_artifacts(c.info.run_id, "synthetic")]
         assert files == ["synthetic/synthetic.safetensors", "synthetic/synthetic_grid.png"]
@@ -219,6 +221,8 @@ def test_a_killed_trial_continues_from_its_checkpoint(tmp_path, ray_cluster):
     assert mtt.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(mtt.info.run_id, "loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # resumed at 4: nothing lost, nothing logged twice
+    # resumed by the same code: its history names that code once
+    assert json.loads(mtt.data.tags["orchestrate.git_commits"]) == [[0, mtt.data.tags["orchestrate.git_commit"]]]
 
 
 def test_mct_sweep_reads_the_compact_form_only(tmp_path, ray_cluster):

@@ -48,3 +48,24 @@ def test_an_existing_checkpoint_is_left_alone(tmp_path):
     assert load_state(k)["iteration"] == 4
     # nothing complete to move: Tune reports its own error
     assert repair_missing_checkpoint(FS, str(tmp_path / "u" / "checkpoint_000001"), state_complete) is None
+
+
+def test_a_trial_records_which_code_ran_it_from_which_iteration(tmp_path):
+    """record_code: a new run starts its history at 0; the same code resuming adds nothing; other code
+    resuming adds [iteration, commit]; a run made before runs recorded their code (only the creating
+    launch's tag), resumed past 0, gets that commit at 0 and a [null, null] gap for the unknown resumes."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import COMMIT_TAG, COMMITS_TAG, record_code, workspace
+
+    client = MlflowClient(workspace(tmp_path / "root").tracking_uri)
+    exp = client.create_experiment("code")
+    run = client.create_run(exp, tags={COMMIT_TAG: "aaa"}).info.run_id
+    assert record_code(client, run, "aaa", 0) == [[0, "aaa"]]
+    assert record_code(client, run, "aaa", 270) == [[0, "aaa"]]  # resumed by the same code
+    assert record_code(client, run, "bbb+dirty", 270) == [[0, "aaa"], [270, "bbb+dirty"]]
+    assert json.loads(client.get_run(run).data.tags[COMMITS_TAG]) == [[0, "aaa"], [270, "bbb+dirty"]]
+    old = client.create_run(exp, tags={COMMIT_TAG: "aaa"}).info.run_id
+    assert record_code(client, old, "ccc", 590) == [[0, "aaa"], [None, None], [590, "ccc"]]
