@@ -12,13 +12,15 @@ evaluated by its task (``Task.evaluate``: the spec's networks, seeds and protoco
 every ``evaluation.interval`` iterations and at the end. What it leaves out: Tune's scheduling,
 checkpoints and restore (a trial cut off starts over), and MLflow.
 
-Written under ``--out``, per trial ``<out>/<trial name>/``: ``curve.json`` (every evaluation so far,
-seconds per step, each step's metrics as a trial reports them (``steps``: name -> one value per
-iteration: the matching loss, ``syn_lr``, ...), the full-data result; rewritten after each evaluation, so a run cut off keeps
-what it measured) and ``synthetic.safetensors``, the set of the latest evaluation in the export
-contract with its ``iteration`` and ``evaluation`` in the metadata, as a trial logs it (sequences:
-also ``synthetic_selected.safetensors``, the best on the validation split so far). ``--json``
-writes every trial in one file. The table gives per trial: iterations, the first and last
+Written under ``--out``, per trial ``<out>/<trial name>/``: ``curve.json`` (the spec, the overrides,
+the spec hash and the code's commit (``+dirty``: with uncommitted changes), so that a curve cut off
+still names its recipe; every evaluation so far, seconds per step, each step's metrics as a trial
+reports them (``steps``: name -> one value per iteration: the matching loss, ``syn_lr``, ...), the
+full-data result; rewritten after each evaluation, so a run cut off keeps what it measured) and
+``synthetic.safetensors``, the set of the latest evaluation in the export contract with its
+``iteration`` and ``evaluation`` in the metadata, as a trial logs it (sequences: also
+``synthetic_selected.safetensors``, the best on the validation split so far). ``--json`` writes
+every trial in one file. The table gives per trial: iterations, the first and last
 evaluation, the best, seconds per step and the wall time.
 
     python bench/direct.py search_spaces/reference/mnist_ipc10.yaml --out /tmp/direct --device cuda \\
@@ -46,7 +48,7 @@ from algorithms.base import DivergenceError, autocast  # noqa: E402
 from orchestrator import methods  # noqa: E402
 from orchestrator.experts import ExpertSet, expert_key, expert_seed, train_and_write  # noqa: E402
 from orchestrator.spec import SpecError, read_yaml, validate  # noqa: E402
-from orchestrator.store import TrajectoryStore  # noqa: E402
+from orchestrator.store import TrajectoryStore, git_commit  # noqa: E402
 
 QUICK_SPEC = REPO / "search_spaces" / "quickstart.yaml"
 # --quick: the quickstart spec at a size that runs in well under a minute on one CPU core
@@ -126,9 +128,10 @@ def trial_name(spec, point: dict) -> str:
 
 
 def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device, folder: Path,
-              full: dict, console) -> dict[str, Any]:
+              full: dict, console, sets: list[str] = ()) -> dict[str, Any]:
     """Distil and evaluate one trial point as a trial does; ``curve.json`` and the set of the latest
-    evaluation are rewritten in ``folder`` after each evaluation."""
+    evaluation are rewritten in ``folder`` after each evaluation. ``sets``: the ``--set`` overrides,
+    recorded with the spec so that a curve cut off still says which recipe made it."""
     task, sd = spec.task, spec.to_dict()
     if any(isinstance(v, dict) for v in point["hp"].values()):
         raise DirectError(f"{spec.path}: {trial_name(spec, point)} samples a hyperparameter from a distribution; "
@@ -138,9 +141,11 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
     distiller = methods.build_point(point, sd, data, task, experts.files, device)
     iterations, interval = point["iterations"], spec.evaluation["interval"]
     precision = spec.resources.get("precision", "fp32")
-    out = {"trial": trial_name(spec, point), "algorithm": point["algorithm"], "budget": point["budget"],
+    out = {"trial": trial_name(spec, point), "spec": str(spec.path), "set": list(sets), "spec_hash": spec.hash,
+           "store_key": experts.key, "algorithm": point["algorithm"], "budget": point["budget"],
            "hp": point["hp"], "iterations_planned": iterations, "iterations_done": 0, "precision": precision,
-           "device": str(device), "evals": [], "sec_per_step": [], "steps": {}, "full_data": full,
+           "device": str(device), "git_commit": git_commit(), "evals": [], "sec_per_step": [], "steps": {},
+           "full_data": full,
            "diverged": None, "selected": None}
     selection = task.selection(data)  # sequences: the set a trial stands behind is the best on validation
 
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         metric, higher = task.headline(data)
         outs = []
         for p in points:
-            outs.append(run_point(spec, p, data, experts, device, out_dir / trial_name(spec, p), full, console))
+            outs.append(run_point(spec, p, data, experts, device, out_dir / trial_name(spec, p), full, console,
+                                  sets))
     except (DirectError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_results(console, args.json, "direct", machine_info(args.device, load0, gpu=True),
                       {"spec": spec_path, "set": sets, "methods": args.methods, "spec_hash": spec.hash,
-                       "out": str(out_dir)}, rows=rows, trials=outs)
+                       "git_commit": git_commit(), "out": str(out_dir)}, rows=rows, trials=outs)
     if tmp is not None:
         tmp.cleanup()
     return 0

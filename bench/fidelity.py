@@ -122,12 +122,12 @@ def report_row(row: dict[str, Any], history: dict[str, list[tuple[int, float]]],
     ``default``: the sweep's headline metric, for a row that has logged none yet (running)."""
     metric, higher = row_metric(row) or default
     running = row.get("status") == "RUNNING"
-    selected = row.get("selected_iteration")
+    selected, selected_by = row.get("selected_iteration"), row.get("selected_by")
     at: dict[str, Any] = {}  # metric statistic -> value at the selected evaluation, while the trial runs
     if selected is None and running:  # the evaluation the trial would stand behind if it ended now
         valid = best_of(history.get(f"eval/valid_{metric}_mean", []), [], higher)
-        if valid:
-            selected = valid[2]
+        if valid:  # chosen as the trial chooses (its orchestrate.selected_by tag, logged when it ends)
+            selected, selected_by = valid[2], f"valid_{metric} ({'max' if higher else 'min'})"
             at = {key[len("eval/"):]: dict(h).get(selected) for key, h in history.items() if key.startswith("eval/")}
     metrics = {}
     for k in (metric, *SECONDARY.get(metric, ())):
@@ -150,7 +150,7 @@ def report_row(row: dict[str, Any], history: dict[str, list[tuple[int, float]]],
             "status": row.get("status"), "running": running, "failure_reason": row.get("failure_reason"),
             "iterations_done": done, "iterations_planned": row.get("iterations"),
             "metric": metric, "higher_is_better": higher, "metrics": metrics,
-            "selected_iteration": selected, "selected_by": row.get("selected_by"),
+            "selected_iteration": selected, "selected_by": selected_by,
             "published": published(row.get("dataset"), row.get("algorithm"), row.get("budget")),
             "wall_s": (end - start_ms) / 1000 if start_ms is not None else None,
             # the distillation steps' own time: a trial resumed across sessions has a wall time that

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import tempfile
 import uuid
 import warnings
@@ -66,6 +67,21 @@ def library_versions() -> dict[str, str]:
     with contextlib.suppress(metadata.PackageNotFoundError):
         out["distill-orchestrator"] = metadata.version("distill-orchestrator")
     return out
+
+
+def git_commit() -> str | None:
+    """The checkout's HEAD, with ``+dirty`` when tracked files differ from it (the numbers of such
+    a launch are not reproducible from the commit alone); None outside a git checkout."""
+    def git(*args: str) -> str | None:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+    try:
+        head = git("rev-parse", "HEAD")
+        if not head:
+            return None
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _fsync_dir(path: Path) -> None:

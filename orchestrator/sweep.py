@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from .schedulers import GroupedASHA, _scheduler, eval_metric, gpus_for, tune_val
 from .summary import summarise_sweep
 from . import locks, storage
 from .spec import Spec
-from .store import TrajectoryStore, atomic_write_bytes, library_versions
+from .store import TrajectoryStore, atomic_write_bytes, git_commit, library_versions
 from .tracking import COMMIT_TAG, RunLogger, Workspace, ensure_experiment
 from .trial import TrialContext, run_trial, trial_name
 
@@ -105,21 +104,6 @@ def _loopback_only():
             os.environ[LOCAL_ONLY_ENV] = saved_env
 
     return restore
-
-
-def _git_commit() -> str | None:
-    """The checkout's HEAD, with ``+dirty`` when tracked files differ from it (the numbers of such
-    a launch are not reproducible from the commit alone); None outside a git checkout."""
-    def git(*args: str) -> str | None:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else None
-    try:
-        head = git("rev-parse", "HEAD")
-        if not head:
-            return None
-        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def load_data(spec: Spec):
@@ -261,7 +245,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     versions = library_versions() | {"ray": ray.__version__}
     lineage = {"orchestrate.spec_hash": spec.hash, "orchestrate.store_key": experts.key,
                "orchestrate.dataset_digest": data.digest(),
-               COMMIT_TAG: _git_commit() or "unknown",
+               COMMIT_TAG: git_commit() or "unknown",
                **{f"orchestrate.version.{k}": v for k, v in versions.items()}}
     if resume is not None:
         parent_id = resume["parent_run_id"]

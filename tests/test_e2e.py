@@ -134,6 +134,8 @@ def test_bench_direct_reproduces_the_sweep_without_ray_or_mlflow(tiny, tmp_path)
         ours = {e["iteration"]: e["acc"][0] for e in curve["evals"]}
         assert ours == pytest.approx(logged, abs=1e-9), name
         assert curve["iterations_done"] == curve["iterations_planned"] == (6 if name.startswith("mtt") else 0)
+        assert (curve["git_commit"] or "unknown") == c.data.tags["orchestrate.git_commit"]  # the same checkout
+        assert (curve["spec"], curve["set"], curve["spec_hash"]) == (str(spec), [], c.data.tags["orchestrate.spec_hash"])
         for metric, values in curve["steps"].items():  # each step's metrics, as the trial logged them
             if metric != "expert":
                 logged_steps = [m.value for m in sorted(client.get_metric_history(c.info.run_id, metric),

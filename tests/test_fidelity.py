@@ -145,7 +145,7 @@ def test_a_running_sequence_trial_shows_the_evaluation_its_validation_history_ch
             "eval/hr10_mean": [(0, 0.146), (100, 0.138), (200, 0.140)], "eval/hr10_std": [(0, 0.005), (100, 0.006)],
             "eval/ndcg10_mean": [(0, 0.075), (100, 0.073)]}
     r, = fidelity.report_rows(rows, {rows[0]["run_id"]: hist}, {}, now_ms=1)
-    assert r["selected_iteration"] == 0
+    assert r["selected_iteration"] == 0 and r["selected_by"] == "valid_hr10 (max)"  # as the trial's tag will say
     hr, nd = r["metrics"]["hr10"], r["metrics"]["ndcg10"]
     assert (hr["selected_mean"], hr["selected_std"], nd["selected_mean"]) == (0.146, 0.005, 0.075)
     assert hr["best_mean"] == 0.146 and hr["final_mean"] is None
