@@ -166,7 +166,9 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
             with tempfile.TemporaryDirectory() as tmp:
                 for f in task.export(Path(tmp), syn, data, point["algorithm"],
                                      {"budget": point["budget"], "iteration": it, "spec_hash": spec.hash,
-                                      "store_key": experts.key, "evaluation": out["evals"][-1]}, spec.model):
+                                      "store_key": experts.key,
+                                      "evaluation": {k: [float(v[0]), float(v[1])] for k, v in evals.items()}},
+                                     spec.model):
                     os.replace(f, folder / f"{f.stem}{suffix}{f.suffix}")
         write_json(str(folder / "curve.json"), out)
         metric = task.headline(data)[0]

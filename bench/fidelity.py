@@ -17,6 +17,7 @@ NDCG@10 on a second line); PTB perplexity. A sweep still running is read as it s
     python bench/fidelity.py --root ~/runs-ref            # read the sweeps of the reference specs
     python bench/fidelity.py SPEC.yaml --root R --run     # orchestrate launch SPEC --root R, then read
     python bench/fidelity.py --quick --json /tmp/fid.json # a tiny digits sweep in a temporary root
+    python bench/fidelity.py --direct OUT --publish distilled/ --unfinished   # bench/direct.py runs
 
 ``--run`` launches each spec with ``orchestrate launch SPEC --root ROOT`` in a subprocess (the
 command users run; a sweep that exists is resumed), then reads. ``--quick`` writes a CI-sized
@@ -252,6 +253,111 @@ def read_sweep(spec_path: str, ws, now_ms: int) -> tuple[dict[str, Any], list[di
     return desc, out
 
 
+# -- bench/direct.py outputs -------------------------------------------------------------------------
+def entry_spec(spec_path: str, sets: list[str] | None = None):
+    """The validated spec of a row or index entry: its file (relative to the repository unless
+    absolute) with the ``--set`` overrides a bench/direct.py run applied (``direct.load``)."""
+    import direct
+
+    path = Path(spec_path) if Path(spec_path).is_absolute() else REPO / spec_path
+    try:
+        return direct.load(str(path), list(sets or []))
+    except (direct.DirectError, FileNotFoundError) as e:
+        raise ReportError(f"{spec_path}: {e}") from e
+
+
+def _headline(evaluation: dict[str, Any]) -> tuple[str, bool]:
+    for metric, higher in (("acc", True), ("hr10", True), ("ppl", False)):
+        if metric in evaluation:
+            return metric, higher
+    raise ReportError(f"no headline metric (acc, hr10, ppl) among {sorted(evaluation)}")
+
+
+def direct_rows(folders: list[Path]) -> list[dict[str, Any]]:
+    """Report rows of bench/direct.py ``--out`` folders (``<trial>/curve.json`` and the trial's set),
+    for runs made where Ray and MLflow are not (a lent GPU machine). The recipe is checked, not
+    taken on trust: the curve's spec with its overrides must validate to the spec hash that the set
+    file carries. A trial that did not reach its planned iterations is ``CUT OFF`` (published with
+    ``--unfinished``, by the set of its latest evaluation). The random baseline of a row is the
+    random trial of the same dataset and budget under the same model and evaluation section, from
+    any of the folders (a random subset does not depend on the experts)."""
+    from orchestrator.artifacts import read_synthetic
+
+    trials = []
+    for folder in folders:
+        found = sorted(Path(folder).glob("*/curve.json"))
+        if not found:
+            raise ReportError(f"{folder}: no <trial>/curve.json in it (a bench/direct.py --out folder)")
+        for path in found:
+            curve = json.loads(path.read_text())
+            if not curve.get("spec"):
+                raise ReportError(f"{path}: names no spec (bench/direct.py records its spec and --set overrides "
+                                  f"in every curve.json; an older curve needs them added, then checked here)")
+            spec = entry_spec(curve["spec"], curve.get("set"))
+            chosen = curve.get("selected") is not None
+            set_file = path.parent / ("synthetic_selected.safetensors" if chosen else "synthetic.safetensors")
+            try:
+                _, meta = read_synthetic(set_file)
+            except (OSError, ValueError) as e:
+                raise ReportError(f"{set_file}: {e}") from e
+            if meta.get("spec_hash") != spec.hash or curve.get("spec_hash", spec.hash) != spec.hash:
+                raise ReportError(f"{set_file}: made by spec {meta.get('spec_hash')}, but {curve['spec']} with "
+                                  f"{curve.get('set') or 'no overrides'} is {spec.hash}: not the recipe of this set")
+            trials.append((path, curve, spec, set_file, chosen))
+
+    def protocol(spec) -> str:
+        return json.dumps([spec.dataset["name"], spec.model, spec.evaluation], sort_keys=True, default=str)
+
+    randoms = {(protocol(spec), curve["budget"]): curve["evals"][0]
+               for _, curve, spec, _, _ in trials if curve["algorithm"] == "random" and curve["evals"]}
+    rows = []
+    for path, curve, spec, set_file, chosen in trials:
+        if curve["algorithm"] == "random" or not curve["evals"]:
+            continue
+        evals = curve["evals"]
+        metric, higher = _headline(evals[-1])
+        finished = curve["iterations_done"] >= curve["iterations_planned"] and not curve.get("diverged")
+        at = {e["iteration"]: e for e in evals}
+        sel = at.get(curve["selected"][0]) if chosen else None
+        rand = randoms.get((protocol(spec), curve["budget"]), {})
+        metrics = {}
+        for k in (metric, *SECONDARY.get(metric, ())):
+            hist = [(e["iteration"], e[k][0], e[k][1]) for e in evals if k in e]
+            best = (max if higher else min)(hist, key=lambda h: h[1]) if hist else None
+            final = evals[-1].get(k) if finished else None
+            full = (curve.get("full_data") or {}).get(k)
+            metrics[k] = {"final_mean": final and final[0], "final_std": final and final[1],
+                          "selected_mean": sel and sel[k][0], "selected_std": sel and sel[k][1],
+                          "best_mean": best and best[1], "best_std": best and best[2],
+                          "best_iteration": best and best[0],
+                          "random_mean": rand[k][0] if k in rand else None,
+                          "random_std": rand[k][1] if k in rand else None,
+                          "full_data_mean": full and full[0], "full_data_std": full and full[1],
+                          "pct_of_full": _pct(final and final[0], full and full[0], higher)}
+        spec_rel = os.path.relpath(spec.path, REPO) if str(spec.path).startswith(str(REPO) + os.sep) else spec.path
+        rows.append({"spec": spec_rel, "set": list(curve.get("set") or []), "sweep": f"direct:{path.parent.parent.name}",
+                     "run_id": None, "dataset": spec.dataset["name"], "method": curve["algorithm"],
+                     "budget": curve["budget"], "trials": 1, "status": "FINISHED" if finished else "CUT OFF",
+                     "running": False, "failure_reason": curve.get("diverged"),
+                     "iterations_done": curve["iterations_done"], "iterations_planned": curve["iterations_planned"],
+                     "metric": metric, "higher_is_better": higher, "metrics": metrics,
+                     "selected_iteration": curve["selected"][0] if chosen else None,
+                     "selected_by": f"valid_{metric} ({'max' if higher else 'min'})" if chosen else None,
+                     "published": published(spec.dataset["name"], curve["algorithm"], curve["budget"]),
+                     "wall_s": curve.get("wall_s"), "steps_s": sum(curve.get("sec_per_step") or []) or None,
+                     "spec_hash": spec.hash, "git_commit": curve.get("git_commit"), "git_commits": None,
+                     "device": curve.get("device"), "local_file": str(set_file), "_evals": evals})
+    best: dict[tuple, dict[str, Any]] = {}  # one row per (dataset, method, budget): the best set among the runs
+    for r in rows:
+        key, m = (r["dataset"], r["method"], r["budget"]), r["metrics"][r["metric"]]
+        score = m["selected_mean"] if r["selected_iteration"] is not None else \
+            next(e for e in reversed(r.pop("_evals")) if r["metric"] in e)[r["metric"]][0]
+        r["_score"] = score
+        if key not in best or (score > best[key]["_score"] if r["higher_is_better"] else score < best[key]["_score"]):
+            best[key] = r
+    return [{k: v for k, v in r.items() if k != "_score"} for _, r in sorted(best.items())]
+
+
 # -- publishing ------------------------------------------------------------------------------------
 PUBLISH_LIMIT = 5 * 1024 * 1024  # the distilled/ folder stays under 5 MB in all
 INDEX, README = "index.json", "README.md"
@@ -303,7 +409,8 @@ def index_entry(row: dict[str, Any], file: str, data: bytes, meta: dict[str, str
             if chosen or unfinished else m["pct_of_full"],
             "iterations": row["iterations_done"], "iterations_planned": row.get("iterations_planned"),
             "status": row["status"],
-            "published": row["published"], "spec": row["spec"], "spec_hash": row.get("spec_hash"),
+            "published": row["published"], "spec": row["spec"], **({"set": row["set"]} if row.get("set") else {}),
+            "spec_hash": row.get("spec_hash"),
             "git_commit": row.get("git_commit"), "git_commits": row.get("git_commits"), "run_id": row["run_id"],
             "sweep": row["sweep"]}
 
@@ -325,6 +432,13 @@ def _short(commit: str | None) -> str:
         return "unknown"
     head, _, flag = commit.partition("+")
     return head[:10] + (f"+{flag}" if flag else "")
+
+
+def spec_cell(e: dict[str, Any]) -> str:
+    """The README's spec: the file, and the overrides of a bench/direct.py run (``--set``) or its sweep."""
+    where = "" if not str(e.get("sweep") or "").startswith("direct:") else " (`bench/direct.py`)"
+    sets = e.get("set") or []
+    return f"`{e['spec']}`" + (" with " + ", ".join(f"`{x}`" for x in sets) if sets else "") + where
 
 
 def commit_cell(e: dict[str, Any]) -> str:
@@ -352,6 +466,9 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
              "number over the periodic evaluations, as MTT reports it, for comparison only. A trial still",
              "running when its set was published (`--unfinished`) shows `N of M (running)` iterations and the",
              "set of its latest evaluation (`latest`; `orchestrate export --latest`), with that evaluation's numbers.",
+             "A spec marked (`bench/direct.py`) ran through that script (the sweep's own components without Ray",
+             "or MLflow, on a lent GPU machine) with the overrides shown, which were checked against the spec hash",
+             "the file carries; `cut off` is a run its time limit stopped.",
              "`tests/test_distilled.py` checks every file against this",
              "table and evaluates the sets again independently. Written by",
              "`python bench/fidelity.py --root ROOT --publish distilled/` from the sweeps in ROOT; the folder",
@@ -379,7 +496,7 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
                      f"| {e['budget']} | {iters} | {label} {_pm(e['set_mean'], e['set_std'], scale)} ({which}) "
                      f"| {_pm(e['final_mean'], e['final_std'], scale)} "
                      f"| {best} | {_pm(e['random_mean'], e['random_std'], scale)} | {pct} | {pub} "
-                     f"| `{e['spec']}` | {commit_cell(e)} |")
+                     f"| {spec_cell(e)} | {commit_cell(e)} |")
     extra = [(e, p) for e in sorted(entries, key=lambda e: e["file"]) for p in e.get("protocols", [])]
     if extra:
         lines += ["", "## The same sets under other evaluation protocols", "",
@@ -493,13 +610,19 @@ def publish(rows: list[dict[str, Any]], ws, folder: Path, console, unfinished: b
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / INDEX
     index = {e["file"]: e for e in json.loads(index_path.read_text())} if index_path.is_file() else {}
-    client = MlflowClient(ws.tracking_uri)
+    client = MlflowClient(ws.tracking_uri) if any(not r.get("local_file") for r in rows) else None
     new: dict[str, tuple[bytes, dict]] = {}
     for r in rows:
         finished = r["status"] == "FINISHED"
         if not finished and not unfinished:
             console.print(f"not published: {r['dataset']} {r['method']} {r['budget']} is {r['status']} (--unfinished "
                           f"publishes the set of its latest evaluation)")
+            continue
+        if r.get("local_file"):  # a bench/direct.py trial: its set is a file (checked by direct_rows)
+            data = Path(r["local_file"]).read_bytes()
+            _, meta = read_synthetic(r["local_file"])
+            name = set_name(r)
+            new[name] = (data, index_entry(r, name, data, meta))
             continue
         with tempfile.TemporaryDirectory() as tmp:
             artifact = set_artifact(finished, chose_on_validation(r))
@@ -664,6 +787,10 @@ def main() -> None:
     ap.add_argument("--publish", metavar="DIR", default=None,
                     help="export the set of every finished row into DIR (e.g. distilled/) and rewrite its "
                          "index.json and README.md table")
+    ap.add_argument("--direct", metavar="FOLDER", action="append", default=[],
+                    help="report (and with --publish, publish) the trials of a bench/direct.py --out folder instead "
+                         "of sweeps: its spec and overrides are checked against the spec hash each set carries; "
+                         "repeat for several (a random trial of the same protocol in any of them is the baseline)")
     ap.add_argument("--unfinished", action="store_true",
                     help="with --publish: also publish the rows still running or cut off, by the set of their latest "
                          "evaluation (marked `N of M (running)` in the README); a later --publish replaces it")
@@ -700,6 +827,20 @@ def main() -> None:
         ap.error("--also-epochs must be >= 1")
     console = bench_console(170)
     load0 = os.getloadavg()
+    if args.direct:
+        if args.quick or args.specs or args.run or args.also_strategy:
+            ap.error("--direct reads bench/direct.py folders: give no SPEC, --quick, --run or --also-strategy with it")
+        try:
+            rows = direct_rows([Path(f) for f in args.direct])
+            console.print(table(rows, "fidelity: bench/direct.py")[0])
+            if args.publish:
+                publish(rows, None, Path(args.publish), console, args.unfinished)
+        except ReportError as e:
+            fail(str(e))
+        if args.json:
+            write_results(console, args.json, "fidelity", machine_info("cpu", load0), {"direct": args.direct},
+                          rows=rows)
+        return
     if args.quick and args.specs:
         ap.error("--quick runs its own spec: give no SPEC with it")
     with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:

@@ -112,7 +112,12 @@ def set_evaluation(meta: dict[str, str]) -> dict[str, list[float]]:
         value = json.loads(meta.get("evaluation", "{}"))
     except json.JSONDecodeError:
         return {}
-    return {k: [float(v[0]), float(v[1])] for k, v in value.items()} if isinstance(value, dict) else {}
+    if not isinstance(value, dict):
+        return {}
+    # metric -> [mean, std] pairs only: bench/direct.py wrote its whole record (with "iteration" and
+    # "seconds") into the sets it made before it wrote the pairs alone
+    return {k: [float(v[0]), float(v[1])] for k, v in value.items()
+            if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)}
 
 
 def read_synthetic(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -71,9 +71,8 @@ def independent_job(entry: dict, folder):
     import functools
 
     from orchestrator.artifacts import read_synthetic
-    from orchestrator.spec import load_spec
 
-    spec = load_spec(REPO / entry["spec"])
+    spec = fidelity.entry_spec(entry["spec"], entry.get("set"))  # with a bench/direct.py run's overrides
     tensors, _ = read_synthetic(folder / entry["file"])
     ev = spec.evaluation
     if entry["metric"] == "acc":

@@ -145,6 +145,17 @@ def test_bench_direct_reproduces_the_sweep_without_ray_or_mlflow(tiny, tmp_path)
                 if name.startswith("mtt") else curve["steps"] == {})
         _, meta = read_synthetic(out / name / "synthetic.safetensors")
         assert json.loads(meta["evaluation"])["acc"][0] == pytest.approx(logged[max(logged)], abs=1e-9)
+        assert set(json.loads(meta["evaluation"])) == {"acc"}  # metric -> [mean, std], as a trial writes it
+    # and fidelity.py reads the folder as it reads the sweep: the final set, its recipe checked, the random baseline
+    import fidelity
+
+    [row] = fidelity.direct_rows([out])
+    mtt = next(c for c in children if c.data.tags["algorithm"] == "mtt")
+    rand = next(c for c in children if c.data.tags["algorithm"] == "random")
+    m = row["metrics"]["acc"]
+    assert (row["status"], row["set"], row["spec_hash"]) == ("FINISHED", [], mtt.data.tags["orchestrate.spec_hash"])
+    assert m["final_mean"] == pytest.approx(mtt.data.metrics["acc_mean"], abs=1e-9)
+    assert m["random_mean"] == pytest.approx(rand.data.metrics["acc_mean"], abs=1e-9)
     from orchestrator.store import open_trajectory
 
     def params(folder):  # expert file -> the checksum of its parameters per epoch

@@ -151,3 +151,65 @@ def test_a_running_sequence_trial_shows_the_evaluation_its_validation_history_ch
     assert hr["best_mean"] == 0.146 and hr["final_mean"] is None
     done, = fidelity.report_rows([{**rows[0], "status": "FINISHED"}], {rows[0]["run_id"]: hist}, {}, now_ms=1)
     assert done["selected_iteration"] is None  # a finished trial's choice is the one it logged (none here)
+
+
+def test_bench_direct_folders_are_reported_and_published_with_their_recipe_checked(tmp_path, write_spec):
+    """--direct: a bench/direct.py --out folder becomes one row per distilled trial (the random trial of
+    the same protocol is its baseline); the spec with the curve's overrides must give the spec hash the
+    set carries, so a recipe that did not make the set is refused; a run cut off is published only with
+    --unfinished, by its latest evaluated set, and the README names the overrides and the script."""
+    import json
+
+    import torch
+
+    from algorithms.base import SyntheticSet
+    from orchestrator.artifacts import read_synthetic, save_synthetic, set_evaluation
+    from orchestrator.datasets import dataset_info
+    from tests.conftest import tiny_spec
+
+    spec_path = write_spec(tiny_spec())
+    sets = ["algorithms.mtt.iterations=8"]
+    spec_hash = fidelity.entry_spec(str(spec_path), sets).hash
+    assert spec_hash != fidelity.entry_spec(str(spec_path)).hash
+    info, out = dataset_info("digits"), tmp_path / "direct"
+
+    def trial_dir(name, algorithm, evals, done, planned, file_hash=spec_hash):
+        folder = out / name
+        folder.mkdir(parents=True)
+        # the evaluation record as bench/direct.py wrote it before it kept the pairs alone: still read
+        evaluation = {**evals[-1], "seconds": 1.5}
+        save_synthetic(folder / "synthetic.safetensors", SyntheticSet(torch.zeros(10, 1, 8, 8), torch.arange(10), 0.01),
+                       info, algorithm, {"budget": 1, "iteration": evals[-1]["iteration"], "spec_hash": file_hash,
+                                         "evaluation": evaluation})
+        (folder / "curve.json").write_text(json.dumps({
+            "trial": name, "spec": str(spec_path), "set": sets, "spec_hash": spec_hash, "algorithm": algorithm,
+            "budget": 1, "iterations_planned": planned, "iterations_done": done, "evals": evals,
+            "full_data": {"acc": [0.98, 0.01]}, "diverged": None, "selected": None, "git_commit": "abc+dirty",
+            "sec_per_step": [0.5] * done}))
+
+    trial_dir("random-ipc1", "random", [{"iteration": 0, "acc": [0.55, 0.02]}], 0, 0)
+    trial_dir("mtt-ipc1", "mtt", [{"iteration": 0, "acc": [0.55, 0.02]}, {"iteration": 4, "acc": [0.71, 0.03]}], 4, 8)
+    _, meta = read_synthetic(out / "mtt-ipc1" / "synthetic.safetensors")
+    assert set_evaluation(meta) == {"acc": [0.71, 0.03]}
+    [row] = fidelity.direct_rows([out])
+    m = row["metrics"]["acc"]
+    assert (row["method"], row["status"], row["iterations_done"], row["iterations_planned"]) == ("mtt", "CUT OFF", 4, 8)
+    assert (m["final_mean"], m["best_mean"], m["best_iteration"], m["random_mean"]) == (None, 0.71, 4, 0.55)
+    assert (row["spec_hash"], row["set"], row["git_commit"], row["sweep"]) == (spec_hash, sets, "abc+dirty", "direct:direct")
+
+    folder = tmp_path / "distilled"
+    console = fidelity.bench_console(120)
+    assert fidelity.publish([row], None, folder, console) == []  # cut off: only with --unfinished
+    [e] = fidelity.publish([row], None, folder, console, unfinished=True)
+    assert (folder / e["file"]).read_bytes() == (out / "mtt-ipc1" / "synthetic.safetensors").read_bytes()
+    assert (e["set_mean"], e["set_iteration"], e["status"], e["set"]) == (0.71, 4, "CUT OFF", sets)
+    line = next(x for x in (folder / "README.md").read_text().splitlines() if x.startswith("| [digits-mtt"))
+    assert "| 4 of 8 (cut off) | acc 71.0 ± 3.0 (4, latest) |" in line, line
+    assert f"`{spec_path}` with `algorithms.mtt.iterations=8` (`bench/direct.py`) | abc+dirty |" in line, line
+
+    # a recipe that did not make the set is refused, naming the file
+    other = tmp_path / "other"
+    out = other
+    trial_dir("mtt-ipc1", "mtt", [{"iteration": 8, "acc": [0.8, 0.01]}], 8, 8, file_hash="0123456789abcdef")
+    with pytest.raises(fidelity.ReportError, match="mtt-ipc1/synthetic.safetensors: made by spec 0123456789abcdef"):
+        fidelity.direct_rows([other])
