@@ -305,12 +305,13 @@ def direct_rows(folders: list[Path]) -> list[dict[str, Any]]:
                                   f"{curve.get('set') or 'no overrides'} is {spec.hash}: not the recipe of this set")
             trials.append((path, curve, spec, set_file, chosen))
 
-    def protocol(spec) -> str:
-        return json.dumps([spec.dataset["name"], spec.model, spec.evaluation], sort_keys=True, default=str)
+    def protocol(spec) -> str:  # what a random subset's numbers depend on (not how often it was evaluated)
+        ev = {k: v for k, v in spec.evaluation.items() if k != "interval"}
+        return json.dumps([spec.dataset["name"], spec.model, ev], sort_keys=True, default=str)
 
     randoms = {(protocol(spec), curve["budget"]): curve["evals"][0]
                for _, curve, spec, _, _ in trials if curve["algorithm"] == "random" and curve["evals"]}
-    rows = []
+    scored = []  # (the set's own score: chosen on validation, else its latest evaluation; row)
     for path, curve, spec, set_file, chosen in trials:
         if curve["algorithm"] == "random" or not curve["evals"]:
             continue
@@ -335,7 +336,8 @@ def direct_rows(folders: list[Path]) -> list[dict[str, Any]]:
                           "full_data_mean": full and full[0], "full_data_std": full and full[1],
                           "pct_of_full": _pct(final and final[0], full and full[0], higher)}
         spec_rel = os.path.relpath(spec.path, REPO) if str(spec.path).startswith(str(REPO) + os.sep) else spec.path
-        rows.append({"spec": spec_rel, "set": list(curve.get("set") or []), "sweep": f"direct:{path.parent.parent.name}",
+        score = sel[metric][0] if chosen else next(e for e in reversed(evals) if metric in e)[metric][0]
+        scored.append((score, {"spec": spec_rel, "set": list(curve.get("set") or []), "sweep": f"direct:{path.parent.parent.name}",
                      "run_id": None, "dataset": spec.dataset["name"], "method": curve["algorithm"],
                      "budget": curve["budget"], "trials": 1, "status": "FINISHED" if finished else "CUT OFF",
                      "running": False, "failure_reason": curve.get("diverged"),
@@ -346,16 +348,13 @@ def direct_rows(folders: list[Path]) -> list[dict[str, Any]]:
                      "published": published(spec.dataset["name"], curve["algorithm"], curve["budget"]),
                      "wall_s": curve.get("wall_s"), "steps_s": sum(curve.get("sec_per_step") or []) or None,
                      "spec_hash": spec.hash, "git_commit": curve.get("git_commit"), "git_commits": None,
-                     "device": curve.get("device"), "local_file": str(set_file), "_evals": evals})
-    best: dict[tuple, dict[str, Any]] = {}  # one row per (dataset, method, budget): the best set among the runs
-    for r in rows:
-        key, m = (r["dataset"], r["method"], r["budget"]), r["metrics"][r["metric"]]
-        score = m["selected_mean"] if r["selected_iteration"] is not None else \
-            next(e for e in reversed(r.pop("_evals")) if r["metric"] in e)[r["metric"]][0]
-        r["_score"] = score
-        if key not in best or (score > best[key]["_score"] if r["higher_is_better"] else score < best[key]["_score"]):
-            best[key] = r
-    return [{k: v for k, v in r.items() if k != "_score"} for _, r in sorted(best.items())]
+                     "device": curve.get("device"), "local_file": str(set_file)}))
+    best: dict[tuple, tuple[float, dict[str, Any]]] = {}  # one row per (dataset, method, budget): the best set
+    for score, r in scored:
+        key = (r["dataset"], r["method"], r["budget"])
+        if key not in best or (score > best[key][0] if r["higher_is_better"] else score < best[key][0]):
+            best[key] = (score, r)
+    return [r for _, (_, r) in sorted(best.items())]
 
 
 # -- publishing ------------------------------------------------------------------------------------
@@ -618,20 +617,17 @@ def publish(rows: list[dict[str, Any]], ws, folder: Path, console, unfinished: b
             console.print(f"not published: {r['dataset']} {r['method']} {r['budget']} is {r['status']} (--unfinished "
                           f"publishes the set of its latest evaluation)")
             continue
-        if r.get("local_file"):  # a bench/direct.py trial: its set is a file (checked by direct_rows)
-            data = Path(r["local_file"]).read_bytes()
-            _, meta = read_synthetic(r["local_file"])
-            name = set_name(r)
-            new[name] = (data, index_entry(r, name, data, meta))
-            continue
         with tempfile.TemporaryDirectory() as tmp:
-            artifact = set_artifact(finished, chose_on_validation(r))
-            try:
-                local = client.download_artifacts(r["run_id"], artifact, tmp)
-            except MlflowException as e:  # a running trial that has not been evaluated since it logs the set
-                console.print(f"not published: {r['dataset']} {r['method']} {r['budget']} ({r['status']}) has no "
-                              f"{artifact} yet: {e.message}")
-                continue
+            if r.get("local_file"):  # a bench/direct.py trial: its set is a file (checked by direct_rows)
+                local = r["local_file"]
+            else:
+                artifact = set_artifact(finished, chose_on_validation(r))
+                try:
+                    local = client.download_artifacts(r["run_id"], artifact, tmp)
+                except MlflowException as e:  # a running trial not evaluated since it logs the set
+                    console.print(f"not published: {r['dataset']} {r['method']} {r['budget']} ({r['status']}) "
+                                  f"has no {artifact} yet: {e.message}")
+                    continue
             _, meta = read_synthetic(local)  # the export contract, checked before it is published
             data = Path(local).read_bytes()
         name = set_name(r)

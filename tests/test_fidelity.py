@@ -173,7 +173,8 @@ def test_bench_direct_folders_are_reported_and_published_with_their_recipe_check
     assert spec_hash != fidelity.entry_spec(str(spec_path)).hash
     info, out = dataset_info("digits"), tmp_path / "direct"
 
-    def trial_dir(name, algorithm, evals, done, planned, file_hash=spec_hash):
+    def trial_dir(name, algorithm, evals, done, planned, file_hash=spec_hash, trial_sets=sets):
+        file_hash = file_hash or fidelity.entry_spec(str(spec_path), trial_sets).hash
         folder = out / name
         folder.mkdir(parents=True)
         # the evaluation record as bench/direct.py wrote it before it kept the pairs alone: still read
@@ -182,7 +183,7 @@ def test_bench_direct_folders_are_reported_and_published_with_their_recipe_check
                        info, algorithm, {"budget": 1, "iteration": evals[-1]["iteration"], "spec_hash": file_hash,
                                          "evaluation": evaluation})
         (folder / "curve.json").write_text(json.dumps({
-            "trial": name, "spec": str(spec_path), "set": sets, "spec_hash": spec_hash, "algorithm": algorithm,
+            "trial": name, "spec": str(spec_path), "set": trial_sets, "spec_hash": file_hash, "algorithm": algorithm,
             "budget": 1, "iterations_planned": planned, "iterations_done": done, "evals": evals,
             "full_data": {"acc": [0.98, 0.01]}, "diverged": None, "selected": None, "git_commit": "abc+dirty",
             "sec_per_step": [0.5] * done}))
@@ -206,6 +207,20 @@ def test_bench_direct_folders_are_reported_and_published_with_their_recipe_check
     line = next(x for x in (folder / "README.md").read_text().splitlines() if x.startswith("| [digits-mtt"))
     assert "| 4 of 8 (cut off) | acc 71.0 ± 3.0 (4, latest) |" in line, line
     assert f"`{spec_path}` with `algorithms.mtt.iterations=8` (`bench/direct.py`) | abc+dirty |" in line, line
+
+    # several folders: the best set per (dataset, method, budget), scored by its latest evaluation; the
+    # random baseline may come from a run that evaluated at another interval (same numbers)
+    out = tmp_path / "again"
+    trial_dir("random-ipc1", "random", [{"iteration": 0, "acc": [0.5, 0.02]}], 0, 0, None,
+              sets + ["evaluation.interval=5"])
+    trial_dir("mtt-ipc1", "mtt", [{"iteration": 0, "acc": [0.5, 0.02]}, {"iteration": 4, "acc": [0.69, 0.03]}], 4, 8)
+    [row] = fidelity.direct_rows([tmp_path / "direct", out])
+    assert (row["sweep"], row["metrics"]["acc"]["best_mean"]) == ("direct:direct", 0.71)
+    trial_dir("mtt-ipc2", "mtt", [{"iteration": 8, "acc": [0.74, 0.01]}], 8, 8)
+    [row] = fidelity.direct_rows([tmp_path / "direct", out])
+    assert (row["sweep"], row["status"], row["metrics"]["acc"]["final_mean"]) == ("direct:again", "FINISHED", 0.74)
+    [row] = fidelity.direct_rows([out])  # its only random trial evaluated at another interval: still the baseline
+    assert row["metrics"]["acc"]["random_mean"] == 0.5
 
     # a recipe that did not make the set is refused, naming the file
     other = tmp_path / "other"
