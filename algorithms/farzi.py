@@ -46,7 +46,7 @@ import torch.nn as nn
 from .base import (DivergenceError, at_least, check_config, check_finite, hp, nonneg, one_of, positive,
                    positive_or_none, unit_interval)
 from .networks import functional_forward, manifest_of
-from .seqmodels import sequence_loss, soft_loss
+from .seqmodels import last_item_loss, sequence_loss, soft_loss
 
 GRAD_MODES = ("reverse", "unrolled")
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
@@ -418,6 +418,12 @@ class FarziConfig:
                         doc="outer objective: real-data loss after T steps, or MTT's distance to an expert checkpoint")
     expert_epochs: int = hp(2, positive, integer=True, added=True,
                             doc="objective match: the target is this many expert epochs after theta_0")
+    # objective loss: which next items of the real batch the outer loss scores. "all": every position
+    # (Farzi's); "last": each real sequence's last item given the rest, the position a leave-one-out
+    # evaluation ranks (on ML-100k the all-positions loss falls while HR@10 falls with it:
+    # bench/farzi_generalisation.py)
+    outer_positions: str = hp("all", one_of("all", "last"), added=True,
+                              doc="objective loss: score every next item of the real batch, or each sequence's last")
 
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
@@ -498,7 +504,8 @@ class FarziDistiller:
             outer = lambda th: ((th - target) ** 2).sum() / span  # noqa: E731
         else:
             real = self.real[torch.randperm(len(self.real), generator=g)[: cfg.real_batch]].to(self.device)
-            outer = lambda th: sequence_loss(self._forward(th, real), real, self.pad_id)  # noqa: E731
+            score = last_item_loss if cfg.outer_positions == "last" else sequence_loss
+            outer = lambda th: score(self._forward(th, real), real, self.pad_id)  # noqa: E731
         prob = InnerProblem(
             data=lambda idx: decode((self.F if idx is None else self.F[idx.to(self.device)]).to(self.dtype),
                                     self.M.to(self.dtype), cfg.temperature, self.pad_id),

@@ -127,6 +127,15 @@ def hard_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int | None) -> to
     return F.cross_entropy(logits[:, :-1].reshape(-1, v), targets.reshape(-1), ignore_index=-100)
 
 
+def last_item_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Cross-entropy of each real sequence's last id given everything before it (the position a
+    leave-one-out evaluation ranks); sequences of one id (padding before it) are ignored."""
+    targets = ids[:, -1]
+    if pad_id is not None:
+        targets = targets.masked_fill((ids[:, -2] == pad_id) | (targets == pad_id), -100)
+    return F.cross_entropy(logits[:, -2], targets, ignore_index=-100)
+
+
 def soft_loss(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on soft sequences: position t against the distribution at t+1."""
     return -(probs[:, 1:] * logits[:, :-1].log_softmax(-1)).sum(-1).mean()

@@ -591,3 +591,32 @@ def test_teacher_start_trains_a_better_model_than_the_same_users_hard_sequences(
     losses = {name: [held_loss(fit(x, 40, s)) for s in (3, 4)] for name, x in (("hard", users), ("teacher", taught))}
     assert max(losses["teacher"]) < min(losses["hard"]) - 0.5, losses  # measured 2.5-2.9 against 4.7
     assert max(losses["teacher"]) < math.log(10) + 0.7, losses  # near the expert, far below uniform (log 40)
+
+
+def test_outer_positions_last_scores_each_real_sequences_last_item_and_draws_the_same_problems():
+    """outer_positions 'last': the outer loss is the cross-entropy of each real sequence's last id given
+    the rest (padding-only contexts ignored), its meta-gradient is exact, and the problems drawn are
+    those of the default (a spec that adds the option keeps its sampling)."""
+    import torch.nn.functional as nnf
+
+    from algorithms.farzi import meta_gradient
+    from algorithms.seqmodels import last_item_loss
+
+    ids = torch.tensor([[0, 0, 3, 4], [1, 2, 3, 4], [0, 0, 0, 5]])
+    logits = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(0))
+    want = nnf.cross_entropy(logits[:2, -2], ids[:2, -1])  # the third has no item before its last
+    assert float(last_item_loss(logits, ids, 0)) == pytest.approx(float(want), rel=1e-6)
+
+    a, b = (_distiller(precision="float64", real_batch=20, **kw) for kw in ({}, {"outer_positions": "last"}))
+    assert [a.problem()[2] for _ in range(4)] == [b.problem()[2] for _ in range(4)]
+    theta0, prob, _ = b.problem(expert=0, start=1)
+    theta0_a, prob_a, _ = a.problem(expert=0, start=1)
+    logits = b._forward(theta0, b.real)  # the real batch is all 20 sequences: either loss is their mean
+    assert float(prob.outer(theta0)) == pytest.approx(float(last_item_loss(logits, b.real, 0)), rel=1e-9)
+    assert float(prob_a.outer(theta0)) == pytest.approx(float(sequence_loss(logits, b.real, 0)), rel=1e-9)
+    assert float(prob.outer(theta0)) != pytest.approx(float(prob_a.outer(theta0)), rel=1e-3)
+    rev = meta_gradient("reverse", theta0, prob, b.hp)
+    unr = meta_gradient("unrolled", theta0, prob, b.hp)
+    assert rev.outer_loss == pytest.approx(unr.outer_loss, rel=1e-10)
+    for x, y in zip(rev.grads, unr.grads):
+        assert float(y.norm()) > 0 and rel_err(x, y) < 1e-6
