@@ -43,10 +43,14 @@ SPEC = REPO / "search_spaces" / "reference" / "farzi_ml100k.yaml"
 
 
 def parse_args():
-    ap = bench_parser(__doc__, "2 fresh theta_0, 2 evaluation networks, horizon 2 x T, 256 outer users")
+    ap = bench_parser(__doc__, "the first 2 experts' theta_0 and 2 held-out ones, 2 fresh theta_0, 2 evaluation "
+                               "networks, horizon 2 x T, 256 outer users")
     ap.add_argument("sets", nargs="+", help="Farzi set files (safetensors with F, M, temperature)")
     ap.add_argument("--spec", default=str(SPEC), help="the spec that made the sets (default: the reference)")
     ap.add_argument("--root", required=True, help="the root whose store holds the spec's experts")
+    ap.add_argument("--experts", type=int, default=None,
+                    help="the objective's theta_0 from the first N of the spec's experts, and at most N held-out ones "
+                         "(default all; quick 2)")
     ap.add_argument("--fresh", type=int, default=None, help="fresh random theta_0 (default 10; quick 2)")
     ap.add_argument("--networks", type=int, default=None, help="evaluation networks (default the spec's; quick 2)")
     ap.add_argument("--horizon", type=int, default=None,
@@ -104,7 +108,7 @@ def main() -> None:
     T, lr, eps = int(hp["inner_steps"]), float(hp["inner_lr"]), float(hp.get("eps", 1e-8))
     starts = range(int(hp.get("max_start_epoch", 2)) + 1)
     count = spec.experts["count"]
-    quick_defaults(args, fresh=(2, 10), networks=(2, ev["networks"]), horizon=(2 * T, None), outer_users=(256, 512))
+    quick_defaults(args, experts=(2, count), fresh=(2, 10), networks=(2, ev["networks"]), horizon=(2 * T, None), outer_users=(256, 512))
 
     data = load_sequences(spec.dataset["name"], spec.dataset.get("root") or shared_data(spec.dataset["name"]))
     task = seq_task(data, spec.model["max_len"])
@@ -116,7 +120,8 @@ def main() -> None:
     if len(ours) < count:
         sys.exit(f"the experts of {args.spec} are not all in {args.root}: {where} (orchestrate launch {args.spec} "
                  f"--root {args.root} trains them)")
-    others = [(i, p) for i, p, _ in found if i >= count]
+    others = [(i, p) for i, p, _ in found if i >= count][: args.experts]
+    ours = ours[: args.experts]
     V, pad = task.vocab_size, task.pad_id
     g = torch.Generator().manual_seed(0)
     outer = task.train[torch.randperm(len(task.train), generator=g)[: args.outer_users]]
@@ -213,7 +218,7 @@ def main() -> None:
     if args.json:
         write_results(console, args.json, "farzi_generalisation", machine_info("cpu", load_start),
                       {"spec": args.spec, "root": args.root, "T": T, "horizon": horizon, "inner_lr": lr, "eps": eps,
-                       "outer_users": len(outer), "fresh": args.fresh, "networks": args.networks,
+                       "outer_users": len(outer), "experts": [i for i, _ in ours], "fresh": args.fresh, "networks": args.networks,
                        "held_out_experts": [i for i, _ in others]}, rows=rows)
 
 

@@ -160,7 +160,9 @@ def stored_experts(spec: Spec, data, trajectories) -> tuple[list[tuple[int, str,
         recs = forms["full"] if "full" in forms else forms[form]
         found = sorted((int(r["index"]), str(storage.join(folder, r["path"])), float(r["final_test_acc"]))
                        for r in recs if int(r["index"]) < count)
-        if found and (store.remote or all(Path(p).is_file() for _, p, _ in found)):
+        # the manifest is the last launch's: one with a smaller experts.count lists fewer than are
+        # stored, and then the files themselves are read
+        if len(found) == count and (store.remote or all(Path(p).is_file() for _, p, _ in found)):
             return found, str(folder)
     except (OSError, ValueError, KeyError, TypeError):
         pass

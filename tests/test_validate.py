@@ -69,3 +69,26 @@ def test_stored_experts_are_counted_and_a_corrupt_one_is_reported_not_moved(tmp_
     assert "full: 0 stored and valid (reused), 2 missing (trained)" in res.output
     assert "it would be rebuilt" in res.output and bad.read_bytes() == b"not an arrow file"
     assert sorted(p.name for p in bad.parent.iterdir()) == ["expert_00001.arrow"]
+
+
+@pytest.mark.slow  # trains two tiny experts
+def test_stored_experts_are_all_found_after_a_launch_with_fewer_experts_rewrote_the_manifest(tmp_path, write_spec):
+    """The store's manifest.json is the last launch's: after a launch of the same recipe with a smaller
+    experts.count it lists fewer experts than are stored, and the readers (orchestrate evaluate, the
+    bench diagnostics) must still find every one on disk."""
+    from orchestrator.evaluate import stored_experts
+    from orchestrator.experts import expert_seed, train_and_write
+
+    s = load_spec(write_spec(tiny_spec()))  # 2 experts
+    data = load_data(s)
+    store = TrajectoryStore(tmp_path / "trajectories")
+    key = expert_key(s, data)
+    recs = [train_and_write(data, s.model, s.expert_training(), expert_seed(s.experts["seed"], i), i,
+                            {"full": str(store.expert_path(key, "digits", i))}, {}, {"dataset": {"name": "digits"}},
+                            "cpu")["full"] for i in range(2)]
+    store.write_manifest(key, "digits", {"full": recs})
+    found, _ = stored_experts(s, data, store.root)
+    assert [i for i, _, _ in found] == [0, 1]
+    store.write_manifest(key, "digits", {"full": recs[:1]})  # a launch with experts.count 1 came after
+    found, _ = stored_experts(s, data, store.root)
+    assert [i for i, _, _ in found] == [0, 1]  # read from the files (before: only expert 0)
