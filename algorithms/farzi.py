@@ -30,6 +30,10 @@ with ``mhat = m/(1-b1^t)``, ``vhat = v/(1-b2^t)``. With adjoints ``dtheta`` (of 
 4. ``m_{t-1} = (m_t - (1-b1) g_t) / b1``, ``v_{t-1} = (v_t - (1-b2) g_t^2) / b2``;
    ``dm *= b1``, ``dv *= b2``.
 
+Truncated backward (``window`` W, the ``backward_steps`` hyperparameter): the forward pass runs all
+T steps and the reverse pass stops after step T - W + 1, which is autograd's gradient with the state
+after step T - W detached. Its cost is T gradients plus W reverse steps instead of T + T.
+
 ``second_moment=False`` drops the ``dv`` path (v treated as a constant of theta), which equals
 autograd through Adam with ``g^2`` detached in the second moment.
 """
@@ -117,17 +121,22 @@ def hvp(loss_fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, u:
 
 
 def unrolled_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, second_moment: bool = True,
-                       state_dtype: torch.dtype | None = None) -> MetaResult:
+                       state_dtype: torch.dtype | None = None, window: int = 0) -> MetaResult:
     """Reference: autograd through the unrolled Adam steps (memory grows with the steps).
     The model runs in ``theta0``'s dtype; Adam's state (parameters and moments) in ``state_dtype``
-    (default: the same), as :func:`reverse_meta_grad` does."""
+    (default: the same), as :func:`reverse_meta_grad` does. ``window`` W > 0 truncates the backward
+    pass to the last W steps: the state after step T - W is taken as a constant (detached)."""
     dtype = theta0.dtype
+    steps = len(prob.batches)
+    cut = steps - window if 0 < window < steps else 0
     with torch.enable_grad():
         theta = theta0.detach().to(state_dtype or dtype).requires_grad_(True)
         m = torch.zeros_like(theta)
         v = torch.zeros_like(theta)
         first = last = math.nan
         for t, batch in enumerate(prob.batches, 1):
+            if t == cut + 1 and cut:
+                theta, m, v = theta.detach().requires_grad_(True), m.detach(), v.detach()
             loss = prob.loss(theta.to(dtype), prob.data(batch))
             (g,) = torch.autograd.grad(loss, theta, create_graph=True)
             last = float(loss.detach())
@@ -143,9 +152,15 @@ def unrolled_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, sec
 
 
 def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, second_moment: bool = True,
-                      checkpoint_every: int = 0, state_dtype: torch.dtype | None = torch.float64) -> MetaResult:
+                      checkpoint_every: int = 0, state_dtype: torch.dtype | None = torch.float64,
+                      window: int = 0) -> MetaResult:
     """Reverse-mode Adam: the same meta-gradient as :func:`unrolled_meta_grad` in memory that does
     not grow with the number of steps (see the module docstring for the derivation).
+
+    ``window`` W > 0 reverses only the last W of the T steps (truncated backpropagation, as in
+    RaT-BPTT, Feng et al. 2024): the forward pass still runs all T steps, so the outer loss is the
+    one after T steps, but the backward pass costs W steps and the state after step T - W counts
+    as a constant. 0 (or W >= T) reverses every step.
 
     The model (gradients, Hessian-vector products) runs in ``theta0``'s dtype; Adam's state and the
     reversal run in ``state_dtype`` (float64 by default: undoing ``v_t = b2 v_{t-1} + (1-b2) g^2``
@@ -179,7 +194,8 @@ def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, seco
     dm = torch.zeros_like(theta)
     dv = torch.zeros_like(theta)
     dparams = [torch.zeros_like(p, dtype=theta.dtype) for p in prob.data_params]  # summed in the state dtype
-    for t in range(steps, 0, -1):
+    cut = steps - window if 0 < window < steps else 0
+    for t in range(steps, cut, -1):
         c1, c2 = 1 - b1 ** t, 1 - b2 ** t
         mhat, vhat = m / c1, v / c2
         pos = vhat > 0
@@ -217,11 +233,12 @@ def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, seco
 
 
 def meta_gradient(mode: str, theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, second_moment: bool = True,
-                  checkpoint_every: int = 0, state_dtype: torch.dtype | None = torch.float64) -> MetaResult:
+                  checkpoint_every: int = 0, state_dtype: torch.dtype | None = torch.float64,
+                  window: int = 0) -> MetaResult:
     if mode == "reverse":
-        return reverse_meta_grad(theta0, prob, hp, second_moment, checkpoint_every, state_dtype)
+        return reverse_meta_grad(theta0, prob, hp, second_moment, checkpoint_every, state_dtype, window)
     if mode == "unrolled":
-        return unrolled_meta_grad(theta0, prob, hp, second_moment, state_dtype)
+        return unrolled_meta_grad(theta0, prob, hp, second_moment, state_dtype, window)
     raise ValueError(f"unknown grad_mode {mode!r} ({' | '.join(GRAD_MODES)})")
 
 
@@ -425,10 +442,23 @@ class FarziConfig:
     outer_positions: str = hp("all", one_of("all", "last"), added=True,
                               doc="objective loss: score every next item of the real batch, or each sequence's last")
 
+    # truncated backward (RaT-BPTT, Feng et al. 2024): the inner loop runs all inner_steps, the meta-gradient
+    # flows back through the last backward_steps of them only. The outer loss is then the one at the
+    # evaluation's horizon (T = 50's short-horizon bias: bench/README.md, Farzi) for the cost of a window
+    backward_steps: int = hp(0, nonneg, integer=True, added=True,
+                             doc="reverse only the last W inner steps (0: all of them)")
+    # "random": each problem runs N ~ U{max(W, 1)..inner_steps} inner steps (RaT-BPTT's random unroll), so
+    # the window covers the whole trajectory over the outer steps; "fixed": always inner_steps
+    unroll: str = hp("fixed", one_of("fixed", "random"), added=True,
+                     doc="inner steps per problem: always inner_steps, or uniform in backward_steps..inner_steps")
+
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"FarziConfig.budget must be an integer >= 1, got {self.budget!r}")
         check_config(self)
+        if self.backward_steps > self.inner_steps:
+            raise ValueError(f"FarziConfig.backward_steps ({self.backward_steps}) exceeds inner_steps "
+                             f"({self.inner_steps}): the window reverses some of the inner steps")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -492,10 +522,14 @@ class FarziDistiller:
         elif not 0 <= start <= last:
             raise ValueError(f"start epoch {start} outside 0..{last} for expert {e}")
         theta0 = traj[start].to(self.device, self.dtype)
+        steps = cfg.inner_steps
+        if cfg.unroll == "random":
+            low = max(cfg.backward_steps, 1)
+            steps = low + int(torch.randint(cfg.inner_steps - low + 1, (1,), generator=g))
         if cfg.inner_batch and cfg.inner_batch < cfg.budget:
-            batches = [torch.randperm(cfg.budget, generator=g)[: cfg.inner_batch] for _ in range(cfg.inner_steps)]
+            batches = [torch.randperm(cfg.budget, generator=g)[: cfg.inner_batch] for _ in range(steps)]
         else:
-            batches = [None] * cfg.inner_steps
+            batches = [None] * steps
         if match:
             target = traj[start + cfg.expert_epochs].to(self.device, self.dtype)
             span = float(((theta0.double() - target.double()) ** 2).sum())
@@ -511,18 +545,18 @@ class FarziDistiller:
                                     self.M.to(self.dtype), cfg.temperature, self.pad_id),
             loss=lambda th, x: soft_loss(self._forward(th, x), x),
             outer=outer, data_params=[self.F, self.M], batches=batches)
-        return theta0, prob, {"expert": float(e), "start_epoch": float(start)}
+        return theta0, prob, {"expert": float(e), "start_epoch": float(start), "inner_steps": float(steps)}
 
     def step(self) -> dict[str, float]:
         """One outer step: the meta-gradient averaged over ``theta_samples`` problems, then Adam.
         Metrics (outer and inner losses, start epoch, expert) are the means over the problems."""
         cfg = self.cfg
         grads, sums = None, {"loss": 0.0, "inner_loss_first": 0.0, "inner_loss_last": 0.0,
-                             "expert": 0.0, "start_epoch": 0.0}
+                             "expert": 0.0, "start_epoch": 0.0, "inner_steps": 0.0}
         for _ in range(cfg.theta_samples):
             theta0, prob, info = self.problem()
             res = meta_gradient(cfg.grad_mode, theta0, prob, self.hp, cfg.second_moment, cfg.checkpoint_every,
-                                PRECISIONS[cfg.reverse_precision])
+                                PRECISIONS[cfg.reverse_precision], cfg.backward_steps)
             check_finite("outer loss", torch.tensor(res.outer_loss), self.iteration)
             for p, gr in zip((self.F, self.M), res.grads):
                 check_finite(f"meta-gradient of {'F' if p is self.F else 'M'}", gr, self.iteration)

@@ -214,6 +214,12 @@ class Farzi(Method):
             long = [b for b in bounds(hp.get("seq_len")) if b > model["max_len"]]
             if long:
                 err(f"{prefix}.seq_len", f"{max(long)} exceeds model.max_len ({model['max_len']})")
+        windows = bounds(hp.get("backward_steps"))
+        if windows:
+            steps = bounds(hp.get("inner_steps")) or [FarziConfig.__dataclass_fields__["inner_steps"].default]
+            if max(windows) > min(steps):
+                err(f"{prefix}.backward_steps", f"{max(windows):g} exceeds inner_steps ({min(steps):g}): "
+                    "the window reverses the last backward_steps of the inner steps")
         starts = bounds(hp.get("max_start_epoch"))
         if not starts:
             return

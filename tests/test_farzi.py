@@ -620,3 +620,78 @@ def test_outer_positions_last_scores_each_real_sequences_last_item_and_draws_the
     assert rev.outer_loss == pytest.approx(unr.outer_loss, rel=1e-10)
     for x, y in zip(rev.grads, unr.grads):
         assert float(y.norm()) > 0 and rel_err(x, y) < 1e-6
+
+
+def _window_problem(steps: int, window: int):
+    """tiny_problem whose synthetic row 3 is used only before the window (its last ``window``
+    steps train on rows 0-2), so the truncated meta-gradient of F[3] is exactly zero."""
+    model, man, theta0, prob = tiny_problem(steps)
+    g = torch.Generator().manual_seed(5)
+    prob.batches = [torch.randperm(4, generator=g)[:3] if t < steps - window else torch.tensor([0, 1, 2])
+                    for t in range(steps)]
+    assert any(3 in b.tolist() for b in prob.batches[: steps - window])
+    return theta0, prob
+
+
+@pytest.mark.parametrize("window", [1, 7])
+def test_truncated_backward_reverses_the_last_steps_like_autograd_through_the_window(window):
+    """backward_steps W: the forward pass runs all T steps (the outer loss is T steps'), the meta-gradient
+    is autograd's through the last W steps with the state after step T - W detached; reverse mode gives
+    it to 1e-6, with and without checkpoints, and W = T (or 0) is the full meta-gradient."""
+    steps = 20
+    theta0, prob = _window_problem(steps, window)
+    hp = AdamHP(lr=0.01)
+    full = unrolled_meta_grad(theta0, prob, hp)
+    ref = unrolled_meta_grad(theta0, prob, hp, window=window)
+    assert ref.outer_loss == pytest.approx(full.outer_loss, rel=1e-12)  # the same T-step forward
+    assert torch.equal(ref.theta, full.theta)
+    for every in (0, 4):
+        rev = reverse_meta_grad(theta0, prob, hp, checkpoint_every=every, window=window)
+        assert rev.outer_loss == pytest.approx(full.outer_loss, rel=1e-12)
+        for name, a, b in zip("FM", rev.grads, ref.grads):
+            assert float(b.norm()) > 0 and rel_err(a, b) < 1e-6, (name, every, rel_err(a, b))
+    # row 3 is trained on only before the window: the truncated gradient ignores it, the full one does not
+    assert float(ref.grads[0][3].abs().max()) == 0.0 and float(full.grads[0][3].norm()) > 0
+    assert rel_err(ref.grads[1], full.grads[1]) > 1e-3  # a different gradient, not the full one
+    for w in (0, steps):
+        for a, b in zip(reverse_meta_grad(theta0, prob, hp, window=w).grads, full.grads):
+            assert rel_err(a, b) < 1e-6
+
+
+def test_truncated_backward_and_random_unroll_in_the_distiller():
+    """backward_steps reaches the meta-gradient (the distiller's step equals meta_gradient with the
+    window on the problem it draws); unroll 'random' draws N in backward_steps..inner_steps inner steps
+    (all of them over many problems) and reports them; 'fixed' draws the problems of the default; a
+    window longer than the inner loop is an error naming the field; a distiller resumes exactly."""
+    from algorithms.farzi import meta_gradient
+
+    with pytest.raises(ValueError, match=r"backward_steps \(4\) exceeds inner_steps \(3\)"):
+        _distiller(backward_steps=4)
+    base = _distiller(precision="float64", inner_steps=6)
+    fixed = _distiller(precision="float64", inner_steps=6, backward_steps=2)
+    assert [base.problem()[2] for _ in range(4)] == [fixed.problem()[2] for _ in range(4)]
+    assert {fixed.problem()[2]["inner_steps"] for _ in range(5)} == {6.0}
+
+    rnd = _distiller(precision="float64", inner_steps=6, backward_steps=2, unroll="random")
+    drawn = [len(rnd.problem()[1].batches) for _ in range(60)]
+    assert set(drawn) == {2, 3, 4, 5, 6}, sorted(set(drawn))
+
+    ref = _distiller(precision="float64", inner_steps=6, backward_steps=2, unroll="random", seed=3)
+    d = _distiller(precision="float64", inner_steps=6, backward_steps=2, unroll="random", seed=3)
+    theta0, prob, info = ref.problem()
+    want = meta_gradient("reverse", theta0, prob, ref.hp, window=2)
+    whole = meta_gradient("reverse", theta0, prob, ref.hp)
+    seen = {}
+    original = d.opt.step
+    d.opt.step = lambda *a, **k: (seen.update(F=d.F.grad.clone()), original(*a, **k))[1]
+    out = d.step()
+    assert out["inner_steps"] == info["inner_steps"] == len(prob.batches)
+    assert out["loss"] == pytest.approx(want.outer_loss, rel=1e-12)
+    assert rel_err(seen["F"], want.grads[0]) < 1e-12
+    if len(prob.batches) > 2:
+        assert rel_err(seen["F"], whole.grads[0]) > 1e-3
+    state = d.state_dict()
+    nxt = [d.step()["loss"] for _ in range(3)]
+    e = _distiller(precision="float64", inner_steps=6, backward_steps=2, unroll="random", seed=11)
+    e.load_state_dict(state)
+    assert [e.step()["loss"] for _ in range(3)] == nxt
