@@ -100,7 +100,8 @@ def build_problem(cfg: dict, steps: int, mode: str, device: str):
     fcfg = FarziConfig(budget=cfg["budget"], seq_len=cfg["seq_len"], latent_dim=cfg["latent_dim"],
                        inner_steps=steps, inner_lr=cfg["inner_lr"], real_batch=cfg["real_batch"],
                        max_start_epoch=0, grad_mode=mode, precision=cfg["precision"],
-                       reverse_precision=cfg["reverse_precision"], checkpoint_every=cfg["checkpoint_every"])
+                       reverse_precision=cfg["reverse_precision"], checkpoint_every=cfg["checkpoint_every"],
+                       backward_steps=min(cfg.get("backward_steps", 0), steps))
     dist = FarziDistiller(model, [theta.view(1, -1)], real, vocab, 0, fcfg, seed=cfg["seed"], device=device)
     theta0, prob, _ = dist.problem()
     return dist, theta0, prob, spec, theta.numel()
@@ -113,7 +114,7 @@ def run_one(cfg: dict, mode: str, steps: int, device: str, repeats: int, grads_p
 
     def call():
         return meta_gradient(mode, theta0, prob, dist.hp, fc.second_moment, fc.checkpoint_every,
-                             PRECISIONS[fc.reverse_precision])
+                             PRECISIONS[fc.reverse_precision], fc.backward_steps)
 
     # warm-up: also the memory measurement (the hooks slow it a little; it is not timed)
     sync(device)
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run every (mode, T) in this process (RSS growth is then hidden by earlier peaks)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1, as a trial with cpus_per_trial: 1)")
+    ap.add_argument("--backward-steps", type=int, default=0,
+                    help="truncated backward: both modes differentiate only the last W inner steps (min(W, T); "
+                         "0: all, the default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     load_start = os.getloadavg()
@@ -260,13 +264,15 @@ def main(argv: list[str] | None = None) -> int:
            "budget": args.budget, "seq_len": args.seq_len, "latent_dim": args.latent_dim, "real_batch": args.real_batch,
            "real_sequences": max(args.real_batch, 943), "inner_lr": args.inner_lr, "precision": args.precision,
            "reverse_precision": args.reverse_precision, "checkpoint_every": args.checkpoint_every,
-           "threads": args.threads, "seed": args.seed}
+           "backward_steps": args.backward_steps, "threads": args.threads, "seed": args.seed}
 
     console = bench_console(140)
     _, _, _, spec, params = build_problem(cfg, 1, "reverse", "cpu")
     console.print(f"[bold]Farzi meta-gradient[/bold] ({args.device}, {args.threads} thread(s)): model {spec}, "
                   f"vocab {args.vocab}, {params:,} params; mu {args.budget} x xi {args.seq_len}, latent "
-                  f"{args.latent_dim}, real batch {args.real_batch}; T {steps_list}; 1 warm-up + {args.repeats} "
+                  f"{args.latent_dim}, real batch {args.real_batch}; T {steps_list}"
+                  + (f", backward through the last {args.backward_steps} steps" if args.backward_steps else "")
+                  + f"; 1 warm-up + {args.repeats} "
                   f"timed calls per (mode, T), each in a fresh process")
     # the unrolled peak key used to predict the next T (the larger of the two CPU measures)
     mem_key = "cuda_peak_mb" if cuda else "rss_growth_mb"
