@@ -435,11 +435,26 @@ class TrajectoryStore:
         return valid, todo, problems
 
     def write_manifest(self, key: str, dataset: str, records: dict[str, list[ExpertRecord]]) -> Path | str:
-        p = storage.join(self.dir(key, dataset), "manifest.json")
-        body = {"key": key, "forms": {form: [r.__dict__ | {"path": storage.name(r.path) if self.remote
-                                                           else Path(r.path).name}
-                                             for r in sorted(recs, key=lambda r: r.index)]
-                                      for form, recs in records.items()}}
+        """Record a launch's experts in ``manifest.json``. Entries of the manifest already there for other
+        experts whose files still exist stay (a launch with a smaller ``experts.count`` does not hide the
+        experts a larger one stored); the launch's own records replace theirs."""
+        d = self.dir(key, dataset)
+        p = storage.join(d, "manifest.json")
+        forms: dict[str, dict[int, dict]] = {}
+        try:
+            old = json.loads(storage.read_bytes(p) if self.remote else Path(p).read_bytes())
+            if old.get("key") == key:
+                for form, recs in old["forms"].items():
+                    for r in recs:
+                        if isinstance(r, dict) and self._exists(storage.join(d, str(r["path"]))):
+                            forms.setdefault(form, {})[int(r["index"])] = r
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # no manifest yet, or one unreadable: the launch's records alone
+        for form, recs in records.items():
+            for r in recs:
+                forms.setdefault(form, {})[r.index] = r.__dict__ | {
+                    "path": storage.name(r.path) if self.remote else Path(r.path).name}
+        body = {"key": key, "forms": {form: [recs[i] for i in sorted(recs)] for form, recs in forms.items()}}
         self._write(p, json.dumps(body, indent=2).encode())
         return p
 

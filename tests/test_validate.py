@@ -1,6 +1,8 @@
 """``orchestrate validate SPEC``: launch's checks without Ray and without writing anything, then the
 trials a launch would run and the experts it would train or reuse."""
+import json
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -89,6 +91,19 @@ def test_stored_experts_are_all_found_after_a_launch_with_fewer_experts_rewrote_
     store.write_manifest(key, "digits", {"full": recs})
     found, _ = stored_experts(s, data, store.root)
     assert [i for i, _, _ in found] == [0, 1]
+    manifest = store.dir(key, "digits") / "manifest.json"
     store.write_manifest(key, "digits", {"full": recs[:1]})  # a launch with experts.count 1 came after
+    assert [r["index"] for r in json.loads(manifest.read_text())["forms"]["full"]] == [0, 1]  # expert 1 stays
+    found, _ = stored_experts(s, data, store.root)
+    assert [i for i, _, _ in found] == [0, 1]
+    # a manifest written before launches kept the others' entries lists only the last launch's experts
+    old = json.loads(manifest.read_text())
+    old["forms"]["full"] = old["forms"]["full"][:1]
+    manifest.write_text(json.dumps(old))
     found, _ = stored_experts(s, data, store.root)
     assert [i for i, _, _ in found] == [0, 1]  # read from the files (before: only expert 0)
+    # an entry whose file is gone is dropped when the next launch writes the manifest
+    store.write_manifest(key, "digits", {"full": recs})
+    Path(recs[1].path).unlink()
+    store.write_manifest(key, "digits", {"full": recs[:1]})
+    assert [r["index"] for r in json.loads(manifest.read_text())["forms"]["full"]] == [0]
