@@ -173,7 +173,9 @@ def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, seco
     theta = theta0.detach().to(state_dtype or dtype).clone()
     m = torch.zeros_like(theta)
     v = torch.zeros_like(theta)
-    saved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {0: (theta.clone(), m, v)}
+    cut = steps - window if 0 < window < steps else 0  # the reverse pass stops after step cut + 1
+    # the states the reverse pass restores (only those inside the window are ever read)
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {0: (theta.clone(), m, v)} if not cut else {}
     first = last = math.nan
     for t, batch in enumerate(prob.batches, 1):
         g, loss = inner_grad(prob, theta, batch, dtype)
@@ -182,7 +184,7 @@ def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, seco
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         theta = theta - adam_update(m, v, t, hp)
-        if checkpoint_every and t % checkpoint_every == 0 and t < steps:
+        if checkpoint_every and t % checkpoint_every == 0 and cut <= t < steps:
             saved[t] = (theta.clone(), m.clone(), v.clone())
     theta_T = theta.clone()
 
@@ -194,7 +196,6 @@ def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, seco
     dm = torch.zeros_like(theta)
     dv = torch.zeros_like(theta)
     dparams = [torch.zeros_like(p, dtype=theta.dtype) for p in prob.data_params]  # summed in the state dtype
-    cut = steps - window if 0 < window < steps else 0
     for t in range(steps, cut, -1):
         c1, c2 = 1 - b1 ** t, 1 - b2 ** t
         mhat, vhat = m / c1, v / c2
