@@ -99,7 +99,7 @@ def build_problem(cfg: dict, steps: int, mode: str, device: str):
     real[torch.arange(max_len).view(1, -1) < (max_len - lengths).view(-1, 1)] = 0
     fcfg = FarziConfig(budget=cfg["budget"], seq_len=cfg["seq_len"], latent_dim=cfg["latent_dim"],
                        inner_steps=steps, inner_lr=cfg["inner_lr"], real_batch=cfg["real_batch"],
-                       max_start_epoch=0, grad_mode=mode, precision=cfg["precision"],
+                       max_start_epoch=1, grad_mode=mode, precision=cfg["precision"],
                        reverse_precision=cfg["reverse_precision"], checkpoint_every=cfg["checkpoint_every"],
                        backward_steps=min(cfg.get("backward_steps", 0), steps))
     dist = FarziDistiller(model, [theta.view(1, -1)], real, vocab, 0, fcfg, seed=cfg["seed"], device=device)
