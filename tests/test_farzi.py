@@ -695,3 +695,23 @@ def test_truncated_backward_and_random_unroll_in_the_distiller():
     e = _distiller(precision="float64", inner_steps=6, backward_steps=2, unroll="random", seed=11)
     e.load_state_dict(state)
     assert [e.step()["loss"] for _ in range(3)] == nxt
+
+
+def test_bench_farzi_memory_runs_and_its_two_modes_agree_on_the_window(tmp_path):
+    """bench/farzi_memory.py --quick at two tiny horizons, in this process, with a backward window: the
+    script runs (it once built a config its checks refuse) and reverse mode and unrolled autograd give
+    the same truncated meta-gradient."""
+    import json
+    import sys
+
+    from .conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import farzi_memory
+
+    out = tmp_path / "fm.json"
+    assert farzi_memory.main(["--quick", "--steps", "2", "4", "--backward-steps", "2", "--repeats", "1",
+                              "--in-process", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["T"] for r in rows] == [2, 4]
+    assert all(r["rel_err_reverse_vs_unrolled"] < 1e-5 for r in rows), rows
