@@ -18,6 +18,7 @@ NDCG@10 on a second line); PTB perplexity. A sweep still running is read as it s
     python bench/fidelity.py SPEC.yaml --root R --run     # orchestrate launch SPEC --root R, then read
     python bench/fidelity.py --quick --json /tmp/fid.json # a tiny digits sweep in a temporary root
     python bench/fidelity.py --direct OUT --publish distilled/ --unfinished   # bench/direct.py runs
+    python bench/fidelity.py --verify distilled/          # every published set, evaluated independently
 
 ``--run`` launches each spec with ``orchestrate launch SPEC --root ROOT`` in a subprocess (the
 command users run; a sweep that exists is resumed), then reads. ``--quick`` writes a CI-sized
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import REPO, bench_console, bench_parser, machine_info, write_results
+from common import REPO, bench_console, bench_parser, machine_info, shared_data, write_results
 from rich.table import Table
 
 sys.path.insert(0, str(REPO))
@@ -468,8 +469,9 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
              "A spec marked (`bench/direct.py`) ran through that script (the sweep's own components without Ray",
              "or MLflow, on a lent GPU machine) with the overrides shown, which were checked against the spec hash",
              "the file carries; `cut off` is a run its time limit stopped.",
-             "`tests/test_distilled.py` checks every file against this",
-             "table and evaluates the sets again independently. Written by",
+             "`tests/test_distilled.py` checks every file against this table;",
+             "`python bench/fidelity.py --verify distilled/` evaluates every set again independently (a fresh",
+             "network of a new seed each, under the sweep's protocol; CI runs its `--quick` part). Written by",
              "`python bench/fidelity.py --root ROOT --publish distilled/` from the sweeps in ROOT; the folder",
              "stays under 5 MB.", "",
              "| set | dataset | method | budget | iterations | ours: this set (iter) | final | best (iter) "
@@ -646,6 +648,116 @@ def publish(rows: list[dict[str, Any]], ws, folder: Path, console, unfinished: b
     return entries
 
 
+# -- independent evaluation of the published sets --------------------------------------------------
+# One fresh network per set, of a seed none of the sweep's networks had (theirs start at the spec's
+# eval seed), under the sweep's evaluation protocol, against the number the table states for that
+# file (the published set's own: the final one for images, the one chosen on validation for
+# sequences): within 4 points of accuracy or 2 of HR@10, or 3 of the sweep's std if larger.
+VERIFY_TOLERANCE = {"acc": 0.04, "hr10": 0.02}
+INDEPENDENT_SEED = 12345
+# --verify --quick (and tests/test_distilled.py): the sets whose job_cost is at most this, one
+# network of ~40 s on a core each (MNIST IPC 1 at 300 epochs, ML-100k); the rest (IPC 10, sets
+# evaluated over 1000 epochs: 1-3 minutes each) in the full --verify
+QUICK_VERIFY_COST = 12_000
+
+
+def job_cost(entry: dict[str, Any], folder: Path) -> float:
+    """A verification job's training work, for ordering and for --quick: epochs x (examples in the
+    set + 25 for an epoch's fixed cost). Measured on the published sets, one core each: 13 s for
+    the ML-100k set (100 epochs, 50 sequences), 37 s for an MNIST IPC 1 set at 300 epochs, ~64 s
+    at 1000, 177 s for IPC 10 at 300."""
+    from orchestrator.artifacts import read_synthetic
+
+    spec = entry_spec(entry["spec"], entry.get("set"))
+    tensors, _ = read_synthetic(folder / entry["file"])
+    examples = len(tensors["images"] if "images" in tensors else tensors["F"])
+    return float(spec.evaluation["epochs"]) * (examples + 25)
+
+
+def verify_job(entry: dict[str, Any], folder: Path):
+    """A picklable zero-argument job training one fresh network (seed :data:`INDEPENDENT_SEED`) of
+    the entry's spec on the published file: it returns the test accuracy (images) or the test
+    metrics (sequences: a dict holding the entry's metric, HR@10 with full ranking)."""
+    import dataclasses
+
+    from orchestrator.artifacts import read_synthetic
+
+    spec = entry_spec(entry["spec"], entry.get("set"))  # with a bench/direct.py run's overrides
+    tensors, _ = read_synthetic(folder / entry["file"])
+    ev = spec.evaluation
+    root = None if entry["dataset"] == "digits" else shared_data(entry["dataset"])
+    if root is not None and not root.is_dir():
+        raise ReportError(f"{folder / entry['file']}: its data set {entry['dataset']!r} is not at {root} "
+                          f"(put it in ../shared/data beside the repository or set ORCHESTRATE_DATA)")
+    if entry["metric"] == "acc":
+        from algorithms.evaluate import EvalConfig, network_job
+        from orchestrator.datasets import load_dataset
+
+        data = load_dataset(entry["dataset"], None if root is None else str(root))
+        return network_job(spec.model, data.info, tensors["images"], tensors["labels"], float(tensors["lr"]),
+                           data.x_test, data.y_test, EvalConfig.from_section(ev, networks=1), seed=INDEPENDENT_SEED)
+    from algorithms.farzi import FarziSet
+    from algorithms.seqtrain import SeqTrainConfig, seq_network_job
+    from orchestrator.sequences import load_sequences, seq_task
+
+    data = load_sequences(entry["dataset"], str(root))
+    task = dataclasses.replace(seq_task(data, spec.model["max_len"]), valid_inputs=None)  # test metrics only
+    x = FarziSet(tensors["F"].float(), tensors["M"].float(), float(tensors["temperature"]), data.info.pad_id,
+                 0.0).probs().detach() if "F" in tensors else tensors["sequences"]
+    cfg = SeqTrainConfig(epochs=ev["epochs"], lr=ev["lr"], batch_size=ev["batch_size"],
+                         weight_decay=ev["weight_decay"])
+    return seq_network_job(spec.model, task, x, cfg, INDEPENDENT_SEED)
+
+
+def verify(folder: Path, max_cost: float | None = None, workers: int | None = None, console=None) -> list[dict]:
+    """Evaluate the published sets of ``folder`` independently (see :data:`VERIFY_TOLERANCE`):
+    every set, or those of :func:`job_cost` at most ``max_cost``. The networks train side by side
+    through ``orchestrate evaluate``'s runner (``workers`` at once; default every usable CPU), the
+    longest first. One row per set: the stated number, the independent one, their difference, the
+    tolerance and whether it holds (``ok``)."""
+    from orchestrator.parallel import EvaluateRunner, usable_cpus
+
+    index_path = folder / INDEX
+    if not index_path.is_file():
+        raise ReportError(f"{folder}: no {INDEX}: nothing is published to verify")
+    entries = json.loads(index_path.read_text())
+    costs = [job_cost(e, folder) for e in entries]
+    chosen = sorted((i for i, c in enumerate(costs) if max_cost is None or c <= max_cost), key=lambda i: -costs[i])
+    if not chosen:
+        raise ReportError(f"{folder}: no published set is cheap enough to verify (job cost <= {max_cost:.0f})")
+    if console is not None:
+        console.print(f"verifying {len(chosen)} of {len(entries)} published sets in {folder}: one fresh network each "
+                      f"(seed {INDEPENDENT_SEED})")
+    jobs = [verify_job(entries[i], folder) for i in chosen]
+    t0 = time.monotonic()
+    runner = EvaluateRunner(workers or max(1, min(len(jobs), usable_cpus())))
+    outs = runner(jobs)
+    wall = time.monotonic() - t0
+    rows = []
+    for i, out in zip(chosen, outs):
+        e = entries[i]
+        score = float(out[e["metric"]] if isinstance(out, dict) else out)
+        tol = max(VERIFY_TOLERANCE[e["metric"]], 3 * (e["set_std"] or 0))
+        diff = score - e["set_mean"]
+        rows.append({"file": e["file"], "dataset": e["dataset"], "method": e["method"], "budget": e["budget"],
+                     "metric": e["metric"], "stated_mean": e["set_mean"], "stated_std": e["set_std"],
+                     "independent": score, "diff": diff, "tolerance": tol, "ok": abs(diff) <= tol,
+                     "seed": INDEPENDENT_SEED, "cost": costs[i]})
+    rows.sort(key=lambda r: r["file"])
+    if console is not None:
+        t = Table(title=f"independent evaluation: {folder}")
+        for col in ("set", "metric", "stated", "independent", "diff", "tolerance", "holds"):
+            t.add_column(col, justify="left" if col in ("set", "metric") else "right")
+        for r in rows:
+            t.add_row(r["file"], LABELS[r["metric"]], _pm(r["stated_mean"], r["stated_std"], 100),
+                      _num(r["independent"], 100), f"{100 * r['diff']:+.1f}", f"{100 * r['tolerance']:.1f}",
+                      "yes" if r["ok"] else "[red]no[/red]")
+        t.caption = (f"one network per set, seed {INDEPENDENT_SEED}, the sweep's protocol; {runner.how}; "
+                     f"{_duration(wall)}")
+        console.print(t)
+    return rows
+
+
 # -- running ----------------------------------------------------------------------------------------
 def orchestrate_command() -> str:
     """The ``orchestrate`` console script of this Python (its venv), else the one on PATH."""
@@ -804,8 +916,32 @@ def main() -> None:
                          "dc:crop_scale_rotate, DC's own protocol); repeat for several; default: every set")
     ap.add_argument("--workers", type=int, default=None, metavar="N",
                     help="networks at once for --also-strategy, as `orchestrate evaluate --workers` (1: one after "
-                         "another here; default: auto)")
+                         "another here; default: auto), and for --verify (default: every usable CPU)")
+    ap.add_argument("--verify", metavar="DIR", default=None,
+                    help="evaluate every set published in DIR (e.g. distilled/) independently: one fresh network "
+                         "each, of a seed no sweep network had, under the sweep's protocol, against the number its "
+                         "table states (4 points of accuracy or 2 of HR@10, or 3 stds); exits 2 when one is off. "
+                         "With --quick only the sets of one short network each (what CI checks); a few minutes "
+                         "for all on 2 cores")
     args = ap.parse_args()
+    if args.verify:
+        if args.specs or args.run or args.publish or args.direct or args.also_strategy:
+            ap.error("--verify evaluates the sets already in DIR: give no SPEC, --run, --publish, --direct or "
+                     "--also-strategy with it")
+        console = bench_console(140)
+        load0 = os.getloadavg()
+        try:
+            rows = verify(Path(args.verify), QUICK_VERIFY_COST if args.quick else None, args.workers, console)
+        except ReportError as e:
+            fail(str(e))
+        if args.json:
+            write_results(console, args.json, "fidelity", machine_info("cpu", load0),
+                          {"verify": args.verify, "quick": args.quick}, verified=rows)
+        off = [r["file"] for r in rows if not r["ok"]]
+        if off:
+            fail(f"{len(off)} published set(s) evaluate independently away from the number their table states: "
+                 + ", ".join(str(Path(args.verify) / f) for f in off))
+        return
     for text in args.also_strategy:  # a bad value is refused before anything is published
         try:
             parse_augmentation(text)
