@@ -36,13 +36,20 @@ after step T - W detached. Its cost is T gradients plus W reverse steps instead 
 
 ``second_moment=False`` drops the ``dv`` path (v treated as a constant of theta), which equals
 autograd through Adam with ``g^2`` detached in the second moment.
+
+Dropout in the inner loop (``InnerProblem.step_context``, the ``inner_dropout`` hyperparameter):
+step t's model calls run in a context that draws step t's dropout masks from a seed of its own, so
+the reverse pass, which recomputes ``g_t`` at ``theta_{t-1}``, meets the very masks the forward
+pass used: the inner loss of step t is then a fixed function of (theta, x_t), and every formula
+above holds as it stands.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 import torch.nn as nn
@@ -83,12 +90,35 @@ class InnerProblem:
 
     ``data(batch)`` builds the synthetic minibatch of one inner step from ``data_params``
     (differentiably); ``loss(theta, x)`` is the inner (synthetic) loss, ``outer(theta)`` the
-    outer (real) loss; ``batches`` holds one entry per inner step, replayed by the reverse pass."""
+    outer (real) loss; ``batches`` holds one entry per inner step, replayed by the reverse pass.
+    ``step_context(t)``, when given, is entered around every inner-loss call of step t (1-based),
+    forward and reverse: e.g. :func:`seeded_dropout`, so that both passes draw the same masks."""
     data: Callable[[Any], torch.Tensor]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     outer: Callable[[torch.Tensor], torch.Tensor]
     data_params: Sequence[torch.Tensor]
     batches: Sequence[Any]
+    step_context: Callable[[int], ContextManager] | None = None
+
+    def step(self, t: int) -> ContextManager:
+        """The context of inner step ``t``'s loss (none unless ``step_context`` is given)."""
+        return self.step_context(t) if self.step_context is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def seeded_dropout(model: nn.Module, seed: int):
+    """``model`` in training mode (its dropout on) with the random state seeded by ``seed``, and
+    the caller's random state and the model's mode restored afterwards: the same seed, shapes and
+    device give the same dropout masks, which is what lets the reverse pass replay a step."""
+    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    was = model.training
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model.train()
+        try:
+            yield
+        finally:
+            model.train(was)
 
 
 @dataclass
@@ -100,13 +130,15 @@ class MetaResult:
     inner_last: float
 
 
-def inner_grad(prob: InnerProblem, theta: torch.Tensor, batch, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """The inner gradient at ``theta`` (evaluated in the model's ``dtype``) with no graph kept."""
+def inner_grad(prob: InnerProblem, theta: torch.Tensor, batch, dtype: torch.dtype,
+               t: int = 1) -> tuple[torch.Tensor, float]:
+    """The inner gradient of step ``t`` at ``theta`` (evaluated in the model's ``dtype``) with no graph kept."""
     with torch.enable_grad():
         th = theta.detach().to(dtype).requires_grad_(True)
         with torch.no_grad():
             x = prob.data(batch)
-        loss = prob.loss(th, x)
+        with prob.step(t):
+            loss = prob.loss(th, x)
         (g,) = torch.autograd.grad(loss, th)
     return g.to(theta.dtype), float(loss.detach())
 
@@ -137,7 +169,9 @@ def unrolled_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, sec
         for t, batch in enumerate(prob.batches, 1):
             if t == cut + 1 and cut:
                 theta, m, v = theta.detach().requires_grad_(True), m.detach(), v.detach()
-            loss = prob.loss(theta.to(dtype), prob.data(batch))
+            x = prob.data(batch)
+            with prob.step(t):
+                loss = prob.loss(theta.to(dtype), x)
             (g,) = torch.autograd.grad(loss, theta, create_graph=True)
             last = float(loss.detach())
             first = last if t == 1 else first
@@ -178,7 +212,7 @@ def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, seco
     saved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {0: (theta.clone(), m, v)} if not cut else {}
     first = last = math.nan
     for t, batch in enumerate(prob.batches, 1):
-        g, loss = inner_grad(prob, theta, batch, dtype)
+        g, loss = inner_grad(prob, theta, batch, dtype, t)
         first = loss if t == 1 else first
         last = loss
         m = b1 * m + (1 - b1) * g
@@ -211,7 +245,9 @@ def reverse_meta_grad(theta0: torch.Tensor, prob: InnerProblem, hp: AdamHP, seco
         with torch.enable_grad():
             th = theta_prev.detach().to(dtype).requires_grad_(True)
             x = prob.data(prob.batches[t - 1])
-            (g,) = torch.autograd.grad(prob.loss(th, x), th, create_graph=True)
+            with prob.step(t):
+                loss = prob.loss(th, x)
+            (g,) = torch.autograd.grad(loss, th, create_graph=True)
             u = (1 - b1) * dm
             if second_moment:
                 u = u + 2 * (1 - b2) * g.detach().to(dv.dtype) * dv
@@ -452,6 +488,11 @@ class FarziConfig:
     # the window covers the whole trajectory over the outer steps; "fixed": always inner_steps
     unroll: str = hp("fixed", one_of("fixed", "random"), added=True,
                      doc="inner steps per problem: always inner_steps, or uniform in backward_steps..inner_steps")
+    # the evaluation trains with the model's dropout; without it, the inner loop trains another model than
+    # the one the set is for. true: each inner step's masks come from a seed drawn with the problem, and
+    # the reverse pass replays them (seeded_dropout); the outer loss stays without dropout, as a test does
+    inner_dropout: bool = hp(False, added=True,
+                             doc="train the inner model with the model's dropout, one seeded mask per inner step")
 
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
@@ -483,6 +524,9 @@ class FarziDistiller:
         self.dtype = PRECISIONS[cfg.precision]
         self.model = copy.deepcopy(model).to(self.device, self.dtype).eval()
         self.manifest = manifest_of(self.model)
+        if cfg.inner_dropout and not getattr(getattr(model, "cfg", None), "dropout", 0):
+            raise ValueError("inner_dropout: the model has no dropout (model.dropout is 0), so the inner loop would "
+                             "train exactly as without it")
         self.trajectories = list(trajectories)
         self.real = real
         self.gen = torch.Generator().manual_seed(seed)
@@ -531,6 +575,10 @@ class FarziDistiller:
             batches = [torch.randperm(cfg.budget, generator=g)[: cfg.inner_batch] for _ in range(steps)]
         else:
             batches = [None] * steps
+        context = None
+        if cfg.inner_dropout:  # drawn only then: the problems of a spec without it stay as they were
+            seeds = torch.randint(2**62, (steps,), generator=g).tolist()
+            context = lambda t: seeded_dropout(self.model, seeds[t - 1])  # noqa: E731
         if match:
             target = traj[start + cfg.expert_epochs].to(self.device, self.dtype)
             span = float(((theta0.double() - target.double()) ** 2).sum())
@@ -545,7 +593,7 @@ class FarziDistiller:
             data=lambda idx: decode((self.F if idx is None else self.F[idx.to(self.device)]).to(self.dtype),
                                     self.M.to(self.dtype), cfg.temperature, self.pad_id),
             loss=lambda th, x: soft_loss(self._forward(th, x), x),
-            outer=outer, data_params=[self.F, self.M], batches=batches)
+            outer=outer, data_params=[self.F, self.M], batches=batches, step_context=context)
         return theta0, prob, {"expert": float(e), "start_epoch": float(start), "inner_steps": float(steps)}
 
     def step(self) -> dict[str, float]:

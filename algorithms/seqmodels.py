@@ -28,7 +28,7 @@ class SeqModelConfig:
     dim: int = 64
     blocks: int = 2
     heads: int = 1
-    dropout: float = 0.0  # used only in module.train() mode (never in Farzi's inner loop)
+    dropout: float = 0.0  # used only in module.train() mode (in Farzi's inner loop only with inner_dropout)
     pad_id: int | None = None
     tie_weights: bool = True
     ffn_mult: int = 4

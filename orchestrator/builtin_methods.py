@@ -220,6 +220,12 @@ class Farzi(Method):
             if max(windows) > min(steps):
                 err(f"{prefix}.backward_steps", f"{max(windows):g} exceeds inner_steps ({min(steps):g}): "
                     "the window reverses the last backward_steps of the inner steps")
+        dropout = hp.get("inner_dropout")  # a value, a grid or a {choice: [...]}
+        if isinstance(dropout, dict) and len(dropout) == 1:
+            dropout = next(iter(dropout.values()))
+        if True in (dropout if isinstance(dropout, list) else [dropout]) and not model.get("dropout"):
+            err(f"{prefix}.inner_dropout", "true, but model.dropout is 0: the inner loop would train exactly as "
+                "without it (set model.dropout, the rate the evaluation trains with)")
         starts = bounds(hp.get("max_start_epoch"))
         if not starts:
             return

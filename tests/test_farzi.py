@@ -23,9 +23,10 @@ from algorithms.seqtrain import SeqTask, hr_ndcg, rank_of_targets, recommendatio
 V, L = 13, 6
 
 
-def tiny_problem(steps: int, dtype=torch.float64, seed: int = 0):
+def tiny_problem(steps: int, dtype=torch.float64, seed: int = 0, dropout: float = 0.0):
     g = torch.Generator().manual_seed(seed)
-    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 2, "max_len": L}, V, 0, seed)
+    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 2, "max_len": L, "dropout": dropout},
+                             V, 0, seed)
     model = model.to(dtype).eval()
     man = manifest_of(model)
     theta0 = flatten_params(model).to(dtype)
@@ -153,8 +154,9 @@ def test_ranking_metrics_on_hand_made_scores():
     assert hr_ndcg(rank_of_targets(s, torch.tensor([9])), 10) == pytest.approx((1.0, 1 / math.log2(11)))
 
 
-def _distiller(seed=0, iterations=None, **kw):
-    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8}, 15, 0, 0)
+def _distiller(seed=0, iterations=None, dropout=0.0, **kw):
+    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8, "dropout": dropout},
+                             15, 0, 0)
     trajs = [torch.stack([flatten_params(model) + 0.01 * i * torch.ones(1) for i in range(3)])]
     real = torch.randint(1, 15, (20, 8), generator=torch.Generator().manual_seed(1))
     cfg = FarziConfig(**{"budget": 4, "seq_len": 6, "latent_dim": 4, "inner_steps": 3, "inner_lr": 0.01,
@@ -715,3 +717,98 @@ def test_bench_farzi_memory_runs_and_its_two_modes_agree_on_the_window(tmp_path)
     rows = json.loads(out.read_text())["rows"]
     assert [r["T"] for r in rows] == [2, 4]
     assert all(r["rel_err_reverse_vs_unrolled"] < 1e-5 for r in rows), rows
+
+
+def _dropout_problem(steps: int, replay: bool = True):
+    """tiny_problem's bilevel problem on a SASRec with dropout 0.3, each inner step in its seeded
+    context; ``replay=False`` draws a new seed at every call instead, so the reverse pass meets other
+    masks than the forward pass used."""
+    from algorithms.farzi import seeded_dropout
+
+    model, man, theta0, prob = tiny_problem(steps, dropout=0.3)
+    seeds = torch.randint(2**62, (steps,), generator=torch.Generator().manual_seed(5)).tolist()
+    calls = iter(range(10**6))
+    prob.step_context = ((lambda t: seeded_dropout(model, seeds[t - 1])) if replay else
+                         (lambda t: seeded_dropout(model, 1000 + next(calls))))
+    return model, theta0, prob
+
+
+@pytest.mark.parametrize("steps,window", [(5, 0), (20, 0), (20, 7)])
+def test_inner_dropout_replayed_by_the_reverse_pass_equals_autograd(steps, window):
+    """inner_dropout: with each step's masks seeded, reverse-mode Adam gives autograd's meta-gradient
+    through the dropout inner loop (with a window too), a different gradient from the one without
+    dropout; the same code drawing fresh masks in the reverse pass is off. With a checkpoint at every
+    step (nothing undone, every gradient recomputed with its step's masks) the two agree to 1e-12;
+    undoing the Adam steps adds its float64 rounding (~1e-6 here: dropout's zeroed units leave tiny
+    gradient coordinates, whose Adam steps are the ill-conditioned ones to undo; 1e-10 without it)."""
+    model, theta0, prob = _dropout_problem(steps)
+    hp = AdamHP(lr=0.01)
+    ref = unrolled_meta_grad(theta0, prob, hp, window=window)
+    assert not model.training  # each step's context restored the mode
+    for every, tol in ((1, 1e-12), (0, 1e-5), (4, 1e-5)):
+        rev = reverse_meta_grad(theta0, prob, hp, checkpoint_every=every, window=window)
+        assert rev.outer_loss == pytest.approx(ref.outer_loss, rel=1e-12)
+        for name, a, b in zip("FM", rev.grads, ref.grads):
+            assert float(b.norm()) > 0 and rel_err(a, b) < tol, (name, every, rel_err(a, b))
+    plain = unrolled_meta_grad(theta0, InnerProblem(prob.data, prob.loss, prob.outer, prob.data_params, prob.batches),
+                               hp, window=window)
+    assert rel_err(plain.grads[0], ref.grads[0]) > 1e-2  # dropout changes the inner loop
+    _, _, fresh = _dropout_problem(steps, replay=False)
+    off = reverse_meta_grad(theta0, fresh, hp, window=window)
+    err = rel_err(off.grads[0], ref.grads[0])  # NaN where undoing Adam with other gradients breaks the reversal
+    assert not err < 1e-2, err
+
+
+def test_seeded_dropout_draws_the_seeds_masks_and_leaves_the_callers_state():
+    from algorithms.farzi import seeded_dropout
+
+    model = _dropout_problem(1)[0]
+    x = torch.randint(1, V, (3, L))
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    with seeded_dropout(model, 7):
+        a = model(x)
+    with seeded_dropout(model, 7):
+        b = model(x)
+    with seeded_dropout(model, 8):
+        c = model(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.random.get_rng_state(), before) and not model.training
+    assert not torch.equal(a, model(x))  # eval mode: no dropout
+
+
+def test_inner_dropout_in_the_distiller():
+    """inner_dropout: refused for a model without dropout (it would change nothing); with dropout, the
+    distiller's step equals meta_gradient on the problem it draws, with that problem's masks, and
+    differs from the step without them; a spec without it draws the problems it drew before; a
+    distiller resumes exactly."""
+    from algorithms.farzi import meta_gradient
+
+    with pytest.raises(ValueError, match="inner_dropout: the model has no dropout"):
+        _distiller(inner_dropout=True)
+
+    def dropped(seed=0, **kw):
+        return _distiller(seed=seed, precision="float64", inner_steps=4, dropout=0.3, **kw)
+
+    ref, d = dropped(3, inner_dropout=True), dropped(3, inner_dropout=True)
+    theta0, prob, info = ref.problem()
+    assert prob.step_context is not None
+    want = meta_gradient("reverse", theta0, prob, ref.hp)
+    unrolled = meta_gradient("unrolled", theta0, prob, ref.hp)
+    assert rel_err(want.grads[0], unrolled.grads[0]) < 1e-6
+    seen = {}
+    original = d.opt.step
+    d.opt.step = lambda *a, **k: (seen.update(F=d.F.grad.clone()), original(*a, **k))[1]
+    d.step()
+    assert rel_err(seen["F"], want.grads[0]) < 1e-12
+    no = dropped(3)
+    theta_n, prob_n, info_n = no.problem()
+    assert prob_n.step_context is None and info_n == info and torch.equal(theta_n, theta0)
+    assert rel_err(meta_gradient("reverse", theta_n, prob_n, no.hp).grads[0], want.grads[0]) > 1e-2
+    base, plain = _distiller(inner_steps=4), dropped(0)
+    assert [base.problem()[2] for _ in range(3)] == [plain.problem()[2] for _ in range(3)]
+    state = d.state_dict()
+    nxt = [d.step()["loss"] for _ in range(2)]
+    e = dropped(11, inner_dropout=True)
+    e.load_state_dict(state)
+    assert [e.step()["loss"] for _ in range(2)] == nxt

@@ -167,6 +167,10 @@ def test_farzi_spec_and_shipped_sequence_specs_are_valid():
      "algorithms.farzi.hyperparameters.max_start_epoch", "objective match: the target is expert_epochs after"),
     (("algorithms", {"farzi": {"budgets": [10], "hyperparameters": {"inner_steps": [40, 60], "backward_steps": 50}}}),
      "algorithms.farzi.hyperparameters.backward_steps", "50 exceeds inner_steps (40)"),
+    (("algorithms", {"farzi": {"budgets": [10], "hyperparameters": {"inner_dropout": [False, True]}}}),
+     "algorithms.farzi.hyperparameters.inner_dropout", "model.dropout is 0"),
+    (("algorithms", {"farzi": {"budgets": [10], "hyperparameters": {"inner_dropout": "yes"}}}),
+     "algorithms.farzi.hyperparameters.inner_dropout", "true"),
     (("algorithms", {"farzi": {"budgets": [10], "hyperparameters": {"unroll": "truncated"}}}),
      "algorithms.farzi.hyperparameters.unroll", "fixed or random"),
     (("algorithms", {"farzi": {"budgets": [10], "hyperparameters": {"objective": "matching"}}}),
@@ -183,6 +187,14 @@ def test_sequence_spec_errors_name_the_key(change, key, words):
     with pytest.raises(SpecError) as e:
         validate(spec, "seq.yaml")
     assert any(p.startswith(f"seq.yaml: {key}:") and words in p for p in e.value.problems), e.value.problems
+
+
+def test_inner_dropout_with_a_model_that_has_dropout():
+    spec = copy.deepcopy(SEQ)
+    spec["model"]["dropout"] = 0.2
+    spec["algorithms"]["farzi"]["hyperparameters"]["inner_dropout"] = True
+    assert validate(spec).algorithms["farzi"]["hyperparameters"]["inner_dropout"] is True
+    assert validate(SEQ).algorithms["farzi"]["hyperparameters"].get("inner_dropout", False) is False
 
 
 def test_per_budget_hyperparameters_override_the_shared_ones():
