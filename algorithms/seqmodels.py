@@ -127,13 +127,23 @@ def hard_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int | None) -> to
     return F.cross_entropy(logits[:, :-1].reshape(-1, v), targets.reshape(-1), ignore_index=-100)
 
 
-def last_item_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+def last_item_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int | None,
+                   mask_seen: bool = False) -> torch.Tensor:
     """Cross-entropy of each real sequence's last id given everything before it (the position a
-    leave-one-out evaluation ranks); sequences of one id (padding before it) are ignored."""
+    leave-one-out evaluation ranks); sequences of one id (padding before it) are ignored.
+    ``mask_seen``: the softmax runs over the ids the sequence has not seen before its last (and
+    not over the padding id), as the evaluation ranks the target among unseen items only."""
     targets = ids[:, -1]
     if pad_id is not None:
         targets = targets.masked_fill((ids[:, -2] == pad_id) | (targets == pad_id), -100)
-    return F.cross_entropy(logits[:, -2], targets, ignore_index=-100)
+    scores = logits[:, -2]
+    if mask_seen:
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, ids[:, :-1], True)
+        if pad_id is not None:
+            seen[:, pad_id] = True
+        seen.scatter_(1, ids[:, -1:], False)  # never the target itself
+        scores = scores.masked_fill(seen, -math.inf)
+    return F.cross_entropy(scores, targets, ignore_index=-100)
 
 
 def soft_loss(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

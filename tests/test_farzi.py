@@ -812,3 +812,36 @@ def test_inner_dropout_in_the_distiller():
     e = dropped(11, inner_dropout=True)
     e.load_state_dict(state)
     assert [e.step()["loss"] for _ in range(2)] == nxt
+
+
+def test_outer_positions_last_unseen_ranks_the_last_item_among_the_unseen_ones():
+    """outer_positions 'last_unseen': each sequence's last id against the ids it has not seen (nor the
+    padding id), as the evaluation ranks; the seen ids' scores get no gradient; the distiller's
+    meta-gradient is exact in both modes and differs from 'last'."""
+    from algorithms.farzi import meta_gradient
+    from algorithms.seqmodels import last_item_loss
+
+    ids = torch.tensor([[0, 2, 3, 4], [1, 2, 3, 4], [0, 0, 0, 5], [2, 1, 2, 1]])  # the last repeats its target
+    logits = torch.randn(4, 4, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    want = []
+    for row, allowed in ((0, [1, 4, 5]), (1, [4, 5]), (3, [1, 3, 4, 5])):
+        s = logits[row, -2]
+        want.append(-(s[ids[row, -1]] - s[allowed].logsumexp(0)))
+    loss = last_item_loss(logits, ids, 0, mask_seen=True)
+    assert float(loss) == pytest.approx(float(torch.stack(want).mean()), rel=1e-6)
+    assert float(loss) < float(last_item_loss(logits, ids, 0))  # fewer competitors
+    (g,) = torch.autograd.grad(loss, logits)
+    assert float(g[0, -2, [0, 2, 3]].abs().max()) == 0.0 and float(g[0, -2, [1, 4, 5]].abs().min()) > 0
+
+    d = _distiller(precision="float64", real_batch=20, outer_positions="last_unseen")
+    last = _distiller(precision="float64", real_batch=20, outer_positions="last")
+    theta0, prob, _ = d.problem(expert=0, start=1)
+    _, prob_last, _ = last.problem(expert=0, start=1)
+    logits = d._forward(theta0, d.real)
+    assert float(prob.outer(theta0)) == pytest.approx(float(last_item_loss(logits, d.real, 0, mask_seen=True)),
+                                                      rel=1e-9)
+    rev = meta_gradient("reverse", theta0, prob, d.hp)
+    unr = meta_gradient("unrolled", theta0, prob, d.hp)
+    for x, y in zip(rev.grads, unr.grads):
+        assert float(y.norm()) > 0 and rel_err(x, y) < 1e-6
+    assert rel_err(meta_gradient("reverse", theta0, prob_last, last.hp).grads[0], rev.grads[0]) > 1e-3
