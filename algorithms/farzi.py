@@ -58,7 +58,7 @@ import torch.nn as nn
 from .base import (DivergenceError, at_least, check_config, check_finite, hp, nonneg, one_of, positive,
                    positive_or_none, unit_interval)
 from .networks import functional_forward, manifest_of
-from .seqmodels import last_item_loss, sequence_loss, soft_loss
+from .seqmodels import last_item_loss, sequence_loss, soft_loss, teacher_loss
 
 GRAD_MODES = ("reverse", "unrolled")
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
@@ -496,6 +496,14 @@ class FarziConfig:
     # the evaluation trains with the model's dropout; without it, the inner loop trains another model than
     # the one the set is for. true: each inner step's masks come from a seed drawn with the problem, and
     # the reverse pass replays them (seeded_dropout); the outer loss stays without dropout, as a test does
+    # the outer loss's targets: "data", the real sequences' own next items (Farzi's); "teacher", the next-item
+    # distributions the first expert's last checkpoint predicts on the same real sequences (soft targets,
+    # at the positions outer_positions names; "last": the prediction after each sequence's final item).
+    # On ML-100k the data targets' loss, lowered, carries over to the evaluation's training but not to the
+    # test item (bench/README.md, Farzi): a set can fit the real users' own next items in ways that do
+    # not generalise; the teacher's distributions are what a model that generalises predicts there
+    outer_target: str = hp("data", one_of("data", "teacher"), added=True,
+                           doc="outer loss against the real next items, or the trained expert's predictions there")
     inner_dropout: bool = hp(False, added=True,
                              doc="train the inner model with the model's dropout, one seeded mask per inner step")
 
@@ -503,6 +511,9 @@ class FarziConfig:
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"FarziConfig.budget must be an integer >= 1, got {self.budget!r}")
         check_config(self)
+        if self.objective == "match" and self.outer_target != "data":
+            raise ValueError("FarziConfig.outer_target 'teacher' scores the real batch of objective 'loss'; "
+                             "objective 'match' has none")
         if self.backward_steps > self.inner_steps:
             raise ValueError(f"FarziConfig.backward_steps ({self.backward_steps}) exceeds inner_steps "
                              f"({self.inner_steps}): the window reverses some of the inner steps")
@@ -592,8 +603,13 @@ class FarziDistiller:
             outer = lambda th: ((th - target) ** 2).sum() / span  # noqa: E731
         else:
             real = self.real[torch.randperm(len(self.real), generator=g)[: cfg.real_batch]].to(self.device)
-            score = {"all": sequence_loss, "last": last_item_loss,
-                     "last_unseen": functools.partial(last_item_loss, mask_seen=True)}[cfg.outer_positions]
+            if cfg.outer_target == "teacher":
+                with torch.no_grad():
+                    soft = self._forward(self.trajectories[0][-1].to(self.device, self.dtype), real)
+                score = lambda logits, ids, pad: teacher_loss(logits, soft, ids, pad, cfg.outer_positions)  # noqa: E731
+            else:
+                score = {"all": sequence_loss, "last": last_item_loss,
+                         "last_unseen": functools.partial(last_item_loss, mask_seen=True)}[cfg.outer_positions]
             outer = lambda th: score(self._forward(th, real), real, self.pad_id)  # noqa: E731
         prob = InnerProblem(
             data=lambda idx: decode((self.F if idx is None else self.F[idx.to(self.device)]).to(self.dtype),

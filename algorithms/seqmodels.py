@@ -146,6 +146,33 @@ def last_item_loss(logits: torch.Tensor, ids: torch.Tensor, pad_id: int | None,
     return F.cross_entropy(scores, targets, ignore_index=-100)
 
 
+MASKED = -1e9  # a masked score: no probability, and finite, so that 0 x log(0) terms stay 0 under autograd
+
+
+def teacher_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, pad_id: int | None,
+                 positions: str = "all") -> torch.Tensor:
+    """Cross-entropy of the model's next-id distributions against a teacher's (soft targets) on the
+    real sequences ``ids``: at every position holding a real id (``all``), or at each sequence's
+    final one (``last``: the prediction of the id after the sequence, the one a leave-one-out
+    evaluation ranks; ``last_unseen``: the same over the ids the sequence has not seen). The padding
+    id gets no probability on either side."""
+    if positions == "all":
+        keep = ids != pad_id if pad_id is not None else torch.ones_like(ids, dtype=torch.bool)
+        s, t, seen = logits[keep], teacher_logits[keep], None
+    else:
+        keep = ids[:, -1] != pad_id if pad_id is not None else torch.ones_like(ids[:, -1], dtype=torch.bool)
+        s, t = logits[:, -1][keep], teacher_logits[:, -1][keep]
+        seen = (torch.zeros_like(s, dtype=torch.bool).scatter_(1, ids[keep], True)
+                if positions == "last_unseen" else None)
+    if pad_id is not None:
+        pad = torch.zeros(s.shape[-1], dtype=torch.bool, device=s.device)
+        pad[pad_id] = True
+        seen = pad.expand_as(s) if seen is None else seen | pad
+    if seen is not None:
+        s, t = s.masked_fill(seen, MASKED), t.masked_fill(seen, MASKED)
+    return -(t.softmax(-1) * s.log_softmax(-1)).sum(-1).mean()
+
+
 def soft_loss(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on soft sequences: position t against the distribution at t+1."""
     return -(probs[:, 1:] * logits[:, :-1].log_softmax(-1)).sum(-1).mean()

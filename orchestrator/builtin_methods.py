@@ -226,12 +226,18 @@ class Farzi(Method):
         if True in (dropout if isinstance(dropout, list) else [dropout]) and not model.get("dropout"):
             err(f"{prefix}.inner_dropout", "true, but model.dropout is 0: the inner loop would train exactly as "
                 "without it (set model.dropout, the rate the evaluation trains with)")
-        starts = bounds(hp.get("max_start_epoch"))
-        if not starts:
-            return
         objective = hp.get("objective")  # a value, a grid (list) or a distribution ({choice: [...]})
         if isinstance(objective, dict) and len(objective) == 1:
             objective = next(iter(objective.values()))
+        target = hp.get("outer_target")
+        if isinstance(target, dict) and len(target) == 1:
+            target = next(iter(target.values()))
+        if "match" in (objective if isinstance(objective, list) else [objective]) and \
+                "teacher" in (target if isinstance(target, list) else [target]):
+            err(f"{prefix}.outer_target", "teacher scores the real batch of objective loss; objective match has none")
+        starts = bounds(hp.get("max_start_epoch"))
+        if not starts:
+            return
         if "match" in (objective if isinstance(objective, list) else [objective]):
             spans = bounds(hp.get("expert_epochs")) or [FarziConfig.__dataclass_fields__["expert_epochs"].default]
             worst = max(starts) + max(spans)  # theta_0 from epochs 0..max_start_epoch, the target expert_epochs later

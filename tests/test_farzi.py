@@ -845,3 +845,50 @@ def test_outer_positions_last_unseen_ranks_the_last_item_among_the_unseen_ones()
     for x, y in zip(rev.grads, unr.grads):
         assert float(y.norm()) > 0 and rel_err(x, y) < 1e-6
     assert rel_err(meta_gradient("reverse", theta0, prob_last, last.hp).grads[0], rev.grads[0]) > 1e-3
+
+
+def test_outer_target_teacher_scores_against_the_experts_predictions():
+    """outer_target 'teacher': the outer loss is the cross-entropy against the first expert's last
+    checkpoint's next-item distributions on the real batch (all real positions; or the final one,
+    over the unseen items with last_unseen), minimal where the model is the teacher; the distiller's
+    meta-gradient is exact in both modes, differs from the data targets', and the problems drawn are
+    the default's."""
+    import torch.nn.functional as nnf
+
+    from algorithms.farzi import meta_gradient
+    from algorithms.seqmodels import teacher_loss
+
+    ids = torch.tensor([[0, 2, 3, 4], [1, 2, 3, 4], [0, 0, 0, 5]])
+    g = torch.Generator().manual_seed(0)
+    logits, teach = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, 6, generator=g)
+
+    def ce(s, t, allowed):
+        return -(t[allowed].softmax(-1) * s[allowed].log_softmax(-1)).sum()
+
+    real = [(r, p) for r in range(3) for p in range(4) if ids[r, p] != 0]
+    want = sum(ce(logits[r, p], teach[r, p], [1, 2, 3, 4, 5]) for r, p in real) / len(real)
+    assert float(teacher_loss(logits, teach, ids, 0, "all")) == pytest.approx(float(want), rel=1e-5)
+    want = sum(ce(logits[r, -1], teach[r, -1], [1, 2, 3, 4, 5]) for r in range(3)) / 3
+    assert float(teacher_loss(logits, teach, ids, 0, "last")) == pytest.approx(float(want), rel=1e-5)
+    unseen = ([1, 5], [5], [1, 2, 3, 4])
+    want = sum(ce(logits[r, -1], teach[r, -1], unseen[r]) for r in range(3)) / 3
+    assert float(teacher_loss(logits, teach, ids, 0, "last_unseen")) == pytest.approx(float(want), rel=1e-5)
+    # a soft cross-entropy: the teacher itself scores its own entropy, anything else more
+    for pos in ("all", "last", "last_unseen"):
+        assert float(teacher_loss(teach, teach, ids, 0, pos)) < float(teacher_loss(logits, teach, ids, 0, pos))
+    assert float(teacher_loss(teach, teach, ids, None, "last")) == pytest.approx(
+        float(-(nnf.softmax(teach[:, -1], -1) * nnf.log_softmax(teach[:, -1], -1)).sum(-1).mean()), rel=1e-6)
+
+    d = _distiller(precision="float64", real_batch=20, outer_target="teacher", outer_positions="last")
+    data = _distiller(precision="float64", real_batch=20, outer_positions="last")
+    assert [d.problem()[2] for _ in range(3)] == [data.problem()[2] for _ in range(3)]
+    theta0, prob, _ = d.problem(expert=0, start=1)
+    _, prob_data, _ = data.problem(expert=0, start=1)
+    teacher = d.trajectories[0][-1].double()
+    want = teacher_loss(d._forward(theta0, d.real), d._forward(teacher, d.real), d.real, 0, "last")
+    assert float(prob.outer(theta0)) == pytest.approx(float(want), rel=1e-9)
+    rev = meta_gradient("reverse", theta0, prob, d.hp)
+    unr = meta_gradient("unrolled", theta0, prob, d.hp)
+    for x, y in zip(rev.grads, unr.grads):
+        assert float(y.norm()) > 0 and rel_err(x, y) < 1e-6
+    assert rel_err(meta_gradient("reverse", theta0, prob_data, data.hp).grads[0], rev.grads[0]) > 1e-3
