@@ -892,3 +892,33 @@ def test_outer_target_teacher_scores_against_the_experts_predictions():
     for x, y in zip(rev.grads, unr.grads):
         assert float(y.norm()) > 0 and rel_err(x, y) < 1e-6
     assert rel_err(meta_gradient("reverse", theta0, prob_data, data.hp).grads[0], rev.grads[0]) > 1e-3
+
+
+def test_bench_farzi_fit_measures_the_train_and_test_items_cross_entropy():
+    """bench/farzi_fit.py's measure on a hand-made task: the train CE is the mean last-item loss over
+    every training sequence (batched by 256), the test CE that of each held-out item at the last
+    position, beside the evaluation's HR@10 and validation HR@10."""
+    import sys
+
+    import torch.nn.functional as nnf
+
+    from algorithms.seqmodels import last_item_loss
+    from algorithms.seqtrain import evaluation_metrics
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import farzi_fit
+
+    g = torch.Generator().manual_seed(4)
+    train = torch.randint(1, 15, (300, 8), generator=g)
+    inputs, targets = train[:20], torch.randint(1, 15, (20,), generator=g)
+    task = SeqTask("recommendation", 15, 0, train, inputs, targets, [row for row in inputs],
+                   valid_inputs=inputs[:, :-1], valid_targets=inputs[:, -1], valid_seen=[row for row in inputs[:, :-1]])
+    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8}, 15, 0, 1)
+    params = flatten_params(model)
+    got = farzi_fit.fit(model, params, task)
+    with torch.no_grad():
+        assert got["train_ce"] == pytest.approx(float(last_item_loss(model(train), train, 0)), rel=1e-5)
+        assert got["test_ce"] == pytest.approx(float(nnf.cross_entropy(model(inputs)[:, -1], targets)), rel=1e-5)
+    m = evaluation_metrics(model, params, task)
+    assert (got["hr10"], got["valid_hr10"]) == (m["hr10"], m["valid_hr10"])

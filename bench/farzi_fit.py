@@ -1,0 +1,137 @@
+"""How the evaluation's networks fit the real data: Farzi sets against the experts.
+
+Each Farzi set (``orchestrate export``, or a sweep's ``synthetic*.safetensors``) is trained on by
+fresh networks under the spec's evaluation protocol (its epochs, minibatches, dropout, Adam's
+usual eps), and each expert checkpoint asked for (``--expert-epochs``, of the spec's experts in
+``--root``'s store) is taken as it is. Each then gets, on the real data:
+
+- ``train CE``: the cross-entropy of each training user's last training item given the rest (the
+  loss ``outer_positions: last`` lowers);
+- ``test CE``: of each test user's held-out item given the history (what HR@10 ranks);
+- HR@10 (full ranking, seen items masked) and the validation split's HR@10.
+
+A set that lowers the train CE without the test CE (and HR@10) following, where the experts' do
+follow, fits the real users' own next items in a way that does not generalise (bench/README.md,
+Farzi: what the outer loop learns).
+
+    python bench/farzi_fit.py SET.safetensors [SET ...] --root RUNS [--expert-epochs 10 20 30] [--quick] [--json PATH]
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from common import bench_console, bench_parser, machine_info, print_load, quick_defaults, shared_data, write_results  # noqa: E402
+
+SPEC = REPO / "search_spaces" / "reference" / "farzi_ml100k_t200.yaml"
+
+
+def fit(model, params: torch.Tensor, task) -> dict[str, float]:
+    """train CE, test CE, HR@10 and valid HR@10 of ``model`` with the flat ``params``."""
+    import torch.nn.functional as nnf
+
+    from algorithms.networks import functional_forward, manifest_of
+    from algorithms.seqmodels import last_item_loss
+    from algorithms.seqtrain import evaluation_metrics
+
+    model.eval()
+    man = manifest_of(model)
+    with torch.no_grad():
+        total = 0.0
+        for i in range(0, len(task.train), 256):
+            batch = task.train[i:i + 256]
+            total += float(last_item_loss(functional_forward(model, params, batch, man), batch, task.pad_id)) * len(batch)
+        test = functional_forward(model, params, task.test_inputs, man)[:, -1]
+        out = {"train_ce": total / len(task.train), "test_ce": float(nnf.cross_entropy(test, task.test_targets))}
+    m = evaluation_metrics(model, params, task)
+    return {**out, "hr10": m["hr10"], "valid_hr10": m.get("valid_hr10", float("nan"))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = bench_parser(__doc__, "1 network per set, one expert epoch (the last), 20 evaluation epochs")
+    ap.add_argument("sets", nargs="*", help="Farzi set files (safetensors with F, M, temperature)")
+    ap.add_argument("--spec", default=str(SPEC), help="the spec whose model, evaluation and experts to use")
+    ap.add_argument("--root", default=None, help="the root whose store holds the spec's experts (none: no expert rows)")
+    ap.add_argument("--expert-epochs", type=int, nargs="*", default=None, help="expert checkpoints to measure "
+                    "(default: 10, 20 and the last; quick: the last)")
+    ap.add_argument("--experts", type=int, default=2, help="how many of the spec's experts (default 2)")
+    ap.add_argument("--networks", type=int, default=None, help="networks per set (default 2; quick 1)")
+    ap.add_argument("--epochs", type=int, default=None, help="evaluation epochs (default the spec's; quick 20)")
+    args = ap.parse_args(argv)
+    load_start = os.getloadavg()
+    import direct
+    from algorithms.evaluate import EVAL_THREADS, torch_threads
+    from algorithms.farzi import FarziSet
+    from algorithms.seqmodels import seeded_seq_model
+    from algorithms.seqtrain import SeqTrainConfig, train_seq_model
+    from orchestrator.artifacts import read_synthetic
+    from orchestrator.evaluate import stored_experts
+    from orchestrator.sequences import load_sequences, seq_task
+    from orchestrator.store import open_trajectory
+    from orchestrator.tracking import workspace
+
+    spec = direct.load(args.spec, [])
+    ev = spec.evaluation
+    quick_defaults(args, networks=(1, 2), epochs=(20, ev["epochs"]))
+    data = load_sequences(spec.dataset["name"], spec.dataset.get("root") or shared_data(spec.dataset["name"]))
+    task = seq_task(data, spec.model["max_len"])
+    cfg = SeqTrainConfig(epochs=args.epochs, lr=ev["lr"], batch_size=ev["batch_size"], weight_decay=ev["weight_decay"])
+    rows = []
+    console = bench_console(130)
+    with torch_threads(EVAL_THREADS):
+        for path in args.sets:
+            t0 = time.perf_counter()
+            tensors, _ = read_synthetic(path)
+            if "F" not in tensors:
+                ap.error(f"{path}: not a Farzi set (no F)")
+            x = FarziSet(tensors["F"].float(), tensors["M"].float(), float(tensors["temperature"]), data.info.pad_id,
+                         0.0).probs().detach()
+            nets = []
+            for k in range(args.networks):
+                seed = 12345 + k
+                for last in train_seq_model(spec.model, task, x, cfg, seed):
+                    pass
+                nets.append(fit(seeded_seq_model(spec.model, task.vocab_size, task.pad_id, seed), last.params, task))
+            rows.append({"what": path, "kind": "set", "networks": nets, "seconds": time.perf_counter() - t0,
+                         **{k: statistics.fmean(n[k] for n in nets) for k in nets[0]}})
+        if args.root:
+            found, where = stored_experts(spec, data, workspace(args.root).trajectories)
+            if not found:
+                ap.error(f"no expert of {args.spec} in {where}: give the --root its sweeps used")
+            model = seeded_seq_model(spec.model, task.vocab_size, task.pad_id, 0)
+            for i, p, _ in found[: args.experts]:
+                traj = open_trajectory(p)
+                last = len(traj) - 1
+                for epoch in args.expert_epochs or ([last] if args.quick else [e for e in (10, 20) if e < last] + [last]):
+                    if not 0 <= epoch <= last:
+                        ap.error(f"--expert-epochs {epoch}: expert {i} has epochs 0..{last}")
+                    m = fit(model, traj[epoch].clone().float(), task)
+                    rows.append({"what": f"expert {i}, epoch {epoch}", "kind": "expert", **m})
+    t = Table(title=f"how the evaluation's networks fit the real data ({spec.dataset['name']})")
+    for col in ("trained on", "train last-item CE", "test-item CE", "HR@10", "valid HR@10"):
+        t.add_column(col, justify="left" if col == "trained on" else "right")
+    for r in rows:
+        t.add_row(Path(r["what"]).name if r["kind"] == "set" else r["what"], f"{r['train_ce']:.3f}",
+                  f"{r['test_ce']:.3f}", f"{100 * r['hr10']:.2f}", f"{100 * r['valid_hr10']:.2f}")
+    t.caption = (f"sets: {args.networks} network(s) each (seeds 12345..), {args.epochs} epochs of the spec's evaluation; "
+                 "experts: their checkpoints as stored")
+    console.print(t)
+    print_load(console, load_start)
+    if args.json:
+        write_results(console, args.json, "farzi_fit", machine_info("cpu", load_start),
+                      {"spec": args.spec, "networks": args.networks, "epochs": args.epochs, "quick": args.quick},
+                      rows=rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
