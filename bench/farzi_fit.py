@@ -56,6 +56,15 @@ def fit(model, params: torch.Tensor, task) -> dict[str, float]:
     return {**out, "hr10": m["hr10"], "valid_hr10": m.get("valid_hr10", float("nan"))}
 
 
+def _short(path: str) -> str:
+    """A set's name in the table: its file name, or for a sweep's artifact (``.../EXPERIMENT/RUN/artifacts/
+    synthetic*/synthetic.safetensors``) the experiment, the run's first 8 characters and the folder."""
+    p = Path(path)
+    if p.parent.parent.name == "artifacts" and len(p.parts) >= 5:
+        return f"{p.parts[-5]}/{p.parts[-4][:8]}/{p.parent.name}"
+    return p.name
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = bench_parser(__doc__, "1 network per set, one expert epoch (the last), 20 evaluation epochs")
     ap.add_argument("sets", nargs="*", help="Farzi set files (safetensors with F, M, temperature)")
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for col in ("trained on", "train last-item CE", "test-item CE", "HR@10", "valid HR@10"):
         t.add_column(col, justify="left" if col == "trained on" else "right")
     for r in rows:
-        t.add_row(Path(r["what"]).name if r["kind"] == "set" else r["what"], f"{r['train_ce']:.3f}",
+        t.add_row(_short(r["what"]) if r["kind"] == "set" else r["what"], f"{r['train_ce']:.3f}",
                   f"{r['test_ce']:.3f}", f"{100 * r['hr10']:.2f}", f"{100 * r['valid_hr10']:.2f}")
     t.caption = (f"sets: {args.networks} network(s) each (seeds 12345..), {args.epochs} epochs of the spec's evaluation; "
                  "experts: their checkpoints as stored")
