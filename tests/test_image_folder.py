@@ -416,6 +416,7 @@ PINNED_HASHES = {
     # init teacher, eps 1e-3, outer lr 1e-3 (978ab7f0d5af4e62: eps 1e-4; 5fad745de34b418a: eps 1e-8; db5bd04212fd4e59: d 16)
     "search_spaces/reference/farzi_ml100k.yaml": "213d95e84eed8e9d",
     "search_spaces/reference/farzi_ml100k_t200.yaml": "7f65a86905342c3c",
+    "search_spaces/reference/farzi_ml100k_teacher.yaml": "bbe063d99f89dff3",
 }
 
 
