@@ -42,24 +42,23 @@ def test_every_published_file_is_indexed_in_the_readme_and_intact():
 @pytest.mark.slow
 def test_the_short_published_sets_evaluate_independently_near_their_stated_numbers():
     """``bench/fidelity.py --verify distilled/ --quick``'s check, as CI runs it: a fresh network per
-    set of one short network (MNIST IPC 1 at 300 epochs, ML-100k), of a seed no sweep network had,
+    set, the cheapest of each metric (an MNIST IPC 1 set at 300 epochs, ML-100k), of a seed no sweep network had,
     under the sweep's protocol, lands near the number the table states. A CI fidelity test stays
     within a minute (issue 11); the full check of every set is ``--verify distilled/`` (minutes):
     the IPC 10 set and the sets evaluated over 1000 epochs."""
     entries = _index()
     for name in {e["dataset"] for e in entries} - {"digits"}:
         real_data(name)  # skip (or fail under ORCHESTRATE_REQUIRE_DATA) with the reason when absent
-    rows = fidelity.verify(FOLDER, fidelity.QUICK_VERIFY_COST, workers=2)
-    assert {r["metric"] for r in rows} == {"acc", "hr10"}, "the quick check covers images and sequences"
-    assert len(rows) >= 3, [r["file"] for r in rows]
+    rows = fidelity.verify(FOLDER, quick=True, workers=2)
+    assert sorted(r["metric"] for r in rows) == ["acc", "hr10"], "the quick check: images and sequences"
     for r in rows:
         assert r["ok"], (r["file"], r["metric"], r["independent"], r["stated_mean"], r["tolerance"])
 
 
 def test_verify_finds_a_set_whose_table_overstates_it(tmp_path, write_spec, monkeypatch, capsys):
     """--verify: a digits set whose table states what it scores holds; a set stated 30 points above
-    what it scores does not, and the command exits 2 naming it. A cost limit (--quick's) leaves out
-    the set of more work."""
+    what it scores does not, and the command exits 2 naming it. --quick keeps the cheapest set of
+    each metric only."""
     import torch
 
     from algorithms.base import SyntheticSet
@@ -89,8 +88,7 @@ def test_verify_finds_a_set_whose_table_overstates_it(tmp_path, write_spec, monk
     assert rows["digits-mtt-ipc1.safetensors"]["ok"]
     ipc10 = rows["digits-mtt-ipc10.safetensors"]
     assert not ipc10["ok"] and ipc10["independent"] < ipc10["stated_mean"] - ipc10["tolerance"]
-    cheap = fidelity.job_cost(entries[0], folder)
-    assert [r["file"] for r in fidelity.verify(folder, max_cost=cheap, workers=1)] == ["digits-mtt-ipc1.safetensors"]
+    assert [r["file"] for r in fidelity.verify(folder, quick=True, workers=1)] == ["digits-mtt-ipc1.safetensors"]
     monkeypatch.setattr(sys, "argv", ["fidelity.py", "--verify", str(folder), "--workers", "1"])
     with pytest.raises(SystemExit) as exit_:
         fidelity.main()
