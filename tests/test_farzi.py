@@ -814,11 +814,22 @@ def test_inner_dropout_in_the_distiller():
     assert [e.step()["loss"] for _ in range(2)] == nxt
 
 
+def _exact_and_not(theta0, prob, other, hp):
+    """The meta-gradient of ``prob`` is the same in reverse mode and unrolled (1e-6), and not that of
+    ``other`` (the same problem with the outer loss it replaces)."""
+    from algorithms.farzi import meta_gradient
+
+    rev = meta_gradient("reverse", theta0, prob, hp)
+    unr = meta_gradient("unrolled", theta0, prob, hp)
+    for x, y in zip(rev.grads, unr.grads):
+        assert float(y.norm()) > 0 and rel_err(x, y) < 1e-6
+    assert rel_err(meta_gradient("reverse", theta0, other, hp).grads[0], rev.grads[0]) > 1e-3
+
+
 def test_outer_positions_last_unseen_ranks_the_last_item_among_the_unseen_ones():
     """outer_positions 'last_unseen': each sequence's last id against the ids it has not seen (nor the
     padding id), as the evaluation ranks; the seen ids' scores get no gradient; the distiller's
     meta-gradient is exact in both modes and differs from 'last'."""
-    from algorithms.farzi import meta_gradient
     from algorithms.seqmodels import last_item_loss
 
     ids = torch.tensor([[0, 2, 3, 4], [1, 2, 3, 4], [0, 0, 0, 5], [2, 1, 2, 1]])  # the last repeats its target
@@ -840,11 +851,7 @@ def test_outer_positions_last_unseen_ranks_the_last_item_among_the_unseen_ones()
     logits = d._forward(theta0, d.real)
     assert float(prob.outer(theta0)) == pytest.approx(float(last_item_loss(logits, d.real, 0, mask_seen=True)),
                                                       rel=1e-9)
-    rev = meta_gradient("reverse", theta0, prob, d.hp)
-    unr = meta_gradient("unrolled", theta0, prob, d.hp)
-    for x, y in zip(rev.grads, unr.grads):
-        assert float(y.norm()) > 0 and rel_err(x, y) < 1e-6
-    assert rel_err(meta_gradient("reverse", theta0, prob_last, last.hp).grads[0], rev.grads[0]) > 1e-3
+    _exact_and_not(theta0, prob, prob_last, d.hp)
 
 
 def test_outer_target_teacher_scores_against_the_experts_predictions():
@@ -855,7 +862,6 @@ def test_outer_target_teacher_scores_against_the_experts_predictions():
     the default's."""
     import torch.nn.functional as nnf
 
-    from algorithms.farzi import meta_gradient
     from algorithms.seqmodels import teacher_loss
 
     ids = torch.tensor([[0, 2, 3, 4], [1, 2, 3, 4], [0, 0, 0, 5]])
@@ -887,11 +893,7 @@ def test_outer_target_teacher_scores_against_the_experts_predictions():
     teacher = d.trajectories[0][-1].double()
     want = teacher_loss(d._forward(theta0, d.real), d._forward(teacher, d.real), d.real, 0, "last")
     assert float(prob.outer(theta0)) == pytest.approx(float(want), rel=1e-9)
-    rev = meta_gradient("reverse", theta0, prob, d.hp)
-    unr = meta_gradient("unrolled", theta0, prob, d.hp)
-    for x, y in zip(rev.grads, unr.grads):
-        assert float(y.norm()) > 0 and rel_err(x, y) < 1e-6
-    assert rel_err(meta_gradient("reverse", theta0, prob_data, data.hp).grads[0], rev.grads[0]) > 1e-3
+    _exact_and_not(theta0, prob, prob_data, d.hp)
 
 
 def test_bench_farzi_fit_measures_the_train_and_test_items_cross_entropy():
