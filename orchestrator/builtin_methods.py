@@ -235,6 +235,17 @@ class Farzi(Method):
         if "match" in (objective if isinstance(objective, list) else [objective]) and \
                 "teacher" in (target if isinstance(target, list) else [target]):
             err(f"{prefix}.outer_target", "teacher scores the real batch of objective loss; objective match has none")
+        teachers = bounds(hp.get("teacher_experts"))
+        if teachers and max(teachers) > 1:
+            init = hp.get("init")
+            if isinstance(init, dict) and len(init) == 1:
+                init = next(iter(init.values()))
+            if "teacher" not in (init if isinstance(init, list) else [init]) and \
+                    "teacher" not in (target if isinstance(target, list) else [target]):
+                err(f"{prefix}.teacher_experts", f"{max(teachers):g}, but neither init nor outer_target is teacher: "
+                    "nothing reads the teacher")
+            elif isinstance(experts.get("count"), int) and max(teachers) > experts["count"]:
+                err(f"{prefix}.teacher_experts", f"{max(teachers):g} exceeds experts.count ({experts['count']})")
         starts = bounds(hp.get("max_start_epoch"))
         if not starts:
             return

@@ -896,6 +896,52 @@ def test_outer_target_teacher_scores_against_the_experts_predictions():
     _exact_and_not(theta0, prob, prob_data, d.hp)
 
 
+def test_teacher_experts_average_the_experts_distributions():
+    """teacher_experts k: the teacher of init and outer_target 'teacher' is the mean next-id
+    distribution of the first k experts' last checkpoints (1: the first's logits, as before); the
+    init decodes to it and the outer loss scores against it; refused where nothing reads it or
+    where there are fewer experts."""
+    from algorithms.seqmodels import teacher_loss
+
+    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8}, 15, 0, 0)
+    start = flatten_params(model)
+    ends = [start + 0.5 * torch.randn(start.shape, generator=torch.Generator().manual_seed(s)) for s in (5, 6, 7)]
+    trajs = [torch.stack([start, e]) for e in ends]
+    real = torch.randint(1, 15, (20, 8), generator=torch.Generator().manual_seed(1))
+    man = manifest_of(model)
+
+    def distiller(**kw):
+        cfg = FarziConfig(**{"budget": 4, "seq_len": 6, "latent_dim": 15, "inner_steps": 2, "real_batch": 20,
+                             "init": "teacher", "outer_target": "teacher", "outer_positions": "last", **kw})
+        return FarziDistiller(model, trajs, real, 15, 0, cfg, seed=0)
+
+    one, two = distiller(), distiller(teacher_experts=2)
+    assert torch.equal(one.teacher(real), functional_forward(model, ends[0], real, man))
+    mean = (functional_forward(model, ends[0], real, man).softmax(-1)
+            + functional_forward(model, ends[1], real, man).softmax(-1)) / 2
+    assert torch.allclose(two.teacher(real).softmax(-1), mean, atol=1e-6)
+    assert not torch.allclose(mean, functional_forward(model, ends[0], real, man).softmax(-1), atol=1e-2)
+    # the start decodes to the ensemble's predictions (rank 15 = V: exact)
+    g = torch.Generator().manual_seed(0)
+    torch.randn(4, 6, 15, generator=g)
+    torch.randn(15, 15, generator=g)
+    from algorithms.farzi import real_rows
+
+    ids = real_rows(real, 0, 4, 6, g, "teacher")
+    want = two.teacher(ids)[:, :-1].index_fill(-1, torch.tensor([0]), float("-inf")).softmax(-1)
+    assert torch.allclose(two.synthetic().probs()[:, 1:], want, atol=1e-4)
+    # the outer loss scores against the ensemble
+    theta0, prob, _ = two.problem(expert=0, start=0)
+    assert float(prob.outer(theta0)) == pytest.approx(float(teacher_loss(
+        functional_forward(model, theta0, real, man), mean.log(), real, 0, "last")), rel=1e-5)
+    _, prob1, _ = one.problem(expert=0, start=0)
+    assert float(prob1.outer(theta0)) != pytest.approx(float(prob.outer(theta0)), rel=1e-3)
+    with pytest.raises(ValueError, match="teacher_experts is 4, but there are 3 experts"):
+        distiller(teacher_experts=4)
+    with pytest.raises(ValueError, match="neither init nor outer_target is 'teacher'"):
+        FarziConfig(budget=4, teacher_experts=2)
+
+
 def test_bench_farzi_fit_measures_the_train_and_test_items_cross_entropy():
     """bench/farzi_fit.py's measure on a hand-made task: the train CE is the mean last-item loss over
     every training sequence (batched by 256), the test CE that of each held-out item at the last
