@@ -57,7 +57,7 @@ import torch.nn as nn
 
 from .base import (DivergenceError, at_least, check_config, check_finite, hp, nonneg, one_of, positive,
                    positive_or_none, unit_interval)
-from .networks import functional_forward, manifest_of
+from .networks import ensemble_forward, functional_forward, manifest_of
 from .seqmodels import last_item_loss, sequence_loss, soft_loss, teacher_loss
 
 GRAD_MODES = ("reverse", "unrolled")
@@ -586,10 +586,7 @@ class FarziDistiller:
     def teacher(self, ids: torch.Tensor) -> torch.Tensor:
         """The teacher's next-id logits on ``ids``: the first expert's last checkpoint's, or with
         ``teacher_experts`` k > 1 the log of the mean of the first k experts' distributions."""
-        if len(self.teachers) == 1:
-            return self._forward(self.teachers[0], ids)
-        logp = torch.stack([self._forward(th, ids).log_softmax(-1) for th in self.teachers])
-        return logp.logsumexp(0) - math.log(len(self.teachers))
+        return ensemble_forward(self.model, self.teachers, ids, self.manifest)
 
     def problem(self, expert: int | None = None, start: int | None = None
                 ) -> tuple[torch.Tensor, InnerProblem, dict[str, float]]:

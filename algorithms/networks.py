@@ -17,8 +17,9 @@ Distillers treat a network's parameters as one flat float32 vector plus a manife
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -214,6 +215,18 @@ def functional_forward(module: nn.Module, flat: torch.Tensor, x: torch.Tensor,
     result depend on the mode and the batch. A BatchNorm network raises a ValueError."""
     _refuse_batchnorm(module, "functional_forward")
     return functional_call(module, unflatten(flat, manifest or manifest_of(module)), (x,))
+
+
+def ensemble_forward(module: nn.Module, flats: Sequence[torch.Tensor], x: torch.Tensor,
+                     manifest: Manifest | None = None) -> torch.Tensor:
+    """``module`` on ``x`` as the ensemble of the flat parameter vectors ``flats``: the log of their
+    mean softmax over the last dimension (logits of the mean distribution); a single vector gives
+    its own logits, as :func:`functional_forward`."""
+    if len(flats) == 1:
+        return functional_forward(module, flats[0], x, manifest)
+    man = manifest or manifest_of(module)
+    logp = torch.stack([functional_forward(module, f, x, man).log_softmax(-1) for f in flats])
+    return logp.logsumexp(0) - math.log(len(flats))
 
 
 def _refuse_batchnorm(module: nn.Module, what: str) -> None:

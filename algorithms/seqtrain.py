@@ -27,7 +27,7 @@ import torch
 
 from .evaluate import EVAL_THREADS, sequential, torch_threads
 from .experts import Checkpoint
-from .networks import flatten_params, functional_forward, manifest_of
+from .networks import ensemble_forward, flatten_params, manifest_of
 from .seqmodels import CausalTransformer, seeded_seq_model, sequence_loss
 
 
@@ -111,17 +111,25 @@ def hr_ndcg(ranks: torch.Tensor, k: int = 10) -> tuple[float, float]:
     return float(hit.double().mean()), float(ndcg.mean())
 
 
+Params = torch.Tensor | list[torch.Tensor]  # one flat parameter vector, or an ensemble's
+
+
+def _flats(flat) -> list[torch.Tensor]:
+    return [flat] if isinstance(flat, torch.Tensor) else list(flat)
+
+
 @torch.no_grad()
-def recommendation_metrics(model: CausalTransformer, flat: torch.Tensor, task: SeqTask, batch_size: int = 256,
+def recommendation_metrics(model: CausalTransformer, flat: Params, task: SeqTask, batch_size: int = 256,
                            mask_seen: bool = True) -> dict[str, float]:
     model.eval()
     ranks = []
     sampled = []
     man = manifest_of(model)
-    dev = flat.device
+    flats = _flats(flat)
+    dev = flats[0].device
     for i in range(0, len(task.test_inputs), batch_size):
         x = task.test_inputs[i : i + batch_size].to(dev)
-        scores = functional_forward(model, flat, x, man)[:, -1].double()
+        scores = ensemble_forward(model, flats, x, man)[:, -1].double()
         if task.test_negatives is not None:  # the target (column 0) among its sampled negatives
             cand = torch.cat([task.test_targets[i : i + batch_size].view(-1, 1),
                               task.test_negatives[i : i + batch_size]], 1).to(dev)
@@ -144,14 +152,15 @@ def recommendation_metrics(model: CausalTransformer, flat: torch.Tensor, task: S
 
 
 @torch.no_grad()
-def lm_metrics(model: CausalTransformer, flat: torch.Tensor, task: SeqTask, batch_size: int = 64) -> dict[str, float]:
+def lm_metrics(model: CausalTransformer, flat: Params, task: SeqTask, batch_size: int = 64) -> dict[str, float]:
     """Perplexity exp(mean next-token cross-entropy) and next-token accuracy on the test chunks."""
     model.eval()
     man = manifest_of(model)
+    flats = _flats(flat)
     total, correct, count = 0.0, 0, 0
     for i in range(0, len(task.test_inputs), batch_size):
-        x = task.test_inputs[i : i + batch_size].to(flat.device)
-        logits = functional_forward(model, flat, x, man)[:, :-1].double()
+        x = task.test_inputs[i : i + batch_size].to(flats[0].device)
+        logits = ensemble_forward(model, flats, x, man)[:, :-1].double()
         tgt = x[:, 1:]
         total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                                          reduction="sum"))
@@ -160,13 +169,15 @@ def lm_metrics(model: CausalTransformer, flat: torch.Tensor, task: SeqTask, batc
     return {"ppl": math.exp(total / count), "token_acc": correct / count}
 
 
-def task_metrics(model: CausalTransformer, flat: torch.Tensor, task: SeqTask) -> dict[str, float]:
+def task_metrics(model: CausalTransformer, flat: Params, task: SeqTask) -> dict[str, float]:
+    """The task's test metrics of ``model`` with the flat parameters ``flat``, or of the ensemble of
+    several (a list: their mean next-id distribution, :func:`algorithms.networks.ensemble_forward`)."""
     if task.kind == "recommendation":
         return recommendation_metrics(model, flat, task)
     return lm_metrics(model, flat, task)
 
 
-def evaluation_metrics(model: CausalTransformer, flat: torch.Tensor, task: SeqTask) -> dict[str, float]:
+def evaluation_metrics(model: CausalTransformer, flat: Params, task: SeqTask) -> dict[str, float]:
     """The test metrics and, where the task has a validation split, its headline metrics on it as
     ``valid_<metric>`` (``valid_hr10``, ``valid_ndcg10``; ``valid_ppl``, ``valid_token_acc``)."""
     out = task_metrics(model, flat, task)

@@ -10,11 +10,16 @@ usual eps), and each expert checkpoint asked for (``--expert-epochs``, of the sp
 - ``test CE``: of each test user's held-out item given the history (what HR@10 ranks);
 - HR@10 (full ranking, seen items masked) and the validation split's HR@10.
 
+``--ensemble`` adds the ensemble of the experts' last checkpoints (their mean next-item
+distribution: the teacher of Farzi's ``teacher_experts``). The caption gives HR@10's standard
+error over the test users, the noise no number of evaluation networks removes.
+
 A set that lowers the train CE without the test CE (and HR@10) following, where the experts' do
 follow, fits the real users' own next items in a way that does not generalise (bench/README.md,
 Farzi: what the outer loop learns).
 
-    python bench/farzi_fit.py SET.safetensors [SET ...] --root RUNS [--expert-epochs 10 20 30] [--quick] [--json PATH]
+    python bench/farzi_fit.py SET.safetensors [SET ...] --root RUNS [--expert-epochs 10 20 30] [--experts K] [--ensemble]
+        [--quick] [--json PATH]
 """
 from __future__ import annotations
 
@@ -35,25 +40,32 @@ from common import bench_console, bench_parser, machine_info, print_load, quick_
 SPEC = REPO / "search_spaces" / "reference" / "farzi_ml100k_t200.yaml"
 
 
-def fit(model, params: torch.Tensor, task) -> dict[str, float]:
-    """train CE, test CE, HR@10 and valid HR@10 of ``model`` with the flat ``params``."""
+def fit(model, params, task) -> dict[str, float]:
+    """train CE, test CE, HR@10 and valid HR@10 of ``model`` with the flat ``params`` (or a list of
+    them: their ensemble, the mean next-item distribution)."""
     import torch.nn.functional as nnf
 
-    from algorithms.networks import functional_forward, manifest_of
+    from algorithms.networks import ensemble_forward, manifest_of
     from algorithms.seqmodels import last_item_loss
     from algorithms.seqtrain import evaluation_metrics
 
     model.eval()
     man = manifest_of(model)
+    flats = [params] if isinstance(params, torch.Tensor) else list(params)
     with torch.no_grad():
         total = 0.0
         for i in range(0, len(task.train), 256):
             batch = task.train[i:i + 256]
-            total += float(last_item_loss(functional_forward(model, params, batch, man), batch, task.pad_id)) * len(batch)
-        test = functional_forward(model, params, task.test_inputs, man)[:, -1]
+            total += float(last_item_loss(ensemble_forward(model, flats, batch, man), batch, task.pad_id)) * len(batch)
+        test = ensemble_forward(model, flats, task.test_inputs, man)[:, -1]
         out = {"train_ce": total / len(task.train), "test_ce": float(nnf.cross_entropy(test, task.test_targets))}
     m = evaluation_metrics(model, params, task)
     return {**out, "hr10": m["hr10"], "valid_hr10": m.get("valid_hr10", float("nan"))}
+
+
+def binomial_se(p: float, n: int) -> float:
+    """The standard error of a hit rate ``p`` measured on ``n`` independent users."""
+    return (p * (1 - p) / n) ** 0.5 if n else float("nan")
 
 
 def _short(path: str) -> str:
@@ -73,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expert-epochs", type=int, nargs="*", default=None, help="expert checkpoints to measure "
                     "(default: 10, 20 and the last; quick: the last)")
     ap.add_argument("--experts", type=int, default=2, help="how many of the spec's experts (default 2)")
+    ap.add_argument("--ensemble", action="store_true", help="also the ensemble of those experts' last checkpoints "
+                    "(their mean next-item distribution: the teacher of teacher_experts)")
     ap.add_argument("--networks", type=int, default=None, help="networks per set (default 2; quick 1)")
     ap.add_argument("--epochs", type=int, default=None, help="evaluation epochs (default the spec's; quick 20)")
     args = ap.parse_args(argv)
@@ -125,19 +139,29 @@ def main(argv: list[str] | None = None) -> int:
                         ap.error(f"--expert-epochs {epoch}: expert {i} has epochs 0..{last}")
                     m = fit(model, traj[epoch].clone().float(), task)
                     rows.append({"what": f"expert {i}, epoch {epoch}", "kind": "expert", **m})
+            if args.ensemble:
+                lasts = [(i, open_trajectory(p)) for i, p, _ in found[: args.experts]]
+                m = fit(model, [t[len(t) - 1].clone().float() for _, t in lasts], task)
+                rows.append({"what": f"ensemble of experts {', '.join(str(i) for i, _ in lasts)} (last epochs)",
+                             "kind": "expert", **m})
     t = Table(title=f"how the evaluation's networks fit the real data ({spec.dataset['name']})")
     for col in ("trained on", "train last-item CE", "test-item CE", "HR@10", "valid HR@10"):
         t.add_column(col, justify="left" if col == "trained on" else "right")
     for r in rows:
         t.add_row(_short(r["what"]) if r["kind"] == "set" else r["what"], f"{r['train_ce']:.3f}",
                   f"{r['test_ce']:.3f}", f"{100 * r['hr10']:.2f}", f"{100 * r['valid_hr10']:.2f}")
+    users = len(task.test_targets)
+    p = statistics.fmean(r["hr10"] for r in rows) if rows else 0.0
     t.caption = (f"sets: {args.networks} network(s) each (seeds 12345..), {args.epochs} epochs of the spec's evaluation; "
-                 "experts: their checkpoints as stored")
+                 f"experts: their checkpoints as stored. HR@10 over {users} test users: at {100 * p:.1f} its sampling "
+                 f"standard error is {100 * binomial_se(p, users):.2f} points (two rows' difference on the same users: "
+                 "less, as their hits are paired)")
     console.print(t)
     print_load(console, load_start)
     if args.json:
         write_results(console, args.json, "farzi_fit", machine_info("cpu", load_start),
-                      {"spec": args.spec, "networks": args.networks, "epochs": args.epochs, "quick": args.quick},
+                      {"spec": args.spec, "networks": args.networks, "epochs": args.epochs, "quick": args.quick,
+                       "test_users": users},
                       rows=rows)
     return 0
 

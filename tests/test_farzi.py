@@ -242,6 +242,48 @@ def test_sampled_metrics_rank_the_target_among_its_negatives_only():
     assert m["hr10_s3"] == 0.5 and m["ndcg10_s3"] == pytest.approx(0.5)  # sampled: ranks 1 and 0
 
 
+def test_metrics_of_an_ensemble_rank_by_its_mean_distribution():
+    """A list of flat parameter vectors is scored as their ensemble: ``ensemble_forward`` is the log of
+    the mean softmax (one vector: its own logits, exactly), and the metrics rank by that distribution,
+    which is neither member's ranking; bench/farzi_fit.py's test CE is the mean distribution's."""
+    import sys
+
+    import torch.nn.functional as nnf
+
+    from algorithms.networks import ensemble_forward
+    from algorithms.seqtrain import lm_metrics
+    from tests.conftest import REPO
+
+    vocab = 30
+    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 6}, vocab, 0, 0)
+    a = flatten_params(model)
+    b = a + 0.8 * torch.randn(a.shape, generator=torch.Generator().manual_seed(2))
+    man = manifest_of(model)
+    g = torch.Generator().manual_seed(3)
+    inputs = torch.randint(1, vocab, (64, 6), generator=g)
+    targets = torch.randint(1, vocab, (64,), generator=g)
+    assert torch.equal(ensemble_forward(model, [a], inputs, man), functional_forward(model, a, inputs, man))
+    mean = (functional_forward(model, a, inputs, man).softmax(-1) + functional_forward(model, b, inputs, man).softmax(-1)) / 2
+    assert torch.allclose(ensemble_forward(model, [a, b], inputs, man).exp(), mean, atol=1e-6)
+    task = SeqTask("recommendation", vocab, 0, inputs, inputs, targets, None, k=5)
+    scores = mean[:, -1].double().log()
+    scores[:, 0] = -math.inf
+    want = hr_ndcg(rank_of_targets(scores, targets), 5)
+    got = recommendation_metrics(model, [a, b], task, mask_seen=False)
+    assert (got["hr10"], got["ndcg10"]) == pytest.approx(want, abs=1e-12)
+    singles = [recommendation_metrics(model, f, task, mask_seen=False) for f in (a, b)]
+    assert all(s != got for s in singles) and recommendation_metrics(model, [a], task, mask_seen=False) == singles[0]
+    lm = SeqTask("language_model", vocab, None, inputs, inputs, None, None)
+    assert lm_metrics(model, [a, a], lm)["ppl"] == pytest.approx(lm_metrics(model, a, lm)["ppl"], rel=1e-5)
+    sys.path.insert(0, str(REPO / "bench"))
+    import farzi_fit
+
+    fit_task = SeqTask("recommendation", vocab, 0, inputs, inputs, targets, None, k=5)
+    fitted = farzi_fit.fit(model, [a, b], fit_task)
+    assert fitted["test_ce"] == pytest.approx(float(nnf.nll_loss(mean[:, -1].log(), targets)), rel=1e-5)
+    assert farzi_fit.binomial_se(0.16, 943) == pytest.approx(0.01194, abs=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the task stays on the CPU, the "
                                                             "model's parameters on the GPU)")
 def test_recommendation_metrics_with_parameters_on_the_gpu_match_the_cpu():
