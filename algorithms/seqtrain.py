@@ -119,8 +119,11 @@ def _flats(flat) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def recommendation_metrics(model: CausalTransformer, flat: Params, task: SeqTask, batch_size: int = 256,
-                           mask_seen: bool = True) -> dict[str, float]:
+def recommendation_ranks(model: CausalTransformer, flat: Params, task: SeqTask, batch_size: int = 256,
+                         mask_seen: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each test user's 0-based rank of the held-out item: among all items (the padding id and, with
+    ``mask_seen``, the items the user has seen left out), and among its sampled negatives where the
+    task has them (else None)."""
     model.eval()
     ranks = []
     sampled = []
@@ -143,11 +146,17 @@ def recommendation_metrics(model: CausalTransformer, flat: Params, task: SeqTask
                 seen = seen[seen != tgt[r]]  # never mask the target itself
                 scores[r, seen.to(dev)] = -math.inf
         ranks.append(rank_of_targets(scores, tgt.to(dev)).cpu())
-    hr, ndcg = hr_ndcg(torch.cat(ranks), task.k)
+    return torch.cat(ranks), (torch.cat(sampled) if sampled else None)
+
+
+def recommendation_metrics(model: CausalTransformer, flat: Params, task: SeqTask, batch_size: int = 256,
+                           mask_seen: bool = True) -> dict[str, float]:
+    ranks, sampled = recommendation_ranks(model, flat, task, batch_size, mask_seen)
+    hr, ndcg = hr_ndcg(ranks, task.k)
     out = {"hr10": hr, "ndcg10": ndcg}
-    if sampled:
+    if sampled is not None:
         n = task.test_negatives.shape[1]
-        out[f"hr10_s{n}"], out[f"ndcg10_s{n}"] = hr_ndcg(torch.cat(sampled), task.k)
+        out[f"hr10_s{n}"], out[f"ndcg10_s{n}"] = hr_ndcg(sampled, task.k)
     return out
 
 

@@ -12,7 +12,9 @@ usual eps), and each expert checkpoint asked for (``--expert-epochs``, of the sp
 
 ``--ensemble`` adds the ensemble of the experts' last checkpoints (their mean next-item
 distribution: the teacher of Farzi's ``teacher_experts``). The caption gives HR@10's standard
-error over the test users, the noise no number of evaluation networks removes.
+error over the test users, the noise no number of evaluation networks removes; the Δ columns give
+each row's difference from the first on the same users (test and validation), with its paired
+standard error: a difference within two of them is not one the users' sample can tell.
 
 A set that lowers the train CE without the test CE (and HR@10) following, where the experts' do
 follow, fits the real users' own next items in a way that does not generalise (bench/README.md,
@@ -40,14 +42,15 @@ from common import bench_console, bench_parser, machine_info, print_load, quick_
 SPEC = REPO / "search_spaces" / "reference" / "farzi_ml100k_t200.yaml"
 
 
-def fit(model, params, task) -> dict[str, float]:
+def fit(model, params, task) -> dict:
     """train CE, test CE, HR@10 and valid HR@10 of ``model`` with the flat ``params`` (or a list of
-    them: their ensemble, the mean next-item distribution)."""
+    them: their ensemble, the mean next-item distribution), and each user's hit (1.0 or 0.0) on the
+    test and validation splits (``hits``, ``valid_hits``; None without a validation split)."""
     import torch.nn.functional as nnf
 
     from algorithms.networks import ensemble_forward, manifest_of
     from algorithms.seqmodels import last_item_loss
-    from algorithms.seqtrain import evaluation_metrics
+    from algorithms.seqtrain import hr_ndcg, recommendation_ranks
 
     model.eval()
     man = manifest_of(model)
@@ -59,8 +62,22 @@ def fit(model, params, task) -> dict[str, float]:
             total += float(last_item_loss(ensemble_forward(model, flats, batch, man), batch, task.pad_id)) * len(batch)
         test = ensemble_forward(model, flats, task.test_inputs, man)[:, -1]
         out = {"train_ce": total / len(task.train), "test_ce": float(nnf.cross_entropy(test, task.test_targets))}
-    m = evaluation_metrics(model, params, task)
-    return {**out, "hr10": m["hr10"], "valid_hr10": m.get("valid_hr10", float("nan"))}
+    ranks, _ = recommendation_ranks(model, flats, task)
+    out.update(hr10=hr_ndcg(ranks, task.k)[0], hits=(ranks < task.k).double(), valid_hr10=float("nan"), valid_hits=None)
+    valid = task.validation()
+    if valid is not None:
+        ranks, _ = recommendation_ranks(model, flats, valid)
+        out.update(valid_hr10=hr_ndcg(ranks, valid.k)[0], valid_hits=(ranks < valid.k).double())
+    return out
+
+
+def paired(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[float, float]:
+    """The mean of ``b - a`` over users (two hit rates' difference on the same users) and its
+    standard error; NaN where either is missing."""
+    if a is None or b is None or len(a) < 2:
+        return float("nan"), float("nan")
+    d = b - a
+    return float(d.mean()), float(d.std() / len(d) ** 0.5)
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -124,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                 for last in train_seq_model(spec.model, task, x, cfg, seed):
                     pass
                 nets.append(fit(seeded_seq_model(spec.model, task.vocab_size, task.pad_id, seed), last.params, task))
-            rows.append({"what": path, "kind": "set", "networks": nets, "seconds": time.perf_counter() - t0,
-                         **{k: statistics.fmean(n[k] for n in nets) for k in nets[0]}})
+            scalars = [k for k in nets[0] if not k.endswith("hits")]
+            hits = {k: None if nets[0][k] is None else torch.stack([n[k] for n in nets]).mean(0)
+                    for k in ("hits", "valid_hits")}  # each user's hit rate over the networks
+            rows.append({"what": path, "kind": "set", "networks": [{k: n[k] for k in scalars} for n in nets],
+                         "seconds": time.perf_counter() - t0, **{k: statistics.fmean(n[k] for n in nets) for k in scalars},
+                         **hits})
         if args.root:
             found, where = stored_experts(spec, data, workspace(args.root).trajectories)
             if not found:
@@ -144,25 +165,34 @@ def main(argv: list[str] | None = None) -> int:
                 m = fit(model, [t[len(t) - 1].clone().float() for _, t in lasts], task)
                 rows.append({"what": f"ensemble of experts {', '.join(str(i) for i, _ in lasts)} (last epochs)",
                              "kind": "expert", **m})
+    for r in rows:  # against the first row, user by user
+        r["d_hr10"], r["d_hr10_se"] = paired(rows[0]["hits"], r["hits"])
+        r["d_valid_hr10"], r["d_valid_hr10_se"] = paired(rows[0]["valid_hits"], r["valid_hits"])
     t = Table(title=f"how the evaluation's networks fit the real data ({spec.dataset['name']})")
-    for col in ("trained on", "train last-item CE", "test-item CE", "HR@10", "valid HR@10"):
+    for col in ("trained on", "train last-item CE", "test-item CE", "HR@10", "valid HR@10", "Δ HR@10 ± SE",
+                "Δ valid ± SE"):
         t.add_column(col, justify="left" if col == "trained on" else "right")
+
+    def delta(r, k):
+        return "-" if r is rows[0] or r[k] != r[k] else f"{100 * r[k]:+.2f} ± {100 * r[k + '_se']:.2f}"
+
     for r in rows:
         t.add_row(_short(r["what"]) if r["kind"] == "set" else r["what"], f"{r['train_ce']:.3f}",
-                  f"{r['test_ce']:.3f}", f"{100 * r['hr10']:.2f}", f"{100 * r['valid_hr10']:.2f}")
+                  f"{r['test_ce']:.3f}", f"{100 * r['hr10']:.2f}", f"{100 * r['valid_hr10']:.2f}",
+                  delta(r, "d_hr10"), delta(r, "d_valid_hr10"))
     users = len(task.test_targets)
     p = statistics.fmean(r["hr10"] for r in rows) if rows else 0.0
     t.caption = (f"sets: {args.networks} network(s) each (seeds 12345..), {args.epochs} epochs of the spec's evaluation; "
                  f"experts: their checkpoints as stored. HR@10 over {users} test users: at {100 * p:.1f} its sampling "
-                 f"standard error is {100 * binomial_se(p, users):.2f} points (two rows' difference on the same users: "
-                 "less, as their hits are paired)")
+                 f"standard error is {100 * binomial_se(p, users):.2f} points. Δ: the difference from the first row "
+                 "on the same users, with its paired standard error (a set's hits: the mean over its networks)")
     console.print(t)
     print_load(console, load_start)
     if args.json:
         write_results(console, args.json, "farzi_fit", machine_info("cpu", load_start),
                       {"spec": args.spec, "networks": args.networks, "epochs": args.epochs, "quick": args.quick,
                        "test_users": users},
-                      rows=rows)
+                      rows=[{k: v for k, v in r.items() if not k.endswith("hits")} for r in rows])
     return 0
 
 

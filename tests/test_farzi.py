@@ -1012,3 +1012,10 @@ def test_bench_farzi_fit_measures_the_train_and_test_items_cross_entropy():
         assert got["test_ce"] == pytest.approx(float(nnf.cross_entropy(model(inputs)[:, -1], targets)), rel=1e-5)
     m = evaluation_metrics(model, params, task)
     assert (got["hr10"], got["valid_hr10"]) == (m["hr10"], m["valid_hr10"])
+    # each user's hit, and the paired difference of two rows on the same users with its standard error
+    assert float(got["hits"].mean()) == pytest.approx(got["hr10"]) and len(got["valid_hits"]) == 20
+    assert farzi_fit.paired(got["hits"], got["hits"]) == (0.0, 0.0)
+    a, b = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 0.0, 0.5])
+    d = torch.tensor([0.0, 1.0, 0.0, -0.5])
+    assert farzi_fit.paired(a, b) == pytest.approx((0.125, float(d.std()) / 2))
+    assert all(x != x for x in farzi_fit.paired(a, None))
