@@ -453,8 +453,8 @@ class FarziConfig:
     # chosen for 90% probability on that item where d allows it; sequences that fill all seq_len
     # positions first: see real_init)
     # "teacher": as "real", but each position after the first holds what the teacher (the first expert's last
-    # checkpoint; see teacher_experts) predicts for it from the real items before it (soft labels from a full-data model; F and M from the
-    # rank-d SVD of those logits: see teacher_init)
+    # checkpoint; see teacher_experts) predicts for it from the real items before it (soft labels from a
+    # full-data model; F and M from the rank-d SVD of those logits: see teacher_init)
     init: str = hp("random", one_of("random", "real", "teacher"),
                    doc="F's start: random, real sequences' items, or a trained expert's predictions along real sequences")
     outer_schedule: str = hp("constant", one_of("constant", "cosine"), doc="outer learning-rate schedule")
@@ -560,7 +560,8 @@ class FarziDistiller:
                              "train exactly as without it")
         self.trajectories = list(trajectories)
         if cfg.teacher_experts > len(self.trajectories):
-            raise ValueError(f"teacher_experts is {cfg.teacher_experts}, but there are {len(self.trajectories)} experts")
+            raise ValueError(f"teacher_experts is {cfg.teacher_experts}, but there are "
+                             f"{len(self.trajectories)} experts")
         self.teachers = [t[-1].to(self.device, self.dtype) for t in self.trajectories[: cfg.teacher_experts]]
         self.real = real
         self.gen = torch.Generator().manual_seed(seed)

@@ -20,8 +20,8 @@ A set that lowers the train CE without the test CE (and HR@10) following, where 
 follow, fits the real users' own next items in a way that does not generalise (bench/README.md,
 Farzi: what the outer loop learns).
 
-    python bench/farzi_fit.py SET.safetensors [SET ...] --root RUNS [--expert-epochs 10 20 30] [--experts K] [--ensemble]
-        [--quick] [--json PATH]
+    python bench/farzi_fit.py SET.safetensors [SET ...] --root RUNS [--expert-epochs 10 20 30]
+        [--experts K] [--ensemble] [--quick] [--json PATH]
 """
 from __future__ import annotations
 
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             hits = {k: None if nets[0][k] is None else torch.stack([n[k] for n in nets]).mean(0)
                     for k in ("hits", "valid_hits")}  # each user's hit rate over the networks
             rows.append({"what": path, "kind": "set", "networks": [{k: n[k] for k in scalars} for n in nets],
-                         "seconds": time.perf_counter() - t0, **{k: statistics.fmean(n[k] for n in nets) for k in scalars},
+                         "seconds": time.perf_counter() - t0,
+                         **{k: statistics.fmean(n[k] for n in nets) for k in scalars},
                          **hits})
         if args.root:
             found, where = stored_experts(spec, data, workspace(args.root).trajectories)

@@ -263,7 +263,8 @@ def test_metrics_of_an_ensemble_rank_by_its_mean_distribution():
     inputs = torch.randint(1, vocab, (64, 6), generator=g)
     targets = torch.randint(1, vocab, (64,), generator=g)
     assert torch.equal(ensemble_forward(model, [a], inputs, man), functional_forward(model, a, inputs, man))
-    mean = (functional_forward(model, a, inputs, man).softmax(-1) + functional_forward(model, b, inputs, man).softmax(-1)) / 2
+    mean = (functional_forward(model, a, inputs, man).softmax(-1)
+            + functional_forward(model, b, inputs, man).softmax(-1)) / 2
     assert torch.allclose(ensemble_forward(model, [a, b], inputs, man).exp(), mean, atol=1e-6)
     task = SeqTask("recommendation", vocab, 0, inputs, inputs, targets, None, k=5)
     scores = mean[:, -1].double().log()
