@@ -217,11 +217,13 @@ def functional_forward(module: nn.Module, flat: torch.Tensor, x: torch.Tensor,
     return functional_call(module, unflatten(flat, manifest or manifest_of(module)), (x,))
 
 
-def ensemble_forward(module: nn.Module, flats: Sequence[torch.Tensor], x: torch.Tensor,
+def ensemble_forward(module: nn.Module, flats: torch.Tensor | Sequence[torch.Tensor], x: torch.Tensor,
                      manifest: Manifest | None = None) -> torch.Tensor:
     """``module`` on ``x`` as the ensemble of the flat parameter vectors ``flats``: the log of their
-    mean softmax over the last dimension (logits of the mean distribution); a single vector gives
-    its own logits, as :func:`functional_forward`."""
+    mean softmax over the last dimension (logits of the mean distribution); a single vector (alone
+    or in a list) gives its own logits, as :func:`functional_forward`."""
+    if isinstance(flats, torch.Tensor):
+        return functional_forward(module, flats, x, manifest)
     if len(flats) == 1:
         return functional_forward(module, flats[0], x, manifest)
     man = manifest or manifest_of(module)

@@ -54,19 +54,18 @@ def fit(model, params, task) -> dict:
 
     model.eval()
     man = manifest_of(model)
-    flats = [params] if isinstance(params, torch.Tensor) else list(params)
     with torch.no_grad():
         total = 0.0
         for i in range(0, len(task.train), 256):
             batch = task.train[i:i + 256]
-            total += float(last_item_loss(ensemble_forward(model, flats, batch, man), batch, task.pad_id)) * len(batch)
-        test = ensemble_forward(model, flats, task.test_inputs, man)[:, -1]
+            total += float(last_item_loss(ensemble_forward(model, params, batch, man), batch, task.pad_id)) * len(batch)
+        test = ensemble_forward(model, params, task.test_inputs, man)[:, -1]
         out = {"train_ce": total / len(task.train), "test_ce": float(nnf.cross_entropy(test, task.test_targets))}
-    ranks, _ = recommendation_ranks(model, flats, task)
+    ranks, _ = recommendation_ranks(model, params, task)
     out.update(hr10=hr_ndcg(ranks, task.k)[0], hits=(ranks < task.k).double(), valid_hr10=float("nan"), valid_hits=None)
     valid = task.validation()
     if valid is not None:
-        ranks, _ = recommendation_ranks(model, flats, valid)
+        ranks, _ = recommendation_ranks(model, params, valid)
         out.update(valid_hr10=hr_ndcg(ranks, valid.k)[0], valid_hits=(ranks < valid.k).double())
     return out
 
