@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import DEFAULT_STRATEGY, DSA, DCAugConfig, DCAugment, DSAConfig
-from .networks import accuracy, seeded_network
+from .networks import accuracy, correct, seeded_network
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,9 @@ class EvalResult:
         return statistics.pstdev(self.accs) if len(self.accs) > 1 else 0.0
 
 
-def train_on_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, lr: float,
-                 x_test: torch.Tensor, y_test: torch.Tensor, cfg: EvalConfig, seed: int,
-                 device: str | torch.device = "cpu") -> float:
-    """Train one fresh network on (images, labels) and return its final test accuracy."""
+def train_network(model: dict, info, images: torch.Tensor, labels: torch.Tensor, lr: float, cfg: EvalConfig,
+                  seed: int, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """One fresh network of seed ``seed`` trained on (images, labels) under the protocol ``cfg``."""
     net = seeded_network(model, info.channels, info.num_classes, info.size, seed).to(device)
     gen = torch.Generator().manual_seed(seed + 104729)
     augment = DCAugment(DCAugConfig(strategy=cfg.dc_strategy)) if cfg.dc_strategy else \
@@ -94,7 +93,14 @@ def train_on_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return accuracy(net, x_test, y_test)
+    return net
+
+
+def train_on_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, lr: float,
+                 x_test: torch.Tensor, y_test: torch.Tensor, cfg: EvalConfig, seed: int,
+                 device: str | torch.device = "cpu") -> float:
+    """Train one fresh network on (images, labels) and return its final test accuracy."""
+    return accuracy(train_network(model, info, images, labels, lr, cfg, seed, device), x_test, y_test)
 
 
 EVAL_THREADS = 1  # torch threads of every evaluation network (see the module's docstring)
@@ -119,20 +125,25 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def _train_network(model: dict, info, images: torch.Tensor, labels: torch.Tensor, lr: float,
                    x_test: torch.Tensor, y_test: torch.Tensor, cfg: EvalConfig, seed: int, *,
-                   device: str | torch.device = "cpu") -> float:
+                   device: str | torch.device = "cpu", per_case: bool = False) -> float | tuple[float, torch.Tensor]:
     with torch_threads(EVAL_THREADS):
-        return train_on_set(model, info, images, labels, lr, x_test, y_test, cfg, seed, device)
+        net = train_network(model, info, images, labels, lr, cfg, seed, device)
+        if not per_case:
+            return accuracy(net, x_test, y_test)
+        hits = correct(net, x_test, y_test)
+        return int(hits.sum()) / max(1, len(hits)), hits
 
 
 def network_job(model: dict, info, images: torch.Tensor, labels: torch.Tensor, lr: float,
                 x_test: torch.Tensor, y_test: torch.Tensor, cfg: EvalConfig, seed: int,
-                device: str | torch.device = "cpu") -> functools.partial:
+                device: str | torch.device = "cpu", per_case: bool = False) -> functools.partial:
     """One evaluation network as a job: a picklable zero-argument callable (a ``functools.partial``
-    of a module-level function, ``device`` a keyword) returning its test accuracy, trained with
-    :data:`EVAL_THREADS` torch threads. The set travels on the CPU (detached); the job moves it to
-    ``device``, so a job shipped to another process computes exactly what it computes here."""
+    of a module-level function, ``device`` and ``per_case`` keywords) returning its test accuracy,
+    or with ``per_case`` (accuracy, which test images it classifies right: bool ``[len(x_test)]``),
+    trained with :data:`EVAL_THREADS` torch threads. The set travels on the CPU (detached); the job
+    moves it to ``device``, so a job shipped to another process computes exactly what it computes here."""
     return functools.partial(_train_network, model, info, images.detach().cpu(), labels.detach().cpu(), float(lr),
-                             x_test, y_test, cfg, seed, device=device)
+                             x_test, y_test, cfg, seed, device=device, per_case=per_case)
 
 
 def sequential(jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None) -> list:
@@ -157,6 +168,23 @@ def evaluate_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, 
     jobs = [network_job(model, info, images, labels, lr, x_test, y_test, cfg, seed + k, device)
             for k in range(cfg.networks)]
     return EvalResult(list((run or sequential)(jobs)))
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[float, float]:
+    """``a - b`` for two predictors scored on the same test cases (``a``, ``b``: per-case values,
+    ``weight``: per-case weights, default 1; :func:`task_cases`): the difference of their weighted
+    means and its standard error over the test cases, sum((d_i - delta w_i)^2) / (n - 1) * n, square
+    root, over sum(w), which is the usual std(d) / sqrt(n) with unit weights. NaN for fewer than
+    two cases. It is the test set's sampling noise of the difference: the networks the values come
+    from are held fixed."""
+    d = (a - b).double()
+    w = torch.ones_like(d) if weight is None else weight.double()
+    n = len(d)
+    if n < 2:
+        return float("nan"), float("nan")
+    delta = float(d.sum() / w.sum())
+    se = float(((d - delta * w).pow(2).sum() / (n - 1) * n).sqrt() / w.sum())
+    return delta, se
 
 
 def random_real_subset(x: torch.Tensor, y: torch.Tensor, per_class: int, num_classes: int,

@@ -275,21 +275,27 @@ def fresh_params(module: nn.Module, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
-             flat: torch.Tensor | None = None) -> float:
-    """Top-1 accuracy of ``module`` (or of the flat parameters ``flat``) on (x, y), in eval mode
-    (BatchNorm uses its running statistics, so the result does not depend on ``batch_size``);
-    the module's train/eval mode is restored afterwards. ``flat`` needs a network without
-    BatchNorm (see :func:`functional_forward`)."""
+def correct(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+            flat: torch.Tensor | None = None) -> torch.Tensor:
+    """Whether ``module`` (or the flat parameters ``flat``) classifies each example of (x, y) right:
+    a bool tensor ``[len(x)]`` on the CPU, in eval mode (BatchNorm uses its running statistics, so
+    the result does not depend on ``batch_size``); the module's train/eval mode is restored
+    afterwards. ``flat`` needs a network without BatchNorm (see :func:`functional_forward`)."""
     was_training = module.training
     module.eval()
     device = flat.device if flat is not None else next(module.parameters()).device
-    correct = 0
+    hits = []
     man = manifest_of(module) if flat is not None else None
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size].to(device)
         out = functional_forward(module, flat, xb, man) if flat is not None else module(xb)
-        correct += (out.argmax(1).cpu() == y[i : i + batch_size]).sum().item()
+        hits.append(out.argmax(1).cpu() == y[i : i + batch_size])
     module.train(was_training)
-    return correct / max(1, len(x))
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
+def accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+             flat: torch.Tensor | None = None) -> float:
+    """Top-1 accuracy of ``module`` (or of ``flat``) on (x, y): the mean of :func:`correct`."""
+    return int(correct(module, x, y, batch_size, flat).sum()) / max(1, len(x))
 

@@ -161,21 +161,30 @@ def recommendation_metrics(model: CausalTransformer, flat: Params, task: SeqTask
 
 
 @torch.no_grad()
-def lm_metrics(model: CausalTransformer, flat: Params, task: SeqTask, batch_size: int = 64) -> dict[str, float]:
-    """Perplexity exp(mean next-token cross-entropy) and next-token accuracy on the test chunks."""
+def lm_chunk_stats(model: CausalTransformer, flat: Params, task: SeqTask,
+                   batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per test chunk: the summed next-token cross-entropy (float64), how many next tokens the
+    model ranks first, and how many targets it has (every position but the first)."""
     model.eval()
     man = manifest_of(model)
     flats = _flats(flat)
-    total, correct, count = 0.0, 0, 0
+    nll, correct, count = [], [], []
     for i in range(0, len(task.test_inputs), batch_size):
         x = task.test_inputs[i : i + batch_size].to(flats[0].device)
         logits = ensemble_forward(model, flats, x, man)[:, :-1].double()
         tgt = x[:, 1:]
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                         reduction="sum"))
-        correct += int((logits.argmax(-1) == tgt).sum())
-        count += tgt.numel()
-    return {"ppl": math.exp(total / count), "token_acc": correct / count}
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+        nll.append(ce.sum(1).cpu())
+        correct.append((logits.argmax(-1) == tgt).sum(1).cpu())
+        count.append(torch.full((len(x),), tgt.shape[1], dtype=torch.long))
+    return torch.cat(nll), torch.cat(correct), torch.cat(count)
+
+
+def lm_metrics(model: CausalTransformer, flat: Params, task: SeqTask, batch_size: int = 64) -> dict[str, float]:
+    """Perplexity exp(mean next-token cross-entropy) and next-token accuracy on the test chunks."""
+    nll, correct, count = lm_chunk_stats(model, flat, task, batch_size)
+    n = int(count.sum())
+    return {"ppl": math.exp(float(nll.sum()) / n), "token_acc": int(correct.sum()) / n}
 
 
 def task_metrics(model: CausalTransformer, flat: Params, task: SeqTask) -> dict[str, float]:
@@ -184,6 +193,20 @@ def task_metrics(model: CausalTransformer, flat: Params, task: SeqTask) -> dict[
     if task.kind == "recommendation":
         return recommendation_metrics(model, flat, task)
     return lm_metrics(model, flat, task)
+
+
+def task_cases(model: CausalTransformer, flat: Params, task: SeqTask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The headline test metric case by case, as ``(value, weight)`` per test case (float64 on the
+    CPU) whose weighted mean is the metric: recommendation, each user's hit@k (HR@k = their mean);
+    language modelling, each test chunk's summed cross-entropy over its number of targets (ln of the
+    perplexity = their ratio of sums). Two models scored on the same cases give a paired difference
+    (:func:`algorithms.evaluate.paired_difference`)."""
+    if task.kind == "recommendation":
+        ranks, _ = recommendation_ranks(model, flat, task)
+        hits = (ranks < task.k).double()
+        return hits, torch.ones_like(hits)
+    nll, _, count = lm_chunk_stats(model, flat, task)
+    return nll, count.double()
 
 
 def evaluation_metrics(model: CausalTransformer, flat: Params, task: SeqTask) -> dict[str, float]:
@@ -240,22 +263,26 @@ class SeqEvalResult:
 
 
 def _train_seq_network(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, seed: int, *,
-                       device: str | torch.device = "cpu") -> dict[str, float]:
+                       device: str | torch.device = "cpu", per_case: bool = False
+                       ) -> dict[str, float] | tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
     with torch_threads(EVAL_THREADS):
         last = None
         for last in train_seq_model(model_spec, task, data, cfg, seed, device):
             pass
         model = seeded_seq_model(model_spec, task.vocab_size, task.pad_id, seed).to(device)
-        return evaluation_metrics(model, last.params.to(device), task)
+        params = last.params.to(device)
+        metrics = evaluation_metrics(model, params, task)
+        return (metrics, task_cases(model, params, task)) if per_case else metrics
 
 
 def seq_network_job(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, seed: int,
-                    device: str | torch.device = "cpu") -> functools.partial:
+                    device: str | torch.device = "cpu", per_case: bool = False) -> functools.partial:
     """One evaluation model as a job, as :func:`algorithms.evaluate.network_job` for images: a
     picklable zero-argument callable returning the :func:`evaluation_metrics` of a fresh model of seed ``seed``
-    trained on ``data``, with :data:`~algorithms.evaluate.EVAL_THREADS` torch threads, so that it
-    computes the same numbers in any process."""
-    return functools.partial(_train_seq_network, model_spec, task, data.detach().cpu(), cfg, seed, device=device)
+    trained on ``data`` (with ``per_case``, and its :func:`task_cases`), with
+    :data:`~algorithms.evaluate.EVAL_THREADS` torch threads, so that it computes the same numbers in any process."""
+    return functools.partial(_train_seq_network, model_spec, task, data.detach().cpu(), cfg, seed, device=device,
+                             per_case=per_case)
 
 
 def evaluate_sequences(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, networks: int,

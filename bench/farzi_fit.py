@@ -71,12 +71,11 @@ def fit(model, params, task) -> dict:
 
 
 def paired(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[float, float]:
-    """The mean of ``b - a`` over users (two hit rates' difference on the same users) and its
-    standard error; NaN where either is missing."""
-    if a is None or b is None or len(a) < 2:
-        return float("nan"), float("nan")
-    d = b - a
-    return float(d.mean()), float(d.std() / len(d) ** 0.5)
+    """``b - a`` on the same users with its standard error (:func:`algorithms.evaluate.paired_difference`);
+    NaN where either is missing."""
+    from algorithms.evaluate import paired_difference
+
+    return (float("nan"), float("nan")) if a is None or b is None else paired_difference(b, a)
 
 
 def binomial_se(p: float, n: int) -> float:

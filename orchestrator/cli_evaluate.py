@@ -65,6 +65,10 @@ def _workers(ctx, param, value):
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Seed of the first network (the others: +1, +2, ...); default: the sweep's evaluation seed "
                    "(spec seed x 1000 + 17; 17 without a spec).")
+@click.option("--against", "against", multiple=True, type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Another set of the same dataset to compare with (repeatable): trained with the same models, "
+                   "protocol and seeds, and the set's paired difference from it (and from the random subset) on "
+                   "the same test cases, with its standard errors.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--log", "log_run", is_flag=True,
               help="Record an MLflow run (experiment 'evaluate') in --root's store or at --tracking-uri.")
@@ -80,11 +84,12 @@ def _workers(ctx, param, value):
 @storage_option
 @_ctrl_c("run the command again")
 def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug, dsa_strategy, dc_strategy, lr, seed,
-             fmt, log_run, workers, address, root, tracking_uri, storage):
+             against, fmt, log_run, workers, address, root, tracking_uri, storage):
     """Evaluate the synthetic set FILE (safetensors, the export format) on its own: K fresh networks
     per model trained on it, next to a random real subset of the same size under the same protocol
-    and seeds, and the full-data accuracy of the spec's stored experts. Exit 2 when the file does
-    not fit its dataset."""
+    and seeds, and the full-data accuracy of the spec's stored experts; with --against, other sets
+    under the same seeds. Under the table, the set's paired difference from each row on the same
+    test cases, with its standard error. Exit 2 when a file does not fit its dataset."""
     import json
 
     from . import evaluate as ev
@@ -113,7 +118,7 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
     opts = ev.EvalOptions(dataset=dataset, data_root=data_root, spec=spec, models=models, networks=networks,
                           epochs=epochs, aug=aug, dsa_strategy=dsa_strategy, dc_strategy=dc_strategy, lr=lr, seed=seed,
                           trajectories=trajectories, workers=workers,
-                          address=address)
+                          address=address, against=tuple(against))
     say = (lambda line: click.echo(line, err=True))
     try:
         report = ev.evaluate_file(file, opts, say=say)
@@ -129,6 +134,7 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
                   "dc_strategy": report["protocol"].get("dc_strategy"),
                   "lr": report["lr"]["set"], "random_lr": report["lr"]["random"], "seed": report["protocol"]["seed"],
                   "batch_size": report["protocol"]["batch_size"],
+                  "against": ",".join(r["file"] for r in report["rows"] if r["trained_on"] == "other") or None,
                   **{f"model.{name}": json.dumps(m, sort_keys=True) for name, m in report["models"].items()}}
         report["mlflow_run_id"] = ev.log_run(ws.tracking_uri, ws.artifact_root, report,
                                              {k: v for k, v in params.items() if v is not None})

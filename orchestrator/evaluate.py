@@ -61,6 +61,7 @@ class EvalOptions:
     trajectories: Any = None  # the trajectory store's root (Path or URI) to look for the spec's experts
     workers: int | None = None  # networks at once: 1 sequential, N a local Ray of N-1 CPUs, None auto
     address: str | None = None  # a Ray cluster to train the networks on ('auto' or HOST:PORT)
+    against: tuple[str, ...] = ()  # other set files of the same dataset, trained with the same seeds
 
 
 def _canon(name: str) -> str:
@@ -179,7 +180,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 # -- evaluation ----------------------------------------------------------------------------------
 def _row(model: str, trained_on: str, what: str, lr: float | None, per_network: list[dict[str, float]],
-         seeds: list[int] | None, note: str | None = None) -> dict[str, Any]:
+         seeds: list[int] | None, note: str | None = None, cases: list | None = None) -> dict[str, Any]:
+    """One row of the report. ``cases``: each network's per-test-case outcome ``(value, weight)``
+    (:func:`algorithms.seqtrain.task_cases`; images: which test images it classifies right), kept
+    under ``_cases`` until :func:`finish` turns them into the paired differences."""
     row: dict[str, Any] = {"model": model, "trained_on": trained_on, "what": what, "lr": lr, "seeds": seeds,
                            "networks": len(per_network)}
     for k in per_network[0] if per_network else ():
@@ -188,7 +192,73 @@ def _row(model: str, trained_on: str, what: str, lr: float | None, per_network: 
         row[k] = vals
     if note:
         row["note"] = note
+    if cases:
+        row["_cases"] = cases
     return row
+
+
+def read_other(path: str | Path, first: SetFile, name: str) -> SetFile:
+    """An ``--against`` file: a set of the same dataset and kind as the evaluated one."""
+    sf = read_set(path)
+    other = _canon(sf.meta["dataset"])
+    if other != name:
+        raise EvaluateError(f"{sf.path} (--against): a set of dataset {sf.meta['dataset']!r} (metadata field "
+                            f"'dataset'), but {first.path} is of {name!r}: a paired comparison needs the same test set")
+    if sf.sequences != first.sequences:
+        raise EvaluateError(f"{sf.path} (--against): a{' sequence' if sf.sequences else 'n image'} set, but "
+                            f"{first.path} is a{' sequence' if first.sequences else 'n image'} set")
+    return sf
+
+
+def _mean_cases(cases: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per test case, the mean outcome over a row's networks, and the cases' weights."""
+    values = torch.stack([v.double() for v, _ in cases]).mean(0)
+    return values, cases[0][1].double()
+
+
+def paired_differences(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """For each model, its set's row minus each other row of that model with per-case outcomes, on
+    the same test cases: ``delta`` of the headline metric (accuracy and HR@k as fractions;
+    perplexity as the difference of the mean cross-entropy, ln of the perplexities' ratio), its
+    standard error over the test cases (``se_cases``: the test set's sampling noise, networks held
+    fixed), and over the seed pairs (``se_networks``: the networks' noise, from each seed's
+    difference where both rows trained the same seeds, else NaN), and ``se`` = the root of their
+    squares' sum, with ``z`` = delta / se."""
+    import math
+
+    from algorithms.evaluate import paired_difference
+
+    out = []
+    for first in (r for r in rows if r["trained_on"] == "synthetic" and r.get("_cases")):
+        a, w = _mean_cases(first["_cases"])
+        for i, r in enumerate(rows):
+            if r is first or r["model"] != first["model"] or not r.get("_cases"):
+                continue
+            b, wb = _mean_cases(r["_cases"])
+            if len(b) != len(a) or not torch.equal(wb, w):
+                raise ValueError(f"{_trained_on(r)}: scored on other test cases than the set")
+            delta, se_cases = paired_difference(a, b, w)
+            se_net = math.nan
+            if r["seeds"] and r["seeds"] == first["seeds"] and len(r["seeds"]) > 1:
+                f = math.log if metric == "ppl" else float
+                diffs = [f(x) - f(y) for x, y in zip(first[metric], r[metric])]
+                se_net = statistics.stdev(diffs) / math.sqrt(len(diffs))
+            se = math.hypot(se_cases, 0.0 if math.isnan(se_net) else se_net)
+            out.append({"model": first["model"], "row": i, "against": _row_key(r), "metric": metric,
+                        "delta": delta, "se_cases": se_cases, "se_networks": se_net, "se": se,
+                        "z": delta / se if se > 0 else math.nan, "cases": len(a),
+                        "seed_pairs": len(r["seeds"]) if not math.isnan(se_net) else 0})
+    return out
+
+
+def finish(report: dict[str, Any], metric: str, unit: str) -> dict[str, Any]:
+    """The report with its paired differences (``paired``; ``unit``: what one test case is) and
+    without the per-case outcomes they came from."""
+    report["paired"] = paired_differences(report["rows"], metric)
+    report["paired_unit"] = unit
+    for r in report["rows"]:
+        r.pop("_cases", None)
+    return report
 
 
 def evaluate_file(path: str | Path, opts: EvalOptions, say: Callable[[str], None] = lambda _: None,
@@ -215,7 +285,33 @@ def _report_head(sf: SetFile, name: str, spec: Spec | None) -> dict[str, Any]:
 
 
 # -- output --------------------------------------------------------------------------------------
-TRAINED_ON = {"synthetic": "the set", "random": "random real subset", "full_data": "full data (experts)"}
+TRAINED_ON = {"synthetic": "the set", "random": "random real subset", "full_data": "full data (experts)",
+              "other": "--against"}
+
+
+def _trained_on(r: dict[str, Any]) -> str:
+    return Path(r["file"]).name if r["trained_on"] == "other" else TRAINED_ON[r["trained_on"]]
+
+
+def _row_key(r: dict[str, Any]) -> str:
+    """A row's name in MLflow metric keys: synthetic, random, full_data, other1, other2, ..."""
+    return f"other{r['other_index'] + 1}" if r["trained_on"] == "other" else r["trained_on"]
+
+
+def paired_text(p: dict[str, Any], unit: str) -> str:
+    """One paired difference in words: the set minus another row on the same test cases."""
+    import math
+
+    if p["metric"] == "ppl":
+        head = (f"perplexity x{math.exp(p['delta']):.3f} (ln ratio {p['delta']:+.4f}, SE {p['se']:.4f}: "
+                f"{p['se_cases']:.4f} over the {p['cases']} test {unit}")
+        nets = f", {p['se_networks']:.4f} over {p['seed_pairs']} seed pairs" if p["seed_pairs"] else ""
+    else:
+        head = (f"{p['metric']} {100 * p['delta']:+.2f} points (SE {100 * p['se']:.2f}: {100 * p['se_cases']:.2f} "
+                f"over the {p['cases']} test {unit}")
+        nets = f", {100 * p['se_networks']:.2f} over {p['seed_pairs']} seed pairs" if p["seed_pairs"] else ""
+    z = "" if math.isnan(p["z"]) else f"; z {p['z']:+.1f}"
+    return f"{head}{nets}{z})"
 
 
 def _fmt(metric: str, mean: float | None, std: float | None) -> str:
@@ -241,7 +337,7 @@ def table(report: dict[str, Any]):
         lr = "-" if r["lr"] is None else f"{r['lr']:.4g}"
         n = str(r["networks"]) if r["trained_on"] != "full_data" else (f"{r['networks']} experts" if r["networks"]
                                                                         else "-")
-        t.add_row(r["model"], TRAINED_ON[r["trained_on"]], lr,
+        t.add_row(r["model"], _trained_on(r), lr,
                   *(_fmt(m, r.get(f"{m}_mean"), r.get(f"{m}_std")) for m in report["metrics"]), n)
     what = {"images": "test accuracy (%)", "recommendation": "HR@10 / NDCG@10 (%; _s100: against 100 sampled "
             "negatives per user)", "language_model": "test perplexity and next-token accuracy (%)"}
@@ -288,6 +384,13 @@ def notes(report: dict[str, Any]) -> list[str]:
     if report.get("renormalised"):
         out.append("the file's mean/std differ from the dataset's: its images were mapped to the dataset's "
                    "normalisation (images * std + mean are its pixels)")
+    for r in report["rows"]:
+        if r["trained_on"] == "other":
+            out.append(f"--against {r['file']}: {r['what']}, trained with the same models, protocol and seeds at lr "
+                       f"{r['lr']:.4g} ({r['lr_from']})")
+    for p in report.get("paired", ()):
+        name = _trained_on(report["rows"][p["row"]])
+        out.append(f"paired, the set minus {name} ({p['model']}): {paired_text(p, report['paired_unit'])}")
     return out
 
 
@@ -295,21 +398,27 @@ def notes(report: dict[str, Any]) -> list[str]:
 def metrics_of(report: dict[str, Any]) -> dict[str, float]:
     """MLflow metrics: ``<metric>_mean``/``_std`` of the set, ``random_<metric>_*`` and
     ``full_data_<metric>_*`` for the first model; with several models, ``<model>/...`` for each."""
-    prefix = {"synthetic": "", "random": "random_", "full_data": "full_data_"}
     first = report["rows"][0]["model"]
     several = len(report["models"]) > 1
     out: dict[str, float] = {}
+
+    def put(key: str, model: str, v: float | None) -> None:
+        if v is None:
+            return
+        if model == first:
+            out[key] = v
+        if several:
+            out[f"{model}/{key}"] = v
+
     for r in report["rows"]:
+        prefix = "" if r["trained_on"] == "synthetic" else f"{_row_key(r)}_"
         for m in report["metrics"]:
             for s in ("mean", "std"):
-                v = r.get(f"{m}_{s}")
-                if v is None:
-                    continue
-                key = f"{prefix[r['trained_on']]}{m}_{s}"
-                if r["model"] == first:
-                    out[key] = v
-                if several:
-                    out[f"{r['model']}/{key}"] = v
+                put(f"{prefix}{m}_{s}", r["model"], r.get(f"{m}_{s}"))
+    for p in report.get("paired", ()):  # paired_<row>_<metric>_delta / _se
+        key = f"paired_{p['against']}_{p['metric']}"
+        put(f"{key}_delta", p["model"], p["delta"])
+        put(f"{key}_se", p["model"], p["se"])
     return out
 
 
@@ -341,7 +450,7 @@ def log_run(tracking_uri: str, artifact_root: str | None, report: dict[str, Any]
         ms = [Metric(k, float(v), now, 0) for k, v in metrics_of(report).items()]
         for r in report["rows"]:
             for m in report["metrics"]:
-                ms += [Metric(f"{r['model']}/{r['trained_on']}/{m}", float(v), now, i)
+                ms += [Metric(f"{r['model']}/{_row_key(r)}/{m}", float(v), now, i)
                        for i, v in enumerate(r.get(m) or [])]
         for i in range(0, len(ms), 1000):
             client.log_batch(run_id, metrics=ms[i:i + 1000])

@@ -18,7 +18,8 @@ from algorithms.networks import MODELS, build_network
 
 from .artifacts import file_model
 from .datasets import DATASETS, FOLDER_DATASETS, DatasetFormatError, load_dataset
-from .evaluate import EvalOptions, EvaluateError, SetFile, _report_head, _row, _scalar, model_text, stored_experts
+from .evaluate import (EvalOptions, EvaluateError, SetFile, _report_head, _row, _scalar, file_sha256, finish,
+                       model_text, read_other, stored_experts)
 from .spec import Spec, eval_seed
 from .spec_schema import SCHEMA
 
@@ -204,6 +205,16 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
     data = None if name in DATASETS else load_image_data(name, sf, opts.data_root, spec)
     info = DATASETS[name] if data is None else data.info
     images, labels, renormalised = check_images(sf, info)
+    others = []  # --against: (file, images, labels, lr, where the lr comes from)
+    for path in opts.against:
+        other = read_other(path, sf, name)
+        if (other.meta.get("zca") == "true") != (sf.meta.get("zca") == "true"):
+            raise EvaluateError(f"{other.path} (--against): {'ZCA-whitened' if other.meta.get('zca') == 'true' else 'raw'}"
+                                f" images (metadata field 'zca'), but {sf.path}'s are "
+                                f"{'whitened' if sf.meta.get('zca') == 'true' else 'raw'}: both are trained on "
+                                "the same dataset, so both must be in the same space")
+        o_images, o_labels, _ = check_images(other, info)
+        others.append((other, o_images, o_labels, *_set_lr(other, opts.lr)))
     for label, model in models:  # every model is built once before anything trains
         try:
             build_network(model, info.channels, info.num_classes, info.size)
@@ -264,30 +275,36 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
         trainings.append((label, model, (m, "synthetic"), images, labels, lr, "the set"))
         if r_images is not None:
             trainings.append((label, model, (m, "random"), r_images, r_labels, random_lr, "the random subset"))
+        for j, (other, o_images, o_labels, o_lr, _) in enumerate(others):
+            trainings.append((label, model, (m, j), o_images, o_labels, o_lr, other.path.name))
     jobs, owner = [], []
     for t, (label, model, _, images_, labels_, lr_, _) in enumerate(trainings):
         for k, s in enumerate(seeds):
-            jobs.append(network_job(model, info, images_, labels_, lr_, data.x_test, data.y_test, cfg, s, device))
+            jobs.append(network_job(model, info, images_, labels_, lr_, data.x_test, data.y_test, cfg, s, device,
+                                    per_case=True))
             owner.append((t, k))
 
-    def done(i: int, acc: float) -> None:
+    def done(i: int, res: tuple[float, torch.Tensor]) -> None:
         t, k = owner[i]
         label, what = trainings[t][0], trainings[t][6]
-        say(f"{label}: {what}, network {k + 1}/{networks} (seed {seeds[k]}): {100 * acc:.1f} %")
+        say(f"{label}: {what}, network {k + 1}/{networks} (seed {seeds[k]}): {100 * res[0]:.1f} %")
 
     from .parallel import EvaluateRunner
 
     runner = EvaluateRunner(opts.workers, opts.address)
-    accs = runner(jobs, on_done=done)
-    per: dict[tuple[int, str], list[dict[str, float]]] = {}  # (model's index, trained on) -> per network
-    for (t, _), acc in zip(owner, accs):
+    results = runner(jobs, on_done=done)
+    per: dict[tuple[int, Any], list[dict[str, float]]] = {}  # (model's index, trained on) -> per network
+    cases: dict[tuple[int, Any], list] = {}  # the same -> per network, which test images it gets right
+    for (t, _), (acc, hits) in zip(owner, results):
         per.setdefault(trainings[t][2], []).append({"acc": acc})
+        cases.setdefault(trainings[t][2], []).append((hits, torch.ones(len(hits), dtype=torch.float64)))
 
     for m, (label, model) in enumerate(models):
-        rows.append(_row(label, "synthetic", what_set, lr, per[(m, "synthetic")], seeds))
+        rows.append(_row(label, "synthetic", what_set, lr, per[(m, "synthetic")], seeds,
+                         cases=cases[(m, "synthetic")]))
         if r_images is not None:
             rows.append(_row(label, "random", f"random real subset, {len(r_labels)} images", random_lr,
-                             per[(m, "random")], seeds))
+                             per[(m, "random")], seeds, cases=cases[(m, "random")]))
         else:
             rows.append(_row(label, "random", "random real subset", random_lr, [], None, random_note))
         if full and spec is not None and model == spec.model:
@@ -297,8 +314,15 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
             note = full_note if spec is None or not full else \
                 f"the experts are {model_text(spec.model)}, not this model"
             rows.append(_row(label, "full_data", "full data (the spec's experts)", None, [], None, note))
+        for j, (other, o_images, o_labels, o_lr, o_lr_from) in enumerate(others):
+            o_counts = torch.bincount(o_labels, minlength=info.num_classes).tolist()
+            o_what = f"{other.meta.get('algorithm')} set, {len(o_labels)} images" + \
+                (f" ({o_counts[0]} per class)" if len(set(o_counts)) == 1 else "")
+            rows.append({**_row(label, "other", o_what, o_lr, per[(m, j)], seeds, cases=cases[(m, j)]),
+                         "file": str(other.path.resolve()), "sha256": file_sha256(other.path), "other_index": j,
+                         "lr_from": o_lr_from})
 
-    return {**_report_head(sf, name, spec), "kind": "images", "size": len(labels), "per_class": counts,
+    return finish({**_report_head(sf, name, spec), "kind": "images", "size": len(labels), "per_class": counts,
             "metrics": ["acc"], "models": {label: model for label, model in models}, "model_from": base_from,
             "protocol": {"networks": networks, "epochs": epochs, "batch_size": cfg.batch_size, "aug": aug,
                          "dsa_strategy": strategy, "dc_strategy": dc_strategy,
@@ -306,4 +330,4 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
                          "threads_per_network": EVAL_THREADS, "runner": runner.how},
             "lr": {"set": lr, "set_from": lr_from, "random": random_lr, "random_from": random_lr_from},
             "random_subset": {"seed": subset_seed, "budget": budget, "note": random_note},
-            "full_data_note": full_note, "renormalised": renormalised, "rows": rows}
+            "full_data_note": full_note, "renormalised": renormalised, "rows": rows}, "acc", "images")

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from .evaluate import EvalOptions, EvaluateError, SetFile, _report_head, _row, _scalar, stored_experts
+from .evaluate import (EvalOptions, EvaluateError, SetFile, _report_head, _row, _scalar, file_sha256, finish,
+                       read_other, stored_experts)
 from .sequences import load_sequences, seq_task
 from .spec import eval_seed
 
@@ -70,9 +71,8 @@ def check_sequences(sf: SetFile, data, max_len: int) -> None:
 
 
 def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) -> dict[str, Any]:
-    from algorithms.farzi import FarziSet
     from algorithms.evaluate import EVAL_THREADS
-    from algorithms.seqtrain import SeqTrainConfig, seq_network_job, task_metrics
+    from algorithms.seqtrain import SeqTrainConfig, seq_network_job, task_cases, task_metrics
 
     spec = opts.spec
     if spec is None:
@@ -100,15 +100,12 @@ def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) 
     seeds = list(range(seed, seed + networks))
     lr, lr_from = (opts.lr, "--lr") if opts.lr is not None else \
         (float(ev["lr"]), "the spec's evaluation.lr, as a sweep's trials train")
-    t = sf.tensors
-    if "F" in t:
-        temp = _scalar(sf, "temperature")
-        syn = FarziSet(t["F"].float(), t["M"].float(), temp, data.info.pad_id, _scalar(sf, "lr") or 0.0)
-        x = syn.probs().detach()
-        what = f"{sf.meta.get('algorithm')} set, {len(t['F'])} soft sequences of {t['F'].shape[1]}"
-    else:
-        x = t["sequences"]
-        what = f"{sf.meta.get('algorithm')} set, {len(x)} sequences of {x.shape[1]}"
+    x, what = _training_input(sf, data)
+    others = []  # --against: (file, its sequences, what they are)
+    for path in opts.against:
+        other = read_other(path, sf, name)
+        check_sequences(other, data, spec.model["max_len"])
+        others.append((other, *_training_input(other, data)))
     mu = len(x)
     subset_seed = spec.seed * 7919 + mu  # as a sweep's random baseline of this budget
     real = task.train
@@ -122,32 +119,37 @@ def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) 
 
     # every model of both rows is one job (seq_network_job, seeds seed, seed+1, ...): all go to the
     # runner at once, in parallel when it can (the same numbers), said as each ends
-    trainings = [(x, lr, "the set")] + ([(r, random_lr, "the random sequences")] if r is not None else [])
+    # (the --against files train at the set's lr: the spec's evaluation.lr, or --lr)
+    trainings = [(x, lr, "the set")] + ([(r, random_lr, "the random sequences")] if r is not None else []) + \
+        [(o_x, lr, other.path.name) for other, o_x, _ in others]
     jobs, owner = [], []
     for t, (data_, lr_, _) in enumerate(trainings):
         cfg = SeqTrainConfig(epochs=epochs, lr=lr_, batch_size=ev["batch_size"], weight_decay=ev["weight_decay"])
         for k, s in enumerate(seeds):
-            jobs.append(seq_network_job(spec.model, task, data_, cfg, s, device))
+            jobs.append(seq_network_job(spec.model, task, data_, cfg, s, device, per_case=True))
             owner.append((t, k))
 
-    def done(i: int, res: dict[str, float]) -> None:
+    def done(i: int, res: tuple[dict[str, float], Any]) -> None:
         t, k = owner[i]
         say(f"{model_name}: {trainings[t][2]}, network {k + 1}/{networks} (seed {seeds[k]}): "
-            + ", ".join(f"{m} {v:.4g}" for m, v in res.items()))
+            + ", ".join(f"{m} {v:.4g}" for m, v in res[0].items()))
 
     from .parallel import EvaluateRunner
 
     runner = EvaluateRunner(opts.workers, opts.address)
     results = runner(jobs, on_done=done)
     per: list[list[dict[str, float]]] = [[] for _ in trainings]
-    for (t, _), res in zip(owner, results):
+    cases: list[list] = [[] for _ in trainings]  # per network, its test cases' (value, weight)
+    for (t, _), (res, case) in zip(owner, results):
         per[t].append(res)
+        cases[t].append(case)
 
     set_results = per[0]
     metrics = list(set_results[0])
-    rows = [_row(model_name, "synthetic", what, lr, set_results, seeds)]
+    rows = [_row(model_name, "synthetic", what, lr, set_results, seeds, cases=cases[0])]
     if r is not None:
-        rows.append(_row(model_name, "random", f"random real sequences, {mu}", random_lr, per[1], seeds))
+        rows.append(_row(model_name, "random", f"random real sequences, {mu}", random_lr, per[1], seeds,
+                         cases=cases[1]))
     else:
         rows.append(_row(model_name, "random", "random real sequences", random_lr, [], None, random_note))
     found, where = stored_experts(spec, data, opts.trajectories)
@@ -157,16 +159,41 @@ def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) 
         from .store import open_trajectory
 
         model = seeded_seq_model(spec.model, task.vocab_size, task.pad_id, 0)
-        per = [task_metrics(model, open_trajectory(p).params[-1].clone(), task) for _, p, _ in found]
-        rows.append(_row(model_name, "full_data", "full data (the spec's experts)", None, per, None,
-                         f"{len(per)} experts of the spec in {where} (their final parameters)"))
+        finals = [open_trajectory(p).params[-1].clone() for _, p, _ in found]
+        rows.append(_row(model_name, "full_data", "full data (the spec's experts)", None,
+                         [task_metrics(model, f, task) for f in finals], None,
+                         f"{len(finals)} experts of the spec in {where} (their final parameters)",
+                         cases=[task_cases(model, f, task) for f in finals]))
     else:
         rows.append(_row(model_name, "full_data", "full data (the spec's experts)", None, [], None, where))
-    return {**_report_head(sf, name, spec), "kind": "sequences", "task": data.info.task, "size": mu,
+    full_note = rows[-1].get("note")
+    o0 = 1 if r is None else 2  # the --against trainings: after the set's and the random subset's
+    for j, (other, o_x, o_what) in enumerate(others):
+        rows.append({**_row(model_name, "other", o_what, lr, per[o0 + j], seeds, cases=cases[o0 + j]),
+                     "file": str(other.path.resolve()), "sha256": file_sha256(other.path), "other_index": j,
+                     "lr_from": lr_from})
+    unit = "users" if data.info.task == "recommendation" else "chunks"
+    return finish({**_report_head(sf, name, spec), "kind": "sequences", "task": data.info.task, "size": mu,
             "metrics": metrics, "models": {model_name: dict(spec.model)}, "model_from": "the spec's model",
             "protocol": {"networks": networks, "epochs": epochs, "batch_size": ev["batch_size"],
                          "weight_decay": ev["weight_decay"], "seed": seed, "seeds": seeds, "optimizer": "Adam",
                          "device": str(device), "threads_per_network": EVAL_THREADS, "runner": runner.how},
             "lr": {"set": lr, "set_from": lr_from, "random": random_lr, "random_from": random_lr_from},
             "random_subset": {"seed": subset_seed, "budget": mu, "note": random_note},
-            "full_data_note": rows[-1].get("note"), "renormalised": False, "rows": rows}
+            "full_data_note": full_note, "renormalised": False, "rows": rows},
+                  task.primary if task.kind == "recommendation" else "ppl", unit)
+
+
+def _training_input(sf: SetFile, data) -> tuple[torch.Tensor, str]:
+    """What models train on from a checked sequence set (Farzi's soft sequences softmax(F·M/τ), or
+    the hard ids), and its description."""
+    from algorithms.farzi import FarziSet
+
+    t = sf.tensors
+    if "F" in t:
+        temp = _scalar(sf, "temperature")
+        syn = FarziSet(t["F"].float(), t["M"].float(), temp, data.info.pad_id, _scalar(sf, "lr") or 0.0)
+        return syn.probs().detach(), f"{sf.meta.get('algorithm')} set, {len(t['F'])} soft sequences of " \
+            f"{t['F'].shape[1]}"
+    x = t["sequences"]
+    return x, f"{sf.meta.get('algorithm')} set, {len(x)} sequences of {x.shape[1]}"

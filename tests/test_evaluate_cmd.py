@@ -2,6 +2,7 @@
 digits with a 1-block ConvNet of width 8 and a few epochs (seconds), and on a generated
 MovieLens-format folder for sequence sets."""
 import json
+import math
 
 import pytest
 import torch
@@ -489,3 +490,144 @@ def test_sequence_shape_errors(movielens, tmp_path):
         res = evaluate(path, "--spec", spec, catch=False)
         assert res.exit_code == 2 and needle in res.output and str(path) in res.output, (needle, res.output)
         assert "network 1/" not in res.output
+
+
+# -- paired differences: the set against the random subset and --against files, on the same test cases -----------
+def test_paired_difference_is_the_mean_difference_and_its_standard_error():
+    from algorithms.evaluate import paired_difference
+
+    a, b = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0])
+    d = a - b
+    assert paired_difference(a, b) == pytest.approx((float(d.mean()), float(d.std()) / 5 ** 0.5))
+    assert paired_difference(a, a) == (0.0, 0.0)
+    # weighted (language models: per chunk, summed cross-entropy over its targets): the ratio of sums, and the
+    # standard error of that ratio, which is the unweighted one when every weight is the same
+    w = torch.tensor([3.0, 3.0, 3.0, 3.0, 3.0])
+    delta, se = paired_difference(3 * a, 3 * b, w)
+    assert (delta, se) == pytest.approx(paired_difference(a, b))
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])
+    delta, se = paired_difference(a * w, b * w, w)
+    ratio = float(((a - b) * w).sum() / w.sum())
+    resid = (a - b) * w - ratio * w
+    assert delta == pytest.approx(ratio)
+    assert se == pytest.approx(float((resid.pow(2).sum() / 4 * 5).sqrt() / w.sum()))
+    assert all(x != x for x in paired_difference(a[:1], b[:1]))
+
+
+def test_task_cases_add_up_to_the_headline_metric():
+    """Per test case outcomes whose weighted mean is the metric: HR@10 for users, ln perplexity for chunks."""
+    from algorithms.evaluate import paired_difference
+    from algorithms.networks import flatten_params
+    from algorithms.seqmodels import seeded_seq_model
+    from algorithms.seqtrain import SeqTask, lm_metrics, task_cases, task_metrics
+
+    g = torch.Generator().manual_seed(0)
+    spec = {"name": "transformer_lm", "dim": 8, "blocks": 1, "heads": 1, "max_len": 6}
+    chunks = torch.randint(0, 20, (9, 6), generator=g)
+    lm = SeqTask("language_model", 20, None, chunks, chunks, None, None)
+    m1, m2 = seeded_seq_model(spec, 20, None, 1), seeded_seq_model(spec, 20, None, 2)
+    p1, p2 = flatten_params(m1), flatten_params(m2)
+    (v1, w1), (v2, _) = task_cases(m1, p1, lm), task_cases(m2, p2, lm)
+    assert len(v1) == 9 and float(w1.sum()) == 9 * 5
+    assert float(v1.sum() / w1.sum()) == pytest.approx(math.log(lm_metrics(m1, p1, lm)["ppl"]), rel=1e-9)
+    delta, _ = paired_difference(v1, v2, w1)
+    assert delta == pytest.approx(math.log(lm_metrics(m1, p1, lm)["ppl"] / lm_metrics(m2, p2, lm)["ppl"]), rel=1e-9)
+    rec_spec = {"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 6}
+    items = torch.randint(1, 15, (12, 6), generator=g)
+    rec = SeqTask("recommendation", 15, 0, items, items, torch.randint(1, 15, (12,), generator=g), None, k=3)
+    m = seeded_seq_model(rec_spec, 15, 0, 3)
+    hits, w = task_cases(m, flatten_params(m), rec)
+    assert set(hits.tolist()) <= {0.0, 1.0} and float(w.sum()) == 12
+    assert float(hits.mean()) == pytest.approx(task_metrics(m, flatten_params(m), rec)["hr10"])
+
+
+def _cases_of(digits, path, seeds, lr=None):
+    """Which test images each network of ``seeds`` gets right, trained on the file as the command does."""
+    from algorithms.evaluate import network_job
+
+    tensors, _ = read_synthetic(path)
+    cfg = EvalConfig(networks=len(seeds), epochs=3)
+    lr = float(tensors["lr"]) if lr is None else lr
+    runs = [network_job(SMALL, digits.info, tensors["images"], tensors["labels"], lr, digits.x_test,
+                        digits.y_test, cfg, s, per_case=True)() for s in seeds]
+    return [acc for acc, _ in runs], torch.stack([h.double() for _, h in runs]).mean(0)
+
+
+def test_against_trains_another_set_with_the_same_seeds_and_pairs_them(tmp_path, set_file, digits):
+    from algorithms.evaluate import paired_difference
+
+    other = save_synthetic(tmp_path / "other.safetensors", real_set(digits, seed=9, lr=0.03), digits.info, "dc",
+                           {"run_id": "r1"}, model=SMALL)
+    rep = report_of(evaluate(set_file, *FAST, "--against", other, "--against", set_file, "--format", "json"))
+    syn, rnd, full, o1, o2 = rep["rows"]
+    assert (o1["trained_on"], o1["other_index"], o2["other_index"]) == ("other", 0, 1) and o1["seeds"] == [17, 18]
+    assert o1["file"] == str(other.resolve()) and o1["lr"] == pytest.approx(0.03) and o1["lr_from"] == "the file's lr"
+    accs, hits_other = _cases_of(digits, other, [17, 18])
+    assert o1["acc"] == accs  # the same numbers as those networks trained alone
+    _, hits_set = _cases_of(digits, set_file, [17, 18])
+    paired = {p["against"]: p for p in rep["paired"]}
+    assert set(paired) == {"random", "other1", "other2"}  # the experts' accuracies carry no per-image outcome
+    p = paired["other1"]
+    assert (p["delta"], p["se_cases"]) == pytest.approx(paired_difference(hits_set, hits_other))
+    assert p["delta"] == pytest.approx(syn["acc_mean"] - o1["acc_mean"]) and p["cases"] == len(digits.y_test)
+    seed_diffs = [x - y for x, y in zip(syn["acc"], o1["acc"])]
+    assert p["se_networks"] == pytest.approx(abs(seed_diffs[0] - seed_diffs[1]) / 2) and p["seed_pairs"] == 2
+    assert p["se"] == pytest.approx(math.hypot(p["se_cases"], p["se_networks"]))
+    # the set against itself: the same networks, so no difference at all, and no noise either
+    assert (paired["other2"]["delta"], paired["other2"]["se"]) == (0.0, 0.0) and o2["acc"] == syn["acc"]
+    assert paired["random"]["delta"] == pytest.approx(syn["acc_mean"] - rnd["acc_mean"])
+    # the table names the file and prints the differences under it
+    res = evaluate(set_file, *FAST, "--against", other)
+    assert res.exit_code == 0, res.output
+    assert "other.safetensors" in res.stdout.split("protocol:")[0]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("paired, the set minus other.safetensors"))
+    assert f"acc {100 * p['delta']:+.2f} points (SE {100 * p['se']:.2f}" in line
+    assert f"over the {len(digits.y_test)} test images" in line and "over 2 seed pairs" in line
+
+
+def test_against_refuses_a_set_of_another_dataset_or_kind(tmp_path, set_file, digits, movielens):
+    _, _, data = movielens
+    seqs, _ = save_sequences(tmp_path / "seqs.safetensors", torch.ones(2, 5, dtype=torch.long), data, "random")
+    res = evaluate(set_file, *FAST, "--against", seqs)
+    assert res.exit_code == 2 and str(seqs) in res.output and "'ml-100k'" in res.output
+    assert "a paired comparison needs the same test set" in res.output and "network 1/" not in res.output
+    fake = save_synthetic(tmp_path / "fake.safetensors", real_set(digits), digits.info, "mtt", {}, model=SMALL)
+    tensors, meta = read_synthetic(fake)
+    save_file(tensors, str(fake), {**meta, "zca": "true"})
+    res = evaluate(set_file, *FAST, "--against", fake)
+    assert res.exit_code == 2 and str(fake) in res.output and "'zca'" in res.output
+
+
+def test_sequence_sets_pair_with_the_random_subset_and_against_files(movielens, tmp_path):
+    from algorithms.evaluate import paired_difference
+    from algorithms.farzi import FarziSet
+    from algorithms.seqtrain import SeqTrainConfig, seq_network_job
+    from orchestrator.sequences import seq_task
+
+    _, spec, data = movielens
+    V = data.info.vocab_size
+    g = torch.Generator().manual_seed(0)
+    syn = FarziSet(torch.randn(4, 8, 4, generator=g), torch.randn(4, V, generator=g), 0.5, 0, 0.01)
+    farzi, _ = save_sequences(tmp_path / "farzi.safetensors", syn, data, "farzi")
+    task = seq_task(data, 12)
+    real_file, _ = save_sequences(tmp_path / "real.safetensors", task.train[5:9], data, "random")
+    rep = report_of(evaluate(farzi, "--spec", spec, "--root", tmp_path / "runs", "--against", real_file,
+                             "--format", "json"))
+    syn_row, rnd_row, full_row, other_row = rep["rows"]
+    assert other_row["trained_on"] == "other" and other_row["lr_from"] == rep["lr"]["set_from"]
+    cfg = SeqTrainConfig(epochs=1, lr=0.01, batch_size=8)
+    import dataclasses
+
+    test_only = dataclasses.replace(task, valid_inputs=None, valid_targets=None, valid_seen=None)
+
+    def hits(x):
+        runs = [seq_network_job(rep["models"]["sasrec"], test_only, x, cfg, s, per_case=True)() for s in (1017, 1018)]
+        return [m for m, _ in runs], torch.stack([c[0] for _, c in runs]).mean(0)
+
+    metrics, h_other = hits(task.train[5:9])
+    assert other_row["hr10"] == [m["hr10"] for m in metrics]
+    _, h_set = hits(syn.probs().detach())
+    p = {q["against"]: q for q in rep["paired"]}
+    assert set(p) == {"random", "other1"} and rep["paired_unit"] == "users"
+    assert (p["other1"]["delta"], p["other1"]["se_cases"]) == pytest.approx(paired_difference(h_set, h_other))
+    assert p["other1"]["metric"] == "hr10" and p["other1"]["cases"] == len(task.test_targets)
