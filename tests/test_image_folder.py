@@ -418,6 +418,7 @@ PINNED_HASHES = {
     "search_spaces/reference/farzi_ml100k_t200.yaml": "7f65a86905342c3c",
     "search_spaces/reference/farzi_ml100k_teacher.yaml": "bbe063d99f89dff3",
     "search_spaces/reference/farzi_ml100k_ensemble.yaml": "d56a17e1264c7f7b",
+    "search_spaces/reference/farzi_ptb.yaml": "605cdd63f2d894cc",
 }
 
 
