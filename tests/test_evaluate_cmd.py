@@ -631,3 +631,21 @@ def test_sequence_sets_pair_with_the_random_subset_and_against_files(movielens, 
     assert set(p) == {"random", "other1"} and rep["paired_unit"] == "users"
     assert (p["other1"]["delta"], p["other1"]["se_cases"]) == pytest.approx(paired_difference(h_set, h_other))
     assert p["other1"]["metric"] == "hr10" and p["other1"]["cases"] == len(task.test_targets)
+
+
+def test_mlflow_metrics_name_every_row_and_each_paired_difference():
+    from orchestrator.evaluate import metrics_of
+
+    def row(trained_on, mean, **extra):
+        return {"model": "convnet", "trained_on": trained_on, "acc_mean": mean, "acc_std": 0.01, **extra}
+
+    rep = {"models": {"convnet": {}}, "metrics": ["acc"],
+           "rows": [row("synthetic", 0.9), row("random", 0.6), row("full_data", None),
+                    row("other", 0.8, other_index=0), row("other", 0.7, other_index=1)],
+           "paired": [{"model": "convnet", "row": 1, "against": "random", "metric": "acc", "delta": 0.3, "se": 0.02},
+                      {"model": "convnet", "row": 4, "against": "other2", "metric": "acc", "delta": 0.2, "se": 0.03}]}
+    m = metrics_of(rep)
+    assert m["acc_mean"] == 0.9 and m["random_acc_mean"] == 0.6 and "full_data_acc_mean" not in m
+    assert m["other1_acc_mean"] == 0.8 and m["other2_acc_mean"] == 0.7
+    assert (m["paired_random_acc_delta"], m["paired_random_acc_se"]) == (0.3, 0.02)
+    assert (m["paired_other2_acc_delta"], m["paired_other2_acc_se"]) == (0.2, 0.03)
