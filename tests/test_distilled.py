@@ -97,6 +97,59 @@ def test_verify_finds_a_set_whose_table_overstates_it(tmp_path, write_spec, monk
     assert "digits-mtt-ipc10.safetensors" in err and "digits-mtt-ipc1.safetensors" not in err
 
 
+def test_verify_checks_a_perplexity_set_within_five_percent(tmp_path, write_spec, monkeypatch):
+    """A language-model set (PTB format, generated): perplexity is checked relative to the stated
+    number (5 %, or 3 std), lower being better: the set stated at what it scores holds, one stated
+    at 2/3 of it does not."""
+    import dataclasses
+    import random
+
+    import torch
+
+    from algorithms.farzi import FarziSet
+    from algorithms.seqtrain import SeqTrainConfig, seq_network_job
+    from orchestrator.artifacts import save_sequences
+    from orchestrator.sequences import load_sequences, seq_task
+    from orchestrator.spec import load_spec
+    from tests.test_sequences import write_ptb
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(24)]
+    text = lambda n: "".join(" " + " ".join(rng.choices(words, k=12)) + " \n" for _ in range(n))  # noqa: E731
+    write_ptb(tmp_path / "data" / "ptb", text(40), text(8), text(8))
+    monkeypatch.setenv("ORCHESTRATE_DATA", str(tmp_path / "data"))
+    spec_path = write_spec({"name": "lm", "dataset": {"name": "ptb", "root": str(tmp_path / "data" / "ptb")},
+                            "model": {"name": "transformer_lm", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8},
+                            "experts": {"count": 1, "epochs": 1},
+                            "algorithms": {"farzi": {"budgets": [4], "iterations": 1,
+                                                     "hyperparameters": {"seq_len": 8, "latent_dim": 4, "max_start_epoch": 1}}},
+                            "evaluation": {"networks": 1, "epochs": 3, "batch_size": 2, "lr": 0.01}})
+    spec = load_spec(spec_path)
+    data = load_sequences("ptb", str(tmp_path / "data" / "ptb"))
+    V = data.info.vocab_size
+    g = torch.Generator().manual_seed(0)
+    syn = FarziSet(torch.randn(4, 8, 4, generator=g), torch.randn(4, V, generator=g), 1.0, None, 0.01)
+    folder = tmp_path / "distilled"
+    folder.mkdir()
+    ev = spec.evaluation
+    task = seq_task(data, 8)
+    truth = seq_network_job(spec.model, dataclasses.replace(task, valid_inputs=None),
+                            syn.probs().detach(), SeqTrainConfig(epochs=3, lr=ev["lr"], batch_size=2,
+                                                                 weight_decay=ev["weight_decay"]),
+                            fidelity.INDEPENDENT_SEED)()["ppl"]
+    entries = []
+    for name, stated in (("ptb-farzi-mu4.safetensors", truth * 1.03), ("ptb-farzi-mu4b.safetensors", truth / 1.5)):
+        save_sequences(folder / name, syn, data, "farzi")
+        entries.append(_entry(name, (folder / name).stat().st_size, dataset="ptb", method="farzi", budget=4,
+                              metric="ppl", higher_is_better=False, set_mean=stated, set_std=0.0, spec=str(spec_path)))
+    (folder / "index.json").write_text(json.dumps(entries))
+    rows = {r["file"]: r for r in fidelity.verify(folder, workers=1)}
+    ok, off = rows["ptb-farzi-mu4.safetensors"], rows["ptb-farzi-mu4b.safetensors"]
+    assert ok["independent"] == pytest.approx(truth, rel=1e-9) and ok["ok"]
+    assert ok["tolerance"] == pytest.approx(0.05 * truth * 1.03)
+    assert not off["ok"] and off["independent"] > off["stated_mean"] + off["tolerance"]
+
+
 def _entry(file="mnist-mtt-ipc1.safetensors", nbytes=31_000, **kw):
     return {"file": file, "bytes": nbytes, "sha256": "0" * 64, "set_mean": 0.8876, "set_std": 0.0123,
             "set_iteration": 2000, "selected_by": None, "dataset": "mnist", "method": "mtt", "budget": 1,
