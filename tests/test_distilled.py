@@ -148,6 +148,9 @@ def test_verify_checks_a_perplexity_set_within_five_percent(tmp_path, write_spec
     assert ok["independent"] == pytest.approx(truth, rel=1e-9) and ok["ok"]
     assert ok["tolerance"] == pytest.approx(0.05 * truth * 1.03)
     assert not off["ok"] and off["independent"] > off["stated_mean"] + off["tolerance"]
+    # CI's --quick check stays within a minute: an LM's minutes are left to the full check, and said
+    with pytest.raises(fidelity.ReportError, match=r"lists no set that --quick checks \(acc, hr10\)"):
+        fidelity.verify(folder, quick=True, workers=1)
 
 
 def _entry(file="mnist-mtt-ipc1.safetensors", nbytes=31_000, **kw):
