@@ -396,8 +396,10 @@ def notes(report: dict[str, Any]) -> list[str]:
 
 # -- MLflow --------------------------------------------------------------------------------------
 def metrics_of(report: dict[str, Any]) -> dict[str, float]:
-    """MLflow metrics: ``<metric>_mean``/``_std`` of the set, ``random_<metric>_*`` and
-    ``full_data_<metric>_*`` for the first model; with several models, ``<model>/...`` for each."""
+    """MLflow metrics: ``<metric>_mean``/``_std`` of the set, ``random_<metric>_*``,
+    ``full_data_<metric>_*`` and ``other<j>_<metric>_*`` (the j-th ``--against`` file), and the
+    paired differences ``paired_<row>_<metric>_delta``/``_se``, for the first model; with several
+    models, ``<model>/...`` for each."""
     first = report["rows"][0]["model"]
     several = len(report["models"]) > 1
     out: dict[str, float] = {}
