@@ -438,16 +438,21 @@ def movielens(tmp_path_factory):
     return d, spec, load_sequences("ml-100k", d / "ml")
 
 
-def test_sequence_sets_evaluate_with_the_spec_model(movielens, tmp_path):
+def farzi_file(data, path):
+    """A random Farzi set (4 soft sequences of 8, latent 4) of ``data`` written to ``path``: (set, file)."""
     from algorithms.farzi import FarziSet
+
+    g = torch.Generator().manual_seed(0)
+    syn = FarziSet(torch.randn(4, 8, 4, generator=g), torch.randn(4, data.info.vocab_size, generator=g), 0.5, 0, 0.01)
+    return syn, save_sequences(path, syn, data, "farzi")[0]
+
+
+def test_sequence_sets_evaluate_with_the_spec_model(movielens, tmp_path):
     from algorithms.seqtrain import SeqTrainConfig, evaluate_sequences
     from orchestrator.sequences import seq_task
 
     _, spec, data = movielens
-    V = data.info.vocab_size
-    g = torch.Generator().manual_seed(0)
-    syn = FarziSet(torch.randn(4, 8, 4, generator=g), torch.randn(4, V, generator=g), 0.5, 0, 0.01)
-    farzi, _ = save_sequences(tmp_path / "farzi.safetensors", syn, data, "farzi")
+    syn, farzi = farzi_file(data, tmp_path / "farzi.safetensors")
     rep = report_of(evaluate(farzi, "--spec", spec, "--root", tmp_path / "runs", "--format", "json"))
     syn_row, rnd_row, full_row = rep["rows"]
     assert rep["metrics"] == ["hr10", "ndcg10", "hr10_s100", "ndcg10_s100"] and len(syn_row["hr10"]) == 2
@@ -600,15 +605,11 @@ def test_against_refuses_a_set_of_another_dataset_or_kind(tmp_path, set_file, di
 
 def test_sequence_sets_pair_with_the_random_subset_and_against_files(movielens, tmp_path):
     from algorithms.evaluate import paired_difference
-    from algorithms.farzi import FarziSet
     from algorithms.seqtrain import SeqTrainConfig, seq_network_job
     from orchestrator.sequences import seq_task
 
     _, spec, data = movielens
-    V = data.info.vocab_size
-    g = torch.Generator().manual_seed(0)
-    syn = FarziSet(torch.randn(4, 8, 4, generator=g), torch.randn(4, V, generator=g), 0.5, 0, 0.01)
-    farzi, _ = save_sequences(tmp_path / "farzi.safetensors", syn, data, "farzi")
+    syn, farzi = farzi_file(data, tmp_path / "farzi.safetensors")
     task = seq_task(data, 12)
     real_file, _ = save_sequences(tmp_path / "real.safetensors", task.train[5:9], data, "random")
     rep = report_of(evaluate(farzi, "--spec", spec, "--root", tmp_path / "runs", "--against", real_file,
