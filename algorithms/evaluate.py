@@ -172,7 +172,7 @@ def evaluate_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, 
 
 def paired_difference(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[float, float]:
     """``a - b`` for two predictors scored on the same test cases (``a``, ``b``: per-case values,
-    ``weight``: per-case weights, default 1; :func:`task_cases`): the difference of their weighted
+    ``weight``: per-case weights, default 1; :func:`correct`, :func:`algorithms.seqtrain.task_cases`): the difference of their weighted
     means and its standard error over the test cases, sum((d_i - delta w_i)^2) / (n - 1) * n, square
     root, over sum(w), which is the usual std(d) / sqrt(n) with unit weights. NaN for fewer than
     two cases. It is the test set's sampling noise of the difference: the networks the values come
