@@ -58,6 +58,7 @@ class EvalConfig:
 @dataclass
 class EvalResult:
     accs: list[float]
+    hits: list[torch.Tensor] | None = None  # per network, which test images it gets right (``per_case``)
 
     @property
     def mean(self) -> float:
@@ -158,16 +159,21 @@ def sequential(jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], 
 
 def evaluate_set(model: dict, info, images: torch.Tensor, labels: torch.Tensor, lr: float,
                  x_test: torch.Tensor, y_test: torch.Tensor, cfg: EvalConfig, seed: int = 0,
-                 device: str | torch.device = "cpu", run: Runner | None = None) -> EvalResult:
-    """Train ``cfg.networks`` fresh networks (seeds ``seed``, ``seed+1``, ...) and test each.
+                 device: str | torch.device = "cpu", run: Runner | None = None, per_case: bool = False
+                 ) -> EvalResult:
+    """Train ``cfg.networks`` fresh networks (seeds ``seed``, ``seed+1``, ...) and test each
+    (``per_case``: also which test images each gets right, :attr:`EvalResult.hits`).
 
-    ``run`` runs the networks' jobs (:func:`network_job`) and returns their accuracies in order:
+    ``run`` runs the networks' jobs (:func:`network_job`) and returns their results in order:
     :func:`sequential` by default; ``orchestrator.parallel.RayRunner`` trains them as Ray tasks
     on a cluster's free resources. Each network depends only on its seed, so every runner gives
     the same numbers."""
-    jobs = [network_job(model, info, images, labels, lr, x_test, y_test, cfg, seed + k, device)
+    jobs = [network_job(model, info, images, labels, lr, x_test, y_test, cfg, seed + k, device, per_case=per_case)
             for k in range(cfg.networks)]
-    return EvalResult(list((run or sequential)(jobs)))
+    results = list((run or sequential)(jobs))
+    if not per_case:
+        return EvalResult(results)
+    return EvalResult([acc for acc, _ in results], [hits for _, hits in results])
 
 
 def paired_difference(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[float, float]:

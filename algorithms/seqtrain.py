@@ -260,6 +260,7 @@ class SeqEvalResult:
     metrics: dict[str, float]  # mean over networks
     std: dict[str, float]
     per_network: list[dict[str, float]]
+    cases: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per network, its task_cases (``per_case``)
 
 
 def _train_seq_network(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, seed: int, *,
@@ -287,13 +288,16 @@ def seq_network_job(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: Se
 
 def evaluate_sequences(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, networks: int,
                        seed: int, device: str | torch.device = "cpu",
-                       run: Callable[[list], list[Any]] | None = None) -> SeqEvalResult:
+                       run: Callable[[list], list[Any]] | None = None, per_case: bool = False) -> SeqEvalResult:
     """Train ``networks`` fresh models on ``data`` (seeds ``seed, seed+1, ...``) and report the
-    task metrics of each after the last epoch: mean and population std. ``run`` runs the models'
-    jobs (:func:`seq_network_job`): one after another by default, or e.g.
-    ``orchestrator.parallel.RayRunner`` on a cluster's free resources, with the same numbers."""
-    jobs = [seq_network_job(model_spec, task, data, cfg, seed + n, device) for n in range(networks)]
-    runs = list((run or sequential)(jobs))
+    task metrics of each after the last epoch: mean and population std (``per_case``: also each
+    model's :func:`task_cases`). ``run`` runs the models' jobs (:func:`seq_network_job`): one after
+    another by default, or e.g. ``orchestrator.parallel.RayRunner`` on a cluster's free resources,
+    with the same numbers."""
+    jobs = [seq_network_job(model_spec, task, data, cfg, seed + n, device, per_case=per_case) for n in range(networks)]
+    results = list((run or sequential)(jobs))
+    runs = [r[0] for r in results] if per_case else results
     keys = runs[0].keys()
     return SeqEvalResult({k: statistics.fmean(r[k] for r in runs) for k in keys},
-                         {k: statistics.pstdev([r[k] for r in runs]) for k in keys}, runs)
+                         {k: statistics.pstdev([r[k] for r in runs]) for k in keys}, runs,
+                         [r[1] for r in results] if per_case else None)

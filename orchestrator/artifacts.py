@@ -1,10 +1,12 @@
-"""Files a trial produces: the synthetic set in the export contract, an image grid, and the
-distiller state for Tune checkpoints. Everything is safetensors plus JSON: nothing is pickled."""
+"""Files a trial produces: the synthetic set in the export contract, an image grid, the per-case
+outcomes of its evaluation (:class:`CaseOutcomes`), and the distiller state for Tune checkpoints.
+Everything is safetensors plus JSON: nothing is pickled."""
 from __future__ import annotations
 
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +257,80 @@ def state_complete(fs, directory: str) -> bool:
         return info.size == 8 + n + end
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+# -- per-case outcomes of an evaluation ----------------------------------------------------------
+CASES_FORMAT = "distill-orchestrator/cases-v1"
+CASES_FILE = "cases.safetensors"  # beside each synthetic.safetensors a trial logs
+
+
+@dataclass
+class CaseOutcomes:
+    """One evaluation's headline metric test case by test case: ``values[k, i]`` is evaluation
+    network ``k``'s outcome on test case ``i`` (right or wrong, hit@k, a chunk's summed
+    cross-entropy), ``weights[i]`` the case's weight (1, or the chunk's number of targets); a
+    network's metric is ``values[k].sum() / weights.sum()`` (ln of the perplexity for ``ppl``).
+    Two evaluations of the same test cases, networks of the same seeds, give a paired difference
+    (``orchestrator.evaluate.paired_stats``)."""
+
+    metric: str  # acc, hr10, ppl
+    unit: str  # what one test case is: images, users, chunks
+    seeds: list[int]  # the networks' seeds, one per row of values
+    values: torch.Tensor  # [networks, cases], float64
+    weights: torch.Tensor  # [cases], float64
+
+    @classmethod
+    def of(cls, metric: str, unit: str, seeds: list[int], cases: list[tuple[torch.Tensor, torch.Tensor]]
+           ) -> "CaseOutcomes":
+        """From per-network ``(value, weight)`` pairs (every network scored on the same cases)."""
+        return cls(metric, unit, list(seeds), torch.stack([v.detach().cpu().double() for v, _ in cases]),
+                   cases[0][1].detach().cpu().double())
+
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per network, ``(value, weight)``: the form ``orchestrator.evaluate`` pairs."""
+        return [(v, self.weights) for v in self.values]
+
+    def network_metric(self, k: int) -> float:
+        return float(self.values[k].sum() / self.weights.sum())
+
+
+def save_cases(path: str | Path, cases: CaseOutcomes, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``cases`` as safetensors (0/1 outcomes as uint8, unit weights left out), atomically."""
+    values = cases.values
+    binary = bool(((values == 0) | (values == 1)).all())
+    tensors = {"values": values.to(torch.uint8) if binary else values.contiguous()}
+    if not bool((cases.weights == 1).all()):
+        tensors["weights"] = cases.weights.contiguous()
+    meta = {"format": CASES_FORMAT, "metric": cases.metric, "unit": cases.unit, "seeds": json.dumps(cases.seeds)}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra or {}).items()})
+    atomic_write_bytes(Path(path), st_save(tensors, metadata=meta))
+    return Path(path)
+
+
+def read_cases(path: str | Path) -> tuple[CaseOutcomes, dict[str, str]]:
+    """Read a :func:`save_cases` file; ValueError naming the file and the field that is wrong."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    if meta.get("format") != CASES_FORMAT:
+        raise ValueError(f"{path}: metadata field 'format' is {meta.get('format')!r}, expected {CASES_FORMAT!r}")
+    for key in ("metric", "unit", "seeds"):
+        if key not in meta:
+            raise ValueError(f"{path}: metadata field {key!r} is missing")
+    try:
+        seeds = json.loads(meta["seeds"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata field 'seeds' is not JSON ({e})") from e
+    values = tensors.get("values")
+    if values is None or values.ndim != 2:
+        raise ValueError(f"{path}: tensor 'values' must be [networks, cases]; found "
+                         f"{None if values is None else tuple(values.shape)}")
+    weights = tensors.get("weights", torch.ones(values.shape[1], dtype=torch.float64))
+    if weights.shape != (values.shape[1],) or not isinstance(seeds, list) or len(seeds) != values.shape[0]:
+        raise ValueError(f"{path}: tensor 'weights' {tuple(weights.shape)} and metadata field 'seeds' ({seeds}) "
+                         f"do not match values {tuple(values.shape)}")
+    return CaseOutcomes(meta["metric"], meta["unit"], [int(s) for s in seeds], values.double(), weights.double()), meta

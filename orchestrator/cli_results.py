@@ -82,14 +82,23 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, 
 @uri_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--only-diff", is_flag=True, help="Only the rows whose values differ between the runs.")
-def compare(run_ids, root, tracking_uri, fmt, only_diff):
-    """Show runs side by side: one column per run, one row per parameter, metric and tag."""
-    from .compare import compare_runs, compare_table, compare_to_csv, compare_to_json, only_differing
+@click.option("--paired/--no-paired", default=True, show_default=True,
+              help="Add each trial's set minus the first run's, on the same test cases, from the per-case outcomes "
+                   "trials log with their sets: the difference of the headline metric and its standard errors.")
+@click.option("--selected", is_flag=True,
+              help="Pair the sets chosen on the validation split (sequence trials) instead of the final ones (or, "
+                   "of a trial still running, its latest evaluation's).")
+def compare(run_ids, root, tracking_uri, fmt, only_diff, paired, selected):
+    """Show runs side by side: one column per run, one row per parameter, metric and tag; and
+    (``--paired``, the default) whether the trials' sets really differ: each one's headline metric
+    minus the first run's, on the same test cases, with its standard error."""
+    from .compare import (compare_runs, compare_table, compare_to_csv, compare_to_json, only_differing,
+                          paired_caption)
 
     ws = workspace(root, tracking_uri)
     _check_tracking(ws)
     try:
-        cmp = compare_runs(ws.tracking_uri, list(run_ids))
+        cmp = compare_runs(ws.tracking_uri, list(run_ids), paired=paired, selected=selected)
     except LookupError as e:
         _fail(str(e), 1)
     if only_diff:
@@ -100,6 +109,8 @@ def compare(run_ids, root, tracking_uri, fmt, only_diff):
         click.echo(compare_to_csv(cmp), nl=False)
     else:
         console.print(compare_table(cmp, title=f"{len(cmp['runs'])} runs"))
+        for line in paired_caption(cmp):
+            console.print(line, highlight=False, markup=False)
 
 
 _KINDS = ((stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "folder"), (stat.S_ISCHR, "character device"),

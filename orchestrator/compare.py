@@ -3,10 +3,12 @@ tags, the differing rows marked), as a table, JSON or CSV; and :func:`get_runs`,
 list of ids, every missing one named."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
 from typing import Any
 
 from mlflow import MlflowClient
@@ -32,13 +34,16 @@ def get_runs(client: MlflowClient, run_ids: list[str]) -> list:
     return runs
 
 
-def compare_runs(tracking_uri: str, run_ids: list[str]) -> dict[str, Any]:
-    """The runs' parameters, metrics (latest values) and tags side by side.
+def compare_runs(tracking_uri: str, run_ids: list[str], paired: bool = True, selected: bool = False
+                 ) -> dict[str, Any]:
+    """The runs' parameters, metrics (latest values) and tags side by side and, with ``paired``,
+    each trial's set minus the first run's on the same test cases (:func:`paired_runs`).
 
     Returns ``{"runs": [{run_id, run_name, experiment, status, start_time, end_time}, ...],
-    "rows": [{"section": "run"|"param"|"metric"|"tag", "name", "values": {run_id: value},
-    "differs": bool}, ...]}``; a value is None where a run lacks the entry. Raises LookupError
-    naming every run id that is not in the store."""
+    "rows": [{"section": "run"|"param"|"metric"|"tag"|"paired", "name", "values": {run_id: value},
+    "differs": bool}, ...], "paired": ...}``; a value is None where a run lacks the entry; the
+    ``paired`` rows are ``<metric>_delta``, ``_se``, ``_se_cases``, ``_se_networks``, ``_z``.
+    Raises LookupError naming every run id that is not in the store."""
     client = MlflowClient(tracking_uri)
     runs = get_runs(client, list(dict.fromkeys(run_ids)))
     experiments: dict[str, str] = {}
@@ -74,7 +79,119 @@ def compare_runs(tracking_uri: str, run_ids: list[str]) -> dict[str, Any]:
             vs = list(values.values())
             rows.append({"section": section, "name": name, "values": values,
                          "differs": any(_differ(vs[0], v) for v in vs[1:])})
-    return {"runs": info, "rows": rows}
+    out = {"runs": info, "rows": rows}
+    if paired and len(runs) > 1:
+        pr = out["paired"] = paired_runs(client, runs, selected)
+        if pr["stats"]:
+            for stat in PAIRED_STATS:
+                values = {r.info.run_id: pr["stats"].get(r.info.run_id, {}).get(stat) for r in runs}
+                rows.append({"section": "paired", "name": f"{pr['metric']}_{stat}", "values": values,
+                             "differs": True})
+    return out
+
+
+def paired_caption(comparison: dict[str, Any]) -> list[str]:
+    """The paired rows in words: what they are, and every run left out and why."""
+    from .evaluate import paired_text
+
+    pr = comparison.get("paired")
+    if not pr:
+        return []
+    names = {i["run_id"]: i["run_name"] or i["run_id"] for i in comparison["runs"]}
+    lines = []
+    if pr["reference"]:
+        its = pr["iterations"]
+        lines.append(f"paired: each run's set minus {names[pr['reference']]}'s ({pr['set']} set, iteration "
+                     f"{its.get(pr['reference'])}), evaluated on the same {pr['cases']} test {pr['unit']}"
+                     + (" (ln of the perplexity ratio)" if pr["metric"] == "ppl" else " (fractions)"))
+        for rid, st in pr["stats"].items():
+            lines.append(f"  {names[rid]} (iteration {its.get(rid)}): "
+                         f"{paired_text({**st, 'metric': pr['metric']}, pr['unit'])}")
+    lines += [f"  not paired, {names[rid]}: {why}" for rid, why in pr["skipped"].items()]
+    return lines
+
+
+@contextlib.contextmanager
+def quiet_downloads():
+    """MLflow's artifact downloads without their progress bars (one small file per run)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+PAIRED_STATS = ("delta", "se", "se_cases", "se_networks", "z")
+
+
+def run_cases(client: MlflowClient, run, selected: bool = False):
+    """The per-case outcomes (``CaseOutcomes``, metadata) a trial logged beside the set that stands for
+    it (:func:`orchestrator.trial.set_artifact`: the final set of a finished trial, the latest
+    evaluation's of one still running, with ``selected`` the one chosen on validation), or the
+    reason there are none, as a string."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from .artifacts import CASES_FILE, read_cases
+    from .trial import set_artifact
+
+    folder = set_artifact(run.info.status == "FINISHED", selected).rpartition("/")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            with quiet_downloads():
+                local = client.download_artifacts(run.info.run_id, f"{folder}/{CASES_FILE}", tmp)
+        except (MlflowException, OSError):
+            return (f"no {folder}/{CASES_FILE} (not a trial; no evaluation logged there yet; or a trial "
+                    f"that predates per-case outcomes)")
+        try:
+            return read_cases(local)
+        except ValueError as e:
+            return str(e)
+
+
+def paired_runs(client: MlflowClient, runs: list, selected: bool = False) -> dict[str, Any]:
+    """Each run's set minus the first run's, on the same test cases: the trials' logged per-case
+    outcomes (:func:`run_cases`) through :func:`orchestrator.evaluate.paired_stats`; the seed
+    pairs count where both evaluated networks of the same model and seeds (trials of one spec do).
+    Returns ``{"reference", "set", "metric", "unit", "cases", "iterations": {run_id: it},
+    "stats": {run_id: {delta, se, ...}}, "skipped": {run_id: why}}``; ``reference`` is None
+    (and every run skipped) where the first run has no outcomes."""
+    from .evaluate import paired_stats
+
+    got = {r.info.run_id: run_cases(client, r, selected) for r in runs}
+    ref_id = runs[0].info.run_id
+    out: dict[str, Any] = {"reference": None, "set": "selected" if selected else "final or latest",
+                           "iterations": {}, "stats": {}, "skipped": {}}
+    if isinstance(got[ref_id], str):
+        out["skipped"] = {rid: g if isinstance(g, str) else f"the first run ({ref_id}) has no per-case outcomes"
+                          for rid, g in got.items()}
+        return out
+    ref, ref_meta = got[ref_id]
+    out.update({"reference": ref_id, "metric": ref.metric, "unit": ref.unit, "cases": int(ref.values.shape[1])})
+    for rid, g in got.items():
+        if isinstance(g, str):
+            out["skipped"][rid] = g
+            continue
+        cases, meta = g
+        out["iterations"][rid] = int(meta["iteration"]) if meta.get("iteration", "").isdigit() else None
+        if rid == ref_id:
+            continue
+        if (meta.get("dataset"), cases.metric) != (ref_meta.get("dataset"), ref.metric):
+            out["skipped"][rid] = (f"its outcomes are {cases.metric} on dataset {meta.get('dataset')!r}, the first "
+                                   f"run's {ref.metric} on {ref_meta.get('dataset')!r}")
+            continue
+        same = cases.seeds == ref.seeds and meta.get("model") == ref_meta.get("model")
+        try:
+            out["stats"][rid] = paired_stats(cases.pairs(), ref.pairs(), same, rid)
+        except ValueError as e:
+            out["skipped"][rid] = str(e)
+    return out
 
 
 def _differ(a: Any, b: Any) -> bool:
@@ -115,7 +232,17 @@ def compare_table(comparison: dict[str, Any], title: str = "compare") -> Table:
 
 
 def compare_to_json(comparison: dict[str, Any]) -> str:
-    return json.dumps(comparison, indent=2)
+    """The comparison as strict JSON: NaN (a standard error without seed pairs) as null."""
+    def strict(v: Any) -> Any:
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [strict(x) for x in v]
+        return v
+
+    return json.dumps(strict(comparison), indent=2)
 
 
 def compare_to_csv(comparison: dict[str, Any]) -> str:

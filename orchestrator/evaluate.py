@@ -216,38 +216,50 @@ def _mean_cases(cases: list) -> tuple[torch.Tensor, torch.Tensor]:
     return values, cases[0][1].double()
 
 
-def paired_differences(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """For each model, its set's row minus each other row of that model with per-case outcomes, on
-    the same test cases: ``delta`` of the headline metric (accuracy and HR@k as fractions;
-    perplexity as the difference of the mean cross-entropy, ln of the perplexities' ratio), its
-    standard error over the test cases (``se_cases``: the test set's sampling noise, networks held
-    fixed), and over the seed pairs (``se_networks``: the networks' noise, from each seed's
-    difference where both rows trained the same seeds, else NaN), and ``se`` = the root of their
-    squares' sum, with ``z`` = delta / se."""
+def paired_stats(a: list, b: list, same_seeds: bool, what: str = "the other") -> dict[str, Any]:
+    """``a`` minus ``b``: two evaluations' per-network ``(value, weight)`` outcomes on the same test
+    cases (:func:`algorithms.seqtrain.task_cases`; images: which test images a network gets right).
+    ``delta`` of the mean outcome (accuracy and HR@k as fractions; perplexity as the difference of
+    the mean cross-entropy, ln of the perplexities' ratio); its standard error over the test cases
+    (``se_cases``: the test set's sampling noise, networks held fixed) and over the seed pairs
+    (``se_networks``: the networks' noise, from each seed's difference where ``same_seeds``, both
+    trained networks of the same seeds, else NaN); ``se`` = the root of their squares' sum, ``z`` =
+    delta / se. ValueError (naming ``what``) where the two were scored on other test cases."""
     import math
 
     from algorithms.evaluate import paired_difference
 
+    va, w = _mean_cases(a)
+    vb, wb = _mean_cases(b)
+    if len(vb) != len(va) or not torch.equal(wb, w):
+        raise ValueError(f"{what}: scored on other test cases than the one it is paired with ({len(va)} cases "
+                         f"against {len(vb)}, or other weights)")
+    delta, se_cases = paired_difference(va, vb, w)
+    se_net = math.nan
+    if same_seeds and len(a) == len(b) and len(a) > 1:
+        def metric(v: torch.Tensor, weight: torch.Tensor) -> float:
+            return float(v.double().sum() / weight.double().sum())
+
+        diffs = [metric(*x) - metric(*y) for x, y in zip(a, b)]
+        se_net = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    se = math.hypot(se_cases, 0.0 if math.isnan(se_net) else se_net)
+    return {"delta": delta, "se_cases": se_cases, "se_networks": se_net, "se": se,
+            "z": delta / se if se > 0 else math.nan, "cases": len(va),
+            "seed_pairs": len(a) if not math.isnan(se_net) else 0}
+
+
+def paired_differences(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """For each model, its set's row minus each other row of that model with per-case outcomes, on
+    the same test cases (:func:`paired_stats`; the seed pairs where both rows trained the same
+    seeds)."""
     out = []
     for first in (r for r in rows if r["trained_on"] == "synthetic" and r.get("_cases")):
-        a, w = _mean_cases(first["_cases"])
         for i, r in enumerate(rows):
             if r is first or r["model"] != first["model"] or not r.get("_cases"):
                 continue
-            b, wb = _mean_cases(r["_cases"])
-            if len(b) != len(a) or not torch.equal(wb, w):
-                raise ValueError(f"{_trained_on(r)}: scored on other test cases than the set")
-            delta, se_cases = paired_difference(a, b, w)
-            se_net = math.nan
-            if r["seeds"] and r["seeds"] == first["seeds"] and len(r["seeds"]) > 1:
-                f = math.log if metric == "ppl" else float
-                diffs = [f(x) - f(y) for x, y in zip(first[metric], r[metric])]
-                se_net = statistics.stdev(diffs) / math.sqrt(len(diffs))
-            se = math.hypot(se_cases, 0.0 if math.isnan(se_net) else se_net)
+            same = bool(r["seeds"]) and r["seeds"] == first["seeds"]
             out.append({"model": first["model"], "row": i, "against": _row_key(r), "metric": metric,
-                        "delta": delta, "se_cases": se_cases, "se_networks": se_net, "se": se,
-                        "z": delta / se if se > 0 else math.nan, "cases": len(a),
-                        "seed_pairs": len(r["seeds"]) if not math.isnan(se_net) else 0})
+                        **paired_stats(first["_cases"], r["_cases"], same, _trained_on(r))})
     return out
 
 

@@ -62,6 +62,13 @@ class Task(ABC):
         """Train the spec's evaluation networks on ``syn``: metric -> (mean, std). ``final``: the
         last evaluation of a trial, which may add metrics (other architectures: ``acc/<model>``)."""
 
+    def evaluate_cases(self, spec: dict, data, syn, device, final: bool = False):
+        """:meth:`evaluate` and, where the task can score its networks test case by test case, the
+        headline metric's per-case outcomes of the spec's model (``orchestrator.artifacts.CaseOutcomes``;
+        None where it cannot): ``(metrics, cases)``. Trials log them beside each set they log, so
+        that ``orchestrate compare`` can pair two trials on the same test cases."""
+        return self.evaluate(spec, data, syn, device, final=final), None
+
     @abstractmethod
     def export(self, directory: Path, syn, data, method: str, extra: dict, model: dict) -> list[Path]:
         """Write ``syn`` under the export contract (and what helps a reader see it) into ``directory``."""
@@ -149,8 +156,15 @@ class ImageClassification(Task):
         ``evaluation.parallel`` (default) and Ray initialised, the networks of one evaluation train
         as Ray tasks on the cluster's free resources beside this process
         (:class:`orchestrator.parallel.RayRunner`): the same numbers, sooner."""
+        return self._evaluate(spec, data, syn, device, final, per_case=False)[0]
+
+    def evaluate_cases(self, spec: dict, data, syn: SyntheticSet, device, final: bool = False):
+        return self._evaluate(spec, data, syn, device, final, per_case=True)
+
+    def _evaluate(self, spec: dict, data, syn: SyntheticSet, device, final: bool, per_case: bool):
         from algorithms.evaluate import EvalConfig, evaluate_set
 
+        from .artifacts import CaseOutcomes
         from .spec import eval_seed
 
         ev = spec["evaluation"]
@@ -163,12 +177,16 @@ class ImageClassification(Task):
         models = [("acc", spec["model"])]
         if final:
             models += [(f"acc/{m}", {"name": m}) for m in ev.get("models", []) if m != spec["model"]["name"]]
-        out = {}
+        out, cases = {}, None
         for key, model in models:
             res = evaluate_set(model, data.info, syn.images, syn.labels, syn.lr, data.x_test, data.y_test, cfg,
-                               seed=eval_seed(spec), device=device, run=run)
+                               seed=eval_seed(spec), device=device, run=run,
+                               per_case=per_case and key == "acc")
             out[key] = (res.mean, res.std)
-        return out
+            if res.hits is not None:
+                seeds = [eval_seed(spec) + k for k in range(cfg.networks)]
+                cases = CaseOutcomes.of("acc", "images", seeds, [(h, torch.ones(len(h))) for h in res.hits])
+        return out, cases
 
     def export(self, directory: Path, syn, data, method: str, extra: dict, model: dict) -> list[Path]:
         from .artifacts import image_grid, save_synthetic
@@ -256,8 +274,15 @@ class EventSequences(Task):
         return f"valid_{metric}", higher
 
     def evaluate(self, spec: dict, data, syn, device, final: bool = False) -> dict[str, tuple[float, float]]:
+        return self._evaluate(spec, data, syn, device, per_case=False)[0]
+
+    def evaluate_cases(self, spec: dict, data, syn, device, final: bool = False):
+        return self._evaluate(spec, data, syn, device, per_case=True)
+
+    def _evaluate(self, spec: dict, data, syn, device, per_case: bool):
         from algorithms.seqtrain import SeqTrainConfig, evaluate_sequences
 
+        from .artifacts import CaseOutcomes
         from .spec import eval_seed
 
         ev = spec["evaluation"]
@@ -270,8 +295,14 @@ class EventSequences(Task):
             from .parallel import RayRunner
 
             run = RayRunner()
-        res = evaluate_sequences(spec["model"], task, x, cfg, ev["networks"], eval_seed(spec), device, run=run)
-        return {k: (res.metrics[k], res.std[k]) for k in res.metrics}
+        seed = eval_seed(spec)
+        res = evaluate_sequences(spec["model"], task, x, cfg, ev["networks"], seed, device, run=run,
+                                 per_case=per_case)
+        cases = None
+        if per_case:
+            unit = "users" if task.kind == "recommendation" else "chunks"
+            cases = CaseOutcomes.of(self.headline(data)[0], unit, [seed + n for n in range(ev["networks"])], res.cases)
+        return {k: (res.metrics[k], res.std[k]) for k in res.metrics}, cases
 
     def export(self, directory: Path, syn, data, method: str, extra: dict, model: dict) -> list[Path]:
         from .artifacts import save_sequences

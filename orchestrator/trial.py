@@ -9,6 +9,7 @@ reason in MLflow (run status FAILED) without stopping the sweep.
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from ray import tune
 from algorithms.base import DivergenceError, autocast
 
 from . import methods
-from .artifacts import load_state, save_state
+from .artifacts import CASES_FILE, load_state, save_cases, save_state
 from .tasks import Task, task_for
 from .tracking import (COMMIT_TAG, DIGEST_TAG, RunLogger, dataset_input, find_or_create_child, log_dataset,
                        record_code)
@@ -98,6 +99,11 @@ def _evaluate(ctx: TrialContext, syn, device, final: bool = False) -> dict[str, 
     return ctx.task.evaluate(ctx.spec, ctx.data, syn, device, final=final)
 
 
+def _evaluate_cases(ctx: TrialContext, syn, device, final: bool = False):
+    """:func:`_evaluate` and the headline metric's per-case outcomes (``CaseOutcomes`` or None)."""
+    return ctx.task.evaluate_cases(ctx.spec, ctx.data, syn, device, final=final)
+
+
 def stat_key(metric: str, stat: str, prefix: str = "") -> str:
     """The MLflow/Tune key of a metric's statistic: ``acc`` -> ``acc_mean``; another architecture's
     ``acc/resnet18_bn`` -> ``acc_mean/resnet18_bn`` (MLflow groups the architectures by prefix)."""
@@ -115,15 +121,23 @@ def primary_metric(ctx: TrialContext) -> tuple[str, bool]:
 
 
 def _log_outputs(log: RunLogger, ctx: TrialContext, syn, algorithm: str, point: dict, iteration: int,
-                 evaluation: dict, artifact: str = SYNTHETIC_ARTIFACT) -> None:
+                 evaluation: dict, artifact: str = SYNTHETIC_ARTIFACT, cases=None) -> None:
     """Export ``syn`` (the set of ``iteration``) as the run's ``artifact``; the file carries its own
-    ``evaluation`` (metric -> [mean, std] over the evaluation networks) in its metadata."""
+    ``evaluation`` (metric -> [mean, std] over the evaluation networks) in its metadata. ``cases``
+    (``CaseOutcomes`` of that evaluation) go beside it as ``CASES_FILE``."""
     extra = {"budget": point["budget"], "iteration": iteration, "spec_hash": ctx.spec_hash,
              "store_key": ctx.store_key, "run_id": log.run_id,
              "evaluation": {k: [float(v[0]), float(v[1])] for k, v in evaluation.items()}}
+    folder = artifact.rpartition("/")[0]
     with tempfile.TemporaryDirectory() as tmp:
-        for f in ctx.task.export(Path(tmp), syn, ctx.data, algorithm, extra, ctx.spec["model"]):
-            log.artifact(f, artifact.rpartition("/")[0])
+        files = ctx.task.export(Path(tmp), syn, ctx.data, algorithm, extra, ctx.spec["model"])
+        if cases is not None:
+            files.append(save_cases(Path(tmp) / CASES_FILE, cases,
+                                    {"dataset": ctx.spec["dataset"]["name"], "iteration": iteration,
+                                     "run_id": log.run_id, "spec_hash": ctx.spec_hash,
+                                     "model": json.dumps(ctx.spec["model"], sort_keys=True)}))
+        for f in files:
+            log.artifact(f, folder)
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -219,12 +233,14 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     # MLflow just before each checkpoint, so the run may already hold some of them: those steps
     # are not logged again (the replay recomputes the same values from the same state and RNG).
     logged = {"loss": _last_step(log, "loss"), "eval": _last_step(log, f"eval/{primary}_mean")}
+    latest: dict[str, Any] = {"cases": None}  # the per-case outcomes of the latest evaluation run here
 
     def evaluate_if_due(it: int) -> None:
         if (it >= iterations or (interval and it % interval == 0)) and \
                 (not history["evals"] or history["evals"][-1][0] != it):
             syn = distiller.synthetic()
-            evals = _evaluate(ctx, syn, device, final=it >= iterations)
+            evals, cases = _evaluate_cases(ctx, syn, device, final=it >= iterations)
+            latest["cases"] = cases
             history["evals"].append((it, {k: list(v) for k, v in evals.items()}))
             if it > logged["eval"]:
                 log.metrics(_stats(evals, "eval/"), step=it)
@@ -232,9 +248,9 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
                 value, best = evals[selection[0]][0], history.get("selected")
                 if best is None or (value > best[1] if selection[1] else value < best[1]):
                     history["selected"] = [it, value]
-                    _log_outputs(log, ctx, syn, point["algorithm"], point, it, evals, SELECTED_ARTIFACT)
+                    _log_outputs(log, ctx, syn, point["algorithm"], point, it, evals, SELECTED_ARTIFACT, cases)
             if it < iterations:
-                _log_outputs(log, ctx, syn, point["algorithm"], point, it, evals, LATEST_ARTIFACT)
+                _log_outputs(log, ctx, syn, point["algorithm"], point, it, evals, LATEST_ARTIFACT, cases)
 
     evaluate_if_due(distiller.iteration)
     while distiller.iteration < iterations:
@@ -281,7 +297,7 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
                   "orchestrate.selected": f"{SELECTED_ARTIFACT} is the set of iteration {history['selected'][0]}, "
                                           f"the best {selection[0]} over the evaluations; <metric>_selected_* are its "
                                           f"test metrics"})
-    _log_outputs(log, ctx, syn, point["algorithm"], point, it_final, last)
+    _log_outputs(log, ctx, syn, point["algorithm"], point, it_final, last, cases=latest["cases"])
     log.flush()
     _report_with_checkpoint({**final, **_stats(last, "eval_"), "iteration": distiller.iteration}, distiller,
                             history, log, finish=True)

@@ -61,7 +61,8 @@ def test_launch_logs_one_parent_and_one_child_per_trial(tiny, tmp_path):
         assert json.loads(c.data.tags["orchestrate.git_commits"]) == [[0, parent.data.tags["orchestrate.git_commit"]]]
         assert 0 < c.data.metrics["acc_mean"] <= 1 and "acc_std" in c.data.metrics
         files = [a.path for a in client.list_artifacts(c.info.run_id, "synthetic")]
-        assert files == ["synthetic/synthetic.safetensors", "synthetic/synthetic_grid.png"]
+        assert files == ["synthetic/cases.safetensors", "synthetic/synthetic.safetensors",
+                         "synthetic/synthetic_grid.png"]
         # artifacts live beside the database, not in the working directory
         assert c.info.artifact_uri.startswith((root / "artifacts").resolve().as_uri())
     mtt = next(c for c in children if c.data.tags["algorithm"] == "mtt")
@@ -260,7 +261,7 @@ def test_mct_sweep_reads_the_compact_form_only(tmp_path, ray_cluster):
     starts = [m.value for m in client.get_metric_history(mct.info.run_id, "start_epoch")]
     assert len(starts) == 4 and all(0 <= s < 3.5 for s in starts) and any(s != int(s) for s in starts)
     assert [a.path for a in client.list_artifacts(mct.info.run_id, "synthetic")] == [
-        "synthetic/synthetic.safetensors", "synthetic/synthetic_grid.png"]
+        "synthetic/cases.safetensors", "synthetic/synthetic.safetensors", "synthetic/synthetic_grid.png"]
 
 
 def runs_of_experiment(root, name):

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from safetensors import safe_open
 
-from orchestrator.artifacts import read_synthetic
+from orchestrator.artifacts import read_cases, read_synthetic
 from orchestrator.cli import main
 from orchestrator.tracking import workspace
 
@@ -71,7 +71,7 @@ def test_farzi_launch_end_to_end(tiny_farzi):
             assert k in c.data.metrics, (c.data.tags["algorithm"], k)
         assert 0 <= c.data.metrics["ndcg10_mean"] <= c.data.metrics["hr10_mean"] <= 1
         files = sorted(a.path for a in client.list_artifacts(c.info.run_id, "synthetic"))
-        assert files == ["synthetic/samples.txt", "synthetic/synthetic.safetensors"]
+        assert files == ["synthetic/cases.safetensors", "synthetic/samples.txt", "synthetic/synthetic.safetensors"]
     farzi = next(c for c in children if c.data.tags["algorithm"] == "farzi")
     assert sorted(m.step for m in client.get_metric_history(farzi.info.run_id, "loss")) == [1, 2, 3, 4]
     assert sorted(m.step for m in client.get_metric_history(farzi.info.run_id, "eval/hr10_mean")) == [0, 2, 4]
@@ -86,6 +86,12 @@ def test_farzi_launch_end_to_end(tiny_farzi):
     assert farzi.data.metrics["hr10_selected_mean"] == pytest.approx(test_at[chosen])
     picked = client.download_artifacts(farzi.info.run_id, "synthetic_selected/synthetic.safetensors", str(root / "sel"))
     assert read_synthetic(picked)[1]["iteration"] == str(chosen)
+    # beside it, that evaluation's per-user hits: their mean per network is its test HR@10
+    cases, meta = read_cases(client.download_artifacts(farzi.info.run_id, "synthetic_selected/cases.safetensors",
+                                                       str(root / "sel")))
+    assert (cases.metric, cases.unit, meta["iteration"], meta["dataset"]) == ("hr10", "users", str(chosen), "ml-100k")
+    hr = [cases.network_metric(k) for k in range(len(cases.seeds))]
+    assert sum(hr) / len(hr) == pytest.approx(test_at[chosen]) and cases.values.shape[1] > 10
     local = client.download_artifacts(farzi.info.run_id, "synthetic", str(root / "dl"))
     with safe_open(f"{local}/synthetic.safetensors", framework="pt") as f:
         meta = f.metadata()

@@ -176,6 +176,15 @@ def test_compare(sweep):
     csv_rows = list(csv.reader(io.StringIO(cli("compare", a, b, "--root", root, "--format", "csv").output)))
     assert csv_rows[0] == ["section", "name", "differs", a, b]
     assert ["param", "algorithm", "True"] == csv_rows[[r[:2] for r in csv_rows].index(["param", "algorithm"])][:3]
+    # each trial logged its test images' outcomes beside its set: the paired difference is the
+    # difference of the two accuracies (one network each, the same seed), on the same test images
+    paired = cmp["paired"]
+    assert paired["reference"] == a and not paired["skipped"] and paired["unit"] == "images"
+    accs = {r["run_id"]: r["acc_mean"] for r in rows}
+    st = paired["stats"][b]
+    assert st["delta"] == pytest.approx(accs[b] - accs[a], abs=1e-12) and st["cases"] == 360 and st["se_cases"] > 0
+    assert by_name[("paired", "acc_delta")]["values"] == {a: None, b: st["delta"]}
+    assert "evaluated on the same 360 test images" in " ".join(cli("compare", a, b, "--root", root).output.split())
     unknown = cli("compare", a, "f" * 32, "--root", root)
     assert unknown.exit_code == 1 and "f" * 32 in unknown.output and "error" in unknown.output
 
