@@ -9,14 +9,21 @@ each trial point (``Spec.trial_points``: baselines first, grids expanded; sample
 are refused) is built by its method from the registry with the trial's seed
 (``orchestrator.methods.build_point``), stepped in the spec's ``resources.precision``, and
 evaluated by its task (``Task.evaluate``: the spec's networks, seeds and protocol) at iteration 0,
-every ``evaluation.interval`` iterations and at the end. What it leaves out: Tune's scheduling,
-checkpoints and restore (a trial cut off starts over), and MLflow.
+every ``evaluation.interval`` iterations and at the end. What it leaves out: Tune's scheduling and
+MLflow. ``--resume`` continues each trial from its last checkpoint in ``--out`` (of the same spec hash,
+overrides included; a finished trial is not run again), with the same numbers as a run never cut off
+(the state holds the random generators); ``--time-limit S`` stops after the first step past S
+seconds with a checkpoint, so that a machine lent for minutes ends a run cleanly and the next one
+resumes it. Without ``--resume`` a trial starts over.
 
 Written under ``--out``, per trial ``<out>/<trial name>/``: ``curve.json`` (the spec, the overrides,
 the spec hash and the code's commit (``+dirty``: with uncommitted changes), so that a curve cut off
 still names its recipe; every evaluation so far, seconds per step, each step's metrics as a trial
 reports them (``steps``: name -> one value per iteration: the matching loss, ``syn_lr``, ...), the
-full-data result; rewritten after each evaluation, so a run cut off keeps what it measured) and
+full-data result; rewritten after each evaluation and checkpoint, so a run cut off keeps what it
+measured), ``state/``, the trial's checkpoint (the distiller's state and that curve, safetensors +
+JSON, swapped in whole; every ``checkpoint_interval`` iterations of the spec, at each evaluation
+and when ``--time-limit`` stops the run) and
 ``synthetic.safetensors``, the set of the latest evaluation in the export contract with its
 ``iteration`` and ``evaluation`` in the metadata, as a trial logs it (sequences: also
 ``synthetic_selected.safetensors``, the best on the validation split so far). ``--json`` writes
@@ -25,12 +32,15 @@ evaluation, the best, seconds per step and the wall time.
 
     python bench/direct.py search_spaces/reference/mnist_ipc10.yaml --out /tmp/direct --device cuda \\
         --set algorithms.mtt.iterations=1000 --methods mtt,random
+    python bench/direct.py search_spaces/reference/mnist_ipc10.yaml --out direct-runs --resume --time-limit 480
     python bench/direct.py --quick
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,6 +56,7 @@ from rich.table import Table
 sys.path.insert(0, str(REPO))
 from algorithms.base import DivergenceError, autocast  # noqa: E402
 from orchestrator import methods  # noqa: E402
+from orchestrator.artifacts import load_state, save_state  # noqa: E402
 from orchestrator.experts import ExpertSet, expert_key, expert_seed, train_and_write  # noqa: E402
 from orchestrator.spec import SpecError, read_yaml, validate  # noqa: E402
 from orchestrator.store import TrajectoryStore, git_commit  # noqa: E402
@@ -127,11 +138,58 @@ def trial_name(spec, point: dict) -> str:
     return f"{point['algorithm']}-{spec.task.budget_prefix}{point['budget']}"
 
 
+class TimeLimit(Exception):
+    """``--time-limit`` ran out: the trial checkpointed, the run stops."""
+
+
+def checkpoint(folder: Path, out: dict, distiller) -> None:
+    """The trial's state (the distiller's and ``out``) as ``folder/state``, written beside it and
+    swapped in whole, then ``curve.json``: a run killed at any point leaves one whole checkpoint."""
+    out["checkpoint"] = distiller.iteration
+    tmp, old, state = folder / "state.tmp", folder / "state.old", folder / "state"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_state({"distiller": distiller.state_dict(), "curve": out}, tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if state.exists():
+        os.replace(state, old)
+    os.replace(tmp, state)
+    shutil.rmtree(old, ignore_errors=True)
+    write_json(str(folder / "curve.json"), out)
+
+
+def restore(folder: Path, out: dict, distiller) -> bool:
+    """Continue from ``folder/state`` (:func:`checkpoint`) when there is one: the distiller's state
+    and the curve so far into ``out``; DirectError where it is of another recipe or unreadable."""
+    state = folder / "state"
+    if not (state / "state.json").exists():
+        return False
+    try:
+        saved = load_state(state)
+        prev = saved["curve"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DirectError(f"{state}: not a readable checkpoint ({e}); remove it to start the trial over") from e
+    mine = (out["spec_hash"], out["algorithm"], out["budget"], out["hp"])
+    theirs = (prev.get("spec_hash"), prev.get("algorithm"), prev.get("budget"), prev.get("hp"))
+    if mine != theirs:
+        raise DirectError(f"{state}: a checkpoint of spec hash {theirs[0]} ({theirs[1]}, budget {theirs[2]}), but "
+                          f"this run's is {mine[0]} (the spec or a --set differs): give another --out, or remove "
+                          f"the folder to start over")
+    distiller.load_state_dict(saved["distiller"])
+    for k in ("evals", "sec_per_step", "steps", "selected", "iterations_done", "wall_s", "diverged", "resumed"):
+        if k in prev:
+            out[k] = prev[k]
+    out["resumed"] = [*out.get("resumed", []), [distiller.iteration, git_commit()]]
+    return True
+
+
 def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device, folder: Path,
-              full: dict, console, sets: list[str] = ()) -> dict[str, Any]:
+              full: dict, console, sets: list[str] = (), resume: bool = False,
+              deadline: float | None = None) -> dict[str, Any]:
     """Distil and evaluate one trial point as a trial does; ``curve.json`` and the set of the latest
     evaluation are rewritten in ``folder`` after each evaluation. ``sets``: the ``--set`` overrides,
-    recorded with the spec so that a curve cut off still says which recipe made it."""
+    recorded with the spec so that a curve cut off still says which recipe made it. ``resume``:
+    continue from the trial's checkpoint in ``folder``; ``deadline`` (``time.perf_counter()``):
+    checkpoint and raise :class:`TimeLimit` after the first step past it."""
     task, sd = spec.task, spec.to_dict()
     if any(isinstance(v, dict) for v in point["hp"].values()):
         raise DirectError(f"{spec.path}: {trial_name(spec, point)} samples a hyperparameter from a distribution; "
@@ -148,6 +206,13 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
            "full_data": full,
            "diverged": None, "selected": None}
     selection = task.selection(data)  # sequences: the set a trial stands behind is the best on validation
+    if resume and restore(folder, out, distiller):
+        t_start -= out.get("wall_s") or 0.0  # wall time counts across the resumed runs
+        console.print(f"{out['trial']}: resumed at iteration {distiller.iteration} of {iterations}", highlight=False)
+        if out["diverged"]:
+            console.print(f"[red]{out['trial']} diverged before[/red]: {out['diverged']}")
+            return out
+    ckpt_every = spec.checkpoint_interval
 
     def evaluate(it: int) -> None:
         syn = distiller.synthetic()
@@ -170,13 +235,16 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
                                       "evaluation": {k: [float(v[0]), float(v[1])] for k, v in evals.items()}},
                                      spec.model):
                     os.replace(f, folder / f"{f.stem}{suffix}{f.suffix}")
-        write_json(str(folder / "curve.json"), out)
+        checkpoint(folder, out, distiller)
         metric = task.headline(data)[0]
         steps = out["sec_per_step"][-interval:] if interval else out["sec_per_step"]
         console.print(f"{out['trial']} {it}/{iterations}: {metric} {evals[metric][0]:.4f} ± {evals[metric][1]:.4f}"
                       + (f", {statistics.median(steps):.3f} s/step" if steps else ""), highlight=False)
 
-    evaluate(0)
+    it0 = distiller.iteration  # 0, or where a resumed trial's checkpoint left it
+    due = it0 == 0 or it0 >= iterations or (interval and it0 % interval == 0)
+    if due and (not out["evals"] or out["evals"][-1]["iteration"] != it0):
+        evaluate(it0)
     try:
         while distiller.iteration < iterations:
             t0 = time.perf_counter()
@@ -190,6 +258,15 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
             it = distiller.iteration
             if it >= iterations or (interval and it % interval == 0):
                 evaluate(it)
+            elif it % ckpt_every == 0:
+                out["wall_s"] = time.perf_counter() - t_start
+                checkpoint(folder, out, distiller)
+            if deadline is not None and time.perf_counter() > deadline and it < iterations:
+                out["wall_s"] = time.perf_counter() - t_start
+                checkpoint(folder, out, distiller)
+                console.print(f"{out['trial']}: --time-limit reached at iteration {it} of {iterations}; "
+                              f"checkpointed (--resume continues it)", highlight=False)
+                raise TimeLimit(out["trial"])
     except DivergenceError as e:
         out["diverged"] = f"iteration {distiller.iteration}: {e}"
         write_json(str(folder / "curve.json"), out)
@@ -233,11 +310,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated algorithms and baselines to run (default: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue each trial from its checkpoint in --out (same spec and overrides); finished "
+                         "trials are kept as they are")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
+                    help="stop after the first step past S seconds (from the start, experts included), with a "
+                         "checkpoint that --resume continues; the table covers what ran")
     args = ap.parse_args(argv)
     if args.quick == bool(args.spec):
         ap.error("give a SPEC, or --quick (which runs its own)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available here")
+    if args.resume and args.out is None:
+        ap.error("--resume continues the trials in --out: give it")
+    if args.time_limit is not None and args.time_limit < 0:
+        ap.error(f"--time-limit {args.time_limit}: seconds, at least 0")
+    deadline = None if args.time_limit is None else time.perf_counter() + args.time_limit
     if args.threads:
         torch.set_num_threads(args.threads)
     console = bench_console(120)
@@ -271,8 +359,15 @@ def main(argv: list[str] | None = None) -> int:
         metric, higher = task.headline(data)
         outs = []
         for p in points:
-            outs.append(run_point(spec, p, data, experts, device, out_dir / trial_name(spec, p), full, console,
-                                  sets))
+            try:
+                outs.append(run_point(spec, p, data, experts, device, out_dir / trial_name(spec, p), full, console,
+                                      sets, resume=args.resume, deadline=deadline))
+            except TimeLimit:
+                outs.append(json.loads((out_dir / trial_name(spec, p) / "curve.json").read_text()))
+                left = [trial_name(spec, q) for q in points[len(outs):]]
+                console.print(f"stopped by --time-limit {args.time_limit:g} s" + (
+                    f"; not started: {', '.join(left)}" if left else ""), highlight=False)
+                break
     except (DirectError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2

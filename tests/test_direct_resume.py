@@ -1,0 +1,73 @@
+"""bench/direct.py --time-limit / --resume: a run stopped by its time limit and resumed gives the
+numbers of a run never stopped (the quickstart spec at --quick size, digits, seconds a run)."""
+import json
+import sys
+
+import pytest
+import torch
+
+from orchestrator.artifacts import read_synthetic
+
+from .conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import direct  # noqa: E402
+
+TRIALS = ["random-ipc1", "random-ipc10", "mtt-ipc1", "mtt-ipc10"]
+
+
+def run(out, store, *extra):
+    return direct.main(["--quick", "--out", str(out), "--store", str(store), "--threads", "1", *map(str, extra)])
+
+
+def curve(folder, trial):
+    return json.loads((folder / trial / "curve.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_its_time_limit_resumes_to_the_same_numbers(tmp_path, capsys):
+    store = tmp_path / "store"
+    assert run(tmp_path / "whole", store) == 0
+    cut = tmp_path / "cut"
+    # a limit of 0 s: the baselines (no steps) finish, the first distillation stops after its first step
+    assert run(cut, store, "--time-limit", 0) == 0
+    said = capsys.readouterr().out
+    assert "--time-limit reached at iteration 1 of 4" in said and "not started: mtt-ipc10" in said
+    stopped = curve(cut, "mtt-ipc1")
+    assert stopped["checkpoint"] == 1 and [e["iteration"] for e in stopped["evals"]] == [0]
+    assert len(stopped["steps"]["loss"]) == 1 and not (cut / "mtt-ipc10").exists()
+    assert (cut / "mtt-ipc1" / "state" / "state.safetensors").exists()
+
+    assert run(cut, store, "--resume") == 0
+    assert "mtt-ipc1: resumed at iteration 1 of 4" in capsys.readouterr().out
+    for trial in TRIALS:
+        whole, resumed = curve(tmp_path / "whole", trial), curve(cut, trial)
+        assert [(e["iteration"], e["acc"]) for e in resumed["evals"]] == \
+            [(e["iteration"], e["acc"]) for e in whole["evals"]], trial
+        assert resumed["steps"] == whole["steps"] and len(resumed["sec_per_step"]) == len(whole["sec_per_step"])
+        assert resumed["iterations_done"] == whole["iterations_done"]
+        a, meta_a = read_synthetic(tmp_path / "whole" / trial / "synthetic.safetensors")
+        b, meta_b = read_synthetic(cut / trial / "synthetic.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a) and meta_a == meta_b, trial
+    assert [it for it, _ in curve(cut, "mtt-ipc1")["resumed"]] == [1]
+    # a finished trial resumed stays as it is
+    before = (cut / "mtt-ipc10" / "curve.json").read_bytes()
+    assert run(cut, store, "--resume", "--methods", "mtt") == 0
+    assert (cut / "mtt-ipc10" / "curve.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_recipe_and_a_broken_checkpoint(tmp_path, capsys):
+    store, out = tmp_path / "store", tmp_path / "out"
+    assert run(out, store, "--methods", "random") == 0
+    capsys.readouterr()
+    assert run(out, store, "--methods", "random", "--resume", "--set", "evaluation.epochs=21") == 2
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"{out / 'random-ipc1' / 'state'}: a checkpoint of spec hash" in said and "(the spec or a --set differs)" in said
+    (out / "random-ipc1" / "state" / "state.json").write_text("{not json")
+    assert run(out, store, "--methods", "random", "--resume") == 2
+    said = " ".join(capsys.readouterr().out.split())
+    assert "not a readable checkpoint" in said and "remove it to start the trial over" in said
+    with pytest.raises(SystemExit) as e:
+        direct.main(["--quick", "--resume"])
+    assert e.value.code == 2 and "--resume continues the trials in --out" in capsys.readouterr().err
