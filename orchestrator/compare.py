@@ -1,6 +1,7 @@
 """``orchestrate compare``: MLflow runs side by side (run fields, parameters, latest metrics and
-tags, the differing rows marked), as a table, JSON or CSV; and :func:`get_runs`, the runs of a
-list of ids, every missing one named."""
+tags, the differing rows marked) and, for trials, each one's set minus the first one's on the same
+test cases (:func:`paired_runs`, from the per-case outcomes trials log), as a table, JSON or CSV;
+and :func:`get_runs`, the runs of a list of ids, every missing one named."""
 from __future__ import annotations
 
 import contextlib
