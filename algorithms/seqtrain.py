@@ -151,7 +151,10 @@ def recommendation_ranks(model: CausalTransformer, flat: Params, task: SeqTask, 
 
 def recommendation_metrics(model: CausalTransformer, flat: Params, task: SeqTask, batch_size: int = 256,
                            mask_seen: bool = True) -> dict[str, float]:
-    ranks, sampled = recommendation_ranks(model, flat, task, batch_size, mask_seen)
+    return _ranks_metrics(*recommendation_ranks(model, flat, task, batch_size, mask_seen), task)
+
+
+def _ranks_metrics(ranks: torch.Tensor, sampled: torch.Tensor | None, task: SeqTask) -> dict[str, float]:
     hr, ndcg = hr_ndcg(ranks, task.k)
     out = {"hr10": hr, "ndcg10": ndcg}
     if sampled is not None:
@@ -182,7 +185,10 @@ def lm_chunk_stats(model: CausalTransformer, flat: Params, task: SeqTask,
 
 def lm_metrics(model: CausalTransformer, flat: Params, task: SeqTask, batch_size: int = 64) -> dict[str, float]:
     """Perplexity exp(mean next-token cross-entropy) and next-token accuracy on the test chunks."""
-    nll, correct, count = lm_chunk_stats(model, flat, task, batch_size)
+    return _chunk_metrics(*lm_chunk_stats(model, flat, task, batch_size))
+
+
+def _chunk_metrics(nll: torch.Tensor, correct: torch.Tensor, count: torch.Tensor) -> dict[str, float]:
     n = int(count.sum())
     return {"ppl": math.exp(float(nll.sum()) / n), "token_acc": int(correct.sum()) / n}
 
@@ -201,22 +207,30 @@ def task_cases(model: CausalTransformer, flat: Params, task: SeqTask) -> tuple[t
     language modelling, each test chunk's summed cross-entropy over its number of targets (ln of the
     perplexity = their ratio of sums). Two models scored on the same cases give a paired difference
     (:func:`algorithms.evaluate.paired_difference`)."""
+    return task_scores(model, flat, task)[1]
+
+
+def task_scores(model: CausalTransformer, flat: Params, task: SeqTask
+                ) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`task_metrics` and :func:`task_cases` from one pass over the test split."""
     if task.kind == "recommendation":
-        ranks, _ = recommendation_ranks(model, flat, task)
+        ranks, sampled = recommendation_ranks(model, flat, task)
         hits = (ranks < task.k).double()
-        return hits, torch.ones_like(hits)
-    nll, _, count = lm_chunk_stats(model, flat, task)
-    return nll, count.double()
+        return _ranks_metrics(ranks, sampled, task), (hits, torch.ones_like(hits))
+    nll, correct, count = lm_chunk_stats(model, flat, task)
+    return _chunk_metrics(nll, correct, count), (nll, count.double())
 
 
-def evaluation_metrics(model: CausalTransformer, flat: Params, task: SeqTask) -> dict[str, float]:
+def evaluation_metrics(model: CausalTransformer, flat: Params, task: SeqTask, per_case: bool = False
+                       ) -> dict[str, float] | tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
     """The test metrics and, where the task has a validation split, its headline metrics on it as
-    ``valid_<metric>`` (``valid_hr10``, ``valid_ndcg10``; ``valid_ppl``, ``valid_token_acc``)."""
-    out = task_metrics(model, flat, task)
+    ``valid_<metric>`` (``valid_hr10``, ``valid_ndcg10``; ``valid_ppl``, ``valid_token_acc``); with
+    ``per_case``, also the test split's :func:`task_cases` (the same pass over it)."""
+    out, cases = task_scores(model, flat, task)
     valid = task.validation()
     if valid is not None:
         out.update({f"valid_{k}": v for k, v in task_metrics(model, flat, valid).items() if k in task.headline})
-    return out
+    return (out, cases) if per_case else out
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -272,8 +286,7 @@ def _train_seq_network(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg:
             pass
         model = seeded_seq_model(model_spec, task.vocab_size, task.pad_id, seed).to(device)
         params = last.params.to(device)
-        metrics = evaluation_metrics(model, params, task)
-        return (metrics, task_cases(model, params, task)) if per_case else metrics
+        return evaluation_metrics(model, params, task, per_case=per_case)
 
 
 def seq_network_job(model_spec: dict, task: SeqTask, data: torch.Tensor, cfg: SeqTrainConfig, seed: int,

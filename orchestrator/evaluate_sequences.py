@@ -72,7 +72,7 @@ def check_sequences(sf: SetFile, data, max_len: int) -> None:
 
 def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) -> dict[str, Any]:
     from algorithms.evaluate import EVAL_THREADS
-    from algorithms.seqtrain import SeqTrainConfig, seq_network_job, task_cases, task_metrics
+    from algorithms.seqtrain import SeqTrainConfig, seq_network_job, task_scores
 
     spec = opts.spec
     if spec is None:
@@ -160,10 +160,10 @@ def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) 
 
         model = seeded_seq_model(spec.model, task.vocab_size, task.pad_id, 0)
         finals = [open_trajectory(p).params[-1].clone() for _, p, _ in found]
-        rows.append(_row(model_name, "full_data", "full data (the spec's experts)", None,
-                         [task_metrics(model, f, task) for f in finals], None,
+        scores = [task_scores(model, f, task) for f in finals]
+        rows.append(_row(model_name, "full_data", "full data (the spec's experts)", None, [m for m, _ in scores], None,
                          f"{len(finals)} experts of the spec in {where} (their final parameters)",
-                         cases=[task_cases(model, f, task) for f in finals]))
+                         cases=[c for _, c in scores]))
     else:
         rows.append(_row(model_name, "full_data", "full data (the spec's experts)", None, [], None, where))
     full_note = rows[-1].get("note")
