@@ -43,8 +43,12 @@ def _check_sort(ctx, param, value):
 @click.option("--sort", "sort_fields", multiple=True, metavar="FIELD", callback=_check_sort,
               help="Sort by a row field, e.g. acc_mean; -FIELD: descending (repeatable: first is most "
                    "significant). Default: the stored order.")
+@click.option("--paired", is_flag=True,
+              help="Add each trial's gain over the random subset measured on the same test cases: its standard "
+                   "error (gain_se) and z (gain_z), from the per-case outcomes the trials logged (one small download "
+                   "per trial).")
 def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, datasets, budgets, statuses, best,
-            sort_fields):
+            sort_fields, paired):
     """Print the results of a sweep from MLflow, one row per trial."""
     from mlflow import MlflowClient
 
@@ -61,9 +65,15 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, 
         rows = res.collect(ws.tracking_uri, sweep=sweep, experiment=experiment, all_sweeps=all_sweeps)
     except LookupError as e:
         _fail(str(e), 1)
+    every = rows
     rows = res.filter_rows(rows, algorithms, datasets, budgets, statuses)
     if best:
         rows = res.best_per_group(rows)
+    if paired:
+        from .compare import quiet_downloads
+
+        with quiet_downloads():
+            res.attach_paired(ws.tracking_uri, rows, among=every)
     if sort_fields:
         rows = res.sort_rows(rows, sort_fields)
     if fmt == "json":

@@ -216,6 +216,50 @@ def scores(row: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
+PAIRED_FIELDS = ["gain_se", "gain_z"]
+
+
+def attach_paired(tracking_uri: str, rows: list[dict[str, Any]],
+                  among: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Give every trial row (in place) the paired standard error of its gain over the random subset
+    of its sweep, dataset and budget, from the per-case outcomes both logged beside their final
+    sets (:func:`orchestrator.compare.run_cases`; a trial still running: its latest evaluation's):
+    ``gain_se`` in the gain's units (fractions; None for perplexity, whose paired difference is a
+    ln ratio) and ``gain_z`` = the paired difference over its standard error, signed as the gain
+    (positive: better than random). Both None where either run lacks outcomes. ``among``: the rows
+    to find the random subsets in (default ``rows``; :func:`collect`'s, when ``rows`` are filtered).
+    Returns ``rows``."""
+    from .compare import run_cases
+    from .evaluate import paired_stats
+
+    client = MlflowClient(tracking_uri)
+    baselines = {(r["sweep"], r["dataset"], r["budget"]): r for r in (rows if among is None else among)
+                 if is_baseline(r["algorithm"])}
+    cache: dict[str, Any] = {}
+
+    def cases(run_id: str):
+        if run_id not in cache:
+            cache[run_id] = run_cases(client, client.get_run(run_id))
+        return cache[run_id]
+
+    for r in rows:
+        r.update(dict.fromkeys(PAIRED_FIELDS))
+        b = baselines.get((r["sweep"], r["dataset"], r["budget"]))
+        if b is None or b["run_id"] == r["run_id"]:
+            continue
+        ours, theirs = cases(r["run_id"]), cases(b["run_id"])
+        if isinstance(ours, str) or isinstance(theirs, str) or ours[0].metric != theirs[0].metric:
+            continue
+        try:
+            st = paired_stats(ours[0].pairs(), theirs[0].pairs(), ours[0].seeds == theirs[0].seeds, r["run_id"])
+        except ValueError:
+            continue
+        higher = ours[0].metric != "ppl"
+        r["gain_se"] = st["se"] if higher else None
+        r["gain_z"] = (st["z"] if higher else -st["z"]) if not math.isnan(st["z"]) else None
+    return rows
+
+
 def attach_scores(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Give every row (in place) its :func:`scores`; call after :func:`attach_baselines`."""
     for r in rows:
@@ -238,7 +282,8 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     """``FIELDS`` (scores included), the per-architecture fields of the rows (:func:`arch_fields`,
     none when no trial evaluated other architectures), ``SEQ_FIELDS`` and the hyperparameters."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=FIELDS + arch_fields(rows) + SEQ_FIELDS + ["hyperparameters"],
+    paired = PAIRED_FIELDS if any("gain_z" in r for r in rows) else []
+    w = csv.DictWriter(buf, fieldnames=FIELDS + paired + arch_fields(rows) + SEQ_FIELDS + ["hyperparameters"],
                        extrasaction="ignore")
     w.writeheader()
     for r in rows:
@@ -249,7 +294,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------------------------------
 # browsing: filters, the best trial per group, sorting (pure functions on the rows of ``collect``)
 
-SORT_FIELDS = FIELDS + SEQ_FIELDS
+SORT_FIELDS = FIELDS + PAIRED_FIELDS + SEQ_FIELDS
 GROUP_KEYS = ("sweep", "dataset", "algorithm", "budget")
 
 

@@ -36,12 +36,25 @@ def _fmt_score(key: str, field: str, v: float | None) -> str:
     return f"{scale * v:+.{digits}f}" if field == "gain_over_random" else f"{scale * v:.{digits}f}"
 
 
+def _z(r: dict[str, Any]) -> list[str]:
+    """The ``z`` cell of a row (:func:`orchestrator.results.attach_paired`), or none when the rows
+    were not paired."""
+    if "gain_z" not in r:
+        return []
+    return ["-" if r["gain_z"] is None else f"{r['gain_z']:+.1f}"]
+
+
+Z_CAPTION = ("; z: the gain over its paired standard error (the two sets' networks on the same test cases; "
+             "|z| < 2: not a difference this evaluation can tell)")
+
+
 def _seq_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Sequence trials: the task's headline metric, its baseline, the full-data result and % of it;
     the scores on the row's headline metric line."""
     t = Table(title=title)
+    paired = any("gain_z" in r for r in rows)
     for col in ("algorithm", "dataset", "budget (seqs)", "metric", "final", "selected (iter)", "random", "full data",
-                "% of full", "gain", "gap", "DDRS", "status", "run_id"):
+                "% of full", "gain", *(["z"] if paired else []), "gap", "DDRS", "status", "run_id"):
         t.add_column(col, justify="right" if col not in ("algorithm", "dataset", "metric", "status", "run_id")
                      else "left", no_wrap=col == "run_id")
     only_random = all(is_baseline(r["algorithm"]) for r in rows)  # e.g. ``results --algorithm random``
@@ -56,6 +69,8 @@ def _seq_table(rows: list[dict[str, Any]], title: str) -> Table:
             fmt = (lambda m, sd: "-" if m is None else f"{m:.2f} ± {sd or 0:.2f}") if k == "ppl" else _pm
             pct = r.get(f"{k}_pct_of_full")
             score_cells = [_fmt_score(k, f, sc[f]) if k == headline else "" for f in SCORE_FIELDS]
+            if paired:
+                score_cells.insert(1, _z(r)[0] if k == headline else "")
             sel = "-" if r.get(f"{k}_selected_mean") is None else \
                 f"{fmt(r[f'{k}_selected_mean'], r.get(f'{k}_selected_std'))} ({r.get('selected_iteration')})"
             t.add_row(r["algorithm"], r["dataset"], str(r["budget"]), k, fmt(r[f"{k}_mean"], r[f"{k}_std"]), sel,
@@ -67,7 +82,8 @@ def _seq_table(rows: list[dict[str, Any]], title: str) -> Table:
                  "the validation split, whose set the trial stands behind (`orchestrate export --selected`); "
                  "% of full: ours ÷ full data (perplexity: full ÷ ours); on the headline metric's line "
                  "(HR@10, or perplexity): gain over the random subset and gap to full data (points; perplexity: "
-                 "lower is better, so random − ours and ours − full), DDRS: DD-Ranking score (none for perplexity)")
+                 "lower is better, so random − ours and ours − full), DDRS: DD-Ranking score (none for perplexity)"
+                 + (Z_CAPTION if paired else ""))
     return t
 
 
@@ -80,8 +96,9 @@ def table(rows: list[dict[str, Any]], title: str = "results"):
     if rows and all(r.get("acc_mean") is None and r.get("full_data_acc_mean") is None for r in rows):
         return _seq_table(rows, title)
     t = Table(title=title)
+    paired = any("gain_z" in r for r in rows)
     for col in ("algorithm", "dataset", "IPC", "acc (final)", "best over evals*", "random subset",
-                "full data (experts)", "gain", "gap", "DDRS", "status", "run_id"):
+                "full data (experts)", "gain", *(["z"] if paired else []), "gap", "DDRS", "status", "run_id"):
         t.add_column(col, justify="right" if col not in ("algorithm", "dataset", "status", "run_id") else "left",
                      no_wrap=col == "run_id")
     only_random = all(is_baseline(r["algorithm"]) for r in rows)  # e.g. ``results --algorithm random``
@@ -90,15 +107,16 @@ def table(rows: list[dict[str, Any]], title: str = "results"):
             continue
         status = r["status"] if not r["failure_reason"] else f"{r['status']}: {r['failure_reason'][:60]}"
         sc = scores(r)
+        cells = [_fmt_score("acc", f, sc[f]) for f in SCORE_FIELDS]
+        cells[1:1] = _z(r)
         t.add_row(r["algorithm"], r["dataset"], str(r["budget"]), _pm(r["acc_mean"], r["acc_std"]),
                   _pm(r["acc_best_over_evals_mean"], r["acc_best_over_evals_std"]),
                   _pm(r["random_acc_mean"], r["random_acc_std"]),
-                  _pm(r["full_data_acc_mean"], r["full_data_acc_std"]),
-                  *(_fmt_score("acc", f, sc[f]) for f in SCORE_FIELDS), status, r["run_id"])
+                  _pm(r["full_data_acc_mean"], r["full_data_acc_std"]), *cells, status, r["run_id"])
     t.caption = ("test accuracy (%), mean ± std over the evaluation networks; *best over periodic evaluations "
                  "is selected on the test set, as MTT reports it; gain: acc − random subset, gap: full data "
                  "− acc (points); DDRS: DD-Ranking score (e^α − e^−1)/(e − e^−1), α = ½·gain − ½·gap on "
-                 "fractions")
+                 "fractions" + (Z_CAPTION if paired else ""))
     cross = arch_table(rows, title=f"{title}: cross-architecture")
     if cross is None:
         return t

@@ -2,8 +2,10 @@
 evaluation network test case by test case (what the trials log beside their sets), the cases file
 round-trips and refuses what is wrong, and compare pairs two runs' logged outcomes on the same
 test cases (digits with a 1-block ConvNet, a generated MovieLens folder, hand-made MLflow runs)."""
+import io
 import json
 import math
+import re
 import statistics
 
 import pytest
@@ -17,6 +19,7 @@ from algorithms.evaluate import EvalConfig, evaluate_set, paired_difference
 from orchestrator.artifacts import CASES_FILE, CaseOutcomes, read_cases, save_cases
 from orchestrator.cli import main
 from orchestrator.compare import compare_runs
+from orchestrator.evaluate import paired_stats
 from orchestrator.spec import eval_seed, validate
 from orchestrator.tracking import workspace
 from tests.conftest import tiny_spec
@@ -186,3 +189,56 @@ def test_compare_refuses_to_pair_other_test_cases(store):
     assert not pr["stats"]
     assert "scored on other test cases than the one it is paired with (31 cases against 30" in pr["skipped"][b]
     assert "its outcomes are ppl" in pr["skipped"][c]
+
+
+def test_results_pair_each_trial_with_its_random_subset(store):
+    from orchestrator import results as res
+    from orchestrator.results_tables import table
+
+    _, uri, run = store
+    n, seeds = 300, [3, 4]
+
+    def acc(*ps, base=0):
+        return CaseOutcomes.of("acc", "images", seeds,
+                               [(hits(n, p, base + k), torch.ones(n)) for k, p in enumerate(ps)])
+
+    rnd_cases, good_cases = acc(0.6, 0.6), acc(0.8, 0.78, base=10)
+    rnd, good, bare = run("random", rnd_cases), run("mtt", good_cases), run("dc")
+    other = run("dm-ipc10", acc(0.5, 0.5, base=20))
+
+    def row(rid, algorithm, budget=1, mean=None):
+        return {"run_id": rid, "sweep": "s", "dataset": "digits", "budget": budget, "algorithm": algorithm,
+                "status": "FINISHED", "failure_reason": None, "acc_mean": mean, "acc_std": 0.0,
+                "acc_best_over_evals_mean": None, "acc_best_over_evals_std": None, "full_data_acc_mean": 0.95,
+                "full_data_acc_std": 0.0, "hyperparameters": {}}
+
+    every = [row(rnd, "random", mean=float(rnd_cases.values.mean())),
+             row(good, "mtt", mean=float(good_cases.values.mean())),
+             row(bare, "dc", mean=0.7), row(other, "dm", budget=10, mean=0.5)]
+    res.attach_baselines(every)
+    res.attach_scores(every)
+    shown = [r for r in every if r["algorithm"] != "random"]  # filtered: the baselines are found in every
+    res.attach_paired(uri, shown, among=every)
+    by = {r["algorithm"]: r for r in shown}
+    st = paired_stats(good_cases.pairs(), rnd_cases.pairs(), True)
+    assert by["mtt"]["gain_over_random"] == pytest.approx(st["delta"])
+    assert by["mtt"]["gain_se"] == pytest.approx(st["se"]) and by["mtt"]["gain_z"] == pytest.approx(st["z"])
+    assert by["mtt"]["gain_z"] > 3
+    assert by["dc"]["gain_se"] is None and by["dc"]["gain_z"] is None  # logged no outcomes
+    assert by["dm"]["gain_z"] is None  # no random subset of budget 10
+    from rich.console import Console
+
+    con = Console(width=250, record=True, file=io.StringIO())
+    con.print(table(shown))
+    text = con.export_text()
+    assert re.search(r"┃\s+gain ┃\s+z ┃\s+gap ┃", text) and f"{st['z']:+.1f} │" in text
+    assert "paired standard error" in text
+    assert "gain_z" in res.to_csv(shown).splitlines()[0]
+    assert "gain_z" not in res.to_csv(every[:1]).splitlines()[0]  # rows not paired: no such columns
+    ppl = CaseOutcomes.of("ppl", "chunks", [1, 2], [(torch.full((40,), 200.0), torch.full((40,), 50.0))] * 2)
+    worse = CaseOutcomes.of("ppl", "chunks", [1, 2], [(torch.full((40,), 250.0) + torch.arange(40.0) / 10,
+                                                       torch.full((40,), 50.0))] * 2)
+    r0, r1 = run("rnd-ppl", worse), run("farzi-ppl", ppl)
+    lm = [row(r0, "random", budget=50), row(r1, "farzi", budget=50)]
+    res.attach_paired(uri, lm)
+    assert lm[1]["gain_se"] is None and lm[1]["gain_z"] > 0  # lower perplexity than random: a positive z

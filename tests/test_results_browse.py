@@ -185,6 +185,15 @@ def test_compare(sweep):
     assert st["delta"] == pytest.approx(accs[b] - accs[a], abs=1e-12) and st["cases"] == 360 and st["se_cases"] > 0
     assert by_name[("paired", "acc_delta")]["values"] == {a: None, b: st["delta"]}
     assert "evaluated on the same 360 test images" in " ".join(cli("compare", a, b, "--root", root).output.split())
+    # and `results --paired`: the trial's gain over its random subset with that standard error
+    mtt_id = next(r["run_id"] for r in rows if r["algorithm"] == "mtt")
+    rnd_id = next(r["run_id"] for r in rows if r["algorithm"] == "random")
+    by_id = {r["run_id"]: r for r in json.loads(cli("results", "--root", root, "--paired", "--format", "json").stdout)}
+    gain = by_id[mtt_id]
+    se = paired["stats"][b]["se"]
+    assert gain["gain_se"] == pytest.approx(se) and by_id[rnd_id]["gain_z"] is None
+    assert gain["gain_z"] == pytest.approx(gain["gain_over_random"] / se)
+    assert " z " in cli("results", "--root", root, "--paired").output
     unknown = cli("compare", a, "f" * 32, "--root", root)
     assert unknown.exit_code == 1 and "f" * 32 in unknown.output and "error" in unknown.output
 
