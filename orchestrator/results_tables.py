@@ -63,9 +63,13 @@ def _seq_table(rows: list[dict[str, Any]], title: str) -> Table:
             continue
         status = r["status"] if not r["failure_reason"] else f"{r['status']}: {r['failure_reason'][:60]}"
         headline, sc = (row_metric(r) or ("", True))[0], scores(r)
-        for k in SEQ_METRICS:
-            if r.get(f"{k}_mean") is None and r.get(f"full_data_{k}_mean") is None:
-                continue
+        shown = [k for k in SEQ_METRICS if r.get(f"{k}_mean") is not None or r.get(f"full_data_{k}_mean") is not None]
+        if not shown:  # a trial with nothing logged yet (running, its metrics not flushed; failed early)
+            cells = ["-"] * len(SCORE_FIELDS)
+            cells[1:1] = _z(r)  # its latest evaluation's outcomes may be logged already
+            t.add_row(r["algorithm"], r["dataset"], str(r["budget"]), "-", "-", "-", "-", "-", "-", *cells, status,
+                      r["run_id"])
+        for k in shown:
             fmt = (lambda m, sd: "-" if m is None else f"{m:.2f} ± {sd or 0:.2f}") if k == "ppl" else _pm
             pct = r.get(f"{k}_pct_of_full")
             score_cells = [_fmt_score(k, f, sc[f]) if k == headline else "" for f in SCORE_FIELDS]

@@ -94,7 +94,9 @@ def test_tables_of_filtered_rows(rows):
     console.print(results_table(res.filter_rows(rows, algorithms=["random"])))  # only the baseline: shown, not empty
     assert "r1" in console.export_text()
     console.print(results_table(res.filter_rows(rows, datasets=["ptb"])))
-    assert "p2" in console.export_text()
+    ptb = console.export_text()
+    assert "p2" in ptb
+    assert next(line for line in ptb.splitlines() if "p3" in line).count("FAILED") == 1  # nothing logged: shown too
     console.print(results_table(res.filter_rows(rows, datasets=["digits"])))  # the scores' columns (tests/test_scores.py)
     text = console.export_text()
     assert all(col in text for col in ("gain", "gap", "DDRS"))
