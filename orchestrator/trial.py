@@ -130,7 +130,7 @@ def _log_outputs(log: RunLogger, ctx: TrialContext, syn, algorithm: str, point: 
              "evaluation": {k: [float(v[0]), float(v[1])] for k, v in evaluation.items()}}
     folder = artifact.rpartition("/")[0]
     with tempfile.TemporaryDirectory() as tmp:
-        files = ctx.task.export(Path(tmp), syn, ctx.data, algorithm, extra, ctx.spec["model"])
+        files = list(ctx.task.export(Path(tmp), syn, ctx.data, algorithm, extra, ctx.spec["model"]))
         if cases is not None:
             files.append(save_cases(Path(tmp) / CASES_FILE, cases,
                                     {"dataset": ctx.spec["dataset"]["name"], "iteration": iteration,
