@@ -274,7 +274,14 @@ def test_a_sweep_on_s3_keeps_experts_tune_state_and_artifacts_in_the_bucket(s3, 
         # the final set; a trial with periodic evaluations also keeps the set of its latest one
         latest = ["synthetic_latest"] if c.data.tags["algorithm"] == "mtt" else []
         assert keys(s3, "sweep", prefix) == [f"{prefix}/{folder}/{f}" for folder in ["synthetic", *latest]
-                                             for f in ("synthetic.safetensors", "synthetic_grid.png")]
+                                             for f in ("cases.safetensors", "synthetic.safetensors",
+                                                       "synthetic_grid.png")]
+    # the per-case outcomes beside the sets pair the two trials from the bucket
+    from orchestrator.compare import compare_runs
+
+    ids = sorted(c.info.run_id for c in children)
+    paired = compare_runs(client.tracking_uri, ids)["paired"]
+    assert paired["reference"] == ids[0] and set(paired["stats"]) == {ids[1]} and not paired["skipped"]
     out = tmp_path / "mtt.safetensors"
     mtt = next(c for c in children if c.data.tags["algorithm"] == "mtt")
     res = CliRunner().invoke(main, ["export", mtt.info.run_id, "-o", str(out), "--root", str(root)])
