@@ -10,9 +10,10 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from .compare import get_runs
+from .compare import get_runs, quiet_downloads
 from .methods import is_baseline
-from .results import _number, best_per_group, collect, headline_metric, scores, to_csv
+from .results import (PAIRED_FIELDS, _number, attach_paired, best_per_group, collect, headline_metric, scores,
+                      to_csv)
 
 SUMMARY_ARTIFACT_DIR = "summary"
 _METRIC_LABELS = {"acc": ("test accuracy (%)", 100.0), "hr10": ("HR@10 (%)", 100.0),
@@ -100,8 +101,8 @@ def _plot_vs_budget(rows: list[dict[str, Any]], parent: dict[str, float], path: 
 
 
 def summarise_sweep(tracking_uri: str, parent_run_id: str, out_dir: Path) -> list[Path]:
-    """Writes ``results.csv`` (every trial of the sweep, failed ones included, with its scores
-    and per-architecture fields, see :func:`to_csv`) and ``accuracy_vs_budget.png`` (the final
+    """Writes ``results.csv`` (every trial of the sweep, failed ones included, with its scores,
+    their paired standard errors (:func:`attach_paired`) and per-architecture fields, see :func:`to_csv`) and ``accuracy_vs_budget.png`` (the final
     headline metric of the finished trials against the budget: accuracy for images, HR@10 for
     recommendation, perplexity for language modelling; below it the gain over the random subset)
     to ``out_dir``, logs both to the parent run under ``summary/`` and returns their paths.
@@ -110,6 +111,8 @@ def summarise_sweep(tracking_uri: str, parent_run_id: str, out_dir: Path) -> lis
 
     parent = get_runs(MlflowClient(tracking_uri), [parent_run_id])[0]
     rows = collect(tracking_uri, sweep=parent_run_id)
+    with quiet_downloads():  # each trial's gain over random, paired on the test cases (gain_se, gain_z)
+        attach_paired(tracking_uri, rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "results.csv"
@@ -126,13 +129,14 @@ def summarise_sweep(tracking_uri: str, parent_run_id: str, out_dir: Path) -> lis
 
 def log_scores(tracking_uri: str, rows: list[dict[str, Any]]) -> None:
     """Each finished trial's scores as metrics of its own MLflow run (``gain_over_random``,
-    ``gap_to_full``, ``ddrs``: they need the sweep's random subset, so they are known at the end
-    of the sweep, not when the trial ends). Scores that cannot be computed are not logged."""
+    ``gap_to_full``, ``ddrs``, and where the rows were paired ``gain_se`` and ``gain_z``: they need
+    the sweep's random subset, so they are known at the end of the sweep, not when the trial ends).
+    Scores that cannot be computed are not logged."""
     client = MlflowClient(tracking_uri)
     for r in rows:
         if r.get("status") != "FINISHED" or not r.get("run_id"):
             continue
-        for k in ("gain_over_random", "gap_to_full", "ddrs"):
+        for k in ("gain_over_random", "gap_to_full", "ddrs", *PAIRED_FIELDS):
             v = r.get(k)
             if v is not None and math.isfinite(v):
                 client.log_metric(r["run_id"], k, float(v))

@@ -207,10 +207,13 @@ def test_summarise_sweep(sweep, tmp_path):
     assert [p.name for p in paths] == ["results.csv", "accuracy_vs_budget.png"]
     csv_path, png = paths
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    assert csv_path.read_bytes().decode() == res.to_csv(res.collect(uri, sweep=parent))
+    assert csv_path.read_bytes().decode() == res.to_csv(res.attach_paired(uri, res.collect(uri, sweep=parent)))
     written = list(csv.DictReader(io.StringIO(csv_path.read_text())))
     assert sorted(r["algorithm"] for r in written) == ["mtt", "random"]
     client = MlflowClient(uri)
+    mtt = next(r for r in written if r["algorithm"] == "mtt")  # its gain, paired on the test images, in MLflow too
+    assert float(mtt["gain_z"]) == pytest.approx(client.get_run(mtt["run_id"]).data.metrics["gain_z"])
+    assert float(mtt["gain_se"]) > 0 and next(r for r in written if r["algorithm"] == "random")["gain_z"] == ""
     assert sorted(a.path for a in client.list_artifacts(parent, "summary")) == [
         "summary/accuracy_vs_budget.png", "summary/results.csv"]
     with pytest.raises(LookupError, match="0" * 32):
