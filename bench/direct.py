@@ -357,12 +357,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"{experts.trained} trained, {len(experts.records) - experts.trained} reused "
                       f"({time.perf_counter() - t0:.0f} s with the data); full data {full}", highlight=False)
         metric, higher = task.headline(data)
-        outs = []
+        outs, stopped = [], False
         for p in points:
             try:
                 outs.append(run_point(spec, p, data, experts, device, out_dir / trial_name(spec, p), full, console,
                                       sets, resume=args.resume, deadline=deadline))
             except TimeLimit:
+                stopped = True
                 outs.append(json.loads((out_dir / trial_name(spec, p) / "curve.json").read_text()))
                 left = [trial_name(spec, q) for q in points[len(outs):]]
                 console.print(f"stopped by --time-limit {args.time_limit:g} s" + (
@@ -376,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_results(console, args.json, "direct", machine_info(args.device, load0, gpu=True),
                       {"spec": spec_path, "set": sets, "methods": args.methods, "spec_hash": spec.hash,
-                       "git_commit": git_commit(), "out": str(out_dir)}, rows=rows, trials=outs)
+                       "git_commit": git_commit(), "out": str(out_dir),
+                       # --time-limit stopped the run: --resume continues it
+                       "stopped_by_time_limit": stopped}, rows=rows, trials=outs)
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -71,3 +71,37 @@ def test_resume_refuses_another_recipe_and_a_broken_checkpoint(tmp_path, capsys)
     with pytest.raises(SystemExit) as e:
         direct.main(["--quick", "--resume"])
     assert e.value.code == 2 and "--resume continues the trials in --out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_device_run_continues_a_run_over_short_commands(tmp_path):
+    """bench/device_run.sh: each call resumes direct-runs/NAME, stops at DEVICE_LIMIT_S with a
+    checkpoint, and copies what came of it, without the experts' store, to $OUT/NAME."""
+    import os
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"  # a copy of the scripts it runs, so that direct-runs/ lands there
+    shutil.copytree(REPO / "bench", repo / "bench", ignore=shutil.ignore_patterns("__pycache__"))
+    for d in ("algorithms", "orchestrator", "search_spaces"):
+        (repo / d).symlink_to(REPO / d)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVICE_LIMIT_S": "0"}
+
+    def call(**extra):
+        return subprocess.run(["bash", "bench/device_run.sh", "q", "--quick", "--threads", "1"], cwd=repo,
+                              env={**env, **extra}, capture_output=True, text=True, timeout=300)
+
+    first = call()
+    assert first.returncode == 0, first.stderr
+    back = tmp_path / "out" / "q"
+    assert json.loads((back / "direct.json").read_text())["config"]["stopped_by_time_limit"] is True
+    assert (back / "mtt-ipc1" / "state" / "state.safetensors").exists() and not (back / "trajectories").exists()
+    assert (repo / "direct-runs" / "q" / "trajectories").is_dir()
+    second = call(DEVICE_LIMIT_S="600")
+    assert second.returncode == 0, second.stderr
+    done = json.loads((back / "direct.json").read_text())
+    assert done["config"]["stopped_by_time_limit"] is False
+    assert [r["iterations"] for r in done["rows"]] == [0, 0, 4, 4]
+    bad = subprocess.run(["bash", "bench/device_run.sh", "../x", "--quick"], cwd=repo, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "plain folder name" in bad.stderr
