@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import yaml
 from common import REPO, bench_console, bench_parser, machine_info, write_json, write_results
+from rich.markup import escape
 from rich.table import Table
 
 sys.path.insert(0, str(REPO))
@@ -210,7 +211,7 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
         t_start -= out.get("wall_s") or 0.0  # wall time counts across the resumed runs
         console.print(f"{out['trial']}: resumed at iteration {distiller.iteration} of {iterations}", highlight=False)
         if out["diverged"]:
-            console.print(f"[red]{out['trial']} diverged before[/red]: {out['diverged']}")
+            console.print(f"[red]{out['trial']} diverged before[/red]: {escape(out['diverged'])}")
             return out
     ckpt_every = spec.checkpoint_interval
 
@@ -269,8 +270,9 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
                 raise TimeLimit(out["trial"])
     except DivergenceError as e:
         out["diverged"] = f"iteration {distiller.iteration}: {e}"
-        write_json(str(folder / "curve.json"), out)
-        console.print(f"[red]{out['trial']} diverged[/red]: {e}")
+        out["wall_s"] = time.perf_counter() - t_start
+        checkpoint(folder, out, distiller)  # so that --resume reports it instead of replaying it
+        console.print(f"[red]{out['trial']} diverged[/red]: {escape(str(e))}")
     return out
 
 
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"; not started: {', '.join(left)}" if left else ""), highlight=False)
                 break
     except (DirectError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         return 2
     rows = [summary(o, metric, higher) for o in outs]
     console.print(table(rows, metric, 1.0 if metric == "ppl" else 100.0))

@@ -49,6 +49,7 @@ from typing import Any
 
 import yaml
 from common import REPO, bench_console, bench_parser, machine_info, shared_data, write_results
+from rich.markup import escape
 from rich.table import Table
 
 sys.path.insert(0, str(REPO))
@@ -1041,7 +1042,7 @@ def main() -> None:
                 console.print(f"[yellow]`orchestrate launch {s} --root {root}` exited with {rc}: the rows of its "
                               f"sweep are what it logged[/yellow]")
         for e in errors:
-            console.print(f"[red]error:[/red] {e}", highlight=False)
+            console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         if args.json:
             versions = {p: importlib.metadata.version(p) for p in ("ray", "mlflow")}
             device = "cuda" if __import__("torch").cuda.is_available() else "cpu"

@@ -34,6 +34,7 @@ import time
 
 import torch
 from common import bench_console, bench_parser, machine_info, print_load, quick_defaults, write_results
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.methods import trial_seed
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
             out = launch(spec, ws, Progress())
             walls[n] = time.perf_counter() - t0
             if out.errors:
-                console.print(f"[red]{len(out.errors)} trials failed: {out.errors[:2]}[/red]")
+                console.print(f"[red]{len(out.errors)} trials failed: {escape(str(out.errors[:2]))}[/red]")
                 return 1
             outs.append(out)
             floors[n] = tune_floor(n, os.path.join(root, "floor"))

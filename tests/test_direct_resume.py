@@ -105,3 +105,19 @@ def test_device_run_continues_a_run_over_short_commands(tmp_path):
     bad = subprocess.run(["bash", "bench/device_run.sh", "../x", "--quick"], cwd=repo, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "plain folder name" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_diverged_trial_is_reported_on_resume_not_replayed(tmp_path, capsys):
+    store, out = tmp_path / "store", tmp_path / "out"
+    blow_up = ["--methods", "mtt", "--set", "algorithms.mtt.iterations=4",
+               "--set", "algorithms.mtt.hyperparameters.lr_img=1.0e+30"]
+    assert run(out, store, *blow_up) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "mtt-ipc1 diverged: matching loss is [nan]" in said  # the message whole (no markup eaten)
+    first = curve(out, "mtt-ipc1")
+    assert first["diverged"].startswith("iteration 1:") and first["checkpoint"] == 1
+    assert run(out, store, *blow_up, "--resume") == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "mtt-ipc1 diverged before: iteration 1: matching loss is [nan]" in said
+    assert curve(out, "mtt-ipc1")["steps"] == first["steps"]  # nothing stepped again
