@@ -100,7 +100,7 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, 
                    "of a trial still running, its latest evaluation's).")
 def compare(run_ids, root, tracking_uri, fmt, only_diff, paired, selected):
     """Show runs side by side: one column per run, one row per parameter, metric and tag; and
-    (``--paired``, the default) whether the trials' sets really differ: each one's headline metric
+    (--paired, the default) whether the trials' sets really differ: each one's headline metric
     minus the first run's, on the same test cases, with its standard error."""
     from .compare import (compare_runs, compare_table, compare_to_csv, compare_to_json, only_differing,
                           paired_caption)
