@@ -87,7 +87,7 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, 
 
 
 @click.command()
-@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID [RUN_ID ...]")
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID[@ITERATION] ...")
 @root_option
 @uri_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
@@ -101,7 +101,8 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, 
 def compare(run_ids, root, tracking_uri, fmt, only_diff, paired, selected):
     """Show runs side by side: one column per run, one row per parameter, metric and tag; and
     (--paired, the default) whether the trials' sets really differ: each one's headline metric
-    minus the first run's, on the same test cases, with its standard error."""
+    minus the first run's, on the same test cases, with its standard error. RUN_ID@ITERATION is one
+    evaluation of a trial (RUN@0 RUN@500: did its last 500 steps change anything?)."""
     from .compare import (compare_runs, compare_table, compare_to_csv, compare_to_json, only_differing,
                           paired_caption)
 
@@ -111,6 +112,8 @@ def compare(run_ids, root, tracking_uri, fmt, only_diff, paired, selected):
         cmp = compare_runs(ws.tracking_uri, list(run_ids), paired=paired, selected=selected)
     except LookupError as e:
         _fail(str(e), 1)
+    except ValueError as e:  # a malformed RUN_ID@ITERATION
+        _fail(str(e))
     if only_diff:
         cmp = only_differing(cmp)
     if fmt == "json":

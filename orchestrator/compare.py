@@ -46,7 +46,10 @@ def compare_runs(tracking_uri: str, run_ids: list[str], paired: bool = True, sel
     ``paired`` rows are ``<metric>_delta``, ``_se``, ``_se_cases``, ``_se_networks``, ``_z``.
     Raises LookupError naming every run id that is not in the store."""
     client = MlflowClient(tracking_uri)
-    runs = get_runs(client, list(dict.fromkeys(run_ids)))
+    items = [parse_item(x) for x in dict.fromkeys(run_ids)]  # (key, run id, iteration or None)
+    by_id = {r.info.run_id: r for r in get_runs(client, list(dict.fromkeys(rid for _, rid, _ in items)))}
+    runs = [by_id[rid] for _, rid, _ in items]
+    keys = [k for k, _, _ in items]
     experiments: dict[str, str] = {}
 
     def experiment(eid: str) -> str:
@@ -59,9 +62,10 @@ def compare_runs(tracking_uri: str, run_ids: list[str], paired: bool = True, sel
 
         return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds") if ms else None
 
-    info = [{"run_id": r.info.run_id, "run_name": r.info.run_name, "experiment": experiment(r.info.experiment_id),
-             "status": r.info.status, "start_time": iso(r.info.start_time), "end_time": iso(r.info.end_time)}
-            for r in runs]
+    info = [{"run_id": r.info.run_id, "key": key, "iteration": it, "run_name": r.info.run_name,
+             "experiment": experiment(r.info.experiment_id), "status": r.info.status,
+             "start_time": iso(r.info.start_time), "end_time": iso(r.info.end_time)}
+            for (key, _, it), r in zip(items, runs)]
     sections: list[tuple[str, list[dict[str, Any]]]] = [
         ("run", [{"run_name": i["run_name"], "experiment": i["experiment"], "status": i["status"],
                   "sweep": r.data.tags.get(PARENT_TAG)}
@@ -74,7 +78,7 @@ def compare_runs(tracking_uri: str, run_ids: list[str], paired: bool = True, sel
     for section, per_run in sections:
         names = list(per_run[0]) if section == "run" else sorted(set().union(*per_run))
         for name in names:
-            values = {r.info.run_id: d.get(name) for r, d in zip(runs, per_run)}
+            values = {key: d.get(name) for key, d in zip(keys, per_run)}
             if section == "run" and all(v is None for v in values.values()):
                 continue
             vs = list(values.values())
@@ -82,10 +86,10 @@ def compare_runs(tracking_uri: str, run_ids: list[str], paired: bool = True, sel
                          "differs": any(_differ(vs[0], v) for v in vs[1:])})
     out = {"runs": info, "rows": rows}
     if paired and len(runs) > 1:
-        pr = out["paired"] = paired_runs(client, runs, selected)
+        pr = out["paired"] = paired_runs(client, runs, selected, [it for _, _, it in items], keys)
         if pr["stats"]:
             for stat in PAIRED_STATS:
-                values = {r.info.run_id: pr["stats"].get(r.info.run_id, {}).get(stat) for r in runs}
+                values = {key: pr["stats"].get(key, {}).get(stat) for key in keys}
                 rows.append({"section": "paired", "name": f"{pr['metric']}_{stat}", "values": values,
                              "differs": True})
     return out
@@ -98,11 +102,12 @@ def paired_caption(comparison: dict[str, Any]) -> list[str]:
     pr = comparison.get("paired")
     if not pr:
         return []
-    names = {i["run_id"]: i["run_name"] or i["run_id"] for i in comparison["runs"]}
+    names = {i["key"]: (i["run_name"] or i["run_id"]) + ("" if i["iteration"] is None else f"@{i['iteration']}")
+             for i in comparison["runs"]}
     lines = []
     if pr["reference"]:
         its = pr["iterations"]
-        lines.append(f"paired: each run's set minus {names[pr['reference']]}'s ({pr['set']} set, iteration "
+        lines.append(f"paired: each run's set minus {names[pr['reference']]}'s ({pr['set']}, iteration "
                      f"{its.get(pr['reference'])}), evaluated on the same {pr['cases']} test {pr['unit']}"
                      + (" (ln of the perplexity ratio)" if pr["metric"] == "ppl" else " (fractions)"))
         for rid, st in pr["stats"].items():
@@ -130,44 +135,61 @@ def quiet_downloads():
 PAIRED_STATS = ("delta", "se", "se_cases", "se_networks", "z")
 
 
-def run_cases(client: MlflowClient, run, selected: bool = False):
+def parse_item(item: str) -> tuple[str, str, int | None]:
+    """``RUN_ID`` or ``RUN_ID@ITERATION`` (one evaluation of a trial): (the item, the run id, the
+    iteration or None). ValueError naming a malformed one."""
+    rid, at, it = item.partition("@")
+    if at and not (rid and it.isdigit()):
+        raise ValueError(f"{item!r}: expected RUN_ID or RUN_ID@ITERATION (an evaluation's iteration, e.g. "
+                         f"{rid or 'RUN_ID'}@0)")
+    return item, rid, int(it) if at else None
+
+
+def run_cases(client: MlflowClient, run, selected: bool = False, iteration: int | None = None):
     """The per-case outcomes (``CaseOutcomes``, metadata) a trial logged beside the set that stands for
     it (:func:`orchestrator.trial.set_artifact`: the final set of a finished trial, the latest
-    evaluation's of one still running, with ``selected`` the one chosen on validation), or the
-    reason there are none, as a string."""
+    evaluation's of one still running, with ``selected`` the one chosen on validation) or, given
+    ``iteration``, those of its evaluation there (:func:`orchestrator.trial.cases_artifact`); or
+    the reason there are none, as a string."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
 
     from .artifacts import CASES_FILE, read_cases
-    from .trial import set_artifact
+    from .trial import cases_artifact, set_artifact
 
-    folder = set_artifact(run.info.status == "FINISHED", selected).rpartition("/")[0]
+    path = cases_artifact(iteration) if iteration is not None else \
+        f"{set_artifact(run.info.status == 'FINISHED', selected).rpartition('/')[0]}/{CASES_FILE}"
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with quiet_downloads():
-                local = client.download_artifacts(run.info.run_id, f"{folder}/{CASES_FILE}", tmp)
+                local = client.download_artifacts(run.info.run_id, path, tmp)
         except (MlflowException, OSError):
-            return (f"no {folder}/{CASES_FILE} (not a trial; no evaluation logged there yet; or a trial "
-                    f"that predates per-case outcomes)")
+            return (f"no evaluation at iteration {iteration} logged its outcomes ({path})" if iteration is not None
+                    else f"no {path} (not a trial; no evaluation logged there yet; or a trial that predates "
+                         f"per-case outcomes)")
         try:
             return read_cases(local)
         except ValueError as e:
             return str(e)
 
 
-def paired_runs(client: MlflowClient, runs: list, selected: bool = False) -> dict[str, Any]:
+def paired_runs(client: MlflowClient, runs: list, selected: bool = False, iterations: list | None = None,
+                keys: list[str] | None = None) -> dict[str, Any]:
     """Each run's set minus the first run's, on the same test cases: the trials' logged per-case
-    outcomes (:func:`run_cases`) through :func:`orchestrator.evaluate.paired_stats`; the seed
-    pairs count where both evaluated networks of the same model and seeds (trials of one spec do).
-    Returns ``{"reference", "set", "metric", "unit", "cases", "iterations": {run_id: it},
-    "stats": {run_id: {delta, se, ...}}, "skipped": {run_id: why}}``; ``reference`` is None
-    (and every run skipped) where the first run has no outcomes."""
+    outcomes (:func:`run_cases`; ``iterations``: per run, an evaluation's iteration or None for the
+    set that stands for it) through :func:`orchestrator.evaluate.paired_stats`; the seed pairs
+    count where both evaluated networks of the same model and seeds (trials of one spec do).
+    Returns ``{"reference", "set", "metric", "unit", "cases", "iterations": {key: it},
+    "stats": {key: {delta, se, ...}}, "skipped": {key: why}}`` (``keys``: default the run ids);
+    ``reference`` is None (and every run skipped) where the first run has no outcomes."""
     from .evaluate import paired_stats
 
-    got = {r.info.run_id: run_cases(client, r, selected) for r in runs}
-    ref_id = runs[0].info.run_id
-    out: dict[str, Any] = {"reference": None, "set": "selected" if selected else "final or latest",
+    keys = keys or [r.info.run_id for r in runs]
+    iterations = iterations or [None] * len(runs)
+    got = {k: run_cases(client, r, selected, it) for k, r, it in zip(keys, runs, iterations)}
+    ref_id = keys[0]
+    out: dict[str, Any] = {"reference": None, "set": "the selected set" if selected else "the final or latest set",
                            "iterations": {}, "stats": {}, "skipped": {}}
     if isinstance(got[ref_id], str):
         out["skipped"] = {rid: g if isinstance(g, str) else f"the first run ({ref_id}) has no per-case outcomes"
@@ -223,7 +245,7 @@ def compare_table(comparison: dict[str, Any], title: str = "compare") -> Table:
     t.add_column("", width=1)
     t.add_column("field", justify="left")
     for i in comparison["runs"]:
-        t.add_column(Text(f"{i['run_name'] or ''}\n{i['run_id']}"), justify="left", overflow="fold")
+        t.add_column(Text(f"{i['run_name'] or ''}\n{i['key']}"), justify="left", overflow="fold")
     for r in comparison["rows"]:
         t.add_row("≠" if r["differs"] else "", Text(f"{r['section']} {r['name']}" if r["section"] != "run"
                                                      else r["name"]),
@@ -247,7 +269,7 @@ def compare_to_json(comparison: dict[str, Any]) -> str:
 
 
 def compare_to_csv(comparison: dict[str, Any]) -> str:
-    ids = [i["run_id"] for i in comparison["runs"]]
+    ids = [i["key"] for i in comparison["runs"]]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["section", "name", "differs", *ids])

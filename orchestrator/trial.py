@@ -36,6 +36,12 @@ SELECTED_ARTIFACT = "synthetic_selected/synthetic.safetensors"
 LATEST_ARTIFACT = "synthetic_latest/synthetic.safetensors"
 
 
+def cases_artifact(iteration: int) -> str:
+    """Where a trial keeps the per-case outcomes of its evaluation at ``iteration`` (every one, so
+    that any two evaluations of a trial can be paired: ``orchestrate compare RUN@0 RUN@500``)."""
+    return f"cases/iteration_{iteration:06d}.safetensors"
+
+
 def set_artifact(finished: bool, selected: bool = False) -> str:
     """Which logged set stands for a trial: the one chosen on validation (``selected``), else the
     final set of a finished trial, else the set of its latest evaluation."""
@@ -132,12 +138,24 @@ def _log_outputs(log: RunLogger, ctx: TrialContext, syn, algorithm: str, point: 
     with tempfile.TemporaryDirectory() as tmp:
         files = list(ctx.task.export(Path(tmp), syn, ctx.data, algorithm, extra, ctx.spec["model"]))
         if cases is not None:
-            files.append(save_cases(Path(tmp) / CASES_FILE, cases,
-                                    {"dataset": ctx.spec["dataset"]["name"], "iteration": iteration,
-                                     "run_id": log.run_id, "spec_hash": ctx.spec_hash,
-                                     "model": json.dumps(ctx.spec["model"], sort_keys=True)}))
+            files.append(_cases_file(Path(tmp) / CASES_FILE, ctx, log, cases, iteration))
         for f in files:
             log.artifact(f, folder)
+
+
+def _cases_file(path: Path, ctx: TrialContext, log: RunLogger, cases, iteration: int) -> Path:
+    return save_cases(path, cases, {"dataset": ctx.spec["dataset"]["name"], "iteration": iteration,
+                                    "run_id": log.run_id, "spec_hash": ctx.spec_hash,
+                                    "model": json.dumps(ctx.spec["model"], sort_keys=True)})
+
+
+def _log_cases(log: RunLogger, ctx: TrialContext, cases, iteration: int) -> None:
+    """The per-case outcomes of the evaluation at ``iteration`` under :func:`cases_artifact`."""
+    if cases is None:
+        return
+    folder, _, name = cases_artifact(iteration).rpartition("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        log.artifact(_cases_file(Path(tmp) / name, ctx, log, cases, iteration), folder)
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -241,6 +259,7 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
             syn = distiller.synthetic()
             evals, cases = _evaluate_cases(ctx, syn, device, final=it >= iterations)
             latest["cases"] = cases
+            _log_cases(log, ctx, cases, it)
             history["evals"].append((it, {k: list(v) for k, v in evals.items()}))
             if it > logged["eval"]:
                 log.metrics(_stats(evals, "eval/"), step=it)

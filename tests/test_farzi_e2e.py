@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from orchestrator.artifacts import read_cases, read_synthetic
 from orchestrator.cli import main
+from orchestrator.compare import compare_runs
 from orchestrator.tracking import workspace
 
 pytestmark = pytest.mark.slow  # every test launches a sweep on Ray
@@ -92,6 +93,12 @@ def test_farzi_launch_end_to_end(tiny_farzi):
     assert (cases.metric, cases.unit, meta["iteration"], meta["dataset"]) == ("hr10", "users", str(chosen), "ml-100k")
     hr = [cases.network_metric(k) for k in range(len(cases.seeds))]
     assert sum(hr) / len(hr) == pytest.approx(test_at[chosen]) and cases.values.shape[1] > 10
+    # and every evaluation's, so that any two of them pair: the last against the first
+    assert sorted(a.path for a in client.list_artifacts(farzi.info.run_id, "cases")) == [
+        f"cases/iteration_{it:06d}.safetensors" for it in (0, 2, 4)]
+    pr = compare_runs(workspace(root).tracking_uri, [f"{farzi.info.run_id}@0", f"{farzi.info.run_id}@4"])["paired"]
+    st = pr["stats"][f"{farzi.info.run_id}@4"]
+    assert st["delta"] == pytest.approx(test_at[4] - test_at[0]) and st["cases"] == cases.values.shape[1]
     local = client.download_artifacts(farzi.info.run_id, "synthetic", str(root / "dl"))
     with safe_open(f"{local}/synthetic.safetensors", framework="pt") as f:
         meta = f.metadata()

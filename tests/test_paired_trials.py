@@ -161,7 +161,7 @@ def test_compare_pairs_each_run_with_the_first_on_the_same_test_cases(store):
     table = cli.invoke(main, ["compare", a, b, c, d, "--root", str(root)])
     assert table.exit_code == 0, table.output
     text = " ".join(table.output.split())
-    assert (f"each run's set minus a's (final or latest set, iteration 40), evaluated on the same {n} test "
+    assert (f"each run's set minus a's (the final or latest set, iteration 40), evaluated on the same {n} test "
             f"images") in text
     assert f"b (iteration 40): acc {100 * delta:+.2f} points (SE {100 * st['se']:.2f}" in text
     assert "Downloading" not in table.output  # no progress bars
@@ -242,3 +242,38 @@ def test_results_pair_each_trial_with_its_random_subset(store):
     lm = [row(r0, "random", budget=50), row(r1, "farzi", budget=50)]
     res.attach_paired(uri, lm)
     assert lm[1]["gain_se"] is None and lm[1]["gain_z"] > 0  # lower perplexity than random: a positive z
+
+
+def test_compare_pairs_two_evaluations_of_one_trial(store, tmp_path):
+    """RUN@ITERATION: the outcomes a trial logged at that evaluation (cases/iteration_NNNNNN)."""
+    from orchestrator.trial import cases_artifact
+
+    root, uri, run = store
+    client = MlflowClient(uri)
+    n, seeds = 200, [5, 6]
+    at = {it: CaseOutcomes.of("hr10", "users", seeds, [(hits(n, p, it + k), torch.ones(n)) for k, p in
+                                                        enumerate(ps)])
+          for it, ps in ((0, (0.1, 0.12)), (50, (0.2, 0.21)))}
+    rid = run("t", at[50])  # the final set: the evaluation at 50
+    for it, cases in at.items():
+        d = tmp_path / f"it{it}"
+        d.mkdir()
+        f = save_cases(d / cases_artifact(it).rpartition("/")[2], cases, {"dataset": "ml-100k", "iteration": it,
+                                                                         "model": "{}"})
+        client.log_artifact(rid, str(f), "cases")
+    assert cases_artifact(50) == "cases/iteration_000050.safetensors"
+    cmp = compare_runs(uri, [f"{rid}@0", f"{rid}@50", f"{rid}@7"])
+    pr = cmp["paired"]
+    assert [i["key"] for i in cmp["runs"]] == [f"{rid}@0", f"{rid}@50", f"{rid}@7"]
+    assert [i["iteration"] for i in cmp["runs"]] == [0, 50, 7] and {i["run_id"] for i in cmp["runs"]} == {rid}
+    st = paired_stats(at[50].pairs(), at[0].pairs(), True)
+    assert pr["stats"][f"{rid}@50"]["delta"] == pytest.approx(st["delta"]) and pr["iterations"][f"{rid}@50"] == 50
+    assert "no evaluation at iteration 7 logged its outcomes (cases/iteration_000007.safetensors)" in \
+        pr["skipped"][f"{rid}@7"]
+    metric_rows = {r["name"]: r["values"] for r in cmp["rows"] if r["section"] == "paired"}
+    assert set(metric_rows["hr10_delta"]) == {f"{rid}@0", f"{rid}@50", f"{rid}@7"}
+    table = CliRunner().invoke(main, ["compare", f"{rid}@0", f"{rid}@50", "--root", str(root)])
+    assert table.exit_code == 0, table.output
+    assert f"t@50 (iteration 50): hr10 {100 * st['delta']:+.2f} points" in " ".join(table.output.split())
+    bad = CliRunner().invoke(main, ["compare", f"{rid}@x", rid, "--root", str(root)])
+    assert bad.exit_code == 2 and f"'{rid}@x': expected RUN_ID or RUN_ID@ITERATION" in bad.output
