@@ -70,10 +70,7 @@ def results(root, tracking_uri, fmt, sweep, all_sweeps, experiment, algorithms, 
     if best:
         rows = res.best_per_group(rows)
     if paired:
-        from .compare import quiet_downloads
-
-        with quiet_downloads():
-            res.attach_paired(ws.tracking_uri, rows, among=every)
+        res.attach_paired(ws.tracking_uri, rows, among=every)
     if sort_fields:
         rows = res.sort_rows(rows, sort_fields)
     if fmt == "json":

@@ -10,7 +10,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from .compare import get_runs, quiet_downloads
+from .compare import get_runs
 from .methods import is_baseline
 from .results import (PAIRED_FIELDS, _number, attach_paired, best_per_group, collect, headline_metric, scores,
                       to_csv)
@@ -111,8 +111,7 @@ def summarise_sweep(tracking_uri: str, parent_run_id: str, out_dir: Path) -> lis
 
     parent = get_runs(MlflowClient(tracking_uri), [parent_run_id])[0]
     rows = collect(tracking_uri, sweep=parent_run_id)
-    with quiet_downloads():  # each trial's gain over random, paired on the test cases (gain_se, gain_z)
-        attach_paired(tracking_uri, rows)
+    attach_paired(tracking_uri, rows)  # each trial's gain over random, paired on the test cases (gain_se, gain_z)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "results.csv"

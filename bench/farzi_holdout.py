@@ -1,0 +1,210 @@
+"""Is validation a fair judge of Farzi's outer steps when the outer loss scores the validation inputs?
+
+On a recommendation task the validation input of a user is its training history and the target
+its second-to-last item; the test input is the history plus that item. With ``outer_positions:
+last`` and ``outer_target: teacher``, Farzi's outer loss scores the student's prediction after
+each real user's training history against the teacher's: exactly the validation inputs. In the
+ML-100k runs validation then rose at every evaluation while test did not (bench/README.md, Farzi).
+
+This script tests whether that rise comes from the overlap. It splits the users in two at random:
+the outer loss (and ``init: teacher``'s draw of real sequences) sees only group A; group B is held
+out. It runs the spec's Farzi trial on A alone and, every ``--every`` steps, trains the spec's
+evaluation networks (same seeds at every step, so steps pair network by network) and scores the
+validation and test hit@10 of every user. If the overlap inflates validation, validation rises
+more on A than on B; test (whose inputs no outer loss scores) shows how much of A's lead is
+anything else.
+
+The contrast reported: (A's change since step 0) minus (B's), with its standard error over the
+users (the two groups are independent samples) and over the networks (each network's own
+contrast), added in quadrature.
+
+    python bench/farzi_holdout.py --root RUNS [--spec SPEC] [--set KEY=VALUE ...] [--steps N]
+        [--every K] [--holdout FRACTION] [--networks N] [--quick] [--json PATH]
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from common import bench_console, bench_parser, machine_info, print_load, quick_defaults, shared_data, write_results  # noqa: E402
+
+SPEC = REPO / "search_spaces" / "reference" / "farzi_ml100k_ensemble.yaml"
+
+
+def parse_args(argv=None):
+    ap = bench_parser(__doc__, "2 outer steps, evaluated at 0 and 2, 2 networks")
+    ap.add_argument("--spec", default=str(SPEC), help="a Farzi spec on a recommendation data set (default: the "
+                                                       "ensemble reference)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a spec value (as bench/direct.py), e.g. algorithms.farzi.hyperparameters.outer_lr=0.01")
+    ap.add_argument("--root", required=True, help="the root whose store holds the spec's experts")
+    ap.add_argument("--steps", type=int, default=None, help="outer steps (default 50; quick 2)")
+    ap.add_argument("--every", type=int, default=None, help="evaluate every K steps (default 25; quick 2)")
+    ap.add_argument("--networks", type=int, default=None, help="evaluation networks per step (default the spec's; quick 2)")
+    ap.add_argument("--holdout", type=float, default=0.5, help="the fraction of users held out of the outer loss")
+    ap.add_argument("--split-seed", type=int, default=0, help="the seed of the users' split")
+    return ap.parse_args(argv)
+
+
+def contrast(d: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """``d``: [networks, users] changes of one outcome. Mean over A minus mean over B, and its
+    standard error: over the users (per-user mean change; independent groups) and over the
+    networks (each network's contrast), in quadrature."""
+    per_user = d.double().mean(0)
+    se_users = math.sqrt(per_user[a].var().item() / len(a) + per_user[b].var().item() / len(b))
+    per_net = d[:, a].double().mean(1) - d[:, b].double().mean(1)
+    se_nets = per_net.std().item() / math.sqrt(len(per_net)) if len(per_net) > 1 else 0.0
+    return float(per_net.mean()), math.hypot(se_users, se_nets)
+
+
+def change(d: torch.Tensor, group: torch.Tensor) -> tuple[float, float]:
+    """Mean change over ``group`` and its paired standard error (users and networks, in quadrature)."""
+    x = d[:, group].double()
+    se_users = x.mean(0).std().item() / math.sqrt(x.shape[1])
+    per_net = x.mean(1)
+    se_nets = per_net.std().item() / math.sqrt(len(per_net)) if len(per_net) > 1 else 0.0
+    return float(per_net.mean()), math.hypot(se_users, se_nets)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quick_defaults(args, steps=(2, 50), every=(2, 25))
+    load_start = os.getloadavg()
+    import direct
+    from algorithms.evaluate import EVAL_THREADS, torch_threads
+    from algorithms.farzi import FarziDistiller
+    from algorithms.seqmodels import seeded_seq_model
+    from algorithms.seqtrain import SeqTrainConfig, recommendation_ranks, train_seq_model
+    from orchestrator import methods
+    from orchestrator.evaluate import stored_experts
+    from orchestrator.sequences import load_sequences, seq_task
+    from orchestrator.spec import eval_seed
+    from orchestrator.store import open_trajectory
+    from orchestrator.tracking import workspace
+
+    spec = direct.load(args.spec, args.set)
+    sd = spec.to_dict()
+    points = [p for p in spec.trial_points() if p["algorithm"] == "farzi"]
+    if not points:
+        sys.exit(f"{args.spec}: no farzi trial")
+    point = points[0]
+    if any(isinstance(v, dict) for v in point["hp"].values()):
+        sys.exit(f"{args.spec}: a hyperparameter is sampled from a distribution; set one value with --set")
+    ev = spec.evaluation
+    quick_defaults(args, networks=(2, ev["networks"]))
+    data = load_sequences(spec.dataset["name"], spec.dataset.get("root") or shared_data(spec.dataset["name"]))
+    task = seq_task(data, spec.model["max_len"])
+    if task.kind != "recommendation" or task.validation() is None:
+        sys.exit(f"{args.spec}: needs a recommendation data set with a validation split")
+    found, where = stored_experts(spec, data, workspace(args.root).trajectories)
+    count = spec.experts["count"]
+    if len(found) < count:
+        sys.exit(f"the experts of {args.spec} are not all in {args.root}: {where} (orchestrate launch {args.spec} "
+                 f"--root {args.root} trains them)")
+    trajectories = [open_trajectory(p).params for _, p, _ in sorted(found)[:count]]
+
+    users = len(task.train)
+    perm = torch.randperm(users, generator=torch.Generator().manual_seed(args.split_seed))
+    held = int(round(args.holdout * users))
+    if not 0 < held < users:
+        sys.exit(f"--holdout {args.holdout}: leaves no user on one side ({users} users)")
+    group_b, group_a = perm[:held].sort().values, perm[held:].sort().values
+    torch.set_num_threads(EVAL_THREADS)
+    V, pad = task.vocab_size, task.pad_id
+    seed = methods.trial_seed(sd, point)
+    cfg = methods.get("farzi").make_config(point["budget"], point["hp"])
+    distiller = FarziDistiller(seeded_seq_model(spec.model, V, pad, seed), trajectories, task.train[group_a], V, pad,
+                               cfg, seed=seed, iterations=point["iterations"])
+    train_cfg = SeqTrainConfig(epochs=ev["epochs"], lr=ev["lr"], batch_size=ev["batch_size"],
+                               weight_decay=ev.get("weight_decay", 0.0))
+    seed0, valid_task = eval_seed(sd), task.validation()
+
+    console = bench_console(150)
+    console.print(f"{spec.name}: the outer loss on {len(group_a)} users (A), {len(group_b)} held out (B); "
+                  f"{args.steps} outer steps of outer lr {cfg.outer_lr:g} ({point['iterations']} planned for "
+                  f"its schedule), evaluated every {args.every} with {args.networks} networks "
+                  f"({', '.join(args.set) or 'the spec as it is'})", highlight=False)
+
+    def evaluate() -> tuple[torch.Tensor, torch.Tensor, float]:
+        x = distiller.synthetic().training_input().detach()
+        t0, valid, test = time.perf_counter(), [], []
+        with torch_threads(EVAL_THREADS):
+            for n in range(args.networks):
+                last = None
+                for last in train_seq_model(spec.model, task, x, train_cfg, seed0 + n):
+                    pass
+                model = seeded_seq_model(spec.model, V, pad, seed0 + n)
+                valid.append(recommendation_ranks(model, last.params, valid_task)[0] < task.k)
+                test.append(recommendation_ranks(model, last.params, task)[0] < task.k)
+        return torch.stack(valid), torch.stack(test), time.perf_counter() - t0
+
+    evals, rows, step_seconds = {}, [], []
+    t_start = time.perf_counter()
+
+    def save(rows: list[dict]) -> None:
+        write_results(console, args.json, "farzi_holdout", machine_info("cpu", load_start),
+                      {"spec": str(args.spec), "set": args.set, "steps": args.steps, "every": args.every,
+                       "networks": args.networks, "holdout": args.holdout, "split_seed": args.split_seed,
+                       "users_a": len(group_a), "users_b": len(group_b), "outer_lr": cfg.outer_lr},
+                      rows=rows, sec_per_step=statistics.median(step_seconds) if step_seconds else None,
+                      wall_s=time.perf_counter() - t_start, done=rows[-1]["step"] == args.steps)
+    for it in range(args.steps + 1):
+        if it > 0:
+            t0 = time.perf_counter()
+            distiller.step()
+            step_seconds.append(time.perf_counter() - t0)
+        if it % args.every and it != args.steps:
+            continue
+        valid, test, secs = evaluate()
+        evals[it] = (valid, test)
+        v0, t0_ = evals[0]
+        row = {"step": it, "eval_seconds": secs,
+               **{f"{split}_{g}": 100 * float(h[:, idx].double().mean())
+                  for split, h in (("valid", valid), ("test", test)) for g, idx in (("a", group_a), ("b", group_b))}}
+        for split, h, h0 in (("valid", valid, v0), ("test", test, t0_)):
+            d = h.double() - h0.double()
+            for g, idx in (("a", group_a), ("b", group_b)):
+                m, se = change(d, idx)
+                row[f"{split}_{g}_change"], row[f"{split}_{g}_change_se"] = 100 * m, 100 * se
+            m, se = contrast(d, group_a, group_b)
+            row[f"{split}_contrast"], row[f"{split}_contrast_se"] = 100 * m, 100 * se
+        rows.append(row)
+        if args.json:  # after each evaluation: a run cut off keeps what it measured
+            save(rows)
+        console.print(f"step {it}: valid A {row['valid_a']:.2f} B {row['valid_b']:.2f}, test A {row['test_a']:.2f} "
+                      f"B {row['test_b']:.2f} ({secs:.0f} s; "
+                      f"{statistics.median(step_seconds) if step_seconds else 0:.1f} s/step)", highlight=False)
+
+    table = Table(title=f"HR@10 (%) on the users in the outer loss (A, {len(group_a)}) and held out of it "
+                        f"(B, {len(group_b)}); change since step 0, paired ± SE")
+    for col in ("step", "valid A", "valid B", "Δ valid A", "Δ valid B", "A − B (valid)",
+                "test A", "test B", "Δ test A", "Δ test B", "A − B (test)"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        def pm(k):
+            return f"{r[k]:+.2f} ± {r[k + '_se']:.2f}"
+        table.add_row(str(r["step"]), f"{r['valid_a']:.2f}", f"{r['valid_b']:.2f}", pm("valid_a_change"),
+                      pm("valid_b_change"), pm("valid_contrast"), f"{r['test_a']:.2f}", f"{r['test_b']:.2f}",
+                      pm("test_a_change"), pm("test_b_change"), pm("test_contrast"))
+    console.print(table)
+    last = rows[-1]
+    z = last["valid_contrast"] / last["valid_contrast_se"] if last["valid_contrast_se"] > 0 else math.nan
+    console.print(f"At step {last['step']}: validation rose {last['valid_contrast']:+.2f} ± "
+                  f"{last['valid_contrast_se']:.2f} points more on the outer loss's users than on the held-out ones "
+                  f"(z {z:+.1f}); test {last['test_contrast']:+.2f} ± {last['test_contrast_se']:.2f}.", highlight=False)
+    print_load(console, load_start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

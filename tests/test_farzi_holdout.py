@@ -1,0 +1,48 @@
+"""bench/farzi_holdout.py's statistics: a group's paired change and the contrast of two groups'
+changes, with their standard errors, against direct computations."""
+import math
+import statistics
+import sys
+
+import pytest
+import torch
+
+from .conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))  # the bench scripts import their helpers as ``common``
+holdout = pytest.importorskip("farzi_holdout")
+
+
+def _changes():
+    g = torch.Generator().manual_seed(0)
+    before = (torch.rand(3, 10, generator=g) < 0.3).double()  # 3 networks x 10 users' hits
+    after = (torch.rand(3, 10, generator=g) < 0.5).double()
+    return after - before
+
+
+def test_change_is_the_mean_with_users_and_networks_errors_in_quadrature():
+    d = _changes()
+    group = torch.tensor([0, 2, 3, 5, 7, 9])
+    mean, se = holdout.change(d, group)
+    x = d[:, group]
+    assert mean == pytest.approx(float(x.mean()))
+    users = statistics.stdev(x.mean(0).tolist()) / math.sqrt(len(group))
+    nets = statistics.stdev(x.mean(1).tolist()) / math.sqrt(3)
+    assert se == pytest.approx(math.hypot(users, nets))
+
+
+def test_contrast_is_a_minus_b_with_independent_groups():
+    d = _changes()
+    a, b = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([5, 6, 7, 8, 9])
+    mean, se = holdout.contrast(d, a, b)
+    assert mean == pytest.approx(float(d[:, a].mean() - d[:, b].mean()))
+    pu = d.mean(0)
+    users = math.sqrt(statistics.variance(pu[a].tolist()) / 5 + statistics.variance(pu[b].tolist()) / 5)
+    per_net = [float(d[n, a].mean() - d[n, b].mean()) for n in range(3)]
+    assert se == pytest.approx(math.hypot(users, statistics.stdev(per_net) / math.sqrt(3)))
+    # the same change on both sides: no contrast, whatever the noise
+    same = torch.cat([d[:, :5], d[:, :5]], 1)
+    assert holdout.contrast(same, a, b)[0] == pytest.approx(0.0, abs=1e-12)
+    # one network: no network term
+    assert holdout.contrast(d[:1], a, b)[1] == pytest.approx(
+        math.sqrt(statistics.variance(d[0, a].tolist()) / 5 + statistics.variance(d[0, b].tolist()) / 5))
