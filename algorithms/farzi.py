@@ -518,6 +518,15 @@ class FarziConfig:
     teacher_experts: int = hp(1, positive, integer=True, added=True,
                               doc="init/outer_target teacher: average the next-item distributions of the first k "
                                   "experts' last checkpoints")
+    # Farzi reads each real sequence without its last id (init and outer loss). On a leave-one-out
+    # recommendation split a user's validation input is its whole training history: the very context
+    # whose next-item prediction outer_target "teacher" scores at "last" (and at "all"), so the outer
+    # loop fits the students' predictions on the validation inputs to the teacher's, and validation
+    # no longer judges its steps as test does (bench/farzi_holdout.py). Without the last item no
+    # context the outer loop scores is a validation or test input
+    real_drop_last: bool = hp(False, added=True,
+                              doc="read each real sequence without its last item (no outer-loss context is then a "
+                                  "leave-one-out validation input)")
 
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
@@ -563,7 +572,12 @@ class FarziDistiller:
             raise ValueError(f"teacher_experts is {cfg.teacher_experts}, but there are "
                              f"{len(self.trajectories)} experts")
         self.teachers = [t[-1].to(self.device, self.dtype) for t in self.trajectories[: cfg.teacher_experts]]
-        self.real = real
+        # real_drop_last: the last column of the (left-padded) rows is each sequence's last id; give rows
+        # one longer than the model's max_len to keep max_len ids of context
+        self.real = real = real[:, :-1] if cfg.real_drop_last else real
+        if max_len is not None and real.shape[1] > max_len:
+            raise ValueError(f"the real sequences are {real.shape[1]} long{' without their last id' * cfg.real_drop_last}"
+                             f", more than the model's max_len {max_len}")
         self.gen = torch.Generator().manual_seed(seed)
         if cfg.outer_schedule == "cosine" and not iterations:
             raise ValueError("outer_schedule 'cosine' needs the number of outer iterations")

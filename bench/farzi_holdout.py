@@ -123,7 +123,9 @@ def main(argv=None) -> int:
     V, pad = task.vocab_size, task.pad_id
     seed = methods.trial_seed(sd, point)
     cfg = methods.get("farzi").make_config(point["budget"], point["hp"])
-    distiller = FarziDistiller(seeded_seq_model(spec.model, V, pad, seed), trajectories, task.train[group_a], V, pad,
+    # the trial's rows (orchestrator.builtin_methods.Farzi.build: one id longer with real_drop_last), A's alone
+    real = seq_task(data, spec.model["max_len"] + 1).train if cfg.real_drop_last else task.train
+    distiller = FarziDistiller(seeded_seq_model(spec.model, V, pad, seed), trajectories, real[group_a], V, pad,
                                cfg, seed=seed, iterations=point["iterations"])
     train_cfg = SeqTrainConfig(epochs=ev["epochs"], lr=ev["lr"], batch_size=ev["batch_size"],
                                weight_decay=ev.get("weight_decay", 0.0))
@@ -152,10 +154,21 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     def save(rows: list[dict]) -> None:
+        # each evaluation's hits, user by user and network by network, beside the JSON (to pair across runs)
+        from safetensors.torch import save_file
+
+        hits = {f"{split}_step{it}": h.to(torch.uint8).contiguous()
+                for it, pair in evals.items() for split, h in zip(("valid", "test"), pair)}
+        cases = Path(args.json).with_suffix(".safetensors")
+        cases.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cases.with_name(f".{cases.name}.tmp-{os.getpid()}")
+        save_file({**hits, "group_a": group_a, "group_b": group_b}, str(tmp))
+        os.replace(tmp, cases)
         write_results(console, args.json, "farzi_holdout", machine_info("cpu", load_start),
                       {"spec": str(args.spec), "set": args.set, "steps": args.steps, "every": args.every,
                        "networks": args.networks, "holdout": args.holdout, "split_seed": args.split_seed,
-                       "users_a": len(group_a), "users_b": len(group_b), "outer_lr": cfg.outer_lr},
+                       "users_a": len(group_a), "users_b": len(group_b), "outer_lr": cfg.outer_lr,
+                       "cases": str(Path(args.json).with_suffix(".safetensors"))},
                       rows=rows, sec_per_step=statistics.median(step_seconds) if step_seconds else None,
                       wall_s=time.perf_counter() - t_start, done=rows[-1]["step"] == args.steps)
     for it in range(args.steps + 1):

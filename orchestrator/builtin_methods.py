@@ -260,7 +260,10 @@ class Farzi(Method):
     def build(self, ctx):
         from algorithms.seqmodels import seeded_seq_model
 
+        cfg = ctx.config(self)
         task = ctx.task.seq_task(ctx.data, ctx.model["max_len"])
+        # real_drop_last: the rows one id longer, so that each keeps max_len ids once its last is dropped
+        real = ctx.task.seq_task(ctx.data, ctx.model["max_len"] + 1).train if cfg.real_drop_last else task.train
         model = seeded_seq_model(ctx.model, task.vocab_size, task.pad_id, ctx.seed)
-        return FarziDistiller(model, ctx.full_trajectories(), task.train, task.vocab_size, task.pad_id,
-                              ctx.config(self), seed=ctx.seed, device=ctx.device, iterations=ctx.iterations)
+        return FarziDistiller(model, ctx.full_trajectories(), real, task.vocab_size, task.pad_id, cfg,
+                              seed=ctx.seed, device=ctx.device, iterations=ctx.iterations)

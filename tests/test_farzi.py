@@ -1020,3 +1020,75 @@ def test_bench_farzi_fit_measures_the_train_and_test_items_cross_entropy():
     d = torch.tensor([0.0, 1.0, 0.0, -0.5])
     assert farzi_fit.paired(a, b) == pytest.approx((0.125, float(d.std()) / 2))
     assert all(x != x for x in farzi_fit.paired(a, None))
+
+
+def test_real_drop_last_reads_each_real_sequence_without_its_last_id():
+    """real_drop_last: the distiller reads each real row without its last column (for left-padded
+    rows, each sequence's last id): the outer loss and the teacher start do not depend on the last
+    ids at all (without it, they do), and rows longer than the model's max_len are refused either way."""
+    model = seeded_seq_model({"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8}, 15, 0, 0)
+    start = flatten_params(model)
+    trajs = [torch.stack([start, start + 0.5 * torch.randn(start.shape, generator=torch.Generator().manual_seed(5))])]
+    real = torch.randint(1, 15, (20, 9), generator=torch.Generator().manual_seed(1))  # max_len + 1 ids
+    real[:4, :3] = 0  # a few shorter users, left-padded
+    other = real.clone()
+    other[:, -1] = (real[:, -1] % 14) + 1  # other last ids
+
+    def problem(rows, **kw):
+        cfg = FarziConfig(**{"budget": 4, "seq_len": 6, "latent_dim": 15, "inner_steps": 2, "real_batch": 20,
+                             "init": "teacher", "outer_target": "teacher", "outer_positions": "last",
+                             "precision": "float64", **kw})
+        d = FarziDistiller(model, trajs, rows, 15, 0, cfg, seed=0)
+        theta0, prob, _ = d.problem(expert=0, start=0)
+        return d, float(prob.outer(theta0))
+
+    d, loss = problem(real, real_drop_last=True)
+    d_other, loss_other = problem(other, real_drop_last=True)
+    assert torch.equal(d.real, real[:, :-1])
+    assert loss == loss_other
+    assert torch.equal(d.synthetic().F, d_other.synthetic().F) and torch.equal(d.synthetic().M, d_other.synthetic().M)
+    # the same rows cut by hand, without the option: the same start and the same loss
+    d_cut, loss_cut = problem(real[:, :-1])
+    assert loss_cut == loss and torch.equal(d_cut.synthetic().F, d.synthetic().F)
+    # without it the last ids count (rows of max_len ids)
+    assert problem(real[:, 1:])[1] != problem(other[:, 1:])[1]
+    with pytest.raises(ValueError, match="9 long, more than the model's max_len 8"):
+        problem(real)
+    with pytest.raises(ValueError, match="without their last id, more than the model's max_len 8"):
+        problem(torch.cat([real, real[:, -1:]], 1), real_drop_last=True)
+
+
+def test_farzi_trial_with_real_drop_last_never_scores_a_validation_input(tmp_path):
+    """A Farzi trial on a leave-one-out split: its real rows are the users' training histories (the
+    validation inputs); with real_drop_last they are the same histories without their last item,
+    max_len ids each, so that no row is a validation input."""
+    from orchestrator import methods
+    from orchestrator.methods import BuildContext
+    from orchestrator.sequences import load_sequences
+    from orchestrator.tasks import task_for
+
+    g = torch.Generator().manual_seed(0)
+    events = [(u, int(i), 4, t) for u in range(1, 31) for t, i in enumerate(torch.randperm(40, generator=g)[: 5 + u] + 1)]
+    root = tmp_path / "ml-100k"
+    root.mkdir()
+    (root / "u.data").write_text("".join("\t".join(map(str, e)) + "\n" for e in events))
+    data = load_sequences("ml-100k", root)
+    task = task_for("ml-100k")
+    spec_model = {"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8}
+    view = task.seq_task(data, 8)
+    model = seeded_seq_model(spec_model, view.vocab_size, 0, 0)
+    traj = torch.stack([flatten_params(model)] * 2)
+
+    def build(**hp):
+        return methods.get("farzi").build(BuildContext(
+            budget=3, hp={"seq_len": 6, "latent_dim": 4, "inner_steps": 2, "real_batch": 8, **hp}, iterations=2,
+            data=data, task=task, model=spec_model, spec={}, expert_files={}, device=torch.device("cpu"), seed=0,
+            preloaded={"full": [traj]}))
+
+    assert torch.equal(build().real, view.valid_inputs)  # the validation inputs themselves
+    rows = build(real_drop_last=True).real
+    assert rows.shape == view.valid_inputs.shape
+    for u, history in enumerate(data.train_seqs):
+        want = history[:-1][-8:]
+        assert torch.equal(rows[u, 8 - len(want):], want) and not rows[u, : 8 - len(want)].any()
+        assert not torch.equal(rows[u], view.valid_inputs[u])
