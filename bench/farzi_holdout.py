@@ -56,6 +56,43 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+# outcome -> (scale, unit, what): HR@10 in points; the cross-entropies in nats (lower is better)
+OUTCOMES = {"hr10": (100, "points", "HR@10"),
+            "ce": (1, "nats", "the target's cross-entropy among the unseen items"),
+            "teacher_ce": (1, "nats", "the cross-entropy against the teacher's next-item distribution (the outer loss)")}
+
+
+def _masked_logp(logits: torch.Tensor, pad: int | None) -> torch.Tensor:
+    from algorithms.seqmodels import MASKED
+
+    s = logits.double()
+    if pad is not None:
+        s[:, pad] = MASKED  # finite: 0 x log p stays 0
+    return s.log_softmax(-1)
+
+
+@torch.no_grad()
+def target_logp(logits_of, task, batch: int = 256) -> torch.Tensor:
+    """``logits_of`` ([n, L] ids -> [n, L, V] logits) at each input's last position, as log-probabilities
+    over the items (the padding id gets none): [U, V]."""
+    return torch.cat([_masked_logp(logits_of(task.test_inputs[i : i + batch])[:, -1], task.pad_id)
+                      for i in range(0, len(task.test_inputs), batch)])
+
+
+@torch.no_grad()
+def student_ce(logits_of, task, teacher_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per user: the cross-entropy of the target among the items the input has not seen (the softmax
+    of what the ranking ranks), and the cross-entropy against the teacher's distribution after the
+    input (what Farzi's outer loss scores at ``last`` on a real user)."""
+    logp = target_logp(logits_of, task)
+    tce = -(teacher_logp.exp() * logp).sum(-1)
+    scores = logp.clone()
+    for r, seen in enumerate(task.test_seen):
+        scores[r, seen[seen != task.test_targets[r]]] = -math.inf
+    ce = -scores.log_softmax(-1).gather(1, task.test_targets.view(-1, 1)).squeeze(1)
+    return ce, tce
+
+
 def contrast(d: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """``d``: [networks, users] changes of one outcome. Mean over A minus mean over B, and its
     standard error: over the users (per-user mean change; independent groups) and over the
@@ -83,6 +120,7 @@ def main(argv=None) -> int:
     import direct
     from algorithms.evaluate import EVAL_THREADS, torch_threads
     from algorithms.farzi import FarziDistiller
+    from algorithms.networks import ensemble_forward, manifest_of
     from algorithms.seqmodels import seeded_seq_model
     from algorithms.seqtrain import SeqTrainConfig, recommendation_ranks, train_seq_model
     from orchestrator import methods
@@ -137,40 +175,49 @@ def main(argv=None) -> int:
                   f"its schedule), evaluated every {args.every} with {args.networks} networks "
                   f"({', '.join(args.set) or 'the spec as it is'})", highlight=False)
 
-    def evaluate() -> tuple[torch.Tensor, torch.Tensor, float]:
+    teacher_logp = {split: target_logp(distiller.teacher, t) for split, t in (("valid", valid_task), ("test", task))}
+
+    def evaluate() -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+        """Each outcome's [networks, users] values on both splits, from the evaluation's networks."""
         x = distiller.synthetic().training_input().detach()
-        t0, valid, test = time.perf_counter(), [], []
+        t0, got = time.perf_counter(), {o: {"valid": [], "test": []} for o in OUTCOMES}
         with torch_threads(EVAL_THREADS):
             for n in range(args.networks):
                 last = None
                 for last in train_seq_model(spec.model, task, x, train_cfg, seed0 + n):
                     pass
                 model = seeded_seq_model(spec.model, V, pad, seed0 + n)
-                valid.append(recommendation_ranks(model, last.params, valid_task)[0] < task.k)
-                test.append(recommendation_ranks(model, last.params, task)[0] < task.k)
-        return torch.stack(valid), torch.stack(test), time.perf_counter() - t0
+                man = manifest_of(model)
+                for split, t in (("valid", valid_task), ("test", task)):
+                    got["hr10"][split].append((recommendation_ranks(model, last.params, t)[0] < task.k).double())
+                    ce, tce = student_ce(lambda ids: ensemble_forward(model, [last.params], ids, man), t,
+                                         teacher_logp[split])
+                    got["ce"][split].append(ce)
+                    got["teacher_ce"][split].append(tce)
+        return {o: {k: torch.stack(v) for k, v in d.items()} for o, d in got.items()}, time.perf_counter() - t0
 
     evals, rows, step_seconds = {}, [], []
     t_start = time.perf_counter()
 
     def save(rows: list[dict]) -> None:
-        # each evaluation's hits, user by user and network by network, beside the JSON (to pair across runs)
+        # each evaluation's outcomes, user by user and network by network, beside the JSON (to pair across runs)
         from safetensors.torch import save_file
 
-        hits = {f"{split}_step{it}": h.to(torch.uint8).contiguous()
-                for it, pair in evals.items() for split, h in zip(("valid", "test"), pair)}
         cases = Path(args.json).with_suffix(".safetensors")
         cases.parent.mkdir(parents=True, exist_ok=True)
         tmp = cases.with_name(f".{cases.name}.tmp-{os.getpid()}")
-        save_file({**hits, "group_a": group_a, "group_b": group_b}, str(tmp))
+        save_file({**{f"{o}_{split}_step{it}": v.float().contiguous() for it, e in evals.items()
+                      for o, d in e.items() for split, v in d.items()},
+                   "group_a": group_a, "group_b": group_b}, str(tmp))
         os.replace(tmp, cases)
         write_results(console, args.json, "farzi_holdout", machine_info("cpu", load_start),
                       {"spec": str(args.spec), "set": args.set, "steps": args.steps, "every": args.every,
                        "networks": args.networks, "holdout": args.holdout, "split_seed": args.split_seed,
                        "users_a": len(group_a), "users_b": len(group_b), "outer_lr": cfg.outer_lr,
-                       "cases": str(Path(args.json).with_suffix(".safetensors"))},
+                       "cases": str(cases)},
                       rows=rows, sec_per_step=statistics.median(step_seconds) if step_seconds else None,
                       wall_s=time.perf_counter() - t_start, done=rows[-1]["step"] == args.steps)
+
     for it in range(args.steps + 1):
         if it > 0:
             t0 = time.perf_counter()
@@ -178,43 +225,47 @@ def main(argv=None) -> int:
             step_seconds.append(time.perf_counter() - t0)
         if it % args.every and it != args.steps:
             continue
-        valid, test, secs = evaluate()
-        evals[it] = (valid, test)
-        v0, t0_ = evals[0]
-        row = {"step": it, "eval_seconds": secs,
-               **{f"{split}_{g}": 100 * float(h[:, idx].double().mean())
-                  for split, h in (("valid", valid), ("test", test)) for g, idx in (("a", group_a), ("b", group_b))}}
-        for split, h, h0 in (("valid", valid, v0), ("test", test, t0_)):
-            d = h.double() - h0.double()
-            for g, idx in (("a", group_a), ("b", group_b)):
-                m, se = change(d, idx)
-                row[f"{split}_{g}_change"], row[f"{split}_{g}_change_se"] = 100 * m, 100 * se
-            m, se = contrast(d, group_a, group_b)
-            row[f"{split}_contrast"], row[f"{split}_contrast_se"] = 100 * m, 100 * se
+        evals[it], secs = evaluate()
+        row = {"step": it, "eval_seconds": secs}
+        for o, (scale, _, _) in OUTCOMES.items():
+            for split in ("valid", "test"):
+                v, v0 = evals[it][o][split], evals[0][o][split]
+                d = v - v0
+                for g, idx in (("a", group_a), ("b", group_b)):
+                    row[f"{o}_{split}_{g}"] = scale * float(v[:, idx].mean())
+                    m, se = change(d, idx)
+                    row[f"{o}_{split}_{g}_change"], row[f"{o}_{split}_{g}_change_se"] = scale * m, scale * se
+                m, se = contrast(d, group_a, group_b)
+                row[f"{o}_{split}_contrast"], row[f"{o}_{split}_contrast_se"] = scale * m, scale * se
         rows.append(row)
         if args.json:  # after each evaluation: a run cut off keeps what it measured
             save(rows)
-        console.print(f"step {it}: valid A {row['valid_a']:.2f} B {row['valid_b']:.2f}, test A {row['test_a']:.2f} "
-                      f"B {row['test_b']:.2f} ({secs:.0f} s; "
+        console.print(f"step {it}: HR@10 valid A {row['hr10_valid_a']:.2f} B {row['hr10_valid_b']:.2f}, test A "
+                      f"{row['hr10_test_a']:.2f} B {row['hr10_test_b']:.2f}; teacher CE valid A "
+                      f"{row['teacher_ce_valid_a']:.3f} B {row['teacher_ce_valid_b']:.3f} ({secs:.0f} s; "
                       f"{statistics.median(step_seconds) if step_seconds else 0:.1f} s/step)", highlight=False)
 
-    table = Table(title=f"HR@10 (%) on the users in the outer loss (A, {len(group_a)}) and held out of it "
-                        f"(B, {len(group_b)}); change since step 0, paired ± SE")
-    for col in ("step", "valid A", "valid B", "Δ valid A", "Δ valid B", "A − B (valid)",
-                "test A", "test B", "Δ test A", "Δ test B", "A − B (test)"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        def pm(k):
-            return f"{r[k]:+.2f} ± {r[k + '_se']:.2f}"
-        table.add_row(str(r["step"]), f"{r['valid_a']:.2f}", f"{r['valid_b']:.2f}", pm("valid_a_change"),
-                      pm("valid_b_change"), pm("valid_contrast"), f"{r['test_a']:.2f}", f"{r['test_b']:.2f}",
-                      pm("test_a_change"), pm("test_b_change"), pm("test_contrast"))
-    console.print(table)
+    for o, (scale, unit, what) in OUTCOMES.items():
+        table = Table(title=f"{what} ({unit}) on the users in the outer loss (A, {len(group_a)}) and held out of it "
+                            f"(B, {len(group_b)}); change since step 0, paired ± SE")
+        for col in ("step", "valid A", "valid B", "Δ valid A", "Δ valid B", "A − B (valid)",
+                    "test A", "test B", "Δ test A", "Δ test B", "A − B (test)"):
+            table.add_column(col, justify="right")
+        digits = 2 if scale == 100 else 3
+        for r in rows:
+            def pm(k):
+                return f"{r[k]:+.{digits}f} ± {r[k + '_se']:.{digits}f}"
+            table.add_row(str(r["step"]), *(f"{r[f'{o}_{sp}_{g}']:.{digits}f}" for sp, g in (("valid", "a"), ("valid", "b"))),
+                          pm(f"{o}_valid_a_change"), pm(f"{o}_valid_b_change"), pm(f"{o}_valid_contrast"),
+                          *(f"{r[f'{o}_test_{g}']:.{digits}f}" for g in "ab"),
+                          pm(f"{o}_test_a_change"), pm(f"{o}_test_b_change"), pm(f"{o}_test_contrast"))
+        console.print(table)
     last = rows[-1]
-    z = last["valid_contrast"] / last["valid_contrast_se"] if last["valid_contrast_se"] > 0 else math.nan
-    console.print(f"At step {last['step']}: validation rose {last['valid_contrast']:+.2f} ± "
-                  f"{last['valid_contrast_se']:.2f} points more on the outer loss's users than on the held-out ones "
-                  f"(z {z:+.1f}); test {last['test_contrast']:+.2f} ± {last['test_contrast_se']:.2f}.", highlight=False)
+    for o, (_, unit, what) in OUTCOMES.items():
+        m, se = last[f"{o}_valid_contrast"], last[f"{o}_valid_contrast_se"]
+        console.print(f"At step {last['step']}, {what}: validation changed {m:+.3g} ± {se:.2g} {unit} more on the outer "
+                      f"loss's users than on the held-out ones (z {m / se if se > 0 else math.nan:+.1f}); test "
+                      f"{last[f'{o}_test_contrast']:+.3g} ± {last[f'{o}_test_contrast_se']:.2g}.", highlight=False)
     print_load(console, load_start)
     return 0
 

@@ -46,3 +46,30 @@ def test_contrast_is_a_minus_b_with_independent_groups():
     # one network: no network term
     assert holdout.contrast(d[:1], a, b)[1] == pytest.approx(
         math.sqrt(statistics.variance(d[0, a].tolist()) / 5 + statistics.variance(d[0, b].tolist()) / 5))
+
+
+def test_student_ce_is_the_targets_cross_entropy_among_unseen_items_and_the_teachers():
+    from algorithms.seqtrain import SeqTask
+
+    V = 6
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.tensor([[0, 1, 2], [3, 4, 5], [0, 0, 2]])
+    targets = torch.tensor([4, 1, 2])  # the last user's target is an item it has seen: never masked
+    seen = [torch.unique(r[r != 0]) for r in inputs]
+    task = SeqTask("recommendation", V, 0, inputs, inputs, targets, seen)
+    table = torch.randn(V, V, generator=g)
+
+    def logits_of(ids):  # a "model": the next-item logits depend on the last id only
+        return table[ids]
+
+    teacher = torch.randn(3, V, generator=g)
+    teacher[:, 0] = -float("inf")
+    teacher_logp = teacher.double().log_softmax(-1)
+    ce, tce = holdout.student_ce(logits_of, task, teacher_logp)
+    for u in range(3):
+        s = table[inputs[u, -1]].double()
+        allowed = [i for i in range(1, V) if i == targets[u] or i not in seen[u].tolist()]
+        want = -(s[targets[u]] - torch.logsumexp(s[allowed], 0))
+        assert float(ce[u]) == pytest.approx(float(want), rel=1e-9)
+        p = s[1:].log_softmax(-1)
+        assert float(tce[u]) == pytest.approx(float(-(teacher_logp[u, 1:].exp() * p).sum()), rel=1e-9)
