@@ -42,14 +42,14 @@ SPEC = REPO / "search_spaces" / "reference" / "farzi_ml100k_ensemble.yaml"
 
 
 def parse_args(argv=None):
-    ap = bench_parser(__doc__, "2 outer steps, evaluated at 0 and 2, 2 networks")
+    ap = bench_parser(__doc__, "1 outer step, evaluated before and after, 2 networks")
     ap.add_argument("--spec", default=str(SPEC), help="a Farzi spec on a recommendation data set (default: the "
                                                        "ensemble reference)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a spec value (as bench/direct.py), e.g. algorithms.farzi.hyperparameters.outer_lr=0.01")
     ap.add_argument("--root", required=True, help="the root whose store holds the spec's experts")
-    ap.add_argument("--steps", type=int, default=None, help="outer steps (default 50; quick 2)")
-    ap.add_argument("--every", type=int, default=None, help="evaluate every K steps (default 25; quick 2)")
+    ap.add_argument("--steps", type=int, default=None, help="outer steps (default 50; quick 1)")
+    ap.add_argument("--every", type=int, default=None, help="evaluate every K steps (default 25; quick 1)")
     ap.add_argument("--networks", type=int, default=None, help="evaluation networks per step (default the spec's; quick 2)")
     ap.add_argument("--holdout", type=float, default=0.5, help="the fraction of users held out of the outer loss")
     ap.add_argument("--split-seed", type=int, default=0, help="the seed of the users' split")
@@ -115,7 +115,7 @@ def change(d: torch.Tensor, group: torch.Tensor) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    quick_defaults(args, steps=(2, 50), every=(2, 25))
+    quick_defaults(args, steps=(1, 50), every=(1, 25))
     load_start = os.getloadavg()
     import direct
     from algorithms.evaluate import EVAL_THREADS, torch_threads
