@@ -42,7 +42,7 @@ SPEC = REPO / "search_spaces" / "reference" / "farzi_ml100k_ensemble.yaml"
 
 
 def parse_args(argv=None):
-    ap = bench_parser(__doc__, "1 outer step, evaluated before and after, 2 networks")
+    ap = bench_parser(__doc__, "1 outer step, evaluated before and after, 1 network")
     ap.add_argument("--spec", default=str(SPEC), help="a Farzi spec on a recommendation data set (default: the "
                                                        "ensemble reference)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     ap.add_argument("--root", required=True, help="the root whose store holds the spec's experts")
     ap.add_argument("--steps", type=int, default=None, help="outer steps (default 50; quick 1)")
     ap.add_argument("--every", type=int, default=None, help="evaluate every K steps (default 25; quick 1)")
-    ap.add_argument("--networks", type=int, default=None, help="evaluation networks per step (default the spec's; quick 2)")
+    ap.add_argument("--networks", type=int, default=None, help="evaluation networks per step (default the spec's; quick 1)")
     ap.add_argument("--holdout", type=float, default=0.5, help="the fraction of users held out of the outer loss")
     ap.add_argument("--split-seed", type=int, default=0, help="the seed of the users' split")
     return ap.parse_args(argv)
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     if any(isinstance(v, dict) for v in point["hp"].values()):
         sys.exit(f"{args.spec}: a hyperparameter is sampled from a distribution; set one value with --set")
     ev = spec.evaluation
-    quick_defaults(args, networks=(2, ev["networks"]))
+    quick_defaults(args, networks=(1, ev["networks"]))
     data = load_sequences(spec.dataset["name"], spec.dataset.get("root") or shared_data(spec.dataset["name"]))
     task = seq_task(data, spec.model["max_len"])
     if task.kind != "recommendation" or task.validation() is None:
