@@ -59,7 +59,8 @@ def parse_args(argv=None):
 # outcome -> (scale, unit, what): HR@10 in points; the cross-entropies in nats (lower is better)
 OUTCOMES = {"hr10": (100, "points", "HR@10"),
             "ce": (1, "nats", "the target's cross-entropy among the unseen items"),
-            "teacher_ce": (1, "nats", "the cross-entropy against the teacher's next-item distribution (the outer loss)")}
+            "teacher_ce": (1, "nats", "the cross-entropy against the teacher's next-item distribution (the outer loss)"),
+            "seen": (100, "points", "the probability on the items the input has seen (the ranking masks them)")}
 
 
 def _masked_logp(logits: torch.Tensor, pad: int | None) -> torch.Tensor:
@@ -80,17 +81,26 @@ def target_logp(logits_of, task, batch: int = 256) -> torch.Tensor:
 
 
 @torch.no_grad()
-def student_ce(logits_of, task, teacher_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per user: the cross-entropy of the target among the items the input has not seen (the softmax
-    of what the ranking ranks), and the cross-entropy against the teacher's distribution after the
-    input (what Farzi's outer loss scores at ``last`` on a real user)."""
+def user_outcomes(logits_of, task, teacher_logp: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per user, from one forward pass: the hit (the target ranked within ``task.k`` among the items
+    the input has not seen, as ``recommendation_ranks``), the target's cross-entropy among those items
+    (the softmax of what the ranking ranks), and the cross-entropy against the teacher's distribution
+    after the input (what Farzi's outer loss scores at ``last`` on a real user), and the probability
+    on the items the input has seen other than the target (what the ranking masks). Keyed as OUTCOMES."""
+    from algorithms.seqtrain import rank_of_targets
+
     logp = target_logp(logits_of, task)
     tce = -(teacher_logp.exp() * logp).sum(-1)
-    scores = logp.clone()
+    scores, on_seen = logp.clone(), torch.zeros(len(logp), dtype=logp.dtype)
+    if task.pad_id is not None:
+        scores[:, task.pad_id] = -math.inf
     for r, seen in enumerate(task.test_seen):
-        scores[r, seen[seen != task.test_targets[r]]] = -math.inf
+        seen = seen[seen != task.test_targets[r]]
+        on_seen[r] = logp[r, seen].exp().sum()
+        scores[r, seen] = -math.inf
+    hit = (rank_of_targets(scores, task.test_targets) < task.k).double()
     ce = -scores.log_softmax(-1).gather(1, task.test_targets.view(-1, 1)).squeeze(1)
-    return ce, tce
+    return {"hr10": hit, "ce": ce, "teacher_ce": tce, "seen": on_seen}
 
 
 def contrast(d: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -122,12 +132,13 @@ def main(argv=None) -> int:
     from algorithms.farzi import FarziDistiller
     from algorithms.networks import ensemble_forward, manifest_of
     from algorithms.seqmodels import seeded_seq_model
-    from algorithms.seqtrain import SeqTrainConfig, recommendation_ranks, train_seq_model
+    from algorithms.seqtrain import SeqTrainConfig, train_seq_model
     from orchestrator import methods
     from orchestrator.evaluate import stored_experts
-    from orchestrator.sequences import load_sequences, seq_task
+    from orchestrator.sequences import load_sequences
     from orchestrator.spec import eval_seed
     from orchestrator.store import open_trajectory
+    from orchestrator.tasks import task_for
     from orchestrator.tracking import workspace
 
     spec = direct.load(args.spec, args.set)
@@ -141,7 +152,8 @@ def main(argv=None) -> int:
     ev = spec.evaluation
     quick_defaults(args, networks=(1, ev["networks"]))
     data = load_sequences(spec.dataset["name"], spec.dataset.get("root") or shared_data(spec.dataset["name"]))
-    task = seq_task(data, spec.model["max_len"])
+    kind = task_for(spec.dataset["name"])
+    task = kind.seq_task(data, spec.model["max_len"])
     if task.kind != "recommendation" or task.validation() is None:
         sys.exit(f"{args.spec}: needs a recommendation data set with a validation split")
     found, where = stored_experts(spec, data, workspace(args.root).trajectories)
@@ -161,8 +173,7 @@ def main(argv=None) -> int:
     V, pad = task.vocab_size, task.pad_id
     seed = methods.trial_seed(sd, point)
     cfg = methods.get("farzi").make_config(point["budget"], point["hp"])
-    # the trial's rows (orchestrator.builtin_methods.Farzi.build: one id longer with real_drop_last), A's alone
-    real = seq_task(data, spec.model["max_len"] + 1).train if cfg.real_drop_last else task.train
+    real = methods.get("farzi").real_rows(kind, data, spec.model["max_len"], cfg)  # the trial's rows; A's alone below
     distiller = FarziDistiller(seeded_seq_model(spec.model, V, pad, seed), trajectories, real[group_a], V, pad,
                                cfg, seed=seed, iterations=point["iterations"])
     train_cfg = SeqTrainConfig(epochs=ev["epochs"], lr=ev["lr"], batch_size=ev["batch_size"],
@@ -186,14 +197,13 @@ def main(argv=None) -> int:
                 last = None
                 for last in train_seq_model(spec.model, task, x, train_cfg, seed0 + n):
                     pass
-                model = seeded_seq_model(spec.model, V, pad, seed0 + n)
+                model = seeded_seq_model(spec.model, V, pad, seed0 + n).eval()  # no dropout, as the metrics
                 man = manifest_of(model)
                 for split, t in (("valid", valid_task), ("test", task)):
-                    got["hr10"][split].append((recommendation_ranks(model, last.params, t)[0] < task.k).double())
-                    ce, tce = student_ce(lambda ids: ensemble_forward(model, [last.params], ids, man), t,
-                                         teacher_logp[split])
-                    got["ce"][split].append(ce)
-                    got["teacher_ce"][split].append(tce)
+                    out = user_outcomes(lambda ids: ensemble_forward(model, [last.params], ids, man), t,
+                                        teacher_logp[split])
+                    for o in OUTCOMES:
+                        got[o][split].append(out[o])
         return {o: {k: torch.stack(v) for k, v in d.items()} for o, d in got.items()}, time.perf_counter() - t0
 
     evals, rows, step_seconds = {}, [], []

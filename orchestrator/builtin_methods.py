@@ -257,13 +257,19 @@ class Farzi(Method):
         else:  # theta_0 from epochs 0..max_start_epoch (both included); no target
             _windows(prefix, max(starts), f"max_start_epoch ({max(starts)})", "", experts, err)
 
+    @staticmethod
+    def real_rows(task, data, max_len: int, cfg: FarziConfig):
+        """The real sequences Farzi reads (its teacher start and outer loss): the training rows of
+        ``task.seq_task``, one id longer with ``real_drop_last`` so that each keeps ``max_len`` ids
+        once the distiller drops its last."""
+        return task.seq_task(data, max_len + cfg.real_drop_last).train
+
     def build(self, ctx):
         from algorithms.seqmodels import seeded_seq_model
 
         cfg = ctx.config(self)
         task = ctx.task.seq_task(ctx.data, ctx.model["max_len"])
-        # real_drop_last: the rows one id longer, so that each keeps max_len ids once its last is dropped
-        real = ctx.task.seq_task(ctx.data, ctx.model["max_len"] + 1).train if cfg.real_drop_last else task.train
+        real = self.real_rows(ctx.task, ctx.data, ctx.model["max_len"], cfg)
         model = seeded_seq_model(ctx.model, task.vocab_size, task.pad_id, ctx.seed)
         return FarziDistiller(model, ctx.full_trajectories(), real, task.vocab_size, task.pad_id, cfg,
                               seed=ctx.seed, device=ctx.device, iterations=ctx.iterations)

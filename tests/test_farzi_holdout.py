@@ -48,7 +48,7 @@ def test_contrast_is_a_minus_b_with_independent_groups():
         math.sqrt(statistics.variance(d[0, a].tolist()) / 5 + statistics.variance(d[0, b].tolist()) / 5))
 
 
-def test_student_ce_is_the_targets_cross_entropy_among_unseen_items_and_the_teachers():
+def test_user_outcomes_are_the_targets_cross_entropy_among_unseen_items_and_the_teachers():
     from algorithms.seqtrain import SeqTask
 
     V = 6
@@ -65,7 +65,8 @@ def test_student_ce_is_the_targets_cross_entropy_among_unseen_items_and_the_teac
     teacher = torch.randn(3, V, generator=g)
     teacher[:, 0] = -float("inf")
     teacher_logp = teacher.double().log_softmax(-1)
-    ce, tce = holdout.student_ce(logits_of, task, teacher_logp)
+    out = holdout.user_outcomes(logits_of, task, teacher_logp)
+    ce, tce = out["ce"], out["teacher_ce"]
     for u in range(3):
         s = table[inputs[u, -1]].double()
         allowed = [i for i in range(1, V) if i == targets[u] or i not in seen[u].tolist()]
@@ -73,3 +74,29 @@ def test_student_ce_is_the_targets_cross_entropy_among_unseen_items_and_the_teac
         assert float(ce[u]) == pytest.approx(float(want), rel=1e-9)
         p = s[1:].log_softmax(-1)
         assert float(tce[u]) == pytest.approx(float(-(teacher_logp[u, 1:].exp() * p).sum()), rel=1e-9)
+        others = [i for i in seen[u].tolist() if i != targets[u]]
+        assert float(out["seen"][u]) == pytest.approx(float(p.exp()[[i - 1 for i in others]].sum()), rel=1e-9)
+    assert float(out["seen"][2]) == 0.0 and float(out["seen"][0]) > 0.0  # the last user has seen only its target
+
+
+def test_user_outcomes_hits_are_the_metrics_ranking():
+    """The hit of one forward pass is what ``recommendation_ranks`` ranks (padding and seen items out)."""
+    from algorithms.networks import ensemble_forward, flatten_params, manifest_of
+    from algorithms.seqmodels import seeded_seq_model
+    from algorithms.seqtrain import SeqTask, recommendation_ranks
+
+    V, L, U = 30, 6, 40
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.randint(1, V, (U, L), generator=g)
+    inputs[:5, :3] = 0  # left padding
+    targets = torch.randint(1, V, (U,), generator=g)
+    seen = [torch.unique(r[r != 0]) for r in inputs]
+    task = SeqTask("recommendation", V, 0, inputs, inputs, targets, seen, k=8)  # hits and misses both
+    model = seeded_seq_model({"dim": 8, "heads": 1, "blocks": 1, "max_len": L}, V, 0, 0)
+    flat = flatten_params(model)
+    ranks, _ = recommendation_ranks(model, flat, task)
+    man = manifest_of(model)
+    out = holdout.user_outcomes(lambda ids: ensemble_forward(model, [flat], ids, man), task,
+                                torch.full((U, V), -math.log(V), dtype=torch.float64))
+    assert 0 < float(out["hr10"].sum()) < U
+    assert torch.equal(out["hr10"], (ranks < task.k).double())
