@@ -321,17 +321,23 @@ def decode(F: torch.Tensor, M: torch.Tensor, temperature: float, pad_id: int | N
     return logits.softmax(-1)
 
 
-def real_rows(real: torch.Tensor, pad_id: int | None, mu: int, xi: int, generator: torch.Generator,
+def draw_real(real: torch.Tensor, pad_id: int | None, mu: int, xi: int, generator: torch.Generator,
               init: str) -> torch.Tensor:
-    """``mu`` random real sequences cut (or left-padded) to their last ``xi`` positions, drawn among
-    those that fill all ``xi`` positions when there are at least ``mu`` of them, else the ``mu``
-    longest: ``[mu, xi]`` ids (padding ``pad_id``, or -1 where there is none)."""
+    """The indices of ``mu`` random real sequences, drawn among those that fill all of their last
+    ``xi`` positions when there are at least ``mu`` of them, else the ``mu`` longest."""
     if len(real) < mu:
         raise ValueError(f"init {init!r} needs {mu} real sequences, there are {len(real)}")
     filled = (real[:, -xi:] != (-1 if pad_id is None else pad_id)).sum(1)
     full = (filled == min(xi, real.shape[1])).nonzero().squeeze(1)
     pool = full if len(full) >= mu else filled.argsort(descending=True, stable=True)[:mu]
-    rows = real[pool[torch.randperm(len(pool), generator=generator)[:mu]]]
+    return pool[torch.randperm(len(pool), generator=generator)[:mu]]
+
+
+def real_rows(real: torch.Tensor, pad_id: int | None, mu: int, xi: int, generator: torch.Generator,
+              init: str) -> torch.Tensor:
+    """The real sequences :func:`draw_real` draws, cut (or left-padded) to their last ``xi``
+    positions: ``[mu, xi]`` ids (padding ``pad_id``, or -1 where there is none)."""
+    rows = real[draw_real(real, pad_id, mu, xi, generator, init)]
     return rows[:, -xi:] if rows.shape[1] >= xi else torch.nn.functional.pad(
         rows, (xi - rows.shape[1], 0), value=-1 if pad_id is None else pad_id)
 
@@ -586,6 +592,10 @@ class FarziDistiller:
         self.iterations = iterations
         F0 = torch.randn(cfg.budget, cfg.seq_len, cfg.latent_dim, generator=self.gen) * cfg.init_scale
         M0 = torch.randn(cfg.latent_dim, vocab_size, generator=self.gen) / math.sqrt(cfg.latent_dim)
+        # which real sequences the start reads (init real/teacher): the draw real_rows makes next
+        self.init_index = (draw_real(real, pad_id, cfg.budget, cfg.seq_len,
+                                     torch.Generator().set_state(self.gen.get_state()), cfg.init)
+                           if cfg.init in ("real", "teacher") else None)
         if cfg.init == "real":
             F0 = real_init(F0, M0, real, pad_id, cfg.temperature, self.gen)
         elif cfg.init == "teacher":

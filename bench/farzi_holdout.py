@@ -9,10 +9,12 @@ ML-100k runs validation then rose at every evaluation while test did not (bench/
 This script tests whether that rise comes from the overlap. It splits the users in two at random:
 the outer loss (and ``init: teacher``'s draw of real sequences) sees only group A; group B is held
 out. It runs the spec's Farzi trial on A alone and, every ``--every`` steps, trains the spec's
-evaluation networks (same seeds at every step, so steps pair network by network) and scores the
-validation and test hit@10 of every user. If the overlap inflates validation, validation rises
-more on A than on B; test (whose inputs no outer loss scores) shows how much of A's lead is
-anything else.
+evaluation networks (same seeds at every step, so steps pair network by network) and scores every
+user on validation and test (OUTCOMES: hit@10, the target's cross-entropy among the unseen items,
+the cross-entropy against the teacher, the probability on seen items), all from one forward pass.
+If the overlap inflates validation, validation rises more on A than on B; test (whose inputs no
+outer loss scores) shows how much of A's lead is anything else. With ``init: real`` or ``teacher``
+it also reports apart the users of A whose rows the start read (``FarziDistiller.init_index``).
 
 The contrast reported: (A's change since step 0) minus (B's), with its standard error over the
 users (the two groups are independent samples) and over the networks (each network's own
@@ -176,6 +178,9 @@ def main(argv=None) -> int:
     real = methods.get("farzi").real_rows(kind, data, spec.model["max_len"], cfg)  # the trial's rows; A's alone below
     distiller = FarziDistiller(seeded_seq_model(spec.model, V, pad, seed), trajectories, real[group_a], V, pad,
                                cfg, seed=seed, iterations=point["iterations"])
+    # A's users whose rows the start read (init real/teacher): does the outer loop cost them a head start?
+    start_users = group_a[distiller.init_index].sort().values if distiller.init_index is not None else None
+    rest_a = group_a[~torch.isin(group_a, start_users)] if start_users is not None else None
     train_cfg = SeqTrainConfig(epochs=ev["epochs"], lr=ev["lr"], batch_size=ev["batch_size"],
                                weight_decay=ev.get("weight_decay", 0.0))
     seed0, valid_task = eval_seed(sd), task.validation()
@@ -218,7 +223,8 @@ def main(argv=None) -> int:
         tmp = cases.with_name(f".{cases.name}.tmp-{os.getpid()}")
         save_file({**{f"{o}_{split}_step{it}": v.float().contiguous() for it, e in evals.items()
                       for o, d in e.items() for split, v in d.items()},
-                   "group_a": group_a, "group_b": group_b}, str(tmp))
+                   "group_a": group_a, "group_b": group_b,
+                   **({"start_users": start_users} if start_users is not None else {})}, str(tmp))
         os.replace(tmp, cases)
         write_results(console, args.json, "farzi_holdout", machine_info("cpu", load_start),
                       {"spec": str(args.spec), "set": args.set, "steps": args.steps, "every": args.every,
@@ -241,7 +247,10 @@ def main(argv=None) -> int:
             for split in ("valid", "test"):
                 v, v0 = evals[it][o][split], evals[0][o][split]
                 d = v - v0
-                for g, idx in (("a", group_a), ("b", group_b)):
+                groups = [("a", group_a), ("b", group_b)]
+                if start_users is not None:
+                    groups += [("start", start_users), ("a_rest", rest_a)]
+                for g, idx in groups:
                     row[f"{o}_{split}_{g}"] = scale * float(v[:, idx].mean())
                     m, se = change(d, idx)
                     row[f"{o}_{split}_{g}_change"], row[f"{o}_{split}_{g}_change_se"] = scale * m, scale * se
@@ -276,6 +285,12 @@ def main(argv=None) -> int:
         console.print(f"At step {last['step']}, {what}: validation changed {m:+.3g} ± {se:.2g} {unit} more on the outer "
                       f"loss's users than on the held-out ones (z {m / se if se > 0 else math.nan:+.1f}); test "
                       f"{last[f'{o}_test_contrast']:+.3g} ± {last[f'{o}_test_contrast_se']:.2g}.", highlight=False)
+    if start_users is not None:
+        pm = {k: f"{last[f'hr10_valid_{k}_change']:+.2f} ± {last[f'hr10_valid_{k}_change_se']:.2f}"
+              for k in ("start", "a_rest", "b")}
+        console.print(f"Validation HR@10 change at step {last['step']} of the {len(start_users)} users of A whose rows "
+                      f"the start read: {pm['start']} points; A's other {len(rest_a)}: {pm['a_rest']}; B: {pm['b']}.",
+                      highlight=False)
     print_load(console, load_start)
     return 0
 

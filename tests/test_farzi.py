@@ -164,6 +164,19 @@ def _distiller(seed=0, iterations=None, dropout=0.0, **kw):
     return FarziDistiller(model, trajs, real, 15, 0, cfg, seed=seed, iterations=iterations)
 
 
+def test_distiller_records_the_real_rows_its_start_reads():
+    """init 'real': the start decodes to the rows ``init_index`` names (their last seq_len ids); the
+    draw is among the rows that fill those positions; init 'random' reads none."""
+    assert _distiller().init_index is None
+    real = torch.randint(1, 15, (20, 8), generator=torch.Generator().manual_seed(1))  # _distiller's rows
+    for seed in (0, 1):
+        d = _distiller(seed=seed, init="real", latent_dim=32)
+        idx = d.init_index
+        assert len(idx) == 4 and len(set(idx.tolist())) == 4
+        assert torch.equal(d.synthetic().probs().argmax(-1), real[idx][:, -6:])
+    assert not torch.equal(_distiller(seed=0, init="real").init_index, _distiller(seed=1, init="real").init_index)
+
+
 def test_distiller_resumes_exactly():
     a = _distiller()
     for _ in range(2):
@@ -971,6 +984,7 @@ def test_teacher_experts_average_the_experts_distributions():
     from algorithms.farzi import real_rows
 
     ids = real_rows(real, 0, 4, 6, g, "teacher")
+    assert torch.equal(real[two.init_index][:, -6:], ids)  # the distiller says which rows its start read
     want = two.teacher(ids)[:, :-1].index_fill(-1, torch.tensor([0]), float("-inf")).softmax(-1)
     assert torch.allclose(two.synthetic().probs()[:, 1:], want, atol=1e-4)
     # the outer loss scores against the ensemble
