@@ -86,7 +86,7 @@ def target_logp(logits_of, task, batch: int = 256) -> torch.Tensor:
 def user_outcomes(logits_of, task, teacher_logp: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per user, from one forward pass: the hit (the target ranked within ``task.k`` among the items
     the input has not seen, as ``recommendation_ranks``), the target's cross-entropy among those items
-    (the softmax of what the ranking ranks), and the cross-entropy against the teacher's distribution
+    (the softmax of what the ranking ranks), the cross-entropy against the teacher's distribution
     after the input (what Farzi's outer loss scores at ``last`` on a real user), and the probability
     on the items the input has seen other than the target (what the ranking masks). Keyed as OUTCOMES."""
     from algorithms.seqtrain import rank_of_targets
