@@ -198,6 +198,7 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
     folder.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     distiller = methods.build_point(point, sd, data, task, experts.files, device)
+    start = methods.get(point["algorithm"]).start_record(distiller, data, sd["model"])  # as a trial's
     iterations, interval = point["iterations"], spec.evaluation["interval"]
     precision = spec.resources.get("precision", "fp32")
     out = {"trial": trial_name(spec, point), "spec": str(spec.path), "set": list(sets), "spec_hash": spec.hash,
@@ -233,7 +234,8 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
                 for f in task.export(Path(tmp), syn, data, point["algorithm"],
                                      {"budget": point["budget"], "iteration": it, "spec_hash": spec.hash,
                                       "store_key": experts.key,
-                                      "evaluation": {k: [float(v[0]), float(v[1])] for k, v in evals.items()}},
+                                      "evaluation": {k: [float(v[0]), float(v[1])] for k, v in evals.items()},
+                                      **({"start": start} if start is not None else {})},
                                      spec.model):
                     os.replace(f, folder / f"{f.stem}{suffix}{f.suffix}")
         checkpoint(folder, out, distiller)

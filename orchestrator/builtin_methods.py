@@ -273,3 +273,20 @@ class Farzi(Method):
         model = seeded_seq_model(ctx.model, task.vocab_size, task.pad_id, ctx.seed)
         return FarziDistiller(model, ctx.full_trajectories(), real, task.vocab_size, task.pad_id, cfg,
                               seed=ctx.seed, device=ctx.device, iterations=ctx.iterations)
+
+    def start_record(self, distiller, data, model):
+        """The real rows an ``init: real`` or ``teacher`` start read (``FarziDistiller.init_index``,
+        rows of :meth:`real_rows`), in the data's own terms: MovieLens users by their original id,
+        language-model rows by the training-stream tokens ``[begin, end)`` they cut (the start reads
+        the last ``seq_len`` of them, one fewer at the end with ``real_drop_last``)."""
+        rows = distiller.init_index
+        if rows is None:
+            return None
+        cfg = distiller.cfg
+        out = {"init": cfg.init, "seq_len": cfg.seq_len, "real_drop_last": cfg.real_drop_last, "rows": rows.tolist()}
+        if hasattr(data, "user_original_ids"):  # one row per user, users in data order
+            out["users"] = data.user_original_ids[rows].tolist()
+        else:  # rows cut the training stream in max_len (+1 with real_drop_last) tokens
+            length = model["max_len"] + cfg.real_drop_last
+            out["train_tokens"] = [[r * length, (r + 1) * length] for r in rows.tolist()]
+        return out

@@ -124,6 +124,12 @@ class Method(ABC):
     def build(self, ctx: BuildContext) -> Distiller:
         """The distiller of one trial."""
 
+    def start_record(self, distiller: Distiller, data: Any, model: dict[str, Any]) -> dict[str, Any] | None:
+        """Which real data the start of ``distiller`` (built by :meth:`build`) read, JSON-ready: what
+        a trial logs as ``start.json`` and its exported sets carry (metadata ``start``). None: the
+        start reads no real data, or the method does not say."""
+        return None
+
 
 def trial_seed(spec: dict[str, Any], point: dict[str, Any]) -> int:
     """The seed of a trial point's distiller (its initial set, its sampling)."""

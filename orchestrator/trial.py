@@ -34,6 +34,9 @@ SELECTED_ARTIFACT = "synthetic_selected/synthetic.safetensors"
 # the set of the trial's latest periodic evaluation, rewritten at each one: what a trial that is still
 # running (or was cut off) can be exported and published by; a finished trial's latest set is its final one
 LATEST_ARTIFACT = "synthetic_latest/synthetic.safetensors"
+# which real data the start of the trial's sets read (``Method.start_record``; Farzi's init real or
+# teacher: the users or stream tokens), when it read any; the sets' metadata carry it too (``start``)
+START_ARTIFACT = "start.json"
 
 
 def cases_artifact(iteration: int) -> str:
@@ -127,13 +130,15 @@ def primary_metric(ctx: TrialContext) -> tuple[str, bool]:
 
 
 def _log_outputs(log: RunLogger, ctx: TrialContext, syn, algorithm: str, point: dict, iteration: int,
-                 evaluation: dict, artifact: str = SYNTHETIC_ARTIFACT, cases=None) -> None:
+                 evaluation: dict, artifact: str = SYNTHETIC_ARTIFACT, cases=None, start: dict | None = None) -> None:
     """Export ``syn`` (the set of ``iteration``) as the run's ``artifact``; the file carries its own
-    ``evaluation`` (metric -> [mean, std] over the evaluation networks) in its metadata. ``cases``
+    ``evaluation`` (metric -> [mean, std] over the evaluation networks) in its metadata, and ``start``
+    (``Method.start_record``: the real data its start read) when there is one. ``cases``
     (``CaseOutcomes`` of that evaluation) go beside it as ``CASES_FILE``."""
     extra = {"budget": point["budget"], "iteration": iteration, "spec_hash": ctx.spec_hash,
              "store_key": ctx.store_key, "run_id": log.run_id,
-             "evaluation": {k: [float(v[0]), float(v[1])] for k, v in evaluation.items()}}
+             "evaluation": {k: [float(v[0]), float(v[1])] for k, v in evaluation.items()},
+             **({"start": start} if start is not None else {})}
     folder = artifact.rpartition("/")[0]
     with tempfile.TemporaryDirectory() as tmp:
         files = list(ctx.task.export(Path(tmp), syn, ctx.data, algorithm, extra, ctx.spec["model"]))
@@ -237,6 +242,10 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
                       restored: dict | None) -> None:
     spec = ctx.spec
     distiller = build_distiller(point, ctx, device, seed)
+    # the real data the start read (the same after a restart: the start is rebuilt from the seed)
+    start = methods.get(point["algorithm"]).start_record(distiller, ctx.data, spec["model"])
+    if start is not None:
+        log.client.log_dict(log.run_id, start, START_ARTIFACT)
     history: dict[str, Any] = {"evals": []}  # [(iteration, {metric: [mean, std]})]
     if restored:
         distiller.load_state_dict(restored["distiller"])
@@ -267,9 +276,9 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
                 value, best = evals[selection[0]][0], history.get("selected")
                 if best is None or (value > best[1] if selection[1] else value < best[1]):
                     history["selected"] = [it, value]
-                    _log_outputs(log, ctx, syn, point["algorithm"], point, it, evals, SELECTED_ARTIFACT, cases)
+                    _log_outputs(log, ctx, syn, point["algorithm"], point, it, evals, SELECTED_ARTIFACT, cases, start)
             if it < iterations:
-                _log_outputs(log, ctx, syn, point["algorithm"], point, it, evals, LATEST_ARTIFACT, cases)
+                _log_outputs(log, ctx, syn, point["algorithm"], point, it, evals, LATEST_ARTIFACT, cases, start)
 
     evaluate_if_due(distiller.iteration)
     while distiller.iteration < iterations:
@@ -316,7 +325,7 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
                   "orchestrate.selected": f"{SELECTED_ARTIFACT} is the set of iteration {history['selected'][0]}, "
                                           f"the best {selection[0]} over the evaluations; <metric>_selected_* are its "
                                           f"test metrics"})
-    _log_outputs(log, ctx, syn, point["algorithm"], point, it_final, last, cases=latest["cases"])
+    _log_outputs(log, ctx, syn, point["algorithm"], point, it_final, last, cases=latest["cases"], start=start)
     log.flush()
     _report_with_checkpoint({**final, **_stats(last, "eval_"), "iteration": distiller.iteration}, distiller,
                             history, log, finish=True)

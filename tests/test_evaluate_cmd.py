@@ -234,6 +234,10 @@ def test_trial_outputs_record_the_spec_model(tmp_path, digits, monkeypatch):
     trial._log_outputs(Log(), ctx, real_set(digits), "mtt", {"budget": 1}, 3, {"acc": (0.5, 0.25)})
     assert json.loads(seen["meta"]["model"]) == SMALL and seen["meta"]["run_id"] == "run-x"
     assert json.loads(seen["meta"]["evaluation"]) == {"acc": [0.5, 0.25]} and seen["meta"]["iteration"] == "3"
+    assert "start" not in seen["meta"]  # a start that read no real data (or a method that does not say)
+    start = {"init": "real", "rows": [4, 1], "users": [5, 2]}  # Method.start_record's, carried by every export
+    trial._log_outputs(Log(), ctx, real_set(digits), "mtt", {"budget": 1}, 3, {"acc": (0.5, 0.25)}, start=start)
+    assert json.loads(seen["meta"]["start"]) == start
 
 
 # -- errors: exit 2, naming the file and the tensor or field ------------------------------------------------

@@ -1072,12 +1072,63 @@ def test_real_drop_last_reads_each_real_sequence_without_its_last_id():
         problem(torch.cat([real, real[:, -1:]], 1), real_drop_last=True)
 
 
+def _farzi_build(data, task, spec_model, **hp):
+    """Farzi's distiller from the registry on ``data`` (2-epoch trajectory of a fresh model)."""
+    from orchestrator import methods
+    from orchestrator.methods import BuildContext
+
+    view = task.seq_task(data, spec_model["max_len"])
+    traj = torch.stack([flatten_params(seeded_seq_model(spec_model, view.vocab_size, view.pad_id, 0))] * 2)
+    return methods.get("farzi").build(BuildContext(
+        budget=3, hp={"seq_len": 6, "latent_dim": 4, "inner_steps": 2, "real_batch": 8, **hp}, iterations=2,
+        data=data, task=task, model=spec_model, spec={}, expert_files={}, device=torch.device("cpu"), seed=0,
+        preloaded={"full": [traj]}))
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_start_record_names_the_users_and_stream_tokens_the_start_read(tmp_path, drop):
+    """``Farzi.start_record``: the rows ``init_index`` names, in the data's own terms. MovieLens: the
+    users by original id, whose training histories end in what the start decodes to; PTB: each row's
+    training-stream tokens [begin, end), whose last seq_len ids (before the last one, with
+    real_drop_last) the start decodes to. A random start reads none."""
+    from orchestrator import methods
+    from orchestrator.sequences import load_sequences
+    from orchestrator.tasks import task_for
+    from tests.test_sequences import write_ptb
+
+    farzi, spec_model = methods.get("farzi"), {"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8}
+    g = torch.Generator().manual_seed(0)
+    events = [(100 + 3 * u, int(i), 4, t) for u in range(30) for t, i in enumerate(torch.randperm(40, generator=g)[: 6 + u] + 1)]
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ml" / "u.data").write_text("".join("\t".join(map(str, e)) + "\n" for e in events))
+    words = [f"w{int(i)}" for i in torch.randint(0, 12, (300,), generator=g)]
+    ptb = write_ptb(tmp_path / "ptb", " ".join(words[:200]) + "\n", " ".join(words[200:250]) + "\n",
+                    " ".join(words[250:]) + "\n")
+    for name, root in (("ml-100k", tmp_path / "ml"), ("ptb", ptb)):
+        data, task = load_sequences(name, root), task_for(name)
+        d = _farzi_build(data, task, spec_model, init="real", latent_dim=64, real_drop_last=drop)
+        rec = farzi.start_record(d, data, spec_model)
+        assert rec["rows"] == d.init_index.tolist() and len(rec["rows"]) == 3
+        assert (rec["init"], rec["seq_len"], rec["real_drop_last"]) == ("real", 6, drop)
+        decoded = d.synthetic().probs().argmax(-1)
+        if name == "ml-100k":
+            assert "train_tokens" not in rec
+            for user, row in zip(rec["users"], decoded):
+                history = data.train_seqs[data.user_original_ids.tolist().index(user)]
+                assert torch.equal(row, (history[:-1] if drop else history)[-6:])
+            assert all(u % 3 == 1 for u in rec["users"])  # original ids (100 + 3u), not row numbers
+        else:
+            assert "users" not in rec
+            for (begin, end), row in zip(rec["train_tokens"], decoded):
+                assert end - begin == 8 + drop
+                assert torch.equal(row, data.train[begin:end - drop][-6:])
+        assert farzi.start_record(_farzi_build(data, task, spec_model), data, spec_model) is None
+
+
 def test_farzi_trial_with_real_drop_last_never_scores_a_validation_input(tmp_path):
     """A Farzi trial on a leave-one-out split: its real rows are the users' training histories (the
     validation inputs); with real_drop_last they are the same histories without their last item,
     max_len ids each, so that no row is a validation input."""
-    from orchestrator import methods
-    from orchestrator.methods import BuildContext
     from orchestrator.sequences import load_sequences
     from orchestrator.tasks import task_for
 
@@ -1090,14 +1141,9 @@ def test_farzi_trial_with_real_drop_last_never_scores_a_validation_input(tmp_pat
     task = task_for("ml-100k")
     spec_model = {"name": "sasrec", "dim": 8, "blocks": 1, "heads": 1, "max_len": 8}
     view = task.seq_task(data, 8)
-    model = seeded_seq_model(spec_model, view.vocab_size, 0, 0)
-    traj = torch.stack([flatten_params(model)] * 2)
 
     def build(**hp):
-        return methods.get("farzi").build(BuildContext(
-            budget=3, hp={"seq_len": 6, "latent_dim": 4, "inner_steps": 2, "real_batch": 8, **hp}, iterations=2,
-            data=data, task=task, model=spec_model, spec={}, expert_files={}, device=torch.device("cpu"), seed=0,
-            preloaded={"full": [traj]}))
+        return _farzi_build(data, task, spec_model, **hp)
 
     assert torch.equal(build().real, view.valid_inputs)  # the validation inputs themselves
     rows = build(real_drop_last=True).real

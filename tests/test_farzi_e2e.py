@@ -2,6 +2,8 @@
 the Arrow store, a Farzi trial and its random baseline under Tune, MLflow runs with the metric
 curves, F and M as safetensors and readable samples. The data is a generated MovieLens-format
 ``u.data`` (users walk through items in order, so next-item prediction is learnable)."""
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -41,7 +43,7 @@ TINY = {
     "experts": {"count": 2, "epochs": 3, "lr": 0.01, "batch_size": 16},
     "algorithms": {"farzi": {"budgets": [4], "iterations": 4,
                              "hyperparameters": {"seq_len": 8, "latent_dim": 4, "inner_steps": 3, "inner_lr": 0.01,
-                                                 "real_batch": 16, "max_start_epoch": 2}}},
+                                                 "real_batch": 16, "max_start_epoch": 2, "init": "real"}}},
     "evaluation": {"networks": 1, "epochs": 3, "interval": 2, "batch_size": 8, "lr": 0.01},
 }
 
@@ -104,6 +106,14 @@ def test_farzi_launch_end_to_end(tiny_farzi):
         meta = f.metadata()
         assert tuple(f.get_tensor("F").shape) == (4, 8, 4) and tuple(f.get_tensor("M").shape) == (4, 31)
     assert meta["algorithm"] == "farzi" and meta["dataset"] == "ml-100k" and meta["task"] == "recommendation"
+    # which users the start read (init real): the run's start.json, and every set it exports carries it
+    start = client.download_artifacts(farzi.info.run_id, "start.json", str(root / "start"))
+    start = json.loads(open(start).read())
+    assert start["init"] == "real" and len(start["rows"]) == len(set(start["users"])) == 4
+    assert set(start["users"]) <= set(range(1, 61)) and json.loads(meta["start"]) == start
+    assert json.loads(read_synthetic(picked)[1]["start"]) == start
+    rand = next(c for c in children if c.data.tags["algorithm"] == "random")
+    assert "start.json" not in [a.path for a in client.list_artifacts(rand.info.run_id)]
     samples = open(f"{local}/samples.txt").read()
     assert "Movie " in samples and "(1990)" in samples
 
