@@ -530,8 +530,10 @@ class FarziConfig:
     # last item no context the outer loop scores is a validation or test input. On ML-100k the
     # overlap is measurable (the students fit the teacher 0.040 +- 0.015 nats more on the outer
     # loss's users' validation inputs than on held-out users'), its effect on the validation items
-    # is not; with this option its own users' validation HR@10 fell against held-out users' (-3.7 +-
-    # 1.6 points in 25 steps): bench/README.md, Farzi, farzi_holdout.py
+    # is not. With this option its own users' validation HR@10 fell against held-out users' in 25
+    # steps (two splits pooled: -3.0 +- 1.1 points), but mostly from a start that favoured them by
+    # chance; at step 25 its sets differ from the standard recipe's by -1.3 +- 1.3 (bench/README.md,
+    # Farzi, farzi_holdout.py)
     real_drop_last: bool = hp(False, added=True,
                               doc="read each real sequence without its last item (no outer-loss context is then a "
                                   "leave-one-out validation input)")
