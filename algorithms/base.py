@@ -51,7 +51,9 @@ class SequenceSet(Protocol):
 class Distiller(Protocol):
     """What the orchestrator drives: ``step`` until ``iteration`` reaches the trial's iterations,
     ``synthetic`` for evaluation and export, ``state_dict``/``load_state_dict`` for checkpoints
-    (a restored distiller's next ``step`` equals the uninterrupted one's)."""
+    (a restored distiller's next ``step`` equals the uninterrupted one's). Optionally
+    ``init_index``: the rows of the real training data its start holds (None: none), which the
+    orchestrator records with its sets."""
     iteration: int
 
     def step(self) -> dict[str, float]:

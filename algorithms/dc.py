@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from .augment import DEFAULT_STRATEGY, DSA, AugSample, DSAConfig, check_strategy
 from .base import (ImageSetState, SyntheticSet, check_config, check_finite, hp, one_of, positive,
                    positive_or_none, unit_interval)
-from .evaluate import random_real_subset
+from .evaluate import init_images
 from .networks import Manifest, fresh_params, functional_forward, manifest_of
 
 EVAL_LR = 0.01  # the step size a DC/DSA/DM set is evaluated with (the authors' lr_net); not learned
@@ -167,15 +167,6 @@ class ClassSampler:
         return self.x[pick.to(self.x.device)]
 
 
-def init_images(x_real: torch.Tensor, y_real: torch.Tensor, ipc: int, num_classes: int, pix_init: str,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ipc`` images per class, grouped by class (0,…,0,1,…): random real ones or N(0, 1) noise."""
-    if pix_init == "real":
-        return random_real_subset(x_real, y_real, ipc, num_classes, generator)
-    labels = torch.arange(num_classes).repeat_interleave(ipc)
-    return torch.randn((len(labels), *x_real.shape[1:]), generator=generator), labels
-
-
 def draw_seed(generator: torch.Generator) -> int:
     return int(torch.randint(2 ** 62, (1,), generator=generator))
 
@@ -196,7 +187,7 @@ class DCDistiller(ImageSetState):
         self.match_augment = siamese_augment(dsa) if cfg.dsa else None
         self.train_augment = DSA(dsa) if cfg.dsa else None
         self.real = ClassSampler(x_real, y_real, num_classes, self.device)
-        images, labels = init_images(x_real, y_real, cfg.ipc, num_classes, cfg.pix_init, self.gen)
+        images, labels, self.init_index = init_images(x_real, y_real, cfg.ipc, num_classes, cfg.pix_init, self.gen)
         self.images = images.to(self.device, torch.float32).requires_grad_(True)
         self.labels = labels.to(self.device)
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)

@@ -69,7 +69,7 @@ class DMDistiller(ImageSetState):
         self.gen = torch.Generator().manual_seed(seed)
         self.augment = siamese_augment(dsa or DSAConfig(strategy=cfg.dsa_strategy)) if cfg.dsa else None
         self.real = ClassSampler(x_real, y_real, num_classes, self.device)
-        images, labels = init_images(x_real, y_real, cfg.ipc, num_classes, cfg.pix_init, self.gen)
+        images, labels, self.init_index = init_images(x_real, y_real, cfg.ipc, num_classes, cfg.pix_init, self.gen)
         self.images = images.to(self.device, torch.float32).requires_grad_(True)
         self.labels = labels.to(self.device)
         self.opt_img = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum)

@@ -193,10 +193,17 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | N
     return delta, se
 
 
+def random_real_index(y: torch.Tensor, per_class: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """The training rows of ``per_class`` random real images of every class, grouped by class
+    (0,…,0,1,…): what :func:`random_real_subset` draws with the same generator."""
+    return _draw_per_class(y, [per_class] * num_classes, generator, "fewer than {n} per class")
+
+
 def random_real_subset(x: torch.Tensor, y: torch.Tensor, per_class: int, num_classes: int,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` random real images of every class (the baseline of the same budget)."""
-    return _draw_per_class(x, y, [per_class] * num_classes, generator, "fewer than {n} per class")
+    idx = random_real_index(y, per_class, num_classes, generator)
+    return x[idx].clone(), y[idx].clone()
 
 
 def random_subset_like(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -205,21 +212,34 @@ def random_subset_like(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, n
     ``labels`` holds), drawn class by class as :func:`random_real_subset` draws them: with the
     same count for every class and the same generator, the same images."""
     counts = torch.bincount(labels.to(torch.int64).flatten(), minlength=num_classes).tolist()
-    return _draw_per_class(x, y, counts, generator, "fewer than the set's {n}")
+    idx = _draw_per_class(y, counts, generator, "fewer than the set's {n}")
+    return x[idx].clone(), y[idx].clone()
 
 
-def _draw_per_class(x: torch.Tensor, y: torch.Tensor, counts: list[int], generator: torch.Generator,
-                    short: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``counts[c]`` random real images of each class c, class by class (a class of count 0 draws
-    nothing from the generator); ``short`` words the error of a class with too few images."""
-    xs, ys = [], []
+def init_images(x_real: torch.Tensor, y_real: torch.Tensor, ipc: int, num_classes: int, pix_init: str,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A distiller's starting set: ``ipc`` images per class, grouped by class (0,…,0,1,…), random
+    real ones (``pix_init`` 'real') or N(0, 1) noise ('noise'); and the training rows the real
+    ones are (:func:`random_real_index`), None for noise."""
+    if pix_init == "real":
+        idx = random_real_index(y_real, ipc, num_classes, generator)
+        return x_real[idx].clone(), y_real[idx].clone(), idx
+    if pix_init != "noise":
+        raise ValueError(f"pix_init must be 'real' or 'noise', not {pix_init!r}")
+    labels = torch.arange(num_classes).repeat_interleave(ipc)
+    return torch.randn((len(labels), *x_real.shape[1:]), generator=generator), labels, None
+
+
+def _draw_per_class(y: torch.Tensor, counts: list[int], generator: torch.Generator, short: str) -> torch.Tensor:
+    """The rows of ``counts[c]`` random real images of each class c, class by class (a class of
+    count 0 draws nothing from the generator); ``short`` words the error of a class with too few
+    images."""
+    picks = []
     for c, n in enumerate(counts):
         if n == 0:
             continue
         idx = torch.nonzero(y == c).flatten()
         if len(idx) < n:
             raise ValueError(f"class {c} has {len(idx)} training images, {short.format(n=n)}")
-        pick = idx[torch.randperm(len(idx), generator=generator)[:n]]
-        xs.append(x[pick])
-        ys.append(y[pick])
-    return torch.cat(xs).clone(), torch.cat(ys).clone()
+        picks.append(idx[torch.randperm(len(idx), generator=generator)[:n]])
+    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64)

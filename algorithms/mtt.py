@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .augment import DEFAULT_STRATEGY, DSA, AugSample, DSAConfig, check_strategy
 from .base import SyntheticSet, check_config, check_finite, hp, nonneg, one_of, positive, positive_or_none
-from .evaluate import random_real_subset
+from .evaluate import init_images
 from .networks import Manifest, functional_forward, manifest_of
 
 
@@ -153,13 +153,7 @@ class MTTDistiller:
         self.device = torch.device(device)
         self.gen = torch.Generator().manual_seed(seed)
         self.augment = DSA(dsa or DSAConfig(strategy=cfg.dsa_strategy)) if cfg.dsa else None
-        if cfg.pix_init == "real":
-            images, labels = random_real_subset(x_real, y_real, cfg.ipc, num_classes, self.gen)
-        elif cfg.pix_init == "noise":
-            labels = torch.arange(num_classes).repeat_interleave(cfg.ipc)
-            images = torch.randn((len(labels), *x_real.shape[1:]), generator=self.gen)
-        else:
-            raise ValueError(f"pix_init must be 'real' or 'noise', not {cfg.pix_init!r}")
+        images, labels, self.init_index = init_images(x_real, y_real, cfg.ipc, num_classes, cfg.pix_init, self.gen)
         self.images = images.to(self.device).requires_grad_(True)
         self.labels = labels.to(self.device)
         self.syn_lr = torch.tensor(float(cfg.lr_teacher), device=self.device).requires_grad_(True)

@@ -198,7 +198,7 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
     folder.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     distiller = methods.build_point(point, sd, data, task, experts.files, device)
-    start = methods.get(point["algorithm"]).start_record(distiller, data, sd["model"])  # as a trial's
+    start = methods.get(point["algorithm"]).start_record(distiller, task, data, sd["model"])  # as a trial's
     iterations, interval = point["iterations"], spec.evaluation["interval"]
     precision = spec.resources.get("precision", "fp32")
     out = {"trial": trial_name(spec, point), "spec": str(spec.path), "set": list(sets), "spec_hash": spec.hash,

@@ -29,8 +29,9 @@ class RandomSubset:
     with the trial's seed (a distiller initialised from real images draws the same ones, so the
     comparison is paired). It has 0 iterations: the trial evaluates it once."""
 
-    def __init__(self, syn: SyntheticSet | RealSequences):
+    def __init__(self, syn: SyntheticSet | RealSequences, rows: torch.Tensor):
         self.syn, self.iteration = syn, 0
+        self.init_index = rows  # the training rows it holds (Task.random_set): its start record
 
     def step(self) -> dict[str, float]:
         raise RuntimeError("the random subset has no iterations")
@@ -57,7 +58,7 @@ class _Random(Method):
 
     def build(self, ctx: BuildContext) -> RandomSubset:
         g = torch.Generator().manual_seed(ctx.seed)
-        return RandomSubset(ctx.task.random_set(ctx.spec, ctx.data, ctx.budget, g))
+        return RandomSubset(*ctx.task.random_set(ctx.spec, ctx.data, ctx.budget, g))
 
 
 @register
@@ -274,19 +275,15 @@ class Farzi(Method):
         return FarziDistiller(model, ctx.full_trajectories(), real, task.vocab_size, task.pad_id, cfg,
                               seed=ctx.seed, device=ctx.device, iterations=ctx.iterations)
 
-    def start_record(self, distiller, data, model):
+    def start_record(self, distiller, task, data, model):
         """The real rows an ``init: real`` or ``teacher`` start read (``FarziDistiller.init_index``,
-        rows of :meth:`real_rows`), in the data's own terms: MovieLens users by their original id,
-        language-model rows by the training-stream tokens ``[begin, end)`` they cut (the start reads
-        the last ``seq_len`` of them, one fewer at the end with ``real_drop_last``)."""
+        rows of :meth:`real_rows`), in the data's own terms (``Task.rows_record``): MovieLens users
+        by their original id, language-model rows by the training-stream tokens ``[begin, end)``
+        they cut (the start reads the last ``seq_len`` of them, one fewer at the end with
+        ``real_drop_last``)."""
         rows = distiller.init_index
         if rows is None:
             return None
         cfg = distiller.cfg
-        out = {"init": cfg.init, "seq_len": cfg.seq_len, "real_drop_last": cfg.real_drop_last, "rows": rows.tolist()}
-        if hasattr(data, "user_original_ids"):  # one row per user, users in data order
-            out["users"] = data.user_original_ids[rows].tolist()
-        else:  # rows cut the training stream in max_len (+1 with real_drop_last) tokens
-            length = model["max_len"] + cfg.real_drop_last
-            out["train_tokens"] = [[r * length, (r + 1) * length] for r in rows.tolist()]
-        return out
+        return {"init": cfg.init, "seq_len": cfg.seq_len, "real_drop_last": cfg.real_drop_last,
+                **task.rows_record(data, rows, model, cfg.real_drop_last)}

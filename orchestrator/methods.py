@@ -124,11 +124,14 @@ class Method(ABC):
     def build(self, ctx: BuildContext) -> Distiller:
         """The distiller of one trial."""
 
-    def start_record(self, distiller: Distiller, data: Any, model: dict[str, Any]) -> dict[str, Any] | None:
+    def start_record(self, distiller: Distiller, task: Any, data: Any, model: dict[str, Any]) -> dict[str, Any] | None:
         """Which real data the start of ``distiller`` (built by :meth:`build`) read, JSON-ready: what
         a trial logs as ``start.json`` and its exported sets carry (metadata ``start``). None: the
-        start reads no real data, or the method does not say."""
-        return None
+        start reads no real data. By default: ``{"init": "real"}`` and the training rows the
+        distiller's ``init_index`` names (None when it has none), in the data's own terms
+        (``Task.rows_record``; image tasks: ``train_images``)."""
+        rows = getattr(distiller, "init_index", None)
+        return None if rows is None else {"init": "real", **task.rows_record(data, rows, model)}
 
 
 def trial_seed(spec: dict[str, Any], point: dict[str, Any]) -> int:

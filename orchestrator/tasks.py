@@ -78,8 +78,15 @@ class Task(ABC):
         """The reference trained on all the real data: metric -> [mean, std]."""
 
     @abstractmethod
-    def random_set(self, spec: dict, data, budget: int, generator: torch.Generator):
-        """A random real subset of ``budget`` (the baseline every distilled set is compared with)."""
+    def random_set(self, spec: dict, data, budget: int, generator: torch.Generator) -> tuple[Any, torch.Tensor]:
+        """A random real subset of ``budget`` (the baseline every distilled set is compared with),
+        and the training rows it holds (as :meth:`rows_record` reads them)."""
+
+    @abstractmethod
+    def rows_record(self, data, rows: torch.Tensor, model: dict, extra: int = 0) -> dict[str, list]:
+        """Training rows in the data's own terms, JSON-ready (what a set's start record names):
+        rows of the training images, or of the training sequences :meth:`seq_task` cuts
+        ``model['max_len'] + extra`` long."""
 
     @abstractmethod
     def train_expert(self, data, model: dict, training: dict, seed: int, device) -> tuple[list, Any]:
@@ -198,11 +205,14 @@ class ImageClassification(Task):
     def full_data(self, spec, data, experts) -> dict[str, list[float]]:
         return {"acc": list(experts.accuracy)} if experts.records else {}
 
-    def random_set(self, spec: dict, data, budget: int, generator: torch.Generator) -> SyntheticSet:
-        from algorithms.evaluate import random_real_subset
+    def random_set(self, spec: dict, data, budget: int, generator: torch.Generator) -> tuple[SyntheticSet, torch.Tensor]:
+        from algorithms.evaluate import random_real_index
 
-        images, labels = random_real_subset(data.x_train, data.y_train, budget, data.info.num_classes, generator)
-        return SyntheticSet(images, labels, spec["experts"]["lr"])
+        rows = random_real_index(data.y_train, budget, data.info.num_classes, generator)
+        return SyntheticSet(data.x_train[rows].clone(), data.y_train[rows].clone(), spec["experts"]["lr"]), rows
+
+    def rows_record(self, data, rows: torch.Tensor, model: dict, extra: int = 0) -> dict[str, list]:
+        return {"train_images": rows.tolist()}  # rows of the training split as the registry loads it
 
     def train_expert(self, data, model: dict, training: dict, seed: int, device):
         from algorithms.experts import ExpertConfig, train_expert
@@ -324,9 +334,21 @@ class EventSequences(Task):
         runs = [task_metrics(model, open_trajectory(r.path).params[-1].clone(), task) for r in experts.forms["full"]]
         return {k: [statistics.fmean(r[k] for r in runs), statistics.pstdev([r[k] for r in runs])] for k in runs[0]}
 
-    def random_set(self, spec: dict, data, budget: int, generator: torch.Generator) -> RealSequences:
+    def random_set(self, spec: dict, data, budget: int, generator: torch.Generator) -> tuple[RealSequences, torch.Tensor]:
         real = self.seq_task(data, spec["model"]["max_len"]).train
-        return RealSequences(real[torch.randperm(len(real), generator=generator)[:budget]], spec["evaluation"]["lr"])
+        rows = torch.randperm(len(real), generator=generator)[:budget]
+        return RealSequences(real[rows], spec["evaluation"]["lr"]), rows
+
+    def rows_record(self, data, rows: torch.Tensor, model: dict, extra: int = 0) -> dict[str, list]:
+        from .sequences import RecData
+
+        out: dict[str, list] = {"rows": rows.tolist()}
+        if isinstance(data, RecData):  # one row per user, users in data order
+            out["users"] = data.user_original_ids[rows].tolist()
+        else:  # rows cut the training stream in max_len + extra tokens
+            length = model["max_len"] + extra
+            out["train_tokens"] = [[r * length, (r + 1) * length] for r in rows.tolist()]
+        return out
 
     def train_expert(self, data, model: dict, training: dict, seed: int, device):
         from algorithms.networks import manifest_of

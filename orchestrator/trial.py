@@ -34,8 +34,9 @@ SELECTED_ARTIFACT = "synthetic_selected/synthetic.safetensors"
 # the set of the trial's latest periodic evaluation, rewritten at each one: what a trial that is still
 # running (or was cut off) can be exported and published by; a finished trial's latest set is its final one
 LATEST_ARTIFACT = "synthetic_latest/synthetic.safetensors"
-# which real data the start of the trial's sets read (``Method.start_record``; Farzi's init real or
-# teacher: the users or stream tokens), when it read any; the sets' metadata carry it too (``start``)
+# which real data the start of the trial's sets read (``Method.start_record``: the training images of a
+# real start or of the random baseline, Farzi's users or stream tokens), when it read any; the sets'
+# metadata carry it too (``start``)
 START_ARTIFACT = "start.json"
 
 
@@ -243,7 +244,7 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     spec = ctx.spec
     distiller = build_distiller(point, ctx, device, seed)
     # the real data the start read (the same after a restart: the start is rebuilt from the seed)
-    start = methods.get(point["algorithm"]).start_record(distiller, ctx.data, spec["model"])
+    start = methods.get(point["algorithm"]).start_record(distiller, ctx.task, ctx.data, spec["model"])
     if start is not None:
         log.client.log_dict(log.run_id, start, START_ARTIFACT)
     history: dict[str, Any] = {"evals": []}  # [(iteration, {metric: [mean, std]})]

@@ -78,6 +78,12 @@ def test_launch_logs_one_parent_and_one_child_per_trial(tiny, tmp_path):
         mean = next(m.value for m in evals if m.step == step)
         assert json.loads(meta["evaluation"])["acc"] == pytest.approx([mean, stds[step]], abs=1e-9)
     assert "acc_best_over_evals_mean" in mtt.data.metrics and "final_syn_lr" in mtt.data.metrics
+    # the real start (pix_init real) and the baseline name the same training images: a paired comparison
+    starts = [json.loads(open(client.download_artifacts(c.info.run_id, "start.json", str(tmp_path / c.info.run_id))).read())
+              for c in children]
+    assert starts[0] == starts[1] and starts[0]["init"] == "real" and len(set(starts[0]["train_images"])) == 10
+    _, meta = read_synthetic(client.download_artifacts(mtt.info.run_id, SYNTHETIC_ARTIFACT, str(tmp_path / "s")))
+    assert json.loads(meta["start"]) == starts[0]
 
 
 def test_results_and_export(tiny, tmp_path):
@@ -147,6 +153,8 @@ def test_bench_direct_reproduces_the_sweep_without_ray_or_mlflow(tiny, tmp_path)
         _, meta = read_synthetic(out / name / "synthetic.safetensors")
         assert json.loads(meta["evaluation"])["acc"][0] == pytest.approx(logged[max(logged)], abs=1e-9)
         assert set(json.loads(meta["evaluation"])) == {"acc"}  # metric -> [mean, std], as a trial writes it
+        trial_start = client.download_artifacts(c.info.run_id, "start.json", str(tmp_path / c.info.run_id))
+        assert json.loads(meta["start"]) == json.loads(open(trial_start).read())  # the same start, named alike
     # and fidelity.py reads the folder as it reads the sweep: the final set, its recipe checked, the random baseline
     import fidelity
 

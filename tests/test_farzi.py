@@ -1107,7 +1107,7 @@ def test_start_record_names_the_users_and_stream_tokens_the_start_read(tmp_path,
     for name, root in (("ml-100k", tmp_path / "ml"), ("ptb", ptb)):
         data, task = load_sequences(name, root), task_for(name)
         d = _farzi_build(data, task, spec_model, init="real", latent_dim=64, real_drop_last=drop)
-        rec = farzi.start_record(d, data, spec_model)
+        rec = farzi.start_record(d, task, data, spec_model)
         assert rec["rows"] == d.init_index.tolist() and len(rec["rows"]) == 3
         assert (rec["init"], rec["seq_len"], rec["real_drop_last"]) == ("real", 6, drop)
         decoded = d.synthetic().probs().argmax(-1)
@@ -1122,7 +1122,7 @@ def test_start_record_names_the_users_and_stream_tokens_the_start_read(tmp_path,
             for (begin, end), row in zip(rec["train_tokens"], decoded):
                 assert end - begin == 8 + drop
                 assert torch.equal(row, data.train[begin:end - drop][-6:])
-        assert farzi.start_record(_farzi_build(data, task, spec_model), data, spec_model) is None
+        assert farzi.start_record(_farzi_build(data, task, spec_model), task, data, spec_model) is None
 
 
 def test_farzi_trial_with_real_drop_last_never_scores_a_validation_input(tmp_path):

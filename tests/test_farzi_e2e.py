@@ -113,7 +113,11 @@ def test_farzi_launch_end_to_end(tiny_farzi):
     assert set(start["users"]) <= set(range(1, 61)) and json.loads(meta["start"]) == start
     assert json.loads(read_synthetic(picked)[1]["start"]) == start
     rand = next(c for c in children if c.data.tags["algorithm"] == "random")
-    assert "start.json" not in [a.path for a in client.list_artifacts(rand.info.run_id)]
+    # the random baseline names the users it drew, and its set carries them too
+    rs = json.loads(open(client.download_artifacts(rand.info.run_id, "start.json", str(root / "rstart"))).read())
+    assert len(set(rs["users"])) == int(rand.data.tags["budget"]) and set(rs["users"]) <= set(range(1, 61))
+    rset = client.download_artifacts(rand.info.run_id, "synthetic/synthetic.safetensors", str(root / "rdl"))
+    assert json.loads(read_synthetic(rset)[1]["start"]) == rs
     samples = open(f"{local}/samples.txt").read()
     assert "Movie " in samples and "(1990)" in samples
 

@@ -284,3 +284,37 @@ def test_every_method_steps_under_bf16_autocast_and_keeps_its_set_in_its_dtype(c
     after = _tensors(d.synthetic())
     assert [t.dtype for t in after] == [t.dtype for t in before]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("name,kind", [c for c in _cases() if c.id != "farzi-sequence"])  # Farzi: test_farzi
+def test_a_real_start_and_the_random_baseline_name_the_training_rows_they_hold(contexts, name, kind):
+    """``Method.start_record`` of a set that starts from real data (``pix_init: real``, the image
+    methods' default) or is a random real subset: JSON-ready rows of the training data, in its own
+    terms, that are exactly what the set holds before its first step. The random baseline holds
+    the images a real start at the same seed draws (the paired comparison); a noise start reads
+    none."""
+    import json
+
+    ctx = contexts[kind]
+    m, point = methods.get(name), _point(name, kind, ctx)
+    d = build_distiller(point, ctx, torch.device("cpu"), seed=3)
+    rec = json.loads(json.dumps(m.start_record(d, ctx.task, ctx.data, ctx.spec["model"])))
+    syn = d.synthetic()
+    if kind == "image":
+        assert set(rec) == {"init", "train_images"} and rec["init"] == "real"
+        rows = torch.tensor(rec["train_images"])
+        assert len(rows.unique()) == point["budget"] * ctx.data.info.num_classes
+        assert torch.equal(syn.images.detach(), ctx.data.x_train[rows]) and torch.equal(syn.labels, ctx.data.y_train[rows])
+        random = build_distiller({**point, "algorithm": "random", "iterations": 0, "hp": {}}, ctx, torch.device("cpu"), seed=3)
+        assert methods.get("random").start_record(random, ctx.task, ctx.data, ctx.spec["model"]) == rec
+        if "pix_init" in point["hp"]:
+            noise = build_distiller({**point, "hp": {**point["hp"], "pix_init": "noise"}}, ctx, torch.device("cpu"), seed=3)
+            assert m.start_record(noise, ctx.task, ctx.data, ctx.spec["model"]) is None
+        else:
+            assert m.baseline
+    else:  # the random subset of a sequence task: rows of its training sequences, users by original id
+        real = ctx.task.seq_task(ctx.data, ctx.spec["model"]["max_len"]).train
+        assert rec["init"] == "real" and len(set(rec["rows"])) == point["budget"]
+        assert torch.equal(syn.sequences, real[torch.tensor(rec["rows"])])
+        ids = ctx.data.user_original_ids.tolist()
+        assert [ids.index(u) for u in rec["users"]] == rec["rows"]
