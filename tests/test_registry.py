@@ -251,7 +251,7 @@ def test_cross_architecture_evaluation_at_the_final_evaluation_only(contexts):
     ctx = contexts["image"]
     spec = {**ctx.spec, "evaluation": {**ctx.spec["evaluation"], "networks": 1, "epochs": 30,
                                        "models": ["mlp", "alexnet_bn"]}}
-    syn = ctx.task.random_set(spec, ctx.data, 5, torch.Generator().manual_seed(0))
+    syn, _ = ctx.task.random_set(spec, ctx.data, 5, torch.Generator().manual_seed(0))
     assert set(ctx.task.evaluate(spec, ctx.data, syn, "cpu")) == {"acc"}
     final = ctx.task.evaluate(spec, ctx.data, syn, "cpu", final=True)
     assert set(final) == {"acc", "acc/mlp", "acc/alexnet_bn"} and min(m for m, _ in final.values()) > 0.3, final

@@ -274,9 +274,10 @@ def test_a_sweep_on_s3_keeps_experts_tune_state_and_artifacts_in_the_bucket(s3, 
         # the final set; a trial with periodic evaluations also keeps the set of its latest one
         latest = ["synthetic_latest"] if c.data.tags["algorithm"] == "mtt" else []
         stored = keys(s3, "sweep", prefix)
-        assert [k for k in stored if "/cases/" not in k] == [
+        # and the training images both start from (the baseline's draw is the real start's)
+        assert [k for k in stored if "/cases/" not in k] == [f"{prefix}/start.json", *(
             f"{prefix}/{folder}/{f}" for folder in ["synthetic", *latest]
-            for f in ("cases.safetensors", "synthetic.safetensors", "synthetic_grid.png")]
+            for f in ("cases.safetensors", "synthetic.safetensors", "synthetic_grid.png"))]
         assert f"{prefix}/cases/iteration_000000.safetensors" in stored  # every evaluation's outcomes
     # the per-case outcomes beside the sets pair the two trials from the bucket
     from orchestrator.compare import compare_runs
