@@ -158,9 +158,11 @@ def checkpoint(folder: Path, out: dict, distiller) -> None:
     write_json(str(folder / "curve.json"), out)
 
 
-def restore(folder: Path, out: dict, distiller) -> bool:
+def restore(folder: Path, out: dict, distiller, hashes: tuple[str, ...] = ()) -> bool:
     """Continue from ``folder/state`` (:func:`checkpoint`) when there is one: the distiller's state
-    and the curve so far into ``out``; DirectError where it is of another recipe or unreadable."""
+    and the curve so far into ``out``; DirectError where it is of another recipe (a spec hash
+    other than ``out``'s and ``hashes``: the spec's :attr:`~orchestrator.spec.Spec.hashes`) or
+    unreadable."""
     state = folder / "state"
     if not (state / "state.json").exists():
         return False
@@ -171,7 +173,7 @@ def restore(folder: Path, out: dict, distiller) -> bool:
         raise DirectError(f"{state}: not a readable checkpoint ({e}); remove it to start the trial over") from e
     mine = (out["spec_hash"], out["algorithm"], out["budget"], out["hp"])
     theirs = (prev.get("spec_hash"), prev.get("algorithm"), prev.get("budget"), prev.get("hp"))
-    if mine != theirs:
+    if mine[1:] != theirs[1:] or theirs[0] not in (mine[0], *hashes):
         raise DirectError(f"{state}: a checkpoint of spec hash {theirs[0]} ({theirs[1]}, budget {theirs[2]}), but "
                           f"this run's is {mine[0]} (the spec or a --set differs): give another --out, or remove "
                           f"the folder to start over")
@@ -208,7 +210,7 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
            "full_data": full,
            "diverged": None, "selected": None}
     selection = task.selection(data)  # sequences: the set a trial stands behind is the best on validation
-    if resume and restore(folder, out, distiller):
+    if resume and restore(folder, out, distiller, spec.hashes):
         t_start -= out.get("wall_s") or 0.0  # wall time counts across the resumed runs
         console.print(f"{out['trial']}: resumed at iteration {distiller.iteration} of {iterations}", highlight=False)
         if out["diverged"]:

@@ -302,7 +302,7 @@ def direct_rows(folders: list[Path]) -> list[dict[str, Any]]:
                 _, meta = read_synthetic(set_file)
             except (OSError, ValueError) as e:
                 raise ReportError(f"{set_file}: {e}") from e
-            if meta.get("spec_hash") != spec.hash or curve.get("spec_hash", spec.hash) != spec.hash:
+            if meta.get("spec_hash") not in spec.hashes or curve.get("spec_hash", spec.hash) not in spec.hashes:
                 raise ReportError(f"{set_file}: made by spec {meta.get('spec_hash')}, but {curve['spec']} with "
                                   f"{curve.get('set') or 'no overrides'} is {spec.hash}: not the recipe of this set")
             trials.append((path, curve, spec, set_file, chosen))

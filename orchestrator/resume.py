@@ -110,7 +110,7 @@ def check_resume(spec: Spec, ws: Workspace, fresh: bool) -> None:
         return
     exp_dir = sweep_dir(spec, ws)
     state = _read_sidecar(exp_dir)
-    if state is None or state.get("spec_hash") != spec.hash or not state.get("parent_run_id"):
+    if state is None or state.get("spec_hash") not in spec.hashes or not state.get("parent_run_id"):
         return  # nothing to resume, or another spec under this name: _prepare says so
     check_resume_trust(exp_dir)  # before anything reads Tune's pickles (and before Ray starts)
     run_id, sidecar = state["parent_run_id"], storage.join(exp_dir, SIDECAR)
@@ -290,7 +290,7 @@ def _prepare(spec: Spec, ws: Workspace, fresh: bool, progress: Progress) -> tupl
     if state is None:
         return exp_dir, None
     check_resume_trust(exp_dir)
-    if state.get("spec_hash") != spec.hash:
+    if state.get("spec_hash") not in spec.hashes:
         raise SpecError([f"{spec.path}: a sweep named {spec.name!r} already exists in {exp_dir} with another spec "
                          f"(hash {state.get('spec_hash')}, this one {spec.hash}); re-launch with --fresh to start "
                          f"over (the old sweep is kept aside), or give this spec another name"])

@@ -79,7 +79,25 @@ class Spec:
 
     @property
     def hash(self) -> str:
+        """What identifies the sweep: a sweep resumes, and a set or a checkpoint is of this recipe,
+        only under one of :attr:`hashes`. Settings that change how a run is carried out but not one
+        of its numbers stay out of it (they may change between launches of one sweep)."""
+        return self._digest(legacy=False)
+
+    @property
+    def hashes(self) -> tuple[str, ...]:
+        """:attr:`hash`, then the hash this spec had while ``checkpoint_interval`` still counted
+        (until 2026-12-02) where that differs: sweeps, checkpoints and published sets made then
+        still match it. Only a non-default ``checkpoint_interval`` makes the two differ."""
+        return tuple(dict.fromkeys((self.hash, self._digest(legacy=True))))
+
+    def _digest(self, legacy: bool) -> str:
         d = self.to_dict()
+        # how often a trial's state is saved, not what it computes (a trial replays from its last
+        # checkpoint with the same state and random generators: the same numbers): at the default
+        # for the hash, so that a sweep resumes after it changes and default specs keep their hash
+        if not legacy:
+            d["checkpoint_interval"] = TOP["checkpoint_interval"][1]
         d["resources"].pop("max_trials", None)  # a guard, not part of the sweep: sweeps from before it resume
         if not d["evaluation"].get("models"):  # added later: specs without it keep their hash (and resume)
             d["evaluation"].pop("models", None)

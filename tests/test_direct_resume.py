@@ -61,6 +61,9 @@ def test_resume_refuses_another_recipe_and_a_broken_checkpoint(tmp_path, capsys)
     store, out = tmp_path / "store", tmp_path / "out"
     assert run(out, store, "--methods", "random") == 0
     capsys.readouterr()
+    # how often a trial checkpoints is not its recipe: a run resumes after it changes
+    assert run(out, store, "--methods", "random", "--resume", "--set", "checkpoint_interval=7") == 0
+    assert "a checkpoint of spec hash" not in capsys.readouterr().out
     assert run(out, store, "--methods", "random", "--resume", "--set", "evaluation.epochs=21") == 2
     said = " ".join(capsys.readouterr().out.split())
     assert f"{out / 'random-ipc1' / 'state'}: a checkpoint of spec hash" in said and "(the spec or a --set differs)" in said

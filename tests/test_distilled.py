@@ -36,6 +36,8 @@ def test_every_published_file_is_indexed_in_the_readme_and_intact():
         assert len(data) == e["bytes"] and hashlib.sha256(data).hexdigest() == e["sha256"], e["file"]
         tensors, meta = read_synthetic(FOLDER / e["file"])
         assert meta["dataset"] == e["dataset"] and meta["algorithm"] == e["method"]
+        # the recipe the row names (its spec with its overrides) is still the one that made the set
+        assert meta["spec_hash"] == e["spec_hash"] in fidelity.entry_spec(e["spec"], e.get("set")).hashes, e["file"]
     assert sum(p.stat().st_size for p in FOLDER.iterdir() if p.is_file()) < fidelity.PUBLISH_LIMIT
 
 

@@ -181,6 +181,33 @@ def test_a_sweep_whose_parent_run_is_gone_is_refused_before_ray_with_fresh_as_th
     assert no_ray and "parent_run_id" not in res.output
 
 
+def test_a_sweep_resumes_after_its_checkpoint_interval_changes_and_another_spec_is_refused(tmp_path):
+    """The sidecar of a sweep launched with checkpoint_interval 2, found by the same spec at 7 or 50
+    (a user who wants sparser checkpoints), or the sidecar a launch of this spec wrote before
+    checkpoint_interval left the hash: the sweep is this spec's and resumes. A sidecar of another
+    spec under the same name is refused, naming both hashes and --fresh."""
+    from orchestrator.resume import _prepare
+    from orchestrator.tracking import Workspace
+
+    class Quiet:
+        def info(self, *args, **kwargs):
+            pass
+
+    root = tmp_path / "runs"
+    ws = Workspace(root, "")
+    then = validate({**TINY, "checkpoint_interval": 2}, "tiny.yaml")
+    sidecar = _sidecar(root, write_spec(tmp_path, checkpoint_interval=2))
+    for now, written in [(7, then.hash), (50, then.hash), (2, then.hashes[1])]:
+        state = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps({**state, "spec_hash": written}))
+        exp_dir, resume = _prepare(validate({**TINY, "checkpoint_interval": now}, "tiny.yaml"), ws, False, Quiet())
+        assert Path(exp_dir) == sidecar.parent and resume["spec_hash"] == written and resume["tune_state"] is False
+    other = validate({**TINY, "seed": 99}, "other.yaml")
+    with pytest.raises(Exception) as e:
+        _prepare(other, ws, False, Quiet())
+    assert f"hash {then.hashes[1]}, this one {other.hash}" in str(e.value) and "--fresh" in str(e.value)
+
+
 # -- item 5: budgets the data cannot fill ----------------------------------------------------------
 @pytest.mark.parametrize("command", ["launch", "experts"])
 def test_budgets_beyond_the_data_are_refused_before_ray_and_write_nothing(tmp_path, no_ray, command):

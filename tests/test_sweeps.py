@@ -217,8 +217,8 @@ def _wait_for(root, name, condition, what, proc, deadline_s=400):
 def test_a_sweep_stopped_with_ctrl_c_then_killed_resumes_with_nothing_lost_or_run_twice(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) half way through the first
     distillation trial: exit code 130, every run closed. Relaunched, then SIGKILL half way through
-    the second one. Relaunched again: every trial of the spec exactly once in MLflow, complete,
-    and no trial that had finished ran again."""
+    the second one. Relaunched again, with another checkpoint_interval: every trial of the spec
+    exactly once in MLflow, complete, and no trial that had finished ran again."""
     # 30 student steps per iteration: a trial lasts seconds even on an idle machine, so that the
     # polling below finds it half way
     raw = {**TINY, "name": "tiny-resume", "checkpoint_interval": 2,
@@ -272,6 +272,8 @@ def test_a_sweep_stopped_with_ctrl_c_then_killed_resumes_with_nothing_lost_or_ru
     (running,) = [d for d in (root / "tune" / "tiny-resume").glob("mtt-ipc2_*")]
     (k,) = sorted(running.glob("checkpoint_*"))[-1:]
     k.rename(k.with_name(f"checkpoint_{int(k.name.split('_')[1]) + 1:06d}"))
+    # and the user now wants checkpoints every 3 iterations: the same sweep resumes (same numbers)
+    spec.write_text(yaml.safe_dump({**raw, "checkpoint_interval": 3}))
     res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     client, runs = _child_runs(root, "tiny-resume")
