@@ -245,7 +245,8 @@ def read_sweep(spec_path: str, ws, now_ms: int) -> tuple[dict[str, Any], list[di
     sweep_hash = parent.data.tags.get("orchestrate.spec_hash")
     commit = parent.data.tags.get("orchestrate.git_commit")
     desc = {"spec": spec_path, "name": spec.name, "sweep_run_id": sweep, "status": parent.info.status,
-            "spec_hash": spec.hash, "sweep_spec_hash": sweep_hash, "git_commit": commit, "trials": len(rows)}
+            "spec_hash": spec.hash, "spec_hashes": list(spec.hashes), "sweep_spec_hash": sweep_hash,
+            "git_commit": commit, "trials": len(rows)}
     out = report_rows(rows, histories, times, now_ms, spec=spec_path)
     for r in out:
         # the trial's code history (a trial resumed under later code ran partly on it), else the sweep's launch
@@ -885,7 +886,8 @@ def table(rows: list[dict[str, Any]], title: str = "fidelity") -> tuple[Table, d
 
 def print_report(console, rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], root: Path) -> None:
     for s in sweeps:
-        drift = "" if s["sweep_spec_hash"] in (None, s["spec_hash"]) else \
+        # a sweep launched before checkpoint_interval left the hash has the spec's older hash: no drift
+        drift = "" if s["sweep_spec_hash"] in (None, s["spec_hash"], *s.get("spec_hashes", ())) else \
             f" [yellow](launched from another version of the spec: hash {s['sweep_spec_hash']}, now " \
             f"{s['spec_hash']})[/yellow]"
         console.print(f"{s['spec']}: sweep {s['sweep_run_id']} ({s['status'].lower()}, {s['trials']} trials){drift}")

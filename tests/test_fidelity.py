@@ -228,3 +228,19 @@ def test_bench_direct_folders_are_reported_and_published_with_their_recipe_check
     trial_dir("mtt-ipc1", "mtt", [{"iteration": 8, "acc": [0.8, 0.01]}], 8, 8, file_hash="0123456789abcdef")
     with pytest.raises(fidelity.ReportError, match="mtt-ipc1/synthetic.safetensors: made by spec 0123456789abcdef"):
         fidelity.direct_rows([other])
+
+
+def test_a_sweep_launched_under_the_specs_older_hash_is_not_reported_as_drift():
+    """A sweep launched before checkpoint_interval left the hash carries the spec's older hash (the
+    second of ``Spec.hashes``): the same recipe. Any other hash is another version of the spec."""
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    sweep = {"spec": "x.yaml", "sweep_run_id": "r", "status": "RUNNING", "trials": 2, "spec_hash": "new",
+             "spec_hashes": ["new", "old"]}
+    fidelity.print_report(console, [], [{**sweep, "sweep_spec_hash": h} for h in ("new", "old", "other", None)], "/r")
+    said = console.export_text().splitlines()
+    assert [line for line in said if line.startswith("x.yaml")] == [
+        "x.yaml: sweep r (running, 2 trials)", "x.yaml: sweep r (running, 2 trials)",
+        "x.yaml: sweep r (running, 2 trials) (launched from another version of the spec: hash other, now new)",
+        "x.yaml: sweep r (running, 2 trials)"]
