@@ -53,6 +53,7 @@ calls) take about half an hour on one CPU thread, most of it in reverse mode at 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -104,6 +105,8 @@ def build_problem(cfg: dict, steps: int, mode: str, device: str):
                        backward_steps=min(cfg.get("backward_steps", 0), steps))
     dist = FarziDistiller(model, [theta.view(1, -1)], real, vocab, 0, fcfg, seed=cfg["seed"], device=device)
     theta0, prob, _ = dist.problem()
+    if cfg.get("decode", "once") == "per-step":  # each step decodes its minibatch anew (before 2026-12-02)
+        prob = dataclasses.replace(prob, source=None)
     return dist, theta0, prob, spec, theta.numel()
 
 
@@ -249,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backward-steps", type=int, default=0,
                     help="truncated backward: both modes differentiate only the last W inner steps (min(W, T); "
                          "0: all, the default)")
+    ap.add_argument("--decode", choices=("once", "per-step"), default="once",
+                    help="decode the synthetic set once per outer step (default, InnerProblem.source) or every "
+                         "inner and reverse step anew (as before 2026-12-02): the same meta-gradient")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     load_start = os.getloadavg()
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
            "budget": args.budget, "seq_len": args.seq_len, "latent_dim": args.latent_dim, "real_batch": args.real_batch,
            "real_sequences": max(args.real_batch, 943), "inner_lr": args.inner_lr, "precision": args.precision,
            "reverse_precision": args.reverse_precision, "checkpoint_every": args.checkpoint_every,
-           "backward_steps": args.backward_steps, "threads": args.threads, "seed": args.seed}
+           "backward_steps": args.backward_steps, "threads": args.threads, "seed": args.seed, "decode": args.decode}
 
     console = bench_console(140)
     _, _, _, spec, params = build_problem(cfg, 1, "reverse", "cpu")
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"vocab {args.vocab}, {params:,} params; mu {args.budget} x xi {args.seq_len}, latent "
                   f"{args.latent_dim}, real batch {args.real_batch}; T {steps_list}"
                   + (f", backward through the last {args.backward_steps} steps" if args.backward_steps else "")
-                  + f"; 1 warm-up + {args.repeats} "
+                  + f"; decode {args.decode}; 1 warm-up + {args.repeats} "
                   f"timed calls per (mode, T), each in a fresh process")
     # the unrolled peak key used to predict the next T (the larger of the two CPU measures)
     mem_key = "cuda_peak_mb" if cuda else "rss_growth_mb"

@@ -208,6 +208,39 @@ def test_distiller_modes_agree_in_float64():
         assert rel_err(ga, gb) < 1e-6
 
 
+@pytest.mark.parametrize("inner_batch", [0, 2])
+@pytest.mark.parametrize("mode, window", [("reverse", 0), ("reverse", 2), ("unrolled", 0), ("unrolled", 2)])
+def test_decoding_the_synthetic_set_once_gives_the_per_step_meta_gradient(mode, window, inner_batch):
+    """The distiller's problem decodes its data once per meta-gradient (``InnerProblem.source``):
+    the same meta-gradient as decoding each step's minibatch anew, the old way (up to rounding: in
+    float64 to 1e-12), with minibatches and without, over the whole horizon or the last steps."""
+    import dataclasses
+
+    from algorithms.farzi import meta_gradient
+
+    d = _distiller(precision="float64", inner_batch=inner_batch, inner_steps=4)
+    theta0, prob, _ = d.problem()
+    assert prob.source is not None
+    per_step = dataclasses.replace(prob, source=None)
+    calls = {"data": 0, "source": 0}
+
+    def counted(name, f):
+        def call(*args):
+            calls[name] += 1
+            return f(*args)
+        return call
+
+    once = dataclasses.replace(prob, data=counted("data", prob.data), source=counted("source", prob.source))
+    a = meta_gradient(mode, theta0, once, d.hp, window=window)
+    assert calls == {"data": 0, "source": 1}  # decoded once, never per step
+    b = meta_gradient(mode, theta0, per_step, d.hp, window=window)
+    assert a.outer_loss == b.outer_loss and torch.equal(a.theta, b.theta)
+    assert (a.inner_first, a.inner_last) == (b.inner_first, b.inner_last)
+    for ga, gb, p in zip(a.grads, b.grads, (d.F, d.M)):
+        assert ga.shape == p.shape and ga.dtype == p.dtype and float(gb.norm()) > 0
+        assert rel_err(ga, gb) < 1e-12, rel_err(ga, gb)
+
+
 def test_sequence_training_is_reproducible_whatever_ran_before():
     """Dropout masks come from the seed, not from the global RNG."""
     from algorithms.seqtrain import SeqTask, SeqTrainConfig, train_seq_model
