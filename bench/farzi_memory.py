@@ -105,7 +105,7 @@ def build_problem(cfg: dict, steps: int, mode: str, device: str):
                        backward_steps=min(cfg.get("backward_steps", 0), steps))
     dist = FarziDistiller(model, [theta.view(1, -1)], real, vocab, 0, fcfg, seed=cfg["seed"], device=device)
     theta0, prob, _ = dist.problem()
-    if cfg.get("decode", "once") == "per-step":  # each step decodes its minibatch anew (before 2026-12-02)
+    if cfg.get("decode") == "per-step":  # each step decodes its minibatch anew (before 2026-12-02)
         prob = dataclasses.replace(prob, source=None)
     return dist, theta0, prob, spec, theta.numel()
 
@@ -142,7 +142,24 @@ def run_one(cfg: dict, mode: str, steps: int, device: str, repeats: int, grads_p
     if grads_path:
         save_file({f"g{i}": g.detach().cpu().contiguous() for i, g in enumerate(res.grads)}, grads_path)
     gnorm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in res.grads)))
+    per_step = None
+    if cfg.get("decode") == "both":  # the old way's timed calls, alternating with this way's (one more round each)
+        old = dataclasses.replace(prob, source=None)
+        both = {"once": [], "per-step": []}
+        for r in range(repeats):
+            for name, p in (("once", prob), ("per-step", old))[:: 1 if r % 2 else -1]:
+                sync(device)
+                t0 = time.perf_counter()
+                out = meta_gradient(mode, theta0, p, dist.hp, fc.second_moment, fc.checkpoint_every,
+                                    PRECISIONS[fc.reverse_precision], fc.backward_steps)
+                sync(device)
+                both[name].append(time.perf_counter() - t0)
+        err = max(float((a - b).norm() / b.norm()) for a, b in zip(res.grads, out.grads))
+        per_step = {"times_s": both, "sec_once": statistics.median(both["once"]),
+                    "sec_per_step": statistics.median(both["per-step"]), "rel_err": err}
+        per_step["ratio"] = per_step["sec_per_step"] / per_step["sec_once"]
     return {"mode": mode, "T": steps, "sec": statistics.median(times), "times_s": times, "warmup_s": warmup_s,
+            "decode_ab": per_step,
             "saved_live_mb": saved.peak_bytes / 2**20, "saved_cumulative_mb": saved.bytes / 2**20,
             "rss_growth_mb": rss.mb, "rss_method": rss.method,
             "cuda_peak_mb": max(cuda_peaks) if cuda_peaks else None, "outer_loss": res.outer_loss,
@@ -252,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backward-steps", type=int, default=0,
                     help="truncated backward: both modes differentiate only the last W inner steps (min(W, T); "
                          "0: all, the default)")
-    ap.add_argument("--decode", choices=("once", "per-step"), default="once",
+    ap.add_argument("--decode", choices=("once", "per-step", "both"), default="once",
                     help="decode the synthetic set once per outer step (default, InnerProblem.source) or every "
-                         "inner and reverse step anew (as before 2026-12-02): the same meta-gradient")
+                         "inner and reverse step anew (as before 2026-12-02): the same meta-gradient; both: then "
+                         "--repeats more calls of each, alternating in the same process, and their ratio")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     load_start = os.getloadavg()
@@ -301,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"  {mode:8s} T={steps:4d}: {r['sec']:8.2f} s/step (warm-up {r['warmup_s']:.1f} s), "
                               f"saved-live {r['saved_live_mb']:8.1f} MB, RSS {fmt(r['rss_growth_mb'])} MB"
                               + (f", CUDA peak {r['cuda_peak_mb']:.1f} MB" if cuda else ""))
+                if r.get("decode_ab"):
+                    ab = r["decode_ab"]
+                    console.print(f"  {mode:8s} T={steps:4d}: decoded once {ab['sec_once']:.2f} s, per step "
+                                  f"{ab['sec_per_step']:.2f} s (medians of {args.repeats} alternating calls each): "
+                                  f"per step ÷ once {ab['ratio']:.2f}, meta-gradients within {ab['rel_err']:.1e}")
         rows = []
         for steps in steps_list:
             rev, unr = results.get(("reverse", steps)), results.get(("unrolled", steps))

@@ -802,10 +802,16 @@ def test_bench_farzi_memory_runs_and_its_two_modes_agree_on_the_window(tmp_path)
 
     out = tmp_path / "fm.json"
     assert farzi_memory.main(["--quick", "--steps", "2", "4", "--backward-steps", "2", "--repeats", "1",
-                              "--in-process", "--json", str(out)]) == 0
+                              "--in-process", "--json", str(out), "--decode", "both"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["T"] for r in rows] == [2, 4]
     assert all(r["rel_err_reverse_vs_unrolled"] < 1e-5 for r in rows), rows
+    # --decode both: the old way's calls beside this way's, the same meta-gradient (float32)
+    for r in rows:
+        for run in r["runs"].values():
+            ab = run["decode_ab"]
+            assert len(ab["times_s"]["once"]) == len(ab["times_s"]["per-step"]) == 1 and ab["rel_err"] < 1e-5, ab
+            assert ab["ratio"] == pytest.approx(ab["sec_per_step"] / ab["sec_once"])
 
 
 def _dropout_problem(steps: int, replay: bool = True):
