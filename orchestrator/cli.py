@@ -125,7 +125,8 @@ def launch(spec, root, tracking_uri, storage, address, num_cpus, fresh):
         browse, where = f"a browser at {ws.tracking_uri}", f" --tracking-uri {ws.tracking_uri}"
     click.echo(f"browse them with: {browse}   or: orchestrate results{where} --format table|json|csv")
     if out.interrupted:
-        click.echo(f"the sweep was interrupted; {RESUME_HINT}", err=True)
+        what = "reached its time budget (time_budget_s)" if out.budget_reached else "was interrupted"
+        click.echo(f"the sweep {what}; {RESUME_HINT}", err=True)
         sys.exit(130)
     if out.errors:
         sys.exit(1)

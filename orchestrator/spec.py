@@ -54,6 +54,10 @@ def eval_seed(spec: dict) -> int:
     return spec["seed"] * 1000 + 17
 
 
+# top-level settings that change how a launch runs, not a number it produces: not part of the hash
+RUN_ONLY = ("checkpoint_interval", "time_budget_s")
+
+
 @dataclass
 class Spec:
     path: str
@@ -86,18 +90,21 @@ class Spec:
 
     @property
     def hashes(self) -> tuple[str, ...]:
-        """:attr:`hash`, then the hash this spec had while ``checkpoint_interval`` still counted
+        """:attr:`hash`, then the hash this spec had while :data:`RUN_ONLY`'s settings still counted
         (until 2026-12-02) where that differs: sweeps, checkpoints and published sets made then
-        still match it. Only a non-default ``checkpoint_interval`` makes the two differ."""
+        still match it. Only a non-default ``checkpoint_interval`` or ``time_budget_s`` makes the
+        two differ."""
         return tuple(dict.fromkeys((self.hash, self._digest(legacy=True))))
 
     def _digest(self, legacy: bool) -> str:
         d = self.to_dict()
-        # how often a trial's state is saved, not what it computes (a trial replays from its last
-        # checkpoint with the same state and random generators: the same numbers): at the default
-        # for the hash, so that a sweep resumes after it changes and default specs keep their hash
+        # how often a trial's state is saved and how long one launch may run, not what a trial
+        # computes (a trial replays from its last checkpoint with the same state and random
+        # generators: the same numbers): at their defaults for the hash, so that a sweep resumes
+        # after they change and default specs keep their hash
         if not legacy:
-            d["checkpoint_interval"] = TOP["checkpoint_interval"][1]
+            for key in RUN_ONLY:
+                d[key] = TOP[key][1]
         d["resources"].pop("max_trials", None)  # a guard, not part of the sweep: sweeps from before it resume
         if not d["evaluation"].get("models"):  # added later: specs without it keep their hash (and resume)
             d["evaluation"].pop("models", None)

@@ -173,7 +173,8 @@ TOP = {"name": (str, REQUIRED, _safe_name), "description": (str, "", None), "see
        "scheduler": ((dict, type(None)), None, _scheduler),
        # Optuna (Ray Tune's OptunaSearch) instead of grid + random sampling: {name: optuna, seed: 0}
        "search": ((dict, type(None)), None, _search),
-       # a wall-clock budget for the whole sweep (seconds); unfinished trials are stopped, resumable
+       # a wall-clock budget for each launch's trials (seconds): then they stop as with Ctrl-C, and
+       # launching the same spec again resumes the sweep with the budget anew
        "time_budget_s": ((int, float, type(None)), None, lambda v: None if v > 0 else "must be > 0 or null")}
 
 

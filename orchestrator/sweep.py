@@ -43,7 +43,8 @@ class SweepResult:
     experiment_id: str
     experts: ExpertSet
     errors: list[str]
-    interrupted: bool = False
+    interrupted: bool = False  # trials left unfinished (Ctrl-C or the time budget): the same spec resumes
+    budget_reached: bool = False  # the spec's time_budget_s stopped this launch
 
 
 @contextmanager
@@ -293,7 +294,10 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
             param_space=space,
             tune_config=tune.TuneConfig(num_samples=spec.num_samples, search_alg=search,
                                         max_concurrent_trials=spec.resources["max_concurrent_trials"],
-                                        scheduler=_scheduler(spec, data), time_budget_s=spec.time_budget_s,
+                                        # time_budget_s is this launch's (_time_budget), not Tune's: Tune's
+                                        # stopper ends the stopped trials as finished, and its pickle keeps
+                                        # the spent budget, so a resumed sweep would stop at once
+                                        scheduler=_scheduler(spec, data),
                                         reuse_actors=True,  # no worker start (imports: seconds) per trial
                                         trial_name_creator=_trial_label, trial_dirname_creator=_trial_label),
             run_config=tune.RunConfig(name=spec.name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -305,7 +309,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
                                                  *(callbacks or [])]),
         )
     try:
-        with _ctrl_c_during_fit():
+        with _ctrl_c_during_fit(), _time_budget(spec.time_budget_s, progress) as budget:
             results = tuner.fit()
     except KeyboardInterrupt:  # stopped at once (Tune's set-up, or a second Ctrl-C): the sweep is resumable
         with contextlib.suppress(Exception):  # no run left RUNNING (a resumed trial reopens its own)
@@ -329,14 +333,52 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
         except Exception as e:  # noqa: BLE001 - a summary problem must not lose the sweep's status
             progress.warn(f"could not write the sweep summary: {type(e).__name__}: {e}")
     if unfinished:  # resumable: the same spec continues it
-        progress.warn(f"sweep stopped with {unfinished} of {total} trials unfinished; "
+        why = f"its time budget ({spec.time_budget_s:g} s, time_budget_s) ran out" if budget else "it was interrupted"
+        progress.warn(f"sweep stopped with {unfinished} of {total} trials unfinished ({why}); "
                       f"launch the same spec again to resume it")
         for run_id in open_runs:
             client.set_terminated(run_id, "KILLED")  # reopened (RUNNING) when the trial resumes
         plog.finish("KILLED")
     else:
         plog.finish("FAILED" if errors else "FINISHED")
-    return SweepResult(parent_id, experiment_id, experts, errors, interrupted=bool(unfinished))
+    return SweepResult(parent_id, experiment_id, experts, errors, interrupted=bool(unfinished),
+                       budget_reached=bool(budget))
+
+
+@contextmanager
+def _time_budget(seconds: float | None, progress: Progress) -> Iterator[list[float]]:
+    """The spec's ``time_budget_s`` for this launch's ``Tuner.fit()``: when it runs out, the trials
+    are stopped as a first Ctrl-C stops them (Tune's stop request, the SIGUSR1 handler's: their
+    state is saved and they stay unfinished), so the same command resumes the sweep with the budget
+    anew. (Tune's own ``time_budget_s`` ends the stopped trials as finished, never resumed, and
+    pickles the spent budget with the sweep.) Yields a list that holds the time it fired, if it did.
+    Tune acts on the request once its loop has taken a step (see :func:`_ctrl_c_during_fit`), so it
+    is repeated each second until then."""
+    fired: list[float] = []
+    if not seconds:
+        yield fired
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        if done.wait(seconds):
+            return
+        while not done.is_set():
+            stop = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+            if _ACTIVE.get("tune_ready") and callable(stop):
+                fired.append(time.time())
+                progress.warn(f"time budget of {seconds:g} s reached: stopping the trials (their state is saved)")
+                stop(signal.SIGUSR1, None)  # sets Tune's stop event: safe from this thread
+                return
+            done.wait(1.0)
+
+    thread = threading.Thread(target=watch, name="time-budget", daemon=True)
+    thread.start()
+    try:
+        yield fired
+    finally:
+        done.set()
+        thread.join(timeout=5)
 
 
 @contextmanager

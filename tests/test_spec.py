@@ -480,16 +480,19 @@ def test_per_budget_values_are_typed_too_and_max_trials_leaves_the_hash_alone():
     assert validate(BASE).hash == validate(with_change("resources.max_trials", 50)).hash
 
 
-def test_checkpoint_interval_leaves_the_hash_alone_and_the_old_hash_is_still_accepted():
-    """How often a trial saves its state changes none of its numbers (it replays from the state and
-    random generators it saved), so a sweep resumes after it changes. Specs that set it before it
-    left the hash keep that hash among ``hashes``; a default spec has one."""
+def test_checkpoint_interval_and_time_budget_leave_the_hash_alone_and_the_old_hash_is_still_accepted():
+    """How often a trial saves its state, and how long one launch may run, change none of its
+    numbers (a trial replays from the state and random generators it saved), so a sweep resumes
+    after they change. Specs that set them before they left the hash keep that hash among
+    ``hashes``; a default spec has one."""
     default = validate(BASE)
-    assert default.checkpoint_interval == 50 and default.hashes == (default.hash,)
-    for every in (1, 5, 50, 1000):
-        spec = validate(with_change("checkpoint_interval", every))
-        assert spec.checkpoint_interval == every and spec.hash == default.hash
-        assert len(spec.hashes) == (1 if every == 50 else 2) and spec.hashes[0] == default.hash
+    assert default.checkpoint_interval == 50 and default.time_budget_s is None
+    assert default.hashes == (default.hash,)
+    for key, value, default_value in [("checkpoint_interval", v, 50) for v in (1, 5, 50, 1000)] + [
+            ("time_budget_s", v, None) for v in (None, 60, 3600.5)]:
+        spec = validate(with_change(key, value))
+        assert getattr(spec, key) == value and spec.hash == default.hash
+        assert len(spec.hashes) == (1 if value == default_value else 2) and spec.hashes[0] == default.hash
     # the second is the hash of before: the whole spec, checkpoint_interval included
     assert validate(with_change("checkpoint_interval", 5)).hashes[1] != validate(with_change("checkpoint_interval", 10)).hashes[1]
     # what a trial computes still changes it

@@ -293,6 +293,37 @@ def test_a_sweep_stopped_with_ctrl_c_then_killed_resumes_with_nothing_lost_or_ru
             assert steps == list(range(1, 41))  # nothing lost, nothing logged twice
 
 
+@pytest.mark.slow
+def test_a_time_budget_stops_a_launch_and_the_same_spec_resumes_the_sweep(tmp_path):
+    """time_budget_s bounds one launch: the first stops its trial when the budget runs out (exit 130,
+    saying why) and leaves it unfinished, where Tune's own time budget ended it as finished and a
+    relaunch ran nothing. Launched again, with the budget raised (not part of the spec hash: the
+    same sweep), the trial continues from its checkpoint to the end, every step logged once."""
+    raw = {**TINY, "name": "tiny-budget", "baselines": [], "time_budget_s": 6, "checkpoint_interval": 5,
+           "algorithms": {"mtt": {**TINY["algorithms"]["mtt"], "iterations": 250,
+                                  "hyperparameters": {**TINY["algorithms"]["mtt"]["hyperparameters"], "syn_steps": 10}}},
+           "evaluation": {"networks": 1, "epochs": 5, "interval": 125}}
+    spec, root = tmp_path / "budget.yaml", tmp_path / "runs"
+    spec.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "orchestrator.cli", "launch", str(spec), "--root", str(root), "--num-cpus", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 130, first.stderr[-3000:]
+    said = " ".join(first.stderr.split())
+    assert "time budget of 6 s reached" in said and "the sweep reached its time budget (time_budget_s)" in said
+    client, (run,) = _child_runs(root, "tiny-budget")
+    before = len(client.get_metric_history(run.info.run_id, "loss"))
+    assert run.info.status == "KILLED" and before < 250
+    spec.write_text(yaml.safe_dump({**raw, "time_budget_s": 600}))
+    second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming sweep 'tiny-budget'" in " ".join(second.stderr.split())
+    client, (again,) = _child_runs(root, "tiny-budget")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert steps == list(range(1, 251)), (before, steps[:5], len(steps))  # nothing lost, nothing twice
+
+
 def test_spec_distributions_become_tune_domains():
     from ray.tune.search.sample import Categorical, Float, Integer
 
