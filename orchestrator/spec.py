@@ -55,6 +55,7 @@ def eval_seed(spec: dict) -> int:
 
 
 # top-level settings that change how a launch runs, not a number it produces: not part of the hash
+# (checkpoint_interval_s, added after these left it, was never part of it)
 RUN_ONLY = ("checkpoint_interval", "time_budget_s")
 
 
@@ -66,6 +67,7 @@ class Spec:
     seed: int
     num_samples: int
     checkpoint_interval: int
+    checkpoint_interval_s: float | None
     baselines: list[str]
     scheduler: dict[str, Any] | None
     search: dict[str, Any] | None
@@ -105,6 +107,7 @@ class Spec:
         if not legacy:
             for key in RUN_ONLY:
                 d[key] = TOP[key][1]
+        d.pop("checkpoint_interval_s")
         d["resources"].pop("max_trials", None)  # a guard, not part of the sweep: sweeps from before it resume
         if not d["evaluation"].get("models"):  # added later: specs without it keep their hash (and resume)
             d["evaluation"].pop("models", None)

@@ -168,6 +168,9 @@ def _safe_name(v: str):
 
 TOP = {"name": (str, REQUIRED, _safe_name), "description": (str, "", None), "seed": (int, 0, _nonneg),
        "num_samples": (int, 1, _pos), "checkpoint_interval": (int, 50, _pos),
+       # and a checkpoint whenever the last one is older than this (seconds; null: by iterations only)
+       "checkpoint_interval_s": ((int, float, type(None)), 600, lambda v: None if v is None or v > 0
+                                 else "must be > 0 or null"),
        "baselines": (list, ["random"], lambda v: _baselines(v)),
        # ASHA early stopping: {name: asha, grace_period: iterations, reduction_factor: 3}; null = none
        "scheduler": ((dict, type(None)), None, _scheduler),

@@ -254,7 +254,8 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
     primary, higher = primary_metric(ctx)
     selection = ctx.task.selection(ctx.data)
     iterations, interval = point["iterations"], spec["evaluation"]["interval"]
-    ckpt_every = spec["checkpoint_interval"]
+    # a checkpoint every checkpoint_interval iterations, and whenever the last is checkpoint_interval_s old
+    ckpt_every, ckpt_age = spec["checkpoint_interval"], spec.get("checkpoint_interval_s")
     precision = spec["resources"].get("precision", "fp32")
     t0, first = time.perf_counter(), distiller.iteration
     # A restarted trial replays the iterations after its last checkpoint. Metrics are flushed to
@@ -282,6 +283,7 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
                 _log_outputs(log, ctx, syn, point["algorithm"], point, it, evals, LATEST_ARTIFACT, cases, start)
 
     evaluate_if_due(distiller.iteration)
+    last_ckpt = time.perf_counter()  # (a restored trial starts from its checkpoint)
     while distiller.iteration < iterations:
         t_iter = time.perf_counter()
         m = run_step(distiller, device, precision)
@@ -298,8 +300,9 @@ def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: di
         metrics = {**{k: m[k] for k in ("loss", "syn_lr") if k in m}, "iteration": it,
                    "sec_per_iter": (time.perf_counter() - t0) / (it - first),
                    **_stats(last, "eval_")}
-        if it % ckpt_every == 0:
+        if it % ckpt_every == 0 or (ckpt_age is not None and time.perf_counter() - last_ckpt >= ckpt_age):
             _report_with_checkpoint(metrics, distiller, history, log)
+            last_ckpt = time.perf_counter()
         else:
             tune.report(metrics)
     # the final evaluation is the last entry of history

@@ -219,10 +219,16 @@ def test_experts_command_trains_only_experts_and_retrains_a_corrupt_one(tiny, tm
 
 
 class KillTrialOnce(Callback):
-    """Kills the worker of the mtt trial with SIGKILL when it reports iteration 5."""
+    """Kills the worker of the mtt trial with SIGKILL when it reports iteration 5; counts the mtt
+    trial's checkpoints before that."""
 
     def __init__(self):
         self.killed = False
+        self.checkpoints = 0
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if not self.killed and trial.config["trial"]["algorithm"] == "mtt":
+            self.checkpoints += 1
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if not self.killed and trial.config["trial"]["algorithm"] == "mtt" and result.get("iteration") == 5:
@@ -231,18 +237,22 @@ class KillTrialOnce(Callback):
 
 
 def test_a_killed_trial_continues_from_its_checkpoint(tmp_path, ray_cluster):
-    spec = validate({**TINY, "name": "tiny-kill"}, "tiny-kill.yaml")
+    """Checkpoints by age (checkpoint_interval_s), none by iterations (checkpoint_interval 1000): a
+    trial killed at iteration 5 had some, and continues from one."""
+    spec = validate({**TINY, "name": "tiny-kill", "checkpoint_interval": 1000, "checkpoint_interval_s": 1e-6},
+                    "tiny-kill.yaml")
     ws = workspace(tmp_path / "runs")
     killer = KillTrialOnce()
     out = launch(spec, ws, Progress(), callbacks=[killer])
     assert killer.killed and out.errors == []
+    assert killer.checkpoints >= 3  # one per iteration by age (Tune may handle the last after the kill)
     client = MlflowClient(ws.tracking_uri)
     children = client.search_runs([out.experiment_id], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
     assert len(children) == 2  # the retried trial kept its run
     mtt = next(c for c in children if c.data.tags["algorithm"] == "mtt")
     assert mtt.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(mtt.info.run_id, "loss")]
-    assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # resumed at 4: nothing lost, nothing logged twice
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # resumed: nothing lost, nothing logged twice
     # resumed by the same code: its history names that code once
     assert json.loads(mtt.data.tags["orchestrate.git_commits"]) == [[0, mtt.data.tags["orchestrate.git_commit"]]]
 

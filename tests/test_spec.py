@@ -493,6 +493,14 @@ def test_checkpoint_interval_and_time_budget_leave_the_hash_alone_and_the_old_ha
         spec = validate(with_change(key, value))
         assert getattr(spec, key) == value and spec.hash == default.hash
         assert len(spec.hashes) == (1 if value == default_value else 2) and spec.hashes[0] == default.hash
+    # checkpoints by age, added after: never part of the hash
+    assert default.checkpoint_interval_s == 600
+    for value in (None, 0.5, 600, 7200):
+        spec = validate(with_change("checkpoint_interval_s", value))
+        assert spec.checkpoint_interval_s == value and spec.hashes == default.hashes
+    with pytest.raises(SpecError) as e:
+        validate(with_change("checkpoint_interval_s", 0), "s.yaml")
+    assert e.value.problems == ["s.yaml: checkpoint_interval_s: must be > 0 or null"]
     # the second is the hash of before: the whole spec, checkpoint_interval included
     assert validate(with_change("checkpoint_interval", 5)).hashes[1] != validate(with_change("checkpoint_interval", 10)).hashes[1]
     # what a trial computes still changes it
