@@ -352,13 +352,15 @@ def _time_budget(seconds: float | None, progress: Progress) -> Iterator[list[flo
     state is saved and they stay unfinished), so the same command resumes the sweep with the budget
     anew. (Tune's own ``time_budget_s`` ends the stopped trials as finished, never resumed, and
     pickles the spent budget with the sweep.) Yields a list that holds the time it fired, if it did.
-    Tune acts on the request once its loop has taken a step (see :func:`_ctrl_c_during_fit`), so it
-    is repeated each second until then."""
+    Tune acts on the request once its loop has taken a step (see :func:`_ctrl_c_during_fit`): until
+    then the watcher checks each second. Outside the main thread Tune takes no stop request, and
+    the launch says so when the budget runs out."""
     fired: list[float] = []
     if not seconds:
         yield fired
         return
     done = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
 
     def watch() -> None:
         if done.wait(seconds):
@@ -369,6 +371,10 @@ def _time_budget(seconds: float | None, progress: Progress) -> Iterator[list[flo
                 fired.append(time.time())
                 progress.warn(f"time budget of {seconds:g} s reached: stopping the trials (their state is saved)")
                 stop(signal.SIGUSR1, None)  # sets Tune's stop event: safe from this thread
+                return
+            if _ACTIVE.get("tune_ready") and not main:  # Tune installs its handlers from the main thread only
+                progress.warn(f"time budget of {seconds:g} s reached, but this launch runs outside the main "
+                              "thread, where Tune takes no stop request: its trials run on")
                 return
             done.wait(1.0)
 
