@@ -367,14 +367,16 @@ def _time_budget(seconds: float | None, progress: Progress) -> Iterator[list[flo
             return
         while not done.is_set():
             stop = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+            # Tune installs its handlers from the main thread only: a handler found from another
+            # launch's thread is not this Tune's
+            if _ACTIVE.get("tune_ready") and not main:
+                progress.warn(f"time budget of {seconds:g} s reached, but this launch runs outside the main "
+                              "thread, where Tune takes no stop request: its trials run on")
+                return
             if _ACTIVE.get("tune_ready") and callable(stop):
                 fired.append(time.time())
                 progress.warn(f"time budget of {seconds:g} s reached: stopping the trials (their state is saved)")
                 stop(signal.SIGUSR1, None)  # sets Tune's stop event: safe from this thread
-                return
-            if _ACTIVE.get("tune_ready") and not main:  # Tune installs its handlers from the main thread only
-                progress.warn(f"time budget of {seconds:g} s reached, but this launch runs outside the main "
-                              "thread, where Tune takes no stop request: its trials run on")
                 return
             done.wait(1.0)
 

@@ -468,3 +468,46 @@ def test_sigint_during_fit_stops_at_once_before_tunes_loop_then_gracefully_once(
         _ACTIVE.clear()
     assert signal.getsignal(signal.SIGINT) is before_int and signal.getsignal(signal.SIGUSR1) is before_usr1
     assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
+
+
+def test_the_time_budget_asks_tunes_stop_once_its_loop_runs_and_only_then():
+    """The watcher behind time_budget_s, without Ray: before the budget runs out nothing happens;
+    once it has, it waits for Tune's loop (whose SIGUSR1 handler is the stop request a first Ctrl-C
+    makes) and asks it once; from another thread, where Tune takes no request, it says so."""
+    import threading
+
+    from orchestrator.sweep import _ACTIVE, _time_budget
+
+    warned, stops = [], []
+    progress = mock.Mock(warn=warned.append)
+    before_usr1 = signal.getsignal(signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, lambda *a: stops.append(time.time()))  # as Tune's fit() does
+    try:
+        with _time_budget(30, progress) as fired:  # not reached
+            _ACTIVE["tune_ready"] = True
+            time.sleep(0.3)
+        assert fired == [] and stops == [] and warned == []
+        _ACTIVE.clear()
+        with _time_budget(0.2, progress) as fired:
+            time.sleep(0.5)
+            assert fired == [] and stops == []  # spent, but Tune's loop has not started: nothing to stop yet
+            _ACTIVE["tune_ready"] = True
+            t_ready = time.time()
+            while not stops and time.time() < t_ready + 5:
+                time.sleep(0.05)
+            time.sleep(1.2)  # a second look of the watcher would ask again
+        assert len(stops) == 1 and len(fired) == 1 and t_ready < fired[0] <= stops[0] < t_ready + 1.5, (stops, t_ready)
+        assert warned == ["time budget of 0.2 s reached: stopping the trials (their state is saved)"]
+        warned.clear()
+
+        def elsewhere():
+            with _time_budget(0.1, progress):
+                time.sleep(0.5)
+
+        t = threading.Thread(target=elsewhere)
+        t.start()
+        t.join()
+        assert len(stops) == 1 and len(warned) == 1 and "outside the main thread" in warned[0], warned
+    finally:
+        _ACTIVE.clear()
+        signal.signal(signal.SIGUSR1, before_usr1)
