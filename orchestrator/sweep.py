@@ -376,7 +376,10 @@ def _time_budget(seconds: float | None, progress: Progress) -> Iterator[list[flo
             if _ACTIVE.get("tune_ready") and callable(stop):
                 fired.append(time.time())
                 progress.warn(f"time budget of {seconds:g} s reached: stopping the trials (their state is saved)")
-                stop(signal.SIGUSR1, None)  # sets Tune's stop event: safe from this thread
+                # Tune's handler, run in the main thread as a signal's is: called from here, it sets
+                # Tune's stop event, then fails (signal.signal outside the main thread) with a
+                # traceback on the console
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
                 return
             done.wait(1.0)
 
