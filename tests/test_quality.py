@@ -27,7 +27,9 @@ def digits_experts():
     return data, trajectories
 
 
-@pytest.mark.parametrize("ipc,iterations,margin", [(1, 150, 0.10), (10, 150, 0.02)])
+# measured (quickstart experts, 3 networks x 300 epochs; random 56.3 / 94.8): IPC 1 84.5 / 86.3 / 84.7 / 84.4
+# and IPC 10 97.1 / 97.3 / 97.9 / 97.7 at 60 / 80 / 100 / 150 iterations; 100 costs two thirds of 150
+@pytest.mark.parametrize("ipc,iterations,margin", [(1, 100, 0.10), (10, 100, 0.02)])
 def test_mtt_beats_random_subset_on_digits(digits_experts, ipc, iterations, margin, capsys):
     data, trajectories = digits_experts
     hp = QUICKSTART.algorithms["mtt"]["hyperparameters"]
