@@ -406,7 +406,8 @@ def test_two_launches_of_one_sweep_and_a_second_sweep_on_the_same_experts(tmp_pa
     waits for them, then reuses them. B, A's spec again while A runs, exits 3 at once naming A."""
     quick = {"algorithms": {"mtt": {**TINY["algorithms"]["mtt"], "iterations": 2}}, "baselines": [],
              "evaluation": {"networks": 1, "epochs": 2, "interval": 0}}
-    raw = {**TINY, **quick, "name": "tiny-two", "experts": {**TINY["experts"], "epochs": 300}}
+    # 150 epochs: ~10 s of training on a loaded 2-core machine, many times the ~1 s between A and C reaching it
+    raw = {**TINY, **quick, "name": "tiny-two", "experts": {**TINY["experts"], "epochs": 150}}
     root = tmp_path / "runs"
     lock = locks.sweep_lock_path(root.resolve(), "tiny-two", str((root / "tune").resolve()))
     procs = {}
