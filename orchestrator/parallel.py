@@ -28,9 +28,15 @@ evaluates, and on a full cluster nothing else may be free: so
 - a task that is already running when it is reclaimed is not interrupted (see :func:`_call`): it
   finishes, its result unread, and its worker stays warm for the next evaluation.
 
-The tasks escape the caller's placement group: Tune runs a trial in a placement group that
-captures its child tasks, and the trial's bundle has no room for them (the trial uses it whole),
-so captured tasks would queue forever. They are scheduled on the cluster (``DEFAULT``) instead.
+Where the tasks go. Tune runs a trial in a placement group that captures its child tasks, and
+the trial's own bundle has no room for them (the trial uses it whole): captured there, they would
+queue forever. A trial of two CPUs or more on the CPU, though, holds its CPUs beyond the first as
+bundles of one CPU each (:func:`orchestrator.sweep.trial_resources`): its distillation steps use
+them all (its torch threads), and while it evaluates, they are free for its networks. So a task
+goes first to a free CPU of the caller's own placement group (``free()["group"]``, scheduled into
+that group's bundles), which the trial holds whatever else runs on the cluster; then to the
+cluster's free CPUs (``DEFAULT``, outside the group). A GPU job never takes a group slot (its
+bundles have no GPU share).
 
 Results are bit-identical to :func:`algorithms.evaluate.sequential`: a network depends only on its
 seed and the data (one torch thread, see :data:`algorithms.evaluate.EVAL_THREADS`), the tensors
@@ -103,30 +109,45 @@ def _job_device(job: Callable) -> str:
     return "cuda" if device is not None and torch.device(device).type == "cuda" else "cpu"
 
 
+def own_group():
+    """The placement group this process runs in (a Tune trial's), or None."""
+    from ray.util import get_current_placement_group
+
+    return get_current_placement_group()
+
+
 def free_resources() -> dict[str, float]:
-    """What the cluster has free now: ``CPU`` and ``GPU`` (placement groups' reserved bundles excluded)."""
+    """What is free now: the cluster's ``CPU`` and ``GPU`` (placement groups' reserved bundles
+    excluded) and ``group``, the free CPUs of the caller's own placement group (0 outside one)."""
     import ray
 
     free = ray.available_resources()
-    return {"CPU": float(free.get("CPU", 0.0)), "GPU": float(free.get("GPU", 0.0))}
+    pg = own_group()
+    group = float(free.get(f"CPU_group_{pg.id.hex()}", 0.0)) if pg is not None else 0.0
+    return {"CPU": float(free.get("CPU", 0.0)), "GPU": float(free.get("GPU", 0.0)), "group": group}
 
 
 class RayRunner:
     """Jobs as Ray tasks on free resources, the rest in this process (see the module's docstring).
 
     ``free``: what is free now (default :func:`free_resources`; tests pass their own);
+    ``group``: the caller's placement group, whose free CPUs (``free()["group"]``) take tasks first
+    (default :func:`own_group`);
     ``patience_s``: a fixed wait for the tasks still out once the caller's share is done (default:
     the longest of the caller's own jobs, at least ``min_patience_s``). After a call, ``stats``
     says where the jobs ran: ``remote`` (finished as tasks), ``local``, ``reclaimed`` (submitted,
-    then trained here: cancelled, or ``failed`` as tasks) and ``submitted``.
+    then trained here: cancelled, or ``failed`` as tasks), ``submitted`` and ``in_group`` (of those
+    submitted, how many into the caller's placement group).
     """
 
     def __init__(self, gpus_per_network: float = GPUS_PER_NETWORK, patience_s: float | None = None,
-                 min_patience_s: float = MIN_PATIENCE_S, free: Callable[[], dict[str, float]] | None = None):
+                 min_patience_s: float = MIN_PATIENCE_S, free: Callable[[], dict[str, float]] | None = None,
+                 group: Callable[[], Any] | None = None):
         self.gpus_per_network = gpus_per_network
         self.patience_s = patience_s
         self.min_patience_s = min_patience_s
         self.free = free or free_resources
+        self.group = group or own_group
         self.stats: dict[str, int] = {}
 
     def __call__(self, jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None) -> list:
@@ -135,7 +156,7 @@ class RayRunner:
         except ImportError:  # the components without Ray (bench/direct.py on a bare GPU machine)
             ray = None
         jobs = list(jobs)
-        self.stats = {"submitted": 0, "remote": 0, "local": 0, "reclaimed": 0, "failed": 0}
+        self.stats = {"submitted": 0, "in_group": 0, "remote": 0, "local": 0, "reclaimed": 0, "failed": 0}
         if ray is None or not ray.is_initialized() or len(jobs) < 2:
             self.stats["local"] = len(jobs)
             return sequential(jobs, on_done)
@@ -154,6 +175,7 @@ class _Call:
         self.longest = 0.0  # the longest job of this process, seconds
         self.slots = 0  # task slots found free (tasks beyond them wait in Ray's queue behind ours)
         self.task = ray.remote(max_retries=1, retry_exceptions=False)(_call)
+        self.pg = runner.group()  # the caller's placement group (a Tune trial's), or None
 
     def run(self) -> list:
         try:
@@ -193,18 +215,25 @@ class _Call:
         process took first already out of the queue: of the K jobs, with room for s tasks now, the
         tasks get all but ceil(K / (s + 1)), the rest of them queued in Ray behind the first s
         (each slot then trains about as many as this process; no slot waits for this process to
-        hand it the next job). Later looks submit one task per slot freed meanwhile."""
+        hand it the next job). Later looks submit one task per slot freed meanwhile. A slot is a
+        free CPU of the caller's placement group (first) or of the cluster."""
         if not self.todo:
             return
         free = self.runner.free()
-        slots = 0
+        group = free.get("group", 0.0) if self.pg is not None else 0.0
+        where: list[bool] = []  # per slot found: in the caller's group (True) or on the cluster
         for i in reversed(self.todo):  # how many of the jobs at the back fit in what is free
             need = self._need(i)
+            if "GPU" not in need and group + 1e-9 >= need["CPU"]:
+                group -= need["CPU"]
+                where.append(True)
+                continue
             if any(free.get(k, 0.0) + 1e-9 < v for k, v in need.items()):
                 break
             for k, v in need.items():
                 free[k] -= v
-            slots += 1
+            where.append(False)
+        slots = len(where)
         if share:
             self.slots = slots
             if slots:
@@ -213,19 +242,27 @@ class _Call:
         else:  # what is free goes first to our tasks queued behind our slots: only the rest is new room
             slots = max(0, slots - max(0, len(self.pending) - self.slots))
             self.slots += slots
-        for _ in range(slots):
+        for k in range(slots):
             i = self.todo.pop()
-            self.pending[self._submit(self.jobs[i], self._need(i))] = i
+            in_group = where[k % len(where)] and "GPU" not in self._need(i)  # queued ones behind the slots in turn
+            self.pending[self._submit(self.jobs[i], self._need(i), in_group)] = i
             self.runner.stats["submitted"] += 1
+            self.runner.stats["in_group"] += in_group
 
-    def _submit(self, job, need: dict[str, float]):
+    def _submit(self, job, need: dict[str, float], in_group: bool = False):
         if isinstance(job, functools.partial):
             func, args, kwargs = job.func, tuple(self._ref(a) for a in job.args), dict(job.keywords)
         else:
             func, args, kwargs = job, (), {}
+        if in_group:  # any bundle of the caller's group with a free CPU (not the trial's own: it is full)
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=-1,
+                                                        placement_group_capture_child_tasks=False)
+        else:  # not the caller's placement group (a Tune trial's captures child tasks): the cluster's
+            strategy = "DEFAULT"
         opts = {"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0), "name": "eval_network",
-                # not the caller's placement group (a Tune trial's captures child tasks): the cluster's
-                "scheduling_strategy": "DEFAULT"}
+                "scheduling_strategy": strategy}
         # tensors travel as top-level ObjectRefs: Ray hands the task their values
         return self.task.options(**opts).remote(func, kwargs, *args)
 

@@ -1,5 +1,5 @@
-"""How Tune runs a sweep's trials: spec values as Tune domains, GPUs per trial, the metric
-trials are compared on, and ASHA early stopping within each (algorithm, budget) group."""
+"""How Tune runs a sweep's trials: spec values as Tune domains, GPUs and the placement group
+per trial, the metric trials are compared on, and ASHA early stopping within each (algorithm, budget) group."""
 from __future__ import annotations
 
 from typing import Any
@@ -37,6 +37,22 @@ def gpus_for(gpus, budget: int, has_gpu: bool) -> float:
         below = [k for k in keys if k <= budget]
         return float(gpus[below[-1] if below else keys[0]])
     return float(gpus)
+
+
+def trial_resources(cpus: float, gpus: float, parallel: bool) -> dict[str, float] | tune.PlacementGroupFactory:
+    """What one trial holds, for ``tune.with_resources``: ``cpus`` CPUs and ``gpus`` GPUs.
+
+    A trial on the CPU with ``parallel`` evaluation (``evaluation.parallel``) and two CPUs or more
+    holds its whole CPUs beyond the first as bundles of one CPU each, all on its node
+    (``STRICT_PACK``, as one bundle would be): its distillation steps use them all (it sets its
+    torch threads to ``cpus``), and while it evaluates they are free for its networks, which
+    :class:`orchestrator.parallel.RayRunner` sends there as tasks of one CPU (a trial of 2 CPUs:
+    two networks at a time instead of one after another, on a full cluster too). Otherwise one
+    bundle of ``cpus`` (and ``gpus``), Tune's plain resource dict."""
+    extra = int(cpus) - 1 if parallel and not gpus and cpus >= 2 else 0
+    if not extra:
+        return {"cpu": cpus, "gpu": gpus}
+    return tune.PlacementGroupFactory([{"CPU": cpus - extra}] + [{"CPU": 1.0}] * extra, strategy="STRICT_PACK")
 
 
 

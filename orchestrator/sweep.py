@@ -28,7 +28,7 @@ from .artifacts import state_complete
 from .progress import Progress
 from .resume import (SIDECAR, LaunchError, ResumeTrustError, _prepare, _start_parent, _tune_path, check_resume,  # noqa: F401
                      check_resume_trust, sweep_dir, with_checkpoint_repair)
-from .schedulers import GroupedASHA, _scheduler, eval_metric, gpus_for, tune_value  # noqa: F401 (pickled sweeps)
+from .schedulers import GroupedASHA, _scheduler, eval_metric, gpus_for, trial_resources, tune_value  # noqa: F401 (pickled sweeps)
 from .summary import summarise_sweep
 from . import locks, storage
 from .spec import Spec
@@ -264,10 +264,11 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
                        parent_run_id=parent_id, tags=lineage, full_data=full)
     has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     cpus, gpus = spec.resources["cpus_per_trial"], spec.resources["gpus_per_trial"]
+    parallel = spec.evaluation.get("parallel", True)
     trainable = tune.with_resources(with_checkpoint_repair(wrap_function(tune.with_parameters(run_trial, ctx=ctx)),
                                                            state_complete),
-                                    lambda config: {"cpu": cpus, "gpu": gpus_for(gpus, config["trial"]["budget"],
-                                                                                  has_gpu)})
+                                    lambda config: trial_resources(cpus, gpus_for(gpus, config["trial"]["budget"],
+                                                                                  has_gpu), parallel))
     points = [{**pt, "hp": {k: tune_value(v) for k, v in pt["hp"].items()}} for pt in spec.trial_points()]
     total = spec.num_samples if spec.search else len(points) * spec.num_samples
     _ACTIVE.update(progress=progress, total=total, prefix=spec.task.budget_prefix)

@@ -199,7 +199,7 @@ def test_no_free_cpu_runs_everything_here(ray_cluster, digits, small_set):
         jobs = digest_jobs(digits, small_set)
         runner = RayRunner()
         assert runner(jobs) == sequential(jobs)
-        assert runner.stats == {"submitted": 0, "remote": 0, "local": CFG.networks, "reclaimed": 0, "failed": 0}
+        assert runner.stats == {"submitted": 0, "in_group": 0, "remote": 0, "local": CFG.networks, "reclaimed": 0, "failed": 0}
 
 
 @pytest.mark.slow
@@ -212,7 +212,7 @@ def test_tasks_that_cannot_be_scheduled_are_reclaimed(ray_cluster, digits, small
         runner = RayRunner(free=lambda: {"CPU": 2.0, "GPU": 0.0}, patience_s=1.0)
         t0 = time.monotonic()
         assert runner(jobs) == sequential(jobs)
-        assert runner.stats == {"submitted": 2, "remote": 0, "local": 2, "reclaimed": 2, "failed": 0}, runner.stats
+        assert runner.stats == {"submitted": 2, "in_group": 0, "remote": 0, "local": 2, "reclaimed": 2, "failed": 0}, runner.stats
         assert time.monotonic() - t0 < 60
 
 
@@ -279,6 +279,45 @@ def test_inside_a_placement_group_that_captures_child_tasks(ray_cluster, digits,
 
 
 @pytest.mark.slow
+def test_a_trials_own_cpus_train_its_networks_on_a_full_cluster(ray_cluster, digits, small_set):
+    """A trial of 2 CPUs as the sweep asks for it (sweep.trial_resources: two bundles of one CPU,
+    STRICT_PACK, Tune capturing child tasks) on the 2-CPU cluster, which it then fills: no CPU is
+    free on the cluster, yet its second bundle is free while it evaluates, and the networks train
+    there beside the caller (not one after another): the same results, bit for bit."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from orchestrator.schedulers import trial_resources
+
+    wait_for_free_cpus(2)
+    jobs = digest_jobs(digits, small_set)
+    factory = trial_resources(2, 0.0, parallel=True)
+
+    class Trial:
+        def evaluate(self, jobs):
+            from orchestrator.parallel import RayRunner
+
+            free = ray.available_resources().get("CPU", 0.0)
+            runner = RayRunner(patience_s=120.0)  # a fresh worker starts (imports torch) slower than these train
+            return runner(jobs), runner.stats, free
+
+    pg = factory.to_placement_group()
+    ray.get(pg.ready())
+    try:
+        strategy = PlacementGroupSchedulingStrategy(pg, 0, placement_group_capture_child_tasks=True)
+        trial = ray.remote(num_cpus=1)(Trial).options(scheduling_strategy=strategy).remote()
+        results, stats, free = ray.get(trial.evaluate.remote(jobs))
+        ray.kill(trial)
+    finally:
+        remove_placement_group(pg)
+    assert free == 0.0  # the cluster is full: before, every network trained in the caller
+    assert results == sequential(jobs)
+    assert stats["in_group"] >= 1 and stats["remote"] >= 1 and stats["reclaimed"] == 0, stats
+    assert stats["remote"] + stats["local"] == CFG.networks, stats
+
+
+@pytest.mark.slow
 def test_cli_in_a_ray_session_gives_the_sequential_numbers(ray_cluster, set_file):
     wait_for_free_cpus(2)
     par = evaluate_json(set_file, "--networks", "3", "--epochs", "6")
@@ -291,7 +330,8 @@ def test_cli_in_a_ray_session_gives_the_sequential_numbers(ray_cluster, set_file
 
 @pytest.mark.slow
 def test_a_sweeps_trials_log_the_sequential_numbers(ray_cluster, tmp_path, write_spec, digits):
-    """The tiny sweep, one trial at a time (a CPU left free for the networks): every trial's final
+    """The tiny sweep, one trial at a time, each holding both CPUs of the cluster (as Tune places it
+    with sweep.trial_resources: its second CPU a bundle its networks train in): every trial's final
     acc_mean is what evaluate_set computes one network after another on its exported set."""
     from click.testing import CliRunner
     from mlflow import MlflowClient
@@ -303,7 +343,7 @@ def test_a_sweeps_trials_log_the_sequential_numbers(ray_cluster, tmp_path, write
     from tests.conftest import tiny_spec
 
     wait_for_free_cpus(2)
-    path = write_spec(tiny_spec(evaluation={"networks": 3}, resources={"max_concurrent_trials": 1}))
+    path = write_spec(tiny_spec(evaluation={"networks": 3}, resources={"max_concurrent_trials": 1, "cpus_per_trial": 2}))
     root = tmp_path / "runs"
     res = CliRunner().invoke(main, ["launch", str(path), "--root", str(root)], catch_exceptions=False)
     assert res.exit_code == 0, res.output

@@ -132,6 +132,25 @@ def test_a_missing_dataset_says_how_to_provide_it(tmp_path):
     assert not (tmp_path / "runs" / "trajectories").exists()
 
 
+def test_a_cpu_trials_cpus_beyond_the_first_are_bundles_for_its_networks():
+    """cpus_per_trial >= 2 on the CPU with parallel evaluation: one bundle per whole CPU beyond the
+    first, on one node; the trial's total never changes. A GPU trial, sequential evaluation or a
+    single CPU keep Tune's one bundle."""
+    from ray.tune import PlacementGroupFactory
+
+    from orchestrator.schedulers import trial_resources
+
+    two = trial_resources(2, 0.0, parallel=True)
+    assert isinstance(two, PlacementGroupFactory) and two.strategy == "STRICT_PACK"
+    assert two.bundles == [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert trial_resources(4.5, 0.0, True).bundles == [{"CPU": 1.5}] + [{"CPU": 1.0}] * 3
+    assert trial_resources(4.5, 0.0, True).required_resources == {"CPU": 4.5}
+    assert trial_resources(1, 0.0, True) == {"cpu": 1, "gpu": 0.0}
+    assert trial_resources(1.5, 0.0, True) == {"cpu": 1.5, "gpu": 0.0}
+    assert trial_resources(2, 1.0, True) == {"cpu": 2, "gpu": 1.0}
+    assert trial_resources(2, 0.0, False) == {"cpu": 2, "gpu": 0.0}
+
+
 @pytest.mark.slow
 def test_gpus_per_trial_forms_and_the_asha_scheduler():
     assert gpus_for("auto", 1, True) == 1 and gpus_for("auto", 1, False) == 0
