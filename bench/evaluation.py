@@ -20,6 +20,12 @@ images; ``--quick`` takes 300). MNIST is read from ``$ORCHESTRATE_DATA/mnist``, 
 ``../shared/data/mnist`` beside the repository (``--data-root`` to point elsewhere); without it the
 MNIST rows are skipped, saying so.
 
+``--trial-cpus 2``: the caller is a trial of ``cpus_per_trial: 2`` on that cluster, placed as the
+sweep places it (``orchestrator.schedulers.trial_resources``: two bundles of one CPU, the actor in
+the first): the cluster has no free CPU, and the runner's tasks go to the trial's second bundle.
+Before the runner counted a trial's own bundles, such a trial trained every network itself, one
+after another: ``sequential`` is that.
+
 A control, ``static``: the same K networks split 2 + 2 by hand, the back half as one Ray task (one
 after another there), the front half in the actor; no resource check, no reclaiming. Its ratio is
 what two workers give on this machine at this moment, the runner aside: the runner's own cost is
@@ -58,6 +64,7 @@ from common import (  # noqa: E402  (bench/common.py: run as a script, this fold
 NETWORKS = 4
 MODES = ("sequential", "parallel", "static")  # static: the control (a fixed 2 + 2 split, no runner)
 WORKERS = 2  # the caller (an actor of one CPU) and one task slot: a local Ray of 2 CPUs
+GROUP = {"pg": None}  # --trial-cpus 2: the trial's placement group (its second bundle is the task slot)
 SPECS = {"digits": "search_spaces/quickstart.yaml", "mnist": "search_spaces/mnist.yaml"}
 
 
@@ -106,8 +113,13 @@ def _run_jobs(jobs: list) -> list:
 def _static_split(jobs: list) -> list:
     """The control: the back half of the jobs as one Ray task (one after another there), the front
     half here; no resource check, no reclaiming: what 2 workers give on this machine, the runner aside."""
+    from ray.util import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     half = len(jobs) // 2
-    ref = ray.remote(num_cpus=1)(_run_jobs).options(scheduling_strategy="DEFAULT").remote(jobs[half:])
+    pg = get_current_placement_group()  # a trial of 2 CPUs: its second bundle; else the cluster's free CPU
+    strategy = "DEFAULT" if pg is None else PlacementGroupSchedulingStrategy(pg, -1, placement_group_capture_child_tasks=False)
+    ref = ray.remote(num_cpus=1)(_run_jobs).options(scheduling_strategy=strategy).remote(jobs[half:])
     here = [job() for job in jobs[:half]]
     return here + ray.get(ref)
 
@@ -115,15 +127,23 @@ def _static_split(jobs: list) -> list:
 def settle(timeout: float = 10.0) -> None:
     """Wait until Ray's view of free CPUs shows the task slot free again (it lags behind a task
     that just ended): each run starts as a trial's evaluation does, long after the last one."""
+    pg = GROUP["pg"]
+    key = "CPU" if pg is None else f"CPU_group_{pg.id.hex()}"
     end = time.monotonic() + timeout
-    while ray.available_resources().get("CPU", 0.0) < WORKERS - 1 and time.monotonic() < end:
+    while ray.available_resources().get(key, 0.0) < WORKERS - 1 and time.monotonic() < end:
         time.sleep(0.1)
 
 
 def bench_dataset(name: str, root: str | None, args, console) -> dict:
     test_images = args.mnist_test if name == "mnist" else None
     epochs = args.epochs if name == "digits" else args.mnist_epochs
-    trial = ray.remote(num_cpus=1)(Trial).remote(name, root, test_images, epochs, args.seed)
+    opts = {}
+    if GROUP["pg"] is not None:  # as Tune places a trial: in the first bundle, capturing its child tasks
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(GROUP["pg"], 0,
+                                                                       placement_group_capture_child_tasks=True)
+    trial = ray.remote(num_cpus=1)(Trial).options(**opts).remote(name, root, test_images, epochs, args.seed)
     try:
         info = ray.get(trial.info.remote())
         console.print(f"[bold]{name}[/bold]: {NETWORKS} networks x {epochs} epochs of {info['model']} on "
@@ -165,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="MNIST test images each network is tested on (default all 10000, --quick 300)")
     ap.add_argument("--repeats", type=int, default=None, help="timed evaluations per mode (default 3, --quick 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random real subset")
+    ap.add_argument("--trial-cpus", type=int, choices=(1, 2), default=1,
+                    help="the caller's cpus_per_trial: 1 (one CPU of the cluster free for tasks) or 2 (the trial "
+                         "holds both, placed as the sweep places it; tasks go to its second bundle)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="do not start the task worker before timing (its start counts in the first repeat)")
     args = ap.parse_args(argv)
@@ -193,12 +216,19 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address="local", num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
     try:
+        if args.trial_cpus == 2:
+            from orchestrator.schedulers import trial_resources
+
+            GROUP["pg"] = trial_resources(2, 0.0, parallel=True).to_placement_group()
+            ray.get(GROUP["pg"].ready())
         rows = [bench_dataset(d, roots[d], args, console) for d in datasets]
     finally:
         ray.shutdown()
 
+    caller = ("a trial of 1 CPU, 1 CPU free on the cluster" if args.trial_cpus == 1 else
+              "a trial of 2 CPUs (two bundles) filling the cluster")
     table = Table(title=f"One evaluation of K = {NETWORKS} networks: sequential vs parallel on {WORKERS} workers "
-                        f"(median of {args.repeats})")
+                        f"({caller}; median of {args.repeats})")
     for col in ("dataset", "model", "epochs", "test imgs", "seq s", "par s", "seq / par", "static 2+2 s",
                 "seq / static", "par: tasks/here/reclaimed", "same accs"):
         table.add_column(col, justify="left" if col in ("dataset", "model") else "right")
@@ -221,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                       machine_info("cpu", load_start, versions={"ray": ray.__version__}),
                       {"networks": NETWORKS, "workers": WORKERS, "datasets": args.datasets, "epochs": args.epochs,
                        "mnist_epochs": args.mnist_epochs, "mnist_test": args.mnist_test, "repeats": args.repeats,
-                       "warmup": args.warmup, "seed": args.seed, "quick": args.quick},
+                       "warmup": args.warmup, "seed": args.seed, "quick": args.quick, "trial_cpus": args.trial_cpus},
                       rows=rows, skipped=skipped,
                       ratio={r["dataset"]: r["ratio"] for r in rows},
                       static_ratio={r["dataset"]: r["static_ratio"] for r in rows},
