@@ -31,7 +31,7 @@ evaluates, and on a full cluster nothing else may be free: so
 Where the tasks go. Tune runs a trial in a placement group that captures its child tasks, and
 the trial's own bundle has no room for them (the trial uses it whole): captured there, they would
 queue forever. A trial of two CPUs or more on the CPU, though, holds its CPUs beyond the first as
-bundles of one CPU each (:func:`orchestrator.sweep.trial_resources`): its distillation steps use
+bundles of one CPU each (:func:`orchestrator.schedulers.trial_resources`): its distillation steps use
 them all (its torch threads), and while it evaluates, they are free for its networks. So a task
 goes first to a free CPU of the caller's own placement group (``free()["group"]``, scheduled into
 that group's bundles), which the trial holds whatever else runs on the cluster; then to the
