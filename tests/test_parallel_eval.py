@@ -280,7 +280,7 @@ def test_inside_a_placement_group_that_captures_child_tasks(ray_cluster, digits,
 
 @pytest.mark.slow
 def test_a_trials_own_cpus_train_its_networks_on_a_full_cluster(ray_cluster, digits, small_set):
-    """A trial of 2 CPUs as the sweep asks for it (sweep.trial_resources: two bundles of one CPU,
+    """A trial of 2 CPUs as the sweep asks for it (schedulers.trial_resources: two bundles of one CPU,
     STRICT_PACK, Tune capturing child tasks) on the 2-CPU cluster, which it then fills: no CPU is
     free on the cluster, yet its second bundle is free while it evaluates, and the networks train
     there beside the caller (not one after another): the same results, bit for bit."""
