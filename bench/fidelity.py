@@ -19,6 +19,7 @@ NDCG@10 on a second line); PTB perplexity. A sweep still running is read as it s
     python bench/fidelity.py --quick --json /tmp/fid.json # a tiny digits sweep in a temporary root
     python bench/fidelity.py --direct OUT --publish distilled/ --unfinished   # bench/direct.py runs
     python bench/fidelity.py --verify distilled/          # every published set, evaluated independently
+    python bench/fidelity.py --reevaluate distilled/ --also-strategy S --also-epochs 1000   # no sweep needed
 
 ``--run`` launches each spec with ``orchestrate launch SPEC --root ROOT`` in a subprocess (the
 command users run; a sweep that exists is resumed), then reads. ``--quick`` writes a CI-sized
@@ -589,6 +590,10 @@ def also_evaluate(folder: Path, strategies: list[str], console, workers: int | N
                 "random_mean": rnd.get("acc_mean"), "random_std": rnd.get("acc_std")})
             atomic_write_bytes(index_path, (json.dumps(entries, indent=1) + "\n").encode(), replace=True)
             atomic_write_bytes(folder / README, readme_text(entries).encode(), replace=True)
+            random = (f"{100 * rnd['acc_mean']:.2f} ± {100 * rnd['acc_std']:.2f}" if rnd.get("acc_mean") is not None
+                      else "none")
+            console.print(f"  {e['file']}: {100 * syn['acc_mean']:.2f} ± {100 * syn['acc_std']:.2f} "
+                          f"(random subset {random}); recorded in {index_path}")
     return entries
 
 
@@ -926,7 +931,7 @@ def main() -> None:
                     help="with --publish: also publish the rows still running or cut off, by the set of their latest "
                          "evaluation (marked `N of M (running)` in the README); a later --publish replaces it")
     ap.add_argument("--also-strategy", metavar="S", action="append", default=[],
-                    help="with --publish: also evaluate each published image set with DSA's families S (e.g. "
+                    help="with --publish (or --reevaluate): also evaluate each published image set with DSA's families S (e.g. "
                          "color_crop_cutout_scale_rotate, DC/DSA's digits protocol: no flip), or with DC's own "
                          "augmentation if S is dc:FAMILIES (dc:crop_scale_rotate, how DC's authors evaluate DC "
                          "sets on MNIST), the sweep's networks, epochs and seeds, next to a random subset; recorded "
@@ -937,6 +942,10 @@ def main() -> None:
     ap.add_argument("--also-method", metavar="M", action="append", default=[],
                     help="with --also-strategy: only the published sets of method M (e.g. dc with "
                          "dc:crop_scale_rotate, DC's own protocol); repeat for several; default: every set")
+    ap.add_argument("--reevaluate", metavar="DIR", default=None,
+                    help="evaluate the sets already published in DIR under --also-strategy's protocols (as --publish "
+                         "DIR --also-strategy does after publishing), reading and running no sweep: for sets whose "
+                         "sweep or store is gone; recorded in DIR's index.json and README like --also-strategy's")
     ap.add_argument("--workers", type=int, default=None, metavar="N",
                     help="networks at once for --also-strategy, as `orchestrate evaluate --workers` (1: one after "
                          "another here; default: auto), and for --verify (default: every usable CPU)")
@@ -949,7 +958,7 @@ def main() -> None:
                          "a few minutes for all on 2 cores")
     args = ap.parse_args()
     if args.verify:
-        if args.specs or args.run or args.publish or args.direct or args.also_strategy:
+        if args.specs or args.run or args.publish or args.direct or args.also_strategy or args.reevaluate:
             ap.error("--verify evaluates the sets already in DIR: give no SPEC, --run, --publish, --direct or "
                      "--also-strategy with it")
         console = bench_console(140)
@@ -971,8 +980,8 @@ def main() -> None:
             parse_augmentation(text)
         except ReportError as e:
             ap.error(str(e))
-    if args.also_strategy and not args.publish:
-        ap.error("--also-strategy evaluates the published sets: give --publish DIR")
+    if args.also_strategy and not (args.publish or args.reevaluate):
+        ap.error("--also-strategy evaluates the published sets: give --publish DIR (or --reevaluate DIR)")
     if args.unfinished and not args.publish:
         ap.error("--unfinished chooses the rows --publish exports: give --publish DIR")
     if args.also_method and not args.also_strategy:
@@ -983,6 +992,22 @@ def main() -> None:
         ap.error("--also-epochs must be >= 1")
     console = bench_console(170)
     load0 = os.getloadavg()
+    if args.reevaluate:
+        if args.specs or args.run or args.publish or args.direct or args.quick or args.unfinished:
+            ap.error("--reevaluate evaluates the sets already in DIR again: give no SPEC, --run, --publish, --direct, "
+                     "--quick or --unfinished with it")
+        if not args.also_strategy:
+            ap.error("--reevaluate needs the protocol to evaluate with: give --also-strategy S")
+        try:
+            entries = also_evaluate(Path(args.reevaluate), args.also_strategy, console, args.workers,
+                                    args.also_epochs or None, args.also_method or None)
+        except ReportError as e:
+            fail(str(e))
+        if args.json:
+            write_results(console, args.json, "fidelity", machine_info("cpu", load0),
+                          {"reevaluate": args.reevaluate, "also_strategy": args.also_strategy,
+                           "also_epochs": args.also_epochs, "also_method": args.also_method}, published_sets=entries)
+        return
     if args.direct:
         if args.quick or args.specs or args.run or args.also_strategy:
             ap.error("--direct reads bench/direct.py folders: give no SPEC, --quick, --run or --also-strategy with it")

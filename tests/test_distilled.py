@@ -194,24 +194,18 @@ def test_set_names_and_the_size_limit(tmp_path):
         fidelity.check_size(tmp_path, index, {"c": int(1.5 * 2**20)})
 
 
-def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp_path, write_spec, monkeypatch):
-    """--also-strategy: a published digits set is evaluated again without flips (the spec's
-    networks, epochs and seeds, and a random subset), recorded in the index and the README's second
-    table; a second call finds it done and trains nothing."""
-    import json
-
+def _published_digits_set(tmp_path, write_spec):
+    """A folder publishing one digits set (a real subset, IPC 1) of a tiny spec: (folder, spec path, x, y)."""
     import torch
 
     from algorithms.base import SyntheticSet
-    from algorithms.evaluate import EvalConfig, evaluate_set, random_real_subset
+    from algorithms.evaluate import random_real_subset
     from orchestrator.artifacts import save_synthetic
     from orchestrator.datasets import load_dataset
-    from orchestrator.spec import eval_seed
     from orchestrator.spec import load_spec
     from tests.conftest import tiny_spec
 
-    small = {"depth": 1, "width": 8}
-    spec_path = write_spec(tiny_spec(model=small, evaluation={"networks": 2, "epochs": 20}))
+    spec_path = write_spec(tiny_spec(model={"depth": 1, "width": 8}, evaluation={"networks": 2, "epochs": 20}))
     digits = load_dataset("digits")
     x, y = random_real_subset(digits.x_train, digits.y_train, 1, 10, torch.Generator().manual_seed(3))
     folder = tmp_path / "distilled"
@@ -221,6 +215,20 @@ def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp
     data = (folder / "digits-mtt-ipc1.safetensors").read_bytes()
     entry = _entry("digits-mtt-ipc1.safetensors", len(data), dataset="digits", spec=str(spec_path))
     (folder / "index.json").write_text(json.dumps([entry]))
+    return folder, spec_path, x, y
+
+
+def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp_path, write_spec, monkeypatch):
+    """--also-strategy: a published digits set is evaluated again without flips (the spec's
+    networks, epochs and seeds, and a random subset), recorded in the index and the README's second
+    table; a second call finds it done and trains nothing."""
+    from algorithms.evaluate import EvalConfig, evaluate_set
+    from orchestrator.datasets import load_dataset
+    from orchestrator.spec import eval_seed
+    from orchestrator.spec import load_spec
+
+    folder, spec_path, x, y = _published_digits_set(tmp_path, write_spec)
+    digits = load_dataset("digits")
     strategy = "color_crop_cutout_scale_rotate"
     [out] = fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120))
     [p] = out["protocols"]
@@ -265,6 +273,42 @@ def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp
     monkeypatch.setattr("orchestrator.evaluate.evaluate_file", lambda *a, **k: pytest.fail("evaluated twice"))
     assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120)) == [more]
     assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120), epochs=[30, None]) == [more]
+
+
+def test_reevaluate_records_a_protocol_for_sets_whose_sweep_is_gone(tmp_path, write_spec, monkeypatch, capsys):
+    """--reevaluate DIR --also-strategy S [--also-epochs N]: the sets already published in DIR are
+    evaluated again as --publish's --also-strategy evaluates them, with no sweep or store to read
+    (ROOT does not exist); its numbers are the sweep's networks and seeds under that protocol, and
+    the index and README record them. Without --also-strategy, or with a SPEC, it is refused."""
+    from algorithms.evaluate import EvalConfig, evaluate_set
+    from orchestrator.datasets import load_dataset
+    from orchestrator.spec import eval_seed, load_spec
+
+    folder, spec_path, x, y = _published_digits_set(tmp_path, write_spec)
+    spec, digits = load_spec(spec_path), load_dataset("digits")
+    strategy = "color_crop_cutout_scale_rotate"
+    out = tmp_path / "re.json"
+    argv = ["fidelity.py", "--reevaluate", str(folder), "--also-strategy", strategy, "--also-epochs", "25",
+            "--workers", "1", "--root", str(tmp_path / "no-such-root"), "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    fidelity.main()
+    [entry] = json.loads((folder / "index.json").read_text())
+    [p] = entry["protocols"]
+    assert (p["dsa_strategy"], p["epochs"], p["networks"], p["seed"]) == (strategy, 25, 2, eval_seed({"seed": spec.seed}))
+    direct = evaluate_set(spec.model, digits.info, x, y, 0.02, digits.x_test, digits.y_test,
+                          EvalConfig(networks=2, epochs=25, batch_size=spec.evaluation["batch_size"],
+                                     dsa_strategy=strategy), seed=p["seed"])
+    assert p["mean"] == pytest.approx(direct.mean, abs=1e-9)
+    assert f"| digits-mtt-ipc1.safetensors | DSA `{strategy}` | 2 x 25 | {100 * p['mean']:.1f} ± " in \
+        (folder / "README.md").read_text()
+    assert json.loads(out.read_text())["published_sets"] == [entry]
+    assert f"{100 * p['mean']:.2f} ± " in capsys.readouterr().out
+    assert not (tmp_path / "no-such-root").exists()  # no store was opened or made
+    for bad, why in ((argv[:3], "give --also-strategy S"), (argv + [str(spec_path)], "give no SPEC")):
+        monkeypatch.setattr(sys, "argv", bad)
+        with pytest.raises(SystemExit) as exit_:
+            fidelity.main()
+        assert exit_.value.code == 2 and why in capsys.readouterr().err
 
 
 def test_a_running_trial_is_exported_and_published_by_its_latest_evaluated_set(tmp_path):
