@@ -546,13 +546,20 @@ def protocol_key(p: dict[str, Any]) -> tuple[str, str, int]:
     return aug, p["dc_strategy"] if aug == "dc" else p["dsa_strategy"], p["epochs"]
 
 
+def sweep_protocol(evaluation: dict[str, Any]) -> tuple[str, str | None, int]:
+    """(augmentation, families, epochs) of a spec's own ``evaluation`` section, as :func:`protocol_key`
+    gives a recorded one (what ``orchestrate evaluate`` trains with when given nothing else)."""
+    aug = "dc" if evaluation.get("dc_strategy") else "dsa" if evaluation.get("dsa", True) else "none"
+    return aug, evaluation["dc_strategy"] if aug == "dc" else evaluation["dsa_strategy"], evaluation["epochs"]
+
+
 def also_evaluate(folder: Path, strategies: list[str], console, workers: int | None = None,
                   epochs: list[int | None] | None = None, methods: list[str] | None = None) -> list[dict[str, Any]]:
     """Evaluate every published image set of ``folder`` (of ``methods``, when given) again under each (DSA strategy, epochs) it
     has not been evaluated with (``orchestrate evaluate``'s code: the sweep's networks and seeds,
     its epochs where ``epochs`` holds None, the set and a random subset of its size), record it
     under the entry's ``protocols`` and rewrite the index and the README. Sequence sets are left
-    alone (no augmentation)."""
+    alone (no augmentation), and so is a protocol that is the sweep's own: the table's numbers are it."""
     from orchestrator.evaluate import EvalOptions, EvaluateError, evaluate_file
     from orchestrator.spec import load_spec
     from orchestrator.store import atomic_write_bytes
@@ -569,6 +576,10 @@ def also_evaluate(folder: Path, strategies: list[str], console, workers: int | N
         for strategy, n_epochs in ((s, n or spec.evaluation["epochs"]) for s in strategies for n in epochs or [None]):
             aug, families = parse_augmentation(strategy)
             if (aug, families, n_epochs) in done:
+                continue
+            if (aug, families, n_epochs) == sweep_protocol(spec.evaluation):
+                console.print(f"{e['file']}: {aug.upper()} {families} over {n_epochs} epochs is its sweep's own "
+                              f"evaluation ({e['spec']}): the table's numbers are that protocol's; not evaluated again")
                 continue
             console.print(f"evaluating {e['file']} with {aug.upper()} {families} ({spec.evaluation['networks']} "
                           f"networks x {n_epochs} epochs, and a random subset)")

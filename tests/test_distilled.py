@@ -272,6 +272,10 @@ def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp
 
     monkeypatch.setattr("orchestrator.evaluate.evaluate_file", lambda *a, **k: pytest.fail("evaluated twice"))
     assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120)) == [more]
+    # the sweep's own protocol (the spec's families, with flip, over its 20 epochs) is the table's numbers
+    own = spec.evaluation["dsa_strategy"]
+    assert own != strategy and fidelity.sweep_protocol(spec.evaluation) == ("dsa", own, 20)
+    assert fidelity.also_evaluate(folder, [own], fidelity.bench_console(120)) == [more]
     assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120), epochs=[30, None]) == [more]
 
 
