@@ -586,7 +586,8 @@ def also_evaluate(folder: Path, strategies: list[str], console, workers: int | N
             families_opt = {"dc_strategy": families} if aug == "dc" else {"dsa_strategy": families}
             try:
                 report = evaluate_file(folder / e["file"], EvalOptions(dataset=e["dataset"], spec=spec, epochs=n_epochs,
-                                                                       aug=aug, workers=workers, **families_opt))
+                                                                       aug=aug, workers=workers, **families_opt),
+                                       say=lambda line: console.print(f"  {escape(line)}", highlight=False))
             except EvaluateError as err:
                 raise ReportError(f"{folder / e['file']}: {err}") from None
             first = report["rows"][0]["model"]

@@ -306,7 +306,8 @@ def test_reevaluate_records_a_protocol_for_sets_whose_sweep_is_gone(tmp_path, wr
     assert f"| digits-mtt-ipc1.safetensors | DSA `{strategy}` | 2 x 25 | {100 * p['mean']:.1f} ± " in \
         (folder / "README.md").read_text()
     assert json.loads(out.read_text())["published_sets"] == [entry]
-    assert f"{100 * p['mean']:.2f} ± " in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"{100 * p['mean']:.2f} ± " in said and "network 2/2" in said  # each network as it ends
     assert not (tmp_path / "no-such-root").exists()  # no store was opened or made
     for bad, why in ((argv[:3], "give --also-strategy S"), (argv + [str(spec_path)], "give no SPEC")):
         monkeypatch.setattr(sys, "argv", bad)
