@@ -76,7 +76,9 @@ def test_second_moment_term_matters():
 def test_reverse_mode_float32_model_with_float64_state():
     """A float32 model with Adam's state kept and reversed in float64 (the default) gives the
     gradient of the same float32-model dynamics unrolled; reversing float32 state does not (undoing
-    ``v_t = b2 v_{t-1} + (1-b2) g^2`` cancels digits: measured 1e5x off at 20 steps)."""
+    ``v_t = b2 v_{t-1} + (1-b2) g^2`` cancels digits). How far off float32 lands is roundoff, so it
+    depends on the summation order: relative errors 0.83-0.91 on one thread, 300-330 on two, against
+    4e-8-7e-8 for float64 state on either."""
     _, _, theta32, prob32 = tiny_problem(20, dtype=torch.float32)
     hp = AdamHP(lr=0.01)
     ref = unrolled_meta_grad(theta32, prob32, hp, state_dtype=torch.float64)
@@ -84,7 +86,7 @@ def test_reverse_mode_float32_model_with_float64_state():
     errs32 = [rel_err(a, b) for a, b in
               zip(reverse_meta_grad(theta32, prob32, hp, state_dtype=torch.float32).grads, ref.grads)]
     assert max(errs64) < 1e-4, errs64
-    assert min(errs32) > 1.0, errs32
+    assert min(errs32) > max(0.1, 1e4 * max(errs64)), (errs32, errs64)
 
 
 def test_hessian_vector_product_matches_finite_differences():
