@@ -53,7 +53,8 @@ class Distiller(Protocol):
     ``synthetic`` for evaluation and export, ``state_dict``/``load_state_dict`` for checkpoints
     (a restored distiller's next ``step`` equals the uninterrupted one's). Optionally
     ``init_index``: the rows of the real training data its start holds (None: none), which the
-    orchestrator records with its sets."""
+    orchestrator records with its sets. Optionally ``warm_start(images, lr)``: start (at iteration
+    0, before any step) from a given set instead of its own initialisation (``init_from``)."""
     iteration: int
 
     def step(self) -> dict[str, float]:
@@ -114,6 +115,23 @@ class ImageSetState:
         self.opt_img.load_state_dict(copy.deepcopy(state["opt_img"]))
         self.gen.set_state(state["generator"])
         self.iteration = int(state["iteration"])
+
+    def warm_start(self, images: torch.Tensor, lr: float | None = None) -> None:
+        """Start from ``images`` (the layout of :attr:`images`: class-major, the same labels)
+        instead of the initialisation; ``lr`` is not read: these sets are evaluated with the
+        method's fixed step size. The image optimiser keeps its fresh (zero) momentum."""
+        check_warm_start(self, images)
+        with torch.no_grad():
+            self.images.copy_(images.to(self.device, torch.float32))
+        self.init_index = None  # no real rows: the start is the given set
+
+
+def check_warm_start(distiller, images: torch.Tensor) -> None:
+    if distiller.iteration != 0:
+        raise ValueError(f"warm_start is for a new distiller; this one is at iteration {distiller.iteration}")
+    if tuple(images.shape) != tuple(distiller.images.shape):
+        raise ValueError(f"warm_start: images of shape {tuple(images.shape)}, this distiller holds "
+                         f"{tuple(distiller.images.shape)}")
 
 
 # -- hyperparameters: each config dataclass declares its checks on its fields -----------------------

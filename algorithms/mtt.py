@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import DEFAULT_STRATEGY, DSA, AugSample, DSAConfig, check_strategy
-from .base import SyntheticSet, check_config, check_finite, hp, nonneg, one_of, positive, positive_or_none
+from .base import (SyntheticSet, check_config, check_finite, check_warm_start, hp, nonneg, one_of, positive,
+                   positive_or_none)
 from .evaluate import init_images
 from .networks import Manifest, functional_forward, manifest_of
 
@@ -206,6 +207,17 @@ class MTTDistiller:
 
     def synthetic(self) -> SyntheticSet:
         return SyntheticSet(self.images.detach().cpu().clone(), self.labels.cpu().clone(), self.syn_lr.item())
+
+    def warm_start(self, images: torch.Tensor, lr: float | None = None) -> None:
+        """Start from ``images`` (class-major, the labels of :attr:`labels`) and, when given, the
+        learned step size ``lr`` of the set they come from; both optimisers keep their fresh (zero)
+        momentum."""
+        check_warm_start(self, images)
+        with torch.no_grad():
+            self.images.copy_(images.to(self.device, self.images.dtype))
+            if lr is not None:
+                self.syn_lr.fill_(float(lr))
+        self.init_index = None  # no real rows: the start is the given set
 
     def state_dict(self) -> dict[str, Any]:
         return {

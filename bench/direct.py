@@ -61,6 +61,7 @@ from orchestrator.artifacts import load_state, save_state  # noqa: E402
 from orchestrator.experts import ExpertSet, expert_key, expert_seed, train_and_write  # noqa: E402
 from orchestrator.spec import SpecError, read_yaml, validate  # noqa: E402
 from orchestrator.store import TrajectoryStore, git_commit  # noqa: E402
+from orchestrator.warmstart import build_started, load_init_sets  # noqa: E402
 
 QUICK_SPEC = REPO / "search_spaces" / "quickstart.yaml"
 # --quick: the quickstart spec at a size that runs in well under a minute on one CPU core
@@ -199,8 +200,7 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
                           f"this runs fixed values and grids only (set one with --set)")
     folder.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    distiller = methods.build_point(point, sd, data, task, experts.files, device)
-    start = methods.get(point["algorithm"]).start_record(distiller, task, data, sd["model"])  # as a trial's
+    distiller, start = build_started(point, sd, data, task, experts.files, device, load_init_sets(spec, data))  # as a trial's
     iterations, interval = point["iterations"], spec.evaluation["interval"]
     precision = spec.resources.get("precision", "fp32")
     out = {"trial": trial_name(spec, point), "spec": str(spec.path), "set": list(sets), "spec_hash": spec.hash,

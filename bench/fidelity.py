@@ -270,6 +270,18 @@ def entry_spec(spec_path: str, sets: list[str] | None = None):
         raise ReportError(f"{spec_path}: {e}") from e
 
 
+def entry_hashes(entry: dict[str, Any]) -> tuple[str, ...]:
+    """The hashes of an index entry's spec as it stood when the set was made. A trial that started
+    from an exported set (``init_from``) hashed that file's sha256, which the set records
+    (``init_from`` of the entry): the file at the path may since have been replaced, as when the
+    continued set is published over the one it started from."""
+    spec = entry_spec(entry["spec"], entry.get("set"))
+    algo = spec.algorithms.get(entry["method"], {})
+    if entry.get("init_from") and "init_from" in algo:
+        algo["init_from"] = {**algo["init_from"], "sha256": entry["init_from"]["sha256"]}
+    return spec.hashes
+
+
 def _headline(evaluation: dict[str, Any]) -> tuple[str, bool]:
     for metric, higher in (("acc", True), ("hr10", True), ("ppl", False)):
         if metric in evaluation:
@@ -411,11 +423,30 @@ def index_entry(row: dict[str, Any], file: str, data: bytes, meta: dict[str, str
             "pct_of_full": _pct(score[0], m["full_data_mean"], row["higher_is_better"])
             if chosen or unfinished else m["pct_of_full"],
             "iterations": row["iterations_done"], "iterations_planned": row.get("iterations_planned"),
+            **started_from(data),
             "status": row["status"],
             "published": row["published"], "spec": row["spec"], **({"set": row["set"]} if row.get("set") else {}),
             "spec_hash": row.get("spec_hash"),
             "git_commit": row.get("git_commit"), "git_commits": row.get("git_commits"), "run_id": row["run_id"],
             "sweep": row["sweep"]}
+
+
+def started_from(data: bytes) -> dict[str, Any]:
+    """``iterations_before`` and ``init_from`` (the set's sha256 and path) of a set whose trial
+    started from an exported set (``algorithms.<name>.init_from``: its ``start`` metadata), from the
+    file's bytes; {} for a set that started from real images or noise."""
+    import struct
+
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        start = json.loads(meta.get("start") or "null")
+    except (ValueError, struct.error):
+        return {}
+    if not isinstance(start, dict) or start.get("init") != "set":
+        return {}
+    return {"iterations_before": int(start.get("iterations_behind") or 0),
+            "init_from": {"sha256": start.get("sha256"), "path": start.get("path")}}
 
 
 def code_history(tags: dict[str, str]) -> list | None:
@@ -472,7 +503,8 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
              "`(killed)`: a sweep stopped by hand (Ctrl-C) before its end, which the same launch command resumes.",
              "A spec marked (`bench/direct.py`) ran through that script (the sweep's own components without Ray",
              "or MLflow, on a lent GPU machine) with the overrides shown, which were checked against the spec hash",
-             "the file carries; `cut off` is a run its time limit stopped.",
+             "the file carries; `cut off` is a run its time limit stopped. `N + M before (from h)`: a trial",
+             "that started from an exported set (`init_from`) of sha256 `h`, made by M iterations before its N.",
              "`tests/test_distilled.py` checks every file against this table;",
              "`python bench/fidelity.py --verify distilled/` evaluates every set again independently (a fresh",
              "network of a new seed each, under the sweep's protocol; CI runs its `--quick` part). Written by",
@@ -500,7 +532,9 @@ def readme_text(entries: list[dict[str, Any]]) -> str:
         running = e.get("status", "FINISHED") != "FINISHED"
         which = f"{e['set_iteration']}" + (f", by {e['selected_by']}" if e["selected_by"] else
                                            ", latest" if running else ", final")
-        iters = f"{e['iterations']} of {e['iterations_planned']} ({e['status'].lower()})" if running else e["iterations"]
+        iters = f"{e['iterations']} of {e['iterations_planned']} ({e['status'].lower()})" if running else f"{e['iterations']}"
+        if e.get("iterations_before"):  # a trial started from an exported set (init_from)
+            iters += f" + {e['iterations_before']} before (from {e['init_from']['sha256'][:10]})"
         lines.append(f"| [{e['file']}]({e['file']}) ({e['bytes'] / 1024:.0f} KB) | {e['dataset']} | {e['method']} "
                      f"| {e['budget']} | {iters} | {label} {_pm(e['set_mean'], e['set_std'], scale)} ({which}) "
                      f"| {_pm(e['final_mean'], e['final_std'], scale)} "

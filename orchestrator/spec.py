@@ -121,6 +121,8 @@ class Spec:
         # a method's hyperparameters added after specs were written (``hp(..., added=True)``): at
         # their default they are not part of the hash either
         for name, algo in d["algorithms"].items():
+            if "init_from" in algo:  # the start is the file's content, wherever it lies
+                algo["init_from"] = algo["init_from"]["sha256"]
             later = {k: f.default for k, f in methods.get(name).hp_fields().items() if f.metadata.get("added")}
             for part in (algo["hyperparameters"], *algo.get("per_budget", {}).values()):
                 for k, default in later.items():
@@ -351,7 +353,7 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
     sec = {"dataset": dataset, **{s: check_fields(s, raw.get(s), schema) for s, schema in schemas.items()
                                   if s != "dataset"}}
     algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err, sec["model"], task,
-                                   dataset.get("name", "?"))
+                                   dataset.get("name", "?"), dataset)
     if folder:
         _check_folder_size(dataset, sec["model"], err)
     if top.get("search") and algorithms:

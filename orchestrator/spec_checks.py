@@ -12,6 +12,7 @@ from algorithms.base import KIND_NAMES as _KIND_NAMES
 from . import methods
 from .methods import bounds as _bounds
 from .spec_schema import NUM, _is, _unknown
+from .warmstart import check_spec_entry
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
@@ -103,7 +104,8 @@ def _check_distribution(key: str, v: dict, kind: tuple[str, bool], check, err) -
     return ok
 
 
-def _check_algorithms(given: Any, experts: dict, err, model: dict, task, dataset: str = "?") -> dict[str, dict[str, Any]]:
+def _check_algorithms(given: Any, experts: dict, err, model: dict, task, dataset: str = "?",
+                      dataset_section: dict | None = None) -> dict[str, dict[str, Any]]:
     fits = [n for n in methods.names(baseline=False) if methods.get(n).kind in (task.kind, "any")]
     if not isinstance(given, dict) or not given:
         err("algorithms", f"must map at least one algorithm ({', '.join(fits)}) to its budgets")
@@ -125,9 +127,10 @@ def _check_algorithms(given: Any, experts: dict, err, model: dict, task, dataset
         if not isinstance(body, dict):
             err(key, "must be a mapping with budgets, iterations and hyperparameters")
             continue
+        keys = ("budgets", "iterations", "hyperparameters", "per_budget", "init_from")
         for k in body:
-            if k not in ("budgets", "iterations", "hyperparameters", "per_budget"):
-                err(f"{key}.{k}", _unknown(k, ("budgets", "iterations", "hyperparameters", "per_budget")))
+            if k not in keys:
+                err(f"{key}.{k}", _unknown(k, keys))
         budgets = body.get("budgets")
         if not isinstance(budgets, list) or not budgets:
             err(f"{key}.budgets", f"must be a non-empty list of {task.budget_unit}, e.g. [1, 10]")
@@ -158,6 +161,10 @@ def _check_algorithms(given: Any, experts: dict, err, model: dict, task, dataset
             method.check(prefix, b, merged, experts, model, err)
         out[name] = {"budgets": budgets, "iterations": iterations, "hyperparameters": hp,
                      "per_budget": per_budget}
+        if body.get("init_from") is not None:  # a start from an exported set ({path, sha256})
+            init = check_spec_entry(f"{key}.init_from", body["init_from"], method, dataset_section or {"name": dataset}, err)
+            if init is not None:
+                out[name]["init_from"] = init
     return out
 
 

@@ -35,6 +35,7 @@ from .spec import Spec
 from .store import TrajectoryStore, atomic_write_bytes, git_commit, library_versions
 from .tracking import COMMIT_TAG, RunLogger, Workspace, ensure_experiment
 from .trial import TrialContext, run_trial, trial_name
+from .warmstart import load_init_sets
 
 
 @dataclass
@@ -117,6 +118,7 @@ def check_budgets(spec: Spec, data) -> None:
     """Refuse budgets that the data cannot fill (a SpecError naming the file and the key): the
     CLI calls it before Ray starts, :func:`launch` again for callers of the API."""
     spec.task.check_budgets(spec, data)
+    load_init_sets(spec, data)  # the starts read from files (init_from) fit the data
 
 
 def check_budgets_if_data_here(spec: Spec) -> bool:
@@ -261,7 +263,8 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     ctx = TrialContext(data=data, spec=spec.to_dict(), spec_hash=spec.hash, expert_files=experts.files,
                        expert_sha256=[r.sha256 for recs in experts.forms.values() for r in recs], store_key=experts.key,
                        experts_acc=experts.accuracy, tracking_uri=ws.tracking_uri, experiment_id=experiment_id,
-                       parent_run_id=parent_id, tags=lineage, full_data=full)
+                       parent_run_id=parent_id, tags=lineage, full_data=full,
+                       init_sets=load_init_sets(spec, data))
     has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     cpus, gpus = spec.resources["cpus_per_trial"], spec.resources["gpus_per_trial"]
     parallel = spec.evaluation.get("parallel", True)

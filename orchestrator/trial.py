@@ -24,6 +24,7 @@ from algorithms.base import DivergenceError, autocast
 from . import methods
 from .artifacts import CASES_FILE, load_state, save_cases, save_state
 from .tasks import Task, task_for
+from .warmstart import build_started
 from .tracking import (COMMIT_TAG, DIGEST_TAG, RunLogger, dataset_input, find_or_create_child, log_dataset,
                        record_code)
 
@@ -67,6 +68,7 @@ class TrialContext:
     parent_run_id: str
     tags: dict[str, str] = field(default_factory=dict)
     full_data: dict[str, list[float]] = field(default_factory=dict)  # the task's full-data metric -> [mean, std]
+    init_sets: dict[str, Any] = field(default_factory=dict)  # algorithm -> warmstart.InitSet (init_from)
 
     @property
     def task(self) -> Task:
@@ -99,8 +101,9 @@ def _device() -> torch.device:
 
 
 def build_distiller(point: dict, ctx: TrialContext, device: torch.device, seed: int):
-    """The distiller of a trial point, built by its method from the registry."""
-    return methods.build_point(point, ctx.spec, ctx.data, ctx.task, ctx.expert_files, device, seed)
+    """The distiller of a trial point, built by its method from the registry and started as the
+    spec says (``init_from``: from an exported set)."""
+    return build_started(point, ctx.spec, ctx.data, ctx.task, ctx.expert_files, device, ctx.init_sets, seed)[0]
 
 
 def _evaluate(ctx: TrialContext, syn, device, final: bool = False) -> dict[str, tuple[float, float]]:
@@ -242,9 +245,9 @@ def _final_metrics(ctx: TrialContext, evals: dict[str, tuple[float, float]]) -> 
 def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: dict, device, seed: int,
                       restored: dict | None) -> None:
     spec = ctx.spec
-    distiller = build_distiller(point, ctx, device, seed)
-    # the real data the start read (the same after a restart: the start is rebuilt from the seed)
-    start = methods.get(point["algorithm"]).start_record(distiller, ctx.task, ctx.data, spec["model"])
+    # the real data the start read (the same after a restart: the start is rebuilt from the seed),
+    # or the exported set it started from (init_from); a restored trial then loads its state
+    distiller, start = build_started(point, spec, ctx.data, ctx.task, ctx.expert_files, device, ctx.init_sets, seed)
     if start is not None:
         log.client.log_dict(log.run_id, start, START_ARTIFACT)
     history: dict[str, Any] = {"evals": []}  # [(iteration, {metric: [mean, std]})]

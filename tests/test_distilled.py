@@ -37,7 +37,7 @@ def test_every_published_file_is_indexed_in_the_readme_and_intact():
         tensors, meta = read_synthetic(FOLDER / e["file"])
         assert meta["dataset"] == e["dataset"] and meta["algorithm"] == e["method"]
         # the recipe the row names (its spec with its overrides) is still the one that made the set
-        assert meta["spec_hash"] == e["spec_hash"] in fidelity.entry_spec(e["spec"], e.get("set")).hashes, e["file"]
+        assert meta["spec_hash"] == e["spec_hash"] in fidelity.entry_hashes(e), e["file"]
     assert sum(p.stat().st_size for p in FOLDER.iterdir() if p.is_file()) < fidelity.PUBLISH_LIMIT
 
 
@@ -181,6 +181,24 @@ def test_readme_rows_state_the_numbers_and_their_provenance():
     assert row.endswith("| b668f8c012@0, …, c0ffee0123+dirty@590 |"), row
     assert fidelity.code_history({"orchestrate.git_commits": json.dumps(hist)}) == hist
     assert fidelity.code_history({}) is None
+
+
+def test_a_set_continued_from_another_says_the_iterations_behind_it(tmp_path):
+    """A set whose trial started from an exported set (init_from): the index takes the iterations
+    behind the start from the file's ``start`` metadata, the README row shows them and the start."""
+    import torch
+    from safetensors.torch import save
+
+    start = {"init": "set", "sha256": "ab14bfd926" + "0" * 54, "path": "distilled/x.safetensors",
+             "iteration": 1565, "iterations_behind": 1565}
+    data = save({"images": torch.zeros(1)}, metadata={"start": json.dumps(start), "iteration": "2000"})
+    assert fidelity.started_from(data) == {"iterations_before": 1565,
+                                           "init_from": {"sha256": start["sha256"], "path": start["path"]}}
+    real = save({"images": torch.zeros(1)}, metadata={"start": json.dumps({"init": "real", "train_images": [1]})})
+    assert fidelity.started_from(real) == {} and fidelity.started_from(b"junk") == {}
+    row = next(x for x in fidelity.readme_text([_entry(**fidelity.started_from(data))]).splitlines()
+               if x.startswith("| ["))
+    assert "| 2000 + 1565 before (from ab14bfd926) |" in row, row
 
 
 def test_set_names_and_the_size_limit(tmp_path):

@@ -1,0 +1,199 @@
+"""``algorithms.<name>.init_from``: a distillation that starts from an exported set (and a sweep
+that continues another one's set), its checks, its hash and its lineage."""
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from algorithms.base import SyntheticSet
+from algorithms.dm import mean_embedding_distance
+from algorithms.networks import fresh_params, functional_embed, manifest_of
+from orchestrator import methods
+from orchestrator.artifacts import read_synthetic, save_synthetic
+from orchestrator.datasets import load_dataset
+from orchestrator.spec import SpecError, validate
+from orchestrator.sweep import check_budgets
+from orchestrator.tasks import task_for
+from orchestrator.tracking import workspace
+from orchestrator.warmstart import build_started, iterations_behind, load_init_sets
+
+from .conftest import TINY
+
+DM_POINT = {"algorithm": "dm", "budget": 1, "iterations": 80, "hp": {"batch_real": 64, "dsa": False}}
+
+
+def dm_spec(init_from=None, name="warm", budgets=(1,), **over) -> dict:
+    algo = {"budgets": list(budgets), "iterations": 8, "hyperparameters": {"batch_real": 64, "dsa": False}}
+    if init_from is not None:
+        algo["init_from"] = str(init_from)
+    return {**{k: v for k, v in TINY.items() if k not in ("algorithms", "experts")}, "name": name,
+            "algorithms": {"dm": algo}, "baselines": [], **over}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def dm_set(digits, steps: int, path, seed: int = 5, start=None):
+    """A DM digits set after ``steps`` steps from real images (or from the spec-less ``start``
+    file), exported to ``path`` as a trial would, with its iteration."""
+    spec = validate(dm_spec(start)).to_dict()
+    point = {**DM_POINT, "iterations": steps}
+    init = load_init_sets(validate(dm_spec(start)), digits)
+    d, record = build_started(point, spec, digits, task_for("digits"), {}, torch.device("cpu"), init, seed)
+    for _ in range(steps):
+        d.step()
+    extra = {"budget": 1, "iteration": steps, "spec_hash": "h", **({"start": record} if record else {})}
+    save_synthetic(path, d.synthetic(), digits.info, "dm", extra, {"name": "convnet", "depth": 1, "width": 8})
+    return d
+
+
+def dm_objective(images: torch.Tensor, digits, nets: int = 12) -> float:
+    """DM's loss summed over classes, averaged over fixed random networks and all real images of
+    each class: the objective without the sampling noise of a step."""
+    net = methods.BuildContext(budget=1, hp={}, iterations=0, data=digits, task=task_for("digits"),
+                               model={"name": "convnet", "depth": 1, "width": 8}, spec={}, expert_files={},
+                               device=torch.device("cpu"), seed=0).image_network()
+    manifest, total = manifest_of(net), 0.0
+    with torch.no_grad():
+        for s in range(nets):
+            params = fresh_params(net, 1000 + s)
+            for c in range(digits.info.num_classes):
+                real = digits.x_train[digits.y_train == c]
+                total += float(mean_embedding_distance(functional_embed(net, params, real, manifest),
+                                                       functional_embed(net, params, images[c:c + 1], manifest)))
+    return total / nets
+
+
+def test_a_continued_distillation_goes_on_from_the_set(digits, tmp_path):
+    first = dm_set(digits, 5, tmp_path / "a.safetensors")
+    cont = dm_set(digits, 5, tmp_path / "b.safetensors", seed=6, start=tmp_path / "a.safetensors")
+    fresh = dm_set(digits, 5, tmp_path / "c.safetensors", seed=6)
+    real = dm_objective(_real_start(digits), digits)
+    after5, after10, fresh5 = (dm_objective(d.synthetic().images, digits) for d in (first, cont, fresh))
+    # 5 steps lower the objective (58 -> 15.5-16.4 over seeds), 5 more from the exported set lower
+    # it again (11-12); a start that ignored the file would be the fresh run: 5 steps from real
+    # images (15.0-16.6)
+    assert after5 < 0.5 * real, (real, after5)
+    assert after10 < 0.85 * min(after5, fresh5), (after5, after10, fresh5)
+    tensors, meta = read_synthetic(tmp_path / "b.safetensors")
+    start = json.loads(meta["start"])
+    assert start["init"] == "set" and start["iterations_behind"] == 5 and start["iteration"] == 5
+    assert start["path"] == str(tmp_path / "a.safetensors") and len(start["sha256"]) == 64
+    assert start["start"]["init"] == "real"  # the real rows behind the chain stay on record
+    assert iterations_behind(meta) == 10
+
+
+def _real_start(digits) -> torch.Tensor:
+    d, _ = build_started(DM_POINT, validate(dm_spec()).to_dict(), digits, task_for("digits"), {},
+                         torch.device("cpu"), {}, 5)
+    return d.synthetic().images
+
+
+def test_the_start_is_the_files_images_and_learned_step_size(digits, tmp_path):
+    images = torch.randn(10, 1, 8, 8)
+    labels = torch.arange(10)
+    save_synthetic(tmp_path / "s.safetensors", SyntheticSet(images, labels, 0.0123), digits.info, "mtt",
+                   {"iteration": 7}, {"name": "convnet"})
+    spec = validate(dm_spec(tmp_path / "s.safetensors"))
+    init = load_init_sets(spec, digits)["dm"]
+    d, record = build_started(DM_POINT, spec.to_dict(), digits, task_for("digits"), {}, torch.device("cpu"),
+                              {"dm": init}, 3)
+    assert torch.equal(d.synthetic().images, images) and d.init_index is None
+    assert record["iterations_behind"] == 7 and "start" not in record
+    # MTT keeps the set's learned step size (its optimisers start without momentum)
+    from algorithms.mtt import EpochSampler, MTTConfig, MTTDistiller
+
+    net = methods.BuildContext(budget=1, hp={}, iterations=0, data=digits, task=task_for("digits"),
+                               model={"name": "convnet", "depth": 1, "width": 8}, spec={}, expert_files={},
+                               device=torch.device("cpu"), seed=0).image_network()
+    traj = [torch.randn(4, sum(p.numel() for p in net.parameters()))]
+    mtt = MTTDistiller(net, EpochSampler(traj, 1, 2), digits.x_train, digits.y_train, 10,
+                       MTTConfig(ipc=1, syn_steps=2, expert_epochs=1, max_start_epoch=2), seed=0)
+    mtt.warm_start(init.images, init.lr)
+    assert torch.equal(mtt.images.detach(), images) and mtt.syn_lr.item() == pytest.approx(0.0123)
+    mtt.step()
+    with pytest.raises(ValueError, match="iteration 1"):
+        mtt.warm_start(init.images, init.lr)
+
+
+def test_the_hash_follows_the_files_content_not_its_path(digits, tmp_path):
+    dm_set(digits, 2, tmp_path / "a.safetensors")
+    shutil.copy(tmp_path / "a.safetensors", tmp_path / "copy.safetensors")
+    dm_set(digits, 3, tmp_path / "other.safetensors")
+    h = {p: validate(dm_spec(tmp_path / p)).hash for p in ("a.safetensors", "copy.safetensors", "other.safetensors")}
+    assert h["a.safetensors"] == h["copy.safetensors"] != h["other.safetensors"]
+    assert validate(dm_spec()).hash not in h.values()
+    assert "init_from" not in validate(dm_spec()).algorithms["dm"]  # specs without it keep their hash
+
+
+def test_a_start_that_does_not_fit_is_refused_with_the_key_and_the_file(digits, tmp_path, write_spec):
+    def problems(raw):
+        with pytest.raises(SpecError) as e:
+            check_budgets(validate(raw, "spec.yaml"), digits)
+        return "\n".join(e.value.problems)
+
+    with pytest.raises(SpecError, match=r"algorithms\.dm\.init_from: .*nowhere.safetensors: no such file"):
+        validate(dm_spec(tmp_path / "nowhere.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SpecError, match=r"algorithms\.dm\.init_from: .*junk.safetensors: not a readable"):
+        validate(dm_spec(tmp_path / "junk.safetensors"))
+    path = tmp_path / "s.safetensors"
+    dm_set(digits, 1, path)
+    with pytest.raises(SpecError, match=r"a set of 'digits'.*spec's dataset is 'mnist'"):
+        validate({**dm_spec(path), "dataset": {"name": "mnist"}})
+    with pytest.raises(SpecError, match="dataset.zca"):
+        validate({**dm_spec(path), "dataset": {"name": "digits", "zca": True}})
+    assert "budget 2 needs 2 images per class" in problems(dm_spec(path, budgets=(2,)))
+    # shuffled labels: the distillers keep their images class by class
+    tensors, meta = read_synthetic(path)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    save_synthetic(path, SyntheticSet(tensors["images"][perm], tensors["labels"][perm], 0.01), digits.info, "dm")
+    assert "not in class order" in problems(dm_spec(path))
+    # another normalisation: the pixels are in another scale
+    from dataclasses import replace
+
+    save_synthetic(path, SyntheticSet(tensors["images"], tensors["labels"], 0.01),
+                   replace(digits.info, mean=(0.5,)), "dm")
+    assert "metadata field 'mean'" in problems(dm_spec(path))
+    seq = {"name": "w", "dataset": {"name": "ml-100k"}, "algorithms": {"farzi": {"budgets": [5], "init_from": str(path)}}}
+    with pytest.raises(SpecError, match=r"algorithms\.farzi\.init_from: farzi distils sequences"):
+        validate(seq)
+
+
+@pytest.mark.slow
+def test_a_sweep_continues_from_another_sweeps_exported_set(tmp_path, ray_cluster, write_spec):
+    """The set's evaluation at iteration 0 of the continued sweep is the first sweep's final
+    evaluation (same images, same evaluation seeds), and the lineage adds up."""
+    from orchestrator.cli import main
+
+    root = tmp_path / "runs"
+    first = write_spec(dm_spec(name="first"), "first.yaml")
+    res = CliRunner().invoke(main, ["launch", str(first), "--root", str(root)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    client = MlflowClient(workspace(root).tracking_uri)
+
+    def trial(name):
+        exp = client.get_experiment_by_name(name)
+        (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`orchestrate.role` = 'trial'")
+        return run
+
+    run = trial("first")
+    out = tmp_path / "first.safetensors"
+    res = CliRunner().invoke(main, ["export", run.info.run_id, "-o", str(out), "--root", str(root)])
+    assert res.exit_code == 0, res.output
+    second = write_spec(dm_spec(out, name="second"), "second.yaml")
+    res = CliRunner().invoke(main, ["launch", str(second), "--root", str(root)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    cont = trial("second")
+    at = {m.step: m.value for m in client.get_metric_history(cont.info.run_id, "eval/acc_mean")}
+    assert at[0] == pytest.approx(run.data.metrics["acc_mean"], abs=1e-9)
+    start = json.loads(open(client.download_artifacts(cont.info.run_id, "start.json", str(tmp_path))).read())
+    assert start["init"] == "set" and start["iterations_behind"] == 8 and start["run_id"] == run.info.run_id
+    again = tmp_path / "second.safetensors"
+    CliRunner().invoke(main, ["export", cont.info.run_id, "-o", str(again), "--root", str(root)])
+    assert iterations_behind(read_synthetic(again)[1]) == 16
