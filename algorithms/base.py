@@ -81,6 +81,33 @@ def autocast(device: torch.device | str, precision: str) -> typing.ContextManage
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware: a GPU that supports it, or a CPU whose
+    oneDNN has bf16 kernels (AVX512 cores, AMX). On other CPUs (AVX2 only) autocast emulates
+    bf16 and a step is tens of times slower than fp32 (DM on MNIST: ``bench/precision.py``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True  # no way to tell: trust the spec
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the probe: trust the spec
+        return True
+
+
+def check_precision(precision: str, device: torch.device | str) -> None:
+    """Refuse ``bf16`` steps on a device that would emulate them (ValueError with the fix)."""
+    if precision != "bf16" or native_bf16(device):
+        return
+    cpu = torch.backends.cpu.get_cpu_capability() if torch.device(device).type == "cpu" else str(device)
+    raise ValueError(f"resources.precision is bf16, but this {torch.device(device).type.upper()} ({cpu}) has no "
+                     "bfloat16 units (a CPU needs AVX512 or AMX): torch.autocast would emulate them, and a step "
+                     "would take tens of times longer than in fp32 (DM on MNIST IPC 10: 100 s instead of 7 s on "
+                     "an AVX2 CPU; bench/precision.py measures a machine). Set resources.precision: fp32, or run "
+                     "the trials where bf16 is native (a GPU, a CPU with AMX)")
+
+
 def check_finite(name: str, value: torch.Tensor, iteration: int) -> None:
     if not bool(torch.isfinite(value).all()):
         raise DivergenceError(f"{name} is {value.detach().flatten()[:4].tolist()} at iteration {iteration}: "

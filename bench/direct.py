@@ -55,7 +55,7 @@ from rich.markup import escape
 from rich.table import Table
 
 sys.path.insert(0, str(REPO))
-from algorithms.base import DivergenceError, autocast  # noqa: E402
+from algorithms.base import DivergenceError, autocast, check_precision  # noqa: E402
 from orchestrator import methods  # noqa: E402
 from orchestrator.artifacts import load_state, save_state  # noqa: E402
 from orchestrator.experts import ExpertSet, expert_key, expert_seed, train_and_write  # noqa: E402
@@ -203,6 +203,10 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
     distiller, start = build_started(point, sd, data, task, experts.files, device, load_init_sets(spec, data))  # as a trial's
     iterations, interval = point["iterations"], spec.evaluation["interval"]
     precision = spec.resources.get("precision", "fp32")
+    try:
+        check_precision(precision, device)  # bf16 where it is native only, as a trial
+    except ValueError as e:
+        raise DirectError(f"{spec.path}: {e}") from None
     out = {"trial": trial_name(spec, point), "spec": str(spec.path), "set": list(sets), "spec_hash": spec.hash,
            "store_key": experts.key, "algorithm": point["algorithm"], "budget": point["budget"],
            "hp": point["hp"], "iterations_planned": iterations, "iterations_done": 0, "precision": precision,

@@ -55,6 +55,22 @@ def _checked_data(s):
     return data
 
 
+def _check_local_precision(s, address: str | None) -> None:
+    """A launch whose trials run on this machine's CPU (a new local Ray, no GPU) with bf16 steps that
+    this CPU would emulate stops here, before Ray starts (on a cluster the trials check their own
+    device)."""
+    import torch
+
+    from algorithms.base import check_precision
+
+    if address or os.environ.get("RAY_ADDRESS") or torch.cuda.is_available():
+        return
+    try:
+        check_precision(s.resources.get("precision", "fp32"), "cpu")
+    except ValueError as e:
+        _fail(f"{s.path}: {e}")
+
+
 def _check_cluster_options(address: str | None, num_cpus: int | None) -> None:
     """``--num-cpus`` sizes a new local Ray; a cluster that is joined has its own CPUs."""
     joined = address or os.environ.get("RAY_ADDRESS")
@@ -93,6 +109,7 @@ def launch(spec, root, tracking_uri, storage, address, num_cpus, fresh):
 
     _check_cluster_options(address, num_cpus)
     s = _load(spec)
+    _check_local_precision(s, address)
     ws = _shared_workspace(root, tracking_uri, storage)
     t0 = time.time()
     click.echo(f"launch {s.name} ({s.path}), spec hash {s.hash}", err=True)

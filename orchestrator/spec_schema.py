@@ -115,7 +115,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "resources": {"cpus_per_trial": (NUM, 1, _pos), "gpus_per_trial": ((str, int, float, dict), "auto", _gpus),
                   "cpus_per_expert": (NUM, 1, _pos),
                   # the distillation steps under torch.autocast: bf16 halves the memory traffic and uses
-                  # AMX/tensor cores (DC 1.8x, MTT 1.2x on a Xeon with AMX); evaluation and experts stay fp32
+                  # AMX/tensor cores (DC 1.8x, MTT 1.2x on a Xeon with AMX); evaluation and experts stay fp32.
+                  # Refused where it would be emulated (an AVX2-only CPU): algorithms.base.check_precision
                   "precision": (str, "fp32", lambda v: None if v in PRECISIONS else
                                 f"must be one of {', '.join(PRECISIONS)}"),
                   "max_concurrent_trials": ((int, type(None)), None, lambda v: None if v is None or v > 0

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from ray import tune
 
-from algorithms.base import DivergenceError, autocast
+from algorithms.base import DivergenceError, autocast, check_precision
 
 from . import methods
 from .artifacts import CASES_FILE, load_state, save_cases, save_state
@@ -245,6 +245,7 @@ def _final_metrics(ctx: TrialContext, evals: dict[str, tuple[float, float]]) -> 
 def _run_distillation(point: dict, ctx: TrialContext, log: RunLogger, common: dict, device, seed: int,
                       restored: dict | None) -> None:
     spec = ctx.spec
+    check_precision(spec["resources"].get("precision", "fp32"), device)  # bf16 where it is native only
     # the real data the start read (the same after a restart: the start is rebuilt from the seed),
     # or the exported set it started from (init_from); a restored trial then loads its state
     distiller, start = build_started(point, spec, ctx.data, ctx.task, ctx.expert_files, device, ctx.init_sets, seed)

@@ -61,3 +61,28 @@ def test_a_bf16_gradient_matching_step_is_close_to_the_fp32_one():
     assert loss16 == pytest.approx(loss32, rel=0.03)
     assert not torch.equal(move16, move32)  # it did run in bf16
     assert F.cosine_similarity(move16, move32, dim=0) > 0.9
+
+
+def test_bf16_is_refused_where_the_cpu_would_emulate_it(monkeypatch, write_spec, tmp_path):
+    """On a CPU without bfloat16 units (AVX2 only) autocast emulates bf16 and a step takes tens of
+    times longer (DM on MNIST IPC 10: ~100 s instead of 7 s). A local launch stops before Ray starts,
+    naming the spec and the key; a trial (a cluster's worker) stops at its start."""
+    from click.testing import CliRunner
+
+    import algorithms.base as base
+    from orchestrator.cli import main
+
+    monkeypatch.setattr(base, "native_bf16", lambda device: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = write_spec(tiny_spec(resources={"precision": "bf16"}))
+    res = CliRunner().invoke(main, ["launch", str(spec), "--root", str(tmp_path / "runs")])
+    assert res.exit_code == 2, res.output
+    assert f"{spec}: resources.precision is bf16" in res.output and "fp32" in res.output
+    assert not (tmp_path / "runs").exists()  # nothing written, Ray never started
+    with pytest.raises(ValueError, match=r"resources\.precision is bf16.*no bfloat16 units"):
+        base.check_precision("bf16", "cpu")
+    base.check_precision("fp32", "cpu")  # fp32 runs anywhere
+    monkeypatch.setattr(base, "native_bf16", lambda device: True)
+    base.check_precision("bf16", "cpu")
+
