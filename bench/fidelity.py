@@ -277,8 +277,9 @@ def entry_hashes(entry: dict[str, Any]) -> tuple[str, ...]:
     continued set is published over the one it started from."""
     spec = entry_spec(entry["spec"], entry.get("set"))
     algo = spec.algorithms.get(entry["method"], {})
-    if entry.get("init_from") and "init_from" in algo:
-        algo["init_from"] = {**algo["init_from"], "sha256": entry["init_from"]["sha256"]}
+    start = algo.get("init_from", {}).get(entry["budget"])
+    if entry.get("init_from") and start is not None:
+        algo["init_from"][entry["budget"]] = {**start, "sha256": entry["init_from"]["sha256"]}
     return spec.hashes
 
 

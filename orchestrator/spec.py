@@ -121,8 +121,8 @@ class Spec:
         # a method's hyperparameters added after specs were written (``hp(..., added=True)``): at
         # their default they are not part of the hash either
         for name, algo in d["algorithms"].items():
-            if "init_from" in algo:  # the start is the file's content, wherever it lies
-                algo["init_from"] = algo["init_from"]["sha256"]
+            if "init_from" in algo:  # the starts are the files' contents, wherever they lie
+                algo["init_from"] = {b: e["sha256"] for b, e in algo["init_from"].items()}
             later = {k: f.default for k, f in methods.get(name).hp_fields().items() if f.metadata.get("added")}
             for part in (algo["hyperparameters"], *algo.get("per_budget", {}).values()):
                 for k, default in later.items():

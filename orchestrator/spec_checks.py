@@ -12,7 +12,7 @@ from algorithms.base import KIND_NAMES as _KIND_NAMES
 from . import methods
 from .methods import bounds as _bounds
 from .spec_schema import NUM, _is, _unknown
-from .warmstart import check_spec_entry
+from .warmstart import check_init_from
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
@@ -161,9 +161,10 @@ def _check_algorithms(given: Any, experts: dict, err, model: dict, task, dataset
             method.check(prefix, b, merged, experts, model, err)
         out[name] = {"budgets": budgets, "iterations": iterations, "hyperparameters": hp,
                      "per_budget": per_budget}
-        if body.get("init_from") is not None:  # a start from an exported set ({path, sha256})
-            init = check_spec_entry(f"{key}.init_from", body["init_from"], method, dataset_section or {"name": dataset}, err)
-            if init is not None:
+        if body.get("init_from") is not None:  # starts from exported sets: budget -> {path, sha256}
+            init = check_init_from(f"{key}.init_from", body["init_from"], budgets, method,
+                                   dataset_section or {"name": dataset}, err)
+            if init:
                 out[name]["init_from"] = init
     return out
 

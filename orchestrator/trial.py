@@ -68,7 +68,7 @@ class TrialContext:
     parent_run_id: str
     tags: dict[str, str] = field(default_factory=dict)
     full_data: dict[str, list[float]] = field(default_factory=dict)  # the task's full-data metric -> [mean, std]
-    init_sets: dict[str, Any] = field(default_factory=dict)  # algorithm -> warmstart.InitSet (init_from)
+    init_sets: dict[tuple[str, int], Any] = field(default_factory=dict)  # (algorithm, budget) -> warmstart.InitSet
 
     @property
     def task(self) -> Task:

@@ -1,6 +1,7 @@
 """Starting a distillation from an exported set: ``algorithms.<name>.init_from: FILE``.
 
-A spec may start an image method from a synthetic set in the export contract (``orchestrate
+A spec may start an image method (at every budget, or at the budgets a mapping
+``{budget: FILE}`` names) from a synthetic set in the export contract (``orchestrate
 export``, or a file of ``distilled/``) instead of real images or noise: the trial's images are the
 file's, its learned step size (MTT, MCT) the file's ``lr``, and its optimisers start afresh (no
 momentum: an exported set does not carry it). That is how a distillation continues past the end
@@ -88,7 +89,8 @@ def check_spec_entry(key: str, value: Any, method, dataset: dict[str, Any], err)
     the working directory, as ``dataset.root``) to an image set of the spec's dataset. Returns
     ``{"path", "sha256"}``, or None after ``err(key, message)``."""
     if not isinstance(value, str) or not value:
-        err(key, f"must be the path of an exported image set (.safetensors), got {value!r}")
+        err(key, f"must be the path of an exported image set (.safetensors), or a mapping budget -> path, "
+                 f"got {value!r}")
         return None
     if method.kind != "image":
         err(key, f"{method.name} distils {method.kind}s; init_from starts an image method from an exported image set")
@@ -116,16 +118,34 @@ def check_spec_entry(key: str, value: Any, method, dataset: dict[str, Any], err)
     return {"path": value, "sha256": _sha256(path)}
 
 
-def load_init_sets(spec, data) -> dict[str, InitSet]:
-    """algorithm -> its start, for every algorithm of ``spec`` with ``init_from``, checked against
-    the loaded ``data``; raises SpecError naming the spec, the key and the file."""
+def check_init_from(key: str, value: Any, budgets: list[int], method, dataset: dict[str, Any],
+                    err) -> dict[int, dict[str, str]]:
+    """``algorithms.<name>.init_from``: one path (the start of every budget) or a mapping budget ->
+    path (budgets it leaves out start as the method does). Returns budget -> ``{"path", "sha256"}``
+    of the files that passed :func:`check_spec_entry`."""
+    if isinstance(value, dict):
+        out = {}
+        for b, path in value.items():
+            if b not in budgets:
+                err(f"{key}.{b}", f"is not one of the budgets {budgets}")
+                continue
+            entry = check_spec_entry(f"{key}.{b}", path, method, dataset, err)
+            if entry is not None:
+                out[b] = entry
+        return out
+    entry = check_spec_entry(key, value, method, dataset, err)
+    return {} if entry is None else {b: dict(entry) for b in budgets}
+
+
+def load_init_sets(spec, data) -> dict[tuple[str, int], InitSet]:
+    """(algorithm, budget) -> its start, for every budget of ``spec`` that ``init_from`` starts
+    from a file, checked against the loaded ``data``; raises SpecError naming the spec, the key and
+    the file."""
     from .spec import SpecError
 
-    out: dict[str, InitSet] = {}
-    for name, algo in spec.algorithms.items():
-        entry = algo.get("init_from")
-        if not entry:
-            continue
+    out: dict[tuple[str, int], InitSet] = {}
+    for name, algo, budget, entry in ((n, a, b, e) for n, a in spec.algorithms.items()
+                                      for b, e in (a.get("init_from") or {}).items()):
         key, path = f"algorithms.{name}.init_from", entry["path"]
 
         def fail(msg: str):
@@ -149,17 +169,17 @@ def load_init_sets(spec, data) -> dict[str, InitSet]:
                 raise fail(f"metadata field {field!r} is {meta.get(field)}, but {info.name} is normalised with "
                            f"{[round(float(v), 6) for v in ours]}: the images are in another scale")
         k = info.num_classes
-        for budget in algo["budgets"]:
-            layout = torch.arange(k).repeat_interleave(budget)
-            if labels.shape != layout.shape or not torch.equal(labels, layout):
-                counts = torch.bincount(labels.clamp(min=0), minlength=k).tolist() if labels.numel() else []
-                raise fail(f"budget {budget} needs {budget} images per class for {k} classes in class order "
-                           f"(labels 0 x{budget}, 1 x{budget}, ...); the file's labels count {counts} per class"
-                           f"{' (not in class order)' if counts == [budget] * k else ''}")
+        layout = torch.arange(k).repeat_interleave(budget)
+        if labels.shape != layout.shape or not torch.equal(labels, layout):
+            counts = torch.bincount(labels.clamp(min=0), minlength=k).tolist() if labels.numel() else []
+            raise fail(f"budget {budget} needs {budget} images per class for {k} classes in class order "
+                       f"(labels 0 x{budget}, 1 x{budget}, ...); the file's labels count {counts} per class"
+                       f"{' (not in class order)' if counts == [budget] * k else ''}; give each budget its "
+                       f"own file ({{{budget}: FILE}})")
         lr = float(tensors["lr"].reshape(()))
         if not math.isfinite(lr) or not bool(torch.isfinite(images).all()):
             raise fail("the set holds a NaN or infinite value (tensor 'images' or 'lr')")
-        out[name] = InitSet(path=path, sha256=sha, images=images, labels=labels, lr=lr, meta=meta)
+        out[(name, budget)] = InitSet(path=path, sha256=sha, images=images, labels=labels, lr=lr, meta=meta)
     return out
 
 
@@ -173,15 +193,15 @@ def warm_start(distiller, init: InitSet) -> None:
 
 
 def build_started(point: dict[str, Any], spec: dict[str, Any], data, task, expert_files: dict[str, list[str]],
-                  device: torch.device, init_sets: dict[str, InitSet], seed: int | None = None):
+                  device: torch.device, init_sets: dict[tuple[str, int], InitSet], seed: int | None = None):
     """The distiller of a trial point (``methods.build_point``) started as its spec says, and its
     start record (``start.json`` and the sets' ``start`` metadata): the exported set of
-    ``init_from`` when ``init_sets`` has one for its algorithm (:meth:`InitSet.record`), else the
+    ``init_from`` when ``init_sets`` has one for its (algorithm, budget) (:meth:`InitSet.record`), else the
     method's own start (``Method.start_record``: the real rows it read, or None)."""
     from . import methods
 
     distiller = methods.build_point(point, spec, data, task, expert_files, device, seed)
-    init = init_sets.get(point["algorithm"])
+    init = init_sets.get((point["algorithm"], point["budget"]))
     if init is not None:
         warm_start(distiller, init)
         return distiller, init.record()

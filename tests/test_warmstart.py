@@ -100,9 +100,9 @@ def test_the_start_is_the_files_images_and_learned_step_size(digits, tmp_path):
     save_synthetic(tmp_path / "s.safetensors", SyntheticSet(images, labels, 0.0123), digits.info, "mtt",
                    {"iteration": 7}, {"name": "convnet"})
     spec = validate(dm_spec(tmp_path / "s.safetensors"))
-    init = load_init_sets(spec, digits)["dm"]
+    init = load_init_sets(spec, digits)[("dm", 1)]
     d, record = build_started(DM_POINT, spec.to_dict(), digits, task_for("digits"), {}, torch.device("cpu"),
-                              {"dm": init}, 3)
+                              {("dm", 1): init}, 3)
     assert torch.equal(d.synthetic().images, images) and d.init_index is None
     assert record["iterations_behind"] == 7 and "start" not in record
     # MTT keeps the set's learned step size (its optimisers start without momentum)
@@ -163,6 +163,32 @@ def test_a_start_that_does_not_fit_is_refused_with_the_key_and_the_file(digits, 
     seq = {"name": "w", "dataset": {"name": "ml-100k"}, "algorithms": {"farzi": {"budgets": [5], "init_from": str(path)}}}
     with pytest.raises(SpecError, match=r"algorithms\.farzi\.init_from: farzi distils sequences"):
         validate(seq)
+
+
+def test_a_mapping_starts_the_budgets_it_names_and_no_other(digits, tmp_path):
+    """``init_from: {budget: FILE}``: each named budget from its own file, the others as the method
+    starts (real images); a key that is not a budget is refused; one path for two budgets cannot
+    fit both."""
+    path = tmp_path / "s.safetensors"
+    dm_set(digits, 3, path)
+    raw = dm_spec(budgets=(1, 2))
+    raw["algorithms"]["dm"]["init_from"] = {1: str(path)}
+    spec = validate(raw)
+    inits = load_init_sets(spec, digits)
+    assert list(inits) == [("dm", 1)]
+    file_images = read_synthetic(path)[0]["images"]
+    for budget, from_file in ((1, True), (2, False)):
+        d, record = build_started({**DM_POINT, "budget": budget}, spec.to_dict(), digits, task_for("digits"), {},
+                                  torch.device("cpu"), inits, 3)
+        assert (record["init"] == "set") is from_file and (d.init_index is None) is from_file
+        if from_file:
+            assert torch.equal(d.synthetic().images, file_images)
+    raw["algorithms"]["dm"]["init_from"] = {10: str(path)}
+    with pytest.raises(SpecError, match=r"algorithms\.dm\.init_from\.10: is not one of the budgets \[1, 2\]"):
+        validate(raw)
+    raw["algorithms"]["dm"]["init_from"] = str(path)
+    with pytest.raises(SpecError, match=r"budget 2 needs 2 images per class.*\{2: FILE\}"):
+        check_budgets(validate(raw), digits)
 
 
 @pytest.mark.slow
