@@ -17,7 +17,6 @@ checks and evaluation are in :mod:`orchestrator.evaluate_images`, the sequence s
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
@@ -34,6 +33,7 @@ from .datasets import DATASETS, FOLDER_DATASETS
 from .sequences import SEQUENCE_DATASETS
 from .spec import Spec
 from .spec_schema import SCHEMA, SEQ_SCHEMA
+from .store import file_sha256  # noqa: F401 (evaluate_images/_sequences import it from here)
 
 EXPERIMENT = "evaluate"  # the MLflow experiment of `orchestrate evaluate --log`
 ROLE = "evaluate"  # its runs' orchestrate.role tag (results/compare list trials and sweeps only)
@@ -66,14 +66,6 @@ class EvalOptions:
 
 def _canon(name: str) -> str:
     return str(name).strip().lower()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- models --------------------------------------------------------------------------------------

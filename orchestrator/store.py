@@ -150,6 +150,15 @@ def atomic_write_bytes(path: Path, data: bytes, replace: bool = True) -> None:
         _discard(tmp)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _params_digest(epochs: np.ndarray, params: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(epochs, dtype="<i4").tobytes())

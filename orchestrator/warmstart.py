@@ -19,7 +19,6 @@ a sweep resumes only on the same start.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from .artifacts import IMAGES_FORMAT, read_synthetic
+from .store import file_sha256
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,6 @@ def iterations_behind(meta: dict[str, str]) -> int:
     return _int(meta.get("iteration")) + before
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_spec_entry(key: str, value: Any, method, dataset: dict[str, Any], err) -> dict[str, str] | None:
     """``algorithms.<name>.init_from`` as the spec gives it (``key``): a path (relative paths from
     the working directory, as ``dataset.root``) to an image set of the spec's dataset. Returns
@@ -115,7 +107,7 @@ def check_spec_entry(key: str, value: Any, method, dataset: dict[str, Any], err)
         err(key, f"{value}: {'ZCA-whitened' if meta.get('zca') == 'true' else 'not whitened'} images (metadata "
                  f"field 'zca'), but the spec has dataset.zca {bool(dataset.get('zca'))}: they must agree")
         return None
-    return {"path": value, "sha256": _sha256(path)}
+    return {"path": value, "sha256": file_sha256(path)}
 
 
 def check_init_from(key: str, value: Any, budgets: list[int], method, dataset: dict[str, Any],
@@ -155,7 +147,7 @@ def load_init_sets(spec, data) -> dict[tuple[str, int], InitSet]:
             tensors, meta = read_synthetic(Path(path).expanduser())
         except (ValueError, OSError) as e:
             raise SpecError([f"{spec.path}: {key}: {e}"]) from None
-        sha = _sha256(Path(path).expanduser())
+        sha = file_sha256(Path(path).expanduser())
         if sha != entry["sha256"]:
             raise fail(f"the file changed since the spec was read (sha256 {sha[:16]}, read as {entry['sha256'][:16]})")
         info, images, labels = data.info, tensors["images"], tensors["labels"]
