@@ -96,6 +96,22 @@ def native_bf16(device: torch.device | str) -> bool:
         return True
 
 
+def compiled(fn: typing.Callable, device: torch.device | str) -> typing.Callable:
+    """``fn`` through :func:`torch.compile` (inductor), for a step that differentiates once
+    (torch.compile does not take a double backward: DC's, DSA's and MTT's steps). On a CPU
+    inductor builds C++ kernels: without a compiler this says so now, not at the first step."""
+    if torch.device(device).type == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 (inductor raises several kinds)
+            raise RuntimeError(f"resources.compile is true, but torch.compile finds no C++ compiler on this "
+                               f"machine for its CPU kernels ({e}): install g++ (or set CXX), or set "
+                               f"resources.compile: false") from e
+    return torch.compile(fn)
+
+
 def check_precision(precision: str, device: torch.device | str) -> None:
     """Refuse ``bf16`` steps on a device that would emulate them (ValueError with the fix)."""
     if precision != "bf16" or native_bf16(device):

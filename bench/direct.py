@@ -210,6 +210,7 @@ def run_point(spec, point: dict, data, experts: ExpertSet, device: torch.device,
     out = {"trial": trial_name(spec, point), "spec": str(spec.path), "set": list(sets), "spec_hash": spec.hash,
            "store_key": experts.key, "algorithm": point["algorithm"], "budget": point["budget"],
            "hp": point["hp"], "iterations_planned": iterations, "iterations_done": 0, "precision": precision,
+           "compile": bool(spec.resources.get("compile")),
            "device": str(device), "git_commit": git_commit(), "evals": [], "sec_per_step": [], "steps": {},
            "full_data": full,
            "diverged": None, "selected": None}

@@ -12,8 +12,14 @@ experts' shape (timing only: its loss is not comparable to a real run's, its cos
 On a CPU, bf16 pays where the hardware has it (AMX, AVX512-BF16: the machine line says which
 CPU); elsewhere it can be slower than fp32. On a GPU, use ``--device cuda``.
 
+``--compile`` adds ``resources.compile``: fp32 steps through torch.compile, for the methods whose
+step compiles (``Method.compiles``: DM), timed after a first step that compiles (its extra
+seconds in ``compile s``), with the first step's loss against eager fp32's; ``--no-bf16`` leaves
+bf16 out (on an AVX2 CPU a bf16 DM step takes minutes, and launches refuse it anyway).
+
     python bench/precision.py --quick --json /tmp/bench_precision.json
     python bench/precision.py --threads 2 --methods dc dsa dm mtt
+    python bench/precision.py --threads 2 --methods dm --budget 10 --compile --no-bf16
 """
 from __future__ import annotations
 
@@ -58,13 +64,17 @@ def bench_method(name: str, data, args) -> dict:
     preloaded = {}
     if spec.needs_experts():
         preloaded["full"] = random_walks(model, data.info, spec.experts["count"], spec.experts["epochs"], args.seed)
-    row = {"method": name, "hp": algo["hyperparameters"]}
-    for precision in ("fp32", "bf16"):
-        ctx = BuildContext(budget=1, hp=dict(algo["hyperparameters"]), iterations=0, data=data,
+    row = {"method": name, "hp": algo["hyperparameters"], "budget": args.budget}
+    modes = [("fp32", "fp32", False)] + ([] if args.no_bf16 else [("bf16", "bf16", False)]) + \
+        ([("compiled", "fp32", True)] if args.compile and methods.get(name).compiles else [])
+    for mode, precision, compile_ in modes:
+        ctx = BuildContext(budget=args.budget, hp=dict(algo["hyperparameters"]), iterations=0, data=data,
                            task=task_for(data.info.name), model=model, spec={}, expert_files={},
-                           device=torch.device(args.device), seed=args.seed, preloaded=preloaded)
+                           device=torch.device(args.device), seed=args.seed, preloaded=preloaded, compile=compile_)
         dist = methods.get(name).build(ctx)
-        first = run_step(dist, ctx.device, precision)["loss"]  # warm-up, and the loss compared
+        t0 = time.perf_counter()
+        first = run_step(dist, ctx.device, precision)["loss"]  # warm-up (compiles), and the loss compared
+        first_s = time.perf_counter() - t0
         times = []
         for _ in range(args.steps):
             if args.device.startswith("cuda"):
@@ -74,9 +84,15 @@ def bench_method(name: str, data, args) -> dict:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        row[precision] = {"median_s": statistics.median(times), "times_s": times, "first_loss": first}
-    row["speedup"] = row["fp32"]["median_s"] / row["bf16"]["median_s"]
-    row["loss_rel_diff"] = abs(row["bf16"]["first_loss"] - row["fp32"]["first_loss"]) / abs(row["fp32"]["first_loss"])
+        row[mode] = {"median_s": statistics.median(times), "times_s": times, "first_loss": first,
+                     "first_step_s": first_s}
+    for mode in ("bf16", "compiled"):
+        if mode in row:
+            row[mode]["speedup"] = row["fp32"]["median_s"] / row[mode]["median_s"]
+            row[mode]["loss_rel_diff"] = abs(row[mode]["first_loss"] - row["fp32"]["first_loss"]) / \
+                abs(row["fp32"]["first_loss"])
+    if "compiled" in row:
+        row["compiled"]["compile_s"] = row["compiled"]["first_step_s"] - row["compiled"]["median_s"]
     return row
 
 
@@ -86,6 +102,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per method and precision")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a trial's cpus_per_trial)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--budget", type=int, default=1, help="images per class (the reference specs' hyperparameters)")
+    ap.add_argument("--compile", action="store_true", help="also fp32 through torch.compile (resources.compile)")
+    ap.add_argument("--no-bf16", action="store_true", help="fp32 only (and --compile)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     quick_defaults(args, methods=(["dc", "dm", "mtt"], ["dc", "dsa", "dm", "mtt"]), steps=(2, 5))
@@ -100,20 +119,34 @@ def main() -> None:
     rows = []
     for name in args.methods:
         rows.append(bench_method(name, data, args))
-        console.print(f"  {name}: fp32 {rows[-1]['fp32']['median_s']:.2f} s, bf16 {rows[-1]['bf16']['median_s']:.2f} s")
-    table = Table(title=f"seconds per step, MNIST IPC 1, ConvNet-3 w128, {args.threads} thread(s), {args.device}")
-    for col in ("method", "fp32 s/step", "bf16 s/step", "speedup", "loss rel. diff (1st step)"):
+        console.print("  " + name + ": " + ", ".join(f"{m} {rows[-1][m]['median_s']:.2f} s"
+                                                      for m in ("fp32", "bf16", "compiled") if m in rows[-1]))
+    shown = [m for m in ("bf16", "compiled") if any(m in r for r in rows)]
+    table = Table(title=f"seconds per step, MNIST IPC {args.budget}, ConvNet-3 w128, {args.threads} thread(s), "
+                        f"{args.device}")
+    cols = ["method", "fp32 s/step"]
+    for m in shown:
+        cols += [f"{m} s/step", f"{m} speed vs fp32", f"{m} loss rel. diff (1st step)"]
+    if "compiled" in shown:
+        cols.append("compile s")
+    for col in cols:
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
-        table.add_row(r["method"], f"{r['fp32']['median_s']:.2f}", f"{r['bf16']['median_s']:.2f}",
-                      f"{r['speedup']:.2f}x", f"{100 * r['loss_rel_diff']:.2f}%")
+        cells = [r["method"], f"{r['fp32']['median_s']:.2f}"]
+        for m in shown:
+            cells += [f"{r[m]['median_s']:.2f}", f"{r[m]['speedup']:.2f}x", f"{100 * r[m]['loss_rel_diff']:.5f}%"]\
+                if m in r else ["-", "-", "-"]
+        if "compiled" in shown:
+            cells.append(f"{r['compiled']['compile_s']:.0f}" if "compiled" in r else "-")
+        table.add_row(*cells)
     console.print(table)
     machine = machine_info(args.device, load_start)
     console.print(f"[dim]{machine['cpu_model']}, torch {machine['torch']}[/dim]")
     print_load(console, load_start)
     if args.json:
         write_results(console, args.json, "precision", machine,
-                      {"methods": args.methods, "steps": args.steps, "threads": args.threads, "device": args.device},
+                      {"methods": args.methods, "steps": args.steps, "threads": args.threads, "device": args.device,
+                       "budget": args.budget, "compile": args.compile, "bf16": not args.no_bf16},
                       rows=rows)
 
 

@@ -198,7 +198,12 @@ class DM(_FixedLR):
     name = "dm"
     config = DMConfig
     distiller = DMDistiller
+    compiles = True
     description = "Distribution Matching (Zhao & Bilen 2023): class-mean embeddings, no experts; lr 0.01"
+
+    def build(self, ctx):
+        return DMDistiller(ctx.image_network(), ctx.data.x_train, ctx.data.y_train, ctx.data.info.num_classes,
+                           ctx.config(self), seed=ctx.seed, device=ctx.device, compile=ctx.compile)
 
 
 # -- event sequences ------------------------------------------------------------------------------

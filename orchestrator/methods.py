@@ -42,6 +42,7 @@ class BuildContext:
     device: torch.device
     seed: int
     preloaded: dict[str, list] = field(default_factory=dict)  # form -> experts already in memory (benches)
+    compile: bool = False  # resources.compile: the step through torch.compile (methods with ``compiles``)
 
     def config(self, method: "Method"):
         return method.make_config(self.budget, self.hp)
@@ -75,6 +76,9 @@ class Method(ABC):
     fixed: ClassVar[dict[str, Any]] = {}  # config fields the method sets itself (not in specs)
     baseline: ClassVar[bool] = False  # a reference row (spec key ``baselines``), not a distiller to tune
     learns_lr: ClassVar[bool] = True  # its sets carry a learned step size; otherwise fixed_lr's
+    # its step can run through torch.compile (``resources.compile``, ``BuildContext.compile``): one
+    # backward only; torch.compile takes no double backward (DC's, DSA's, MTT's, Farzi's steps)
+    compiles: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     # -- hyperparameters -------------------------------------------------------------------------
@@ -146,7 +150,7 @@ def build_point(point: dict[str, Any], spec: dict[str, Any], data: Any, task: An
     return get(point["algorithm"]).build(BuildContext(
         budget=point["budget"], hp=dict(point["hp"]), iterations=point["iterations"], data=data, task=task,
         model=spec["model"], spec=spec, expert_files=expert_files, device=device,
-        seed=trial_seed(spec, point) if seed is None else seed))
+        seed=trial_seed(spec, point) if seed is None else seed, compile=bool(spec["resources"].get("compile"))))
 
 
 def bounds(v: Any) -> list[float]:

@@ -122,12 +122,20 @@ class Spec:
         # their default they are not part of the hash either
         for name, algo in d["algorithms"].items():
             if "init_from" in algo:  # the starts are the files' contents, wherever they lie
-                algo["init_from"] = {b: e["sha256"] for b, e in algo["init_from"].items()}
+                starts = {b: e["sha256"] for b, e in algo["init_from"].items()}
+                # one file for every budget: its sha256 alone, the form from before the mapping
+                # (sweeps launched then, e.g. with mnist_dm_ipc10_continued.yaml, resume)
+                given = (self.raw.get("algorithms") or {}).get(name) or {}
+                one = isinstance(given, dict) and isinstance(given.get("init_from"), str)
+                algo["init_from"] = next(iter(starts.values())) if one else starts
             later = {k: f.default for k, f in methods.get(name).hp_fields().items() if f.metadata.get("added")}
             for part in (algo["hyperparameters"], *algo.get("per_budget", {}).values()):
                 for k, default in later.items():
                     if k in part and part[k] == default:
                         part.pop(k)
+        # torch.compile runs the same step (to the last bits: fused kernels sum in another order),
+        # as evaluation.parallel does: switching it keeps the hash, and a sweep resumes with it
+        d["resources"].pop("compile", None)
         if d["resources"].get("precision") == "fp32":  # added later: the default keeps the hash
             d["resources"].pop("precision")
         if d["evaluation"].get("dc_strategy") is None:  # added later: the default keeps the hash
@@ -372,6 +380,14 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
                    f"{n // top['num_samples']} grid points and baseline rows x num_samples {top['num_samples']}")
             err("resources.max_trials", f"the sweep has {n} trials ({how}), above the limit of {limit}: make the "
                 "grid smaller, or raise resources.max_trials (Tune generates every trial up front)")
+    if sec["resources"].get("compile") and algorithms:
+        rest = [a for a in algorithms if not methods.get(a).compiles]
+        if rest:
+            able = [n for n in methods.names(baseline=False) if methods.get(n).compiles]
+            err("resources.compile", f"{', '.join(rest)} cannot run through torch.compile: "
+                f"{'its step differentiates' if len(rest) == 1 else 'their steps differentiate'} through "
+                f"gradients (a double backward), which torch.compile does not take. Only "
+                f"{', '.join(able)} compiles: set compile: false, or split the spec")
     if (top.get("search") or top.get("scheduler")) and sec["evaluation"].get("interval") == 0:
         err("evaluation.interval", "must be > 0 with a scheduler or a search: they compare trials on the "
             "periodic evaluation")

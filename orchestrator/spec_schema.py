@@ -119,6 +119,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                   # Refused where it would be emulated (an AVX2-only CPU): algorithms.base.check_precision
                   "precision": (str, "fp32", lambda v: None if v in PRECISIONS else
                                 f"must be one of {', '.join(PRECISIONS)}"),
+                  # the distillation step through torch.compile where the method's step allows it (DM's:
+                  # 1.7x on a CPU); how a step runs, not what it computes: not part of the spec's hash
+                  "compile": (bool, False, None),
                   "max_concurrent_trials": ((int, type(None)), None, lambda v: None if v is None or v > 0
                                             else "must be > 0 or null"),
                   # the most trials a sweep may have (Tune generates them all up front, on the driver)

@@ -34,6 +34,9 @@ COMMIT_TAG = "orchestrate.git_commit"  # the code of the launch that created the
 # (a sweep resumed under later code continues its trials with it); [null, null] stands for resumes
 # made before runs recorded it
 COMMITS_TAG = "orchestrate.git_commits"
+# [[iteration, true|false], ...]: from which iteration the steps ran through torch.compile
+# (resources.compile, which a resumed sweep may switch: it is not part of the spec's hash)
+COMPILE_TAG = "orchestrate.compiled"
 
 
 @dataclass(frozen=True)
@@ -291,15 +294,19 @@ def record_code(client: MlflowClient, run_id: str, commit: str, iteration: int) 
     a version that did not record it) starts its history with its creating launch's commit and a
     ``[null, null]`` gap: the resumes in between are not known."""
     tags = client.get_run(run_id).data.tags
-    if tags.get(COMMITS_TAG):
-        history = json.loads(tags[COMMITS_TAG])
-    elif iteration > 0 and tags.get(COMMIT_TAG):
-        history = [[0, tags[COMMIT_TAG]], [None, None]]
-    else:
-        history = []
-    if not history or history[-1][1] != commit:
-        history.append([int(iteration), commit])
-        client.set_tag(run_id, COMMITS_TAG, json.dumps(history))
+    start = [[0, tags[COMMIT_TAG]], [None, None]] if iteration > 0 and tags.get(COMMIT_TAG) else []
+    return record_change(client, run_id, COMMITS_TAG, commit, iteration, tags, start)
+
+
+def record_change(client: MlflowClient, run_id: str, tag: str, value: Any, iteration: int,
+                  tags: dict[str, str] | None = None, start: list | None = None) -> list:
+    """Append ``[iteration, value]`` to the JSON history in the run's tag ``tag`` when ``value``
+    differs from the last entry, and return the history (``start`` when the tag is absent: [])."""
+    tags = client.get_run(run_id).data.tags if tags is None else tags
+    history = json.loads(tags[tag]) if tags.get(tag) else list(start or [])
+    if not history or history[-1][1] != value:
+        history.append([int(iteration), value])
+        client.set_tag(run_id, tag, json.dumps(history))
     return history
 
 

@@ -25,8 +25,8 @@ from . import methods
 from .artifacts import CASES_FILE, load_state, save_cases, save_state
 from .tasks import Task, task_for
 from .warmstart import build_started
-from .tracking import (COMMIT_TAG, DIGEST_TAG, RunLogger, dataset_input, find_or_create_child, log_dataset,
-                       record_code)
+from .tracking import (COMMIT_TAG, COMPILE_TAG, DIGEST_TAG, RunLogger, dataset_input, find_or_create_child, log_dataset,
+                       record_change, record_code)
 
 SYNTHETIC_ARTIFACT = "synthetic/synthetic.safetensors"
 # the set of the evaluation that scored best on the task's validation split (``Task.selection``;
@@ -198,8 +198,11 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     if restored:
         client.update_run(run_id, status="RUNNING")
     # which code runs the trial from which iteration (a resumed sweep continues under today's code)
-    record_code(client, run_id, ctx.tags.get(COMMIT_TAG, "unknown"),
-                int(restored["distiller"].get("iteration", 0)) if restored else 0)
+    resumed_at = int(restored["distiller"].get("iteration", 0)) if restored else 0
+    record_code(client, run_id, ctx.tags.get(COMMIT_TAG, "unknown"), resumed_at)
+    if methods.get(point["algorithm"]).compiles:  # and with or without torch.compile (a resume may switch it)
+        record_change(client, run_id, COMPILE_TAG, bool(spec["resources"].get("compile")), resumed_at,
+                      start=[[0, False]] if resumed_at else None)  # before it was recorded: never compiled
     log = RunLogger(ctx.tracking_uri, run_id)
     # the dataset as an MLflow input (once per run); the experiment's row of it (same name and
     # digest) is the parent run's, whose source the driver resolved
