@@ -360,8 +360,7 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
     schemas = {**SCHEMA, **task.schema}
     sec = {"dataset": dataset, **{s: check_fields(s, raw.get(s), schema) for s, schema in schemas.items()
                                   if s != "dataset"}}
-    algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err, sec["model"], task,
-                                   dataset.get("name", "?"), dataset)
+    algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err, sec["model"], task, dataset)
     if folder:
         _check_folder_size(dataset, sec["model"], err)
     if top.get("search") and algorithms:

@@ -104,8 +104,9 @@ def _check_distribution(key: str, v: dict, kind: tuple[str, bool], check, err) -
     return ok
 
 
-def _check_algorithms(given: Any, experts: dict, err, model: dict, task, dataset: str = "?",
-                      dataset_section: dict | None = None) -> dict[str, dict[str, Any]]:
+def _check_algorithms(given: Any, experts: dict, err, model: dict, task,
+                      dataset_section: dict) -> dict[str, dict[str, Any]]:
+    dataset = dataset_section.get("name", "?")
     fits = [n for n in methods.names(baseline=False) if methods.get(n).kind in (task.kind, "any")]
     if not isinstance(given, dict) or not given:
         err("algorithms", f"must map at least one algorithm ({', '.join(fits)}) to its budgets")
@@ -163,7 +164,7 @@ def _check_algorithms(given: Any, experts: dict, err, model: dict, task, dataset
                      "per_budget": per_budget}
         if body.get("init_from") is not None:  # starts from exported sets: budget -> {path, sha256}
             init = check_init_from(f"{key}.init_from", body["init_from"], budgets, method,
-                                   dataset_section or {"name": dataset}, err)
+                                   dataset_section, err)
             if init:
                 out[name]["init_from"] = init
     return out

@@ -114,11 +114,12 @@ def load_data(spec: Spec):
     return spec.task.load(spec)
 
 
-def check_budgets(spec: Spec, data) -> None:
+def check_budgets(spec: Spec, data) -> dict:
     """Refuse budgets that the data cannot fill (a SpecError naming the file and the key): the
-    CLI calls it before Ray starts, :func:`launch` again for callers of the API."""
+    CLI calls it before Ray starts, :func:`launch` again for callers of the API. Returns the
+    starts read from files (``init_from``, :func:`load_init_sets`), checked against the data."""
     spec.task.check_budgets(spec, data)
-    load_init_sets(spec, data)  # the starts read from files (init_from) fit the data
+    return load_init_sets(spec, data)
 
 
 def check_budgets_if_data_here(spec: Spec) -> bool:
@@ -238,7 +239,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
     ``fresh`` starts over. ``callbacks`` are extra Tune callbacks (driver side). ``data``: the
     spec's dataset when the caller loaded it already (the CLI does, before Ray starts)."""
     data = load_data(spec) if data is None else data
-    check_budgets(spec, data)
+    init_sets = check_budgets(spec, data)
     exp_dir, resume = _prepare(spec, ws, fresh, progress)
     experts = _locked_experts(spec, data, ws, progress)
     full = spec.task.full_data(spec, data, experts)
@@ -264,7 +265,7 @@ def launch(spec: Spec, ws: Workspace, progress: Progress, callbacks: list[Callba
                        expert_sha256=[r.sha256 for recs in experts.forms.values() for r in recs], store_key=experts.key,
                        experts_acc=experts.accuracy, tracking_uri=ws.tracking_uri, experiment_id=experiment_id,
                        parent_run_id=parent_id, tags=lineage, full_data=full,
-                       init_sets=load_init_sets(spec, data))
+                       init_sets=init_sets)
     has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     cpus, gpus = spec.resources["cpus_per_trial"], spec.resources["gpus_per_trial"]
     parallel = spec.evaluation.get("parallel", True)
