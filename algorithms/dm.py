@@ -20,7 +20,7 @@ authors' ``lr_net``), the fixed step size in its :class:`SyntheticSet`.
 A DM step only differentiates once (the images' gradient of an embedding), so it compiles:
 ``compile=True`` runs the embedding through :func:`torch.compile` (inductor fuses the instance
 norm, ReLU and pooling after each convolution, which on a CPU cost as much as the convolutions:
-a step 1.7x faster on MNIST IPC 10, ``bench/precision.py --compile``). The compiled kernels sum
+a step 1.6x faster on MNIST IPC 10 on two AVX2 cores, ``bench/precision.py --compile``). The compiled kernels sum
 in another order: the same step to ~1e-7 relative, not bit for bit.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from .augment import DEFAULT_STRATEGY, DSAConfig, check_strategy
-from .base import ImageSetState, compiled, SyntheticSet, check_config, check_finite, hp, one_of, positive, unit_interval
+from .base import (ImageSetState, SyntheticSet, check_config, check_finite, compiled, hp, one_of, positive,
+                   unit_interval)
 from .dc import (EVAL_LR, ClassSampler, broadcast_sample, check_ipc, draw_seed, init_images,
                  siamese_augment, siamese_sample)
 from .networks import Manifest, fresh_params, functional_embed, manifest_of

@@ -120,7 +120,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                   "precision": (str, "fp32", lambda v: None if v in PRECISIONS else
                                 f"must be one of {', '.join(PRECISIONS)}"),
                   # the distillation step through torch.compile where the method's step allows it (DM's:
-                  # 1.7x on a CPU); how a step runs, not what it computes: not part of the spec's hash
+                  # 1.6x on a CPU); how a step runs, not what it computes: not part of the spec's hash
                   "compile": (bool, False, None),
                   "max_concurrent_trials": ((int, type(None)), None, lambda v: None if v is None or v > 0
                                             else "must be > 0 or null"),
