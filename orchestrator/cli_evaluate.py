@@ -69,6 +69,10 @@ def _workers(ctx, param, value):
               help="Another set of the same dataset to compare with (repeatable): trained with the same models, "
                    "protocol and seeds, and the set's paired difference from it (and from the random subset) on "
                    "the same test cases, with its standard errors.")
+@click.option("--random/--no-random", "random_subset", default=True, show_default=True,
+              help="Train the random real subset of the set's size under the same protocol and seeds; "
+                   "--no-random leaves it out (its row says so), e.g. to compare sets with --against when the "
+                   "baseline is known: a third fewer networks with one --against.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--log", "log_run", is_flag=True,
               help="Record an MLflow run (experiment 'evaluate') in --root's store or at --tracking-uri.")
@@ -84,7 +88,7 @@ def _workers(ctx, param, value):
 @storage_option
 @_ctrl_c("run the command again")
 def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug, dsa_strategy, dc_strategy, lr, seed,
-             against, fmt, log_run, workers, address, root, tracking_uri, storage):
+             against, random_subset, fmt, log_run, workers, address, root, tracking_uri, storage):
     """Evaluate the synthetic set FILE (safetensors, the export format) on its own: K fresh networks
     per model trained on it, next to a random real subset of the same size under the same protocol
     and seeds, and the full-data accuracy of the spec's stored experts; with --against, other sets
@@ -118,7 +122,7 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
     opts = ev.EvalOptions(dataset=dataset, data_root=data_root, spec=spec, models=models, networks=networks,
                           epochs=epochs, aug=aug, dsa_strategy=dsa_strategy, dc_strategy=dc_strategy, lr=lr, seed=seed,
                           trajectories=trajectories, workers=workers,
-                          address=address, against=tuple(against))
+                          address=address, against=tuple(against), random=random_subset)
     say = (lambda line: click.echo(line, err=True))
     try:
         report = ev.evaluate_file(file, opts, say=say)
@@ -133,7 +137,7 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
                   "dsa_strategy": report["protocol"].get("dsa_strategy"),
                   "dc_strategy": report["protocol"].get("dc_strategy"),
                   "lr": report["lr"]["set"], "random_lr": report["lr"]["random"], "seed": report["protocol"]["seed"],
-                  "batch_size": report["protocol"]["batch_size"],
+                  "batch_size": report["protocol"]["batch_size"], "random_subset": random_subset,
                   "against": ",".join(r["file"] for r in report["rows"] if r["trained_on"] == "other") or None,
                   **{f"model.{name}": json.dumps(m, sort_keys=True) for name, m in report["models"].items()}}
         report["mlflow_run_id"] = ev.log_run(ws.tracking_uri, ws.artifact_root, report,

@@ -62,6 +62,10 @@ class EvalOptions:
     workers: int | None = None  # networks at once: 1 sequential, N a local Ray of N-1 CPUs, None auto
     address: str | None = None  # a Ray cluster to train the networks on ('auto' or HOST:PORT)
     against: tuple[str, ...] = ()  # other set files of the same dataset, trained with the same seeds
+    random: bool = True  # False: no random real subset is trained (its row says so)
+
+
+NO_RANDOM = "not trained (--no-random)"
 
 
 def _canon(name: str) -> str:

@@ -18,7 +18,7 @@ from algorithms.networks import MODELS, build_network
 
 from .artifacts import file_model
 from .datasets import DATASETS, FOLDER_DATASETS, DatasetFormatError, load_dataset
-from .evaluate import (EvalOptions, EvaluateError, SetFile, _report_head, _row, _scalar, file_sha256, finish,
+from .evaluate import (NO_RANDOM, EvalOptions, EvaluateError, SetFile, _report_head, _row, _scalar, file_sha256, finish,
                        model_text, read_other, stored_experts)
 from .spec import Spec, eval_seed
 from .spec_schema import SCHEMA
@@ -251,12 +251,13 @@ def _evaluate_images(sf: SetFile, name: str, opts: EvalOptions, say, device) -> 
         random_lr, random_lr_from = float(spec.experts["lr"]), "the spec's experts.lr, as a sweep's random baseline"
     else:
         random_lr, random_lr_from = lr, f"no --spec: the set's lr, {lr_from}"
+    r_images = r_labels = None
     try:
-        r_images, r_labels = random_subset_like(data.x_train, data.y_train, labels, info.num_classes,
-                                                torch.Generator().manual_seed(subset_seed))
-        random_note = None
+        if opts.random:
+            r_images, r_labels = random_subset_like(data.x_train, data.y_train, labels, info.num_classes,
+                                                    torch.Generator().manual_seed(subset_seed))
+        random_note = None if opts.random else NO_RANDOM
     except ValueError as e:
-        r_images = r_labels = None
         random_note = f"no random subset of these counts: {e}"
 
     full, full_note = [], "no --spec: the experts' full-data accuracy needs the spec (and --root) of stored experts"

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .evaluate import (EvalOptions, EvaluateError, SetFile, _report_head, _row, _scalar, file_sha256, finish,
+from .evaluate import (NO_RANDOM, EvalOptions, EvaluateError, SetFile, _report_head, _row, _scalar, file_sha256, finish,
                        read_other, stored_experts)
 from .sequences import load_sequences, seq_task
 from .spec import eval_seed
@@ -110,7 +110,9 @@ def _evaluate_sequences(sf: SetFile, name: str, opts: EvalOptions, say, device) 
     subset_seed = spec.seed * 7919 + mu  # as a sweep's random baseline of this budget
     real = task.train
     random_note = None
-    if mu > len(real):
+    if not opts.random:
+        r, random_note = None, NO_RANDOM
+    elif mu > len(real):
         r = None
         random_note = f"no random subset: {mu} sequences, the data has {len(real)}"
     else:

@@ -594,6 +594,25 @@ def test_against_trains_another_set_with_the_same_seeds_and_pairs_them(tmp_path,
     assert f"over the {len(digits.y_test)} test images" in line and "over 2 seed pairs" in line
 
 
+def test_no_random_trains_no_subset_and_keeps_the_other_rows_and_their_pairing(tmp_path, set_file, digits):
+    other = save_synthetic(tmp_path / "other.safetensors", real_set(digits, seed=9, lr=0.03), digits.info, "dc",
+                           {"run_id": "r1"}, model=SMALL)
+    full = report_of(evaluate(set_file, *FAST, "--against", other, "--format", "json"))
+    res = evaluate(set_file, *FAST, "--against", other, "--no-random", "--format", "json")
+    rep = report_of(res)
+    syn, rnd, _, o1 = rep["rows"]
+    assert "random subset" not in res.stderr  # no network of it was trained ("..., network 1/2 ...")
+    assert rnd["trained_on"] == "random" and rnd["networks"] == 0 and "acc" not in rnd
+    assert rep["random_subset"]["note"] == "not trained (--no-random)"
+    # the set and the --against file: the very numbers of the run that also trained the subset
+    assert syn["acc"] == full["rows"][0]["acc"] and o1["acc"] == full["rows"][3]["acc"]
+    paired = {p["against"]: p for p in rep["paired"]}
+    assert set(paired) == {"other1"}
+    assert paired["other1"]["delta"] == next(p for p in full["paired"] if p["against"] == "other1")["delta"]
+    table = evaluate(set_file, *FAST, "--no-random")
+    assert table.exit_code == 0 and "random subset: not trained (--no-random)" in table.stdout
+
+
 def test_against_refuses_a_set_of_another_dataset_or_kind(tmp_path, set_file, digits, movielens):
     _, _, data = movielens
     seqs, _ = save_sequences(tmp_path / "seqs.safetensors", torch.ones(2, 5, dtype=torch.long), data, "random")
@@ -636,6 +655,16 @@ def test_sequence_sets_pair_with_the_random_subset_and_against_files(movielens, 
     assert set(p) == {"random", "other1"} and rep["paired_unit"] == "users"
     assert (p["other1"]["delta"], p["other1"]["se_cases"]) == pytest.approx(paired_difference(h_set, h_other))
     assert p["other1"]["metric"] == "hr10" and p["other1"]["cases"] == len(task.test_targets)
+
+
+def test_no_random_leaves_out_the_random_sequences(movielens, tmp_path):
+    _, spec, data = movielens
+    _, farzi = farzi_file(data, tmp_path / "farzi.safetensors")
+    res = evaluate(farzi, "--spec", spec, "--root", tmp_path / "runs", "--no-random", "--format", "json")
+    rep = report_of(res)
+    assert "random sequences" not in res.stderr and rep["random_subset"]["note"] == "not trained (--no-random)"
+    assert [r["trained_on"] for r in rep["rows"]][:2] == ["synthetic", "random"] and rep["rows"][1]["networks"] == 0
+    assert not any(p["against"] == "random" for p in rep.get("paired", ()))
 
 
 def test_mlflow_metrics_name_every_row_and_each_paired_difference():
