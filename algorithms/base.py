@@ -96,11 +96,22 @@ def native_bf16(device: torch.device | str) -> bool:
         return True
 
 
+def c_compiler() -> str | None:
+    """The C compiler Triton builds its kernel launchers with, found as Triton (``runtime/build.py``)
+    finds it on Linux: ``$CC``, else ``gcc``, else ``clang`` on the PATH; None without one."""
+    import os
+    import shutil
+
+    return os.environ.get("CC") or next(filter(None, map(shutil.which, ("gcc", "clang"))), None)
+
+
 def compiled(fn: typing.Callable, device: torch.device | str) -> typing.Callable:
     """``fn`` through :func:`torch.compile` (inductor), for a step that differentiates once
     (torch.compile does not take a double backward: DC's, DSA's and MTT's steps). On a CPU
-    inductor builds C++ kernels: without a compiler this says so now, not at the first step."""
-    if torch.device(device).type == "cpu":
+    inductor builds C++ kernels, on a GPU Triton kernels whose launchers Triton compiles with a C
+    compiler: without what the device needs this says so now, not at the first step."""
+    kind = torch.device(device).type
+    if kind == "cpu":
         from torch._inductor import cpp_builder
 
         try:
@@ -109,6 +120,17 @@ def compiled(fn: typing.Callable, device: torch.device | str) -> typing.Callable
             raise RuntimeError(f"resources.compile is true, but torch.compile finds no C++ compiler on this "
                                f"machine for its CPU kernels ({e}): install g++ (or set CXX), or set "
                                f"resources.compile: false") from e
+    elif kind == "cuda":
+        from torch.utils import _triton
+
+        if not _triton.has_triton():
+            raise RuntimeError("resources.compile is true, but torch.compile needs Triton for its GPU kernels and "
+                               "this environment has none that works with this GPU: install the triton that "
+                               "matches torch (pip install triton), or set resources.compile: false")
+        if c_compiler() is None:
+            raise RuntimeError("resources.compile is true, but Triton finds no C compiler on this machine to build "
+                               "its GPU kernels' launchers (it looks at $CC, then gcc, then clang): install gcc "
+                               "(or set CC), or set resources.compile: false")
     return torch.compile(fn)
 
 

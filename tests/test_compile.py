@@ -60,6 +60,33 @@ def test_a_missing_cpu_compiler_is_named_before_the_first_step():
     assert compiled(functional_embed, "cpu") is not functional_embed  # with the compiler back
 
 
+def test_a_gpu_without_triton_or_a_c_compiler_is_named_before_the_first_step(monkeypatch):
+    """On CUDA, inductor emits Triton kernels, whose launchers Triton builds with a C compiler
+    ($CC, else gcc, else clang): either missing is said at build time (checked here with both
+    faked, so on a machine without a GPU)."""
+    import shutil
+
+    from torch.utils import _triton
+
+    from algorithms.base import c_compiler
+
+    monkeypatch.setattr(_triton, "has_triton", lambda: False)
+    with pytest.raises(RuntimeError, match=r"needs Triton for its GPU kernels.*set resources\.compile: false"):
+        compiled(functional_embed, "cuda")
+    monkeypatch.setattr(_triton, "has_triton", lambda: True)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert c_compiler() is None
+    with pytest.raises(RuntimeError, match=r"Triton finds no C compiler.*\$CC, then gcc, then clang.*"
+                                           r"set resources\.compile: false"):
+        compiled(functional_embed, "cuda")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang" else None)
+    assert c_compiler() == "/usr/bin/clang"
+    monkeypatch.setenv("CC", "/opt/cc")
+    assert c_compiler() == "/opt/cc"  # $CC first, as Triton reads it
+    assert compiled(functional_embed, "cuda") is not functional_embed  # wrapped; nothing runs on a GPU yet
+
+
 def test_a_trial_records_from_which_iteration_its_steps_compiled(tmp_path):
     """The compile history (``COMPILE_TAG``) as the code history: a switch on resume adds
     [iteration, value]; a run from before the tag, resumed past 0, never compiled until then."""
