@@ -5,6 +5,7 @@ publishing helpers on entries made here."""
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -295,6 +296,50 @@ def test_also_evaluate_records_another_protocol_once_and_the_readme_shows_it(tmp
     assert own != strategy and fidelity.sweep_protocol(spec.evaluation) == ("dsa", own, 20)
     assert fidelity.also_evaluate(folder, [own], fidelity.bench_console(120)) == [more]
     assert fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120), epochs=[30, None]) == [more]
+
+
+def test_also_evaluate_trains_the_random_subset_once_for_sets_of_one_spec_and_budget(tmp_path, write_spec,
+                                                                                       monkeypatch):
+    """Two published sets of the same spec and budget (DC's and DM's at IPC 1, say) are compared with
+    the same random subset: it is trained for the first and reused for the second (which trains only
+    its own networks), and both rows record the same numbers, those of a run that trains it."""
+    import shutil
+
+    import orchestrator.evaluate as ev
+
+    folder, _, _, _ = _published_digits_set(tmp_path, write_spec)
+    [entry] = json.loads((folder / "index.json").read_text())
+    shutil.copy(folder / entry["file"], folder / "digits-dm-ipc1.safetensors")
+    other = {**entry, "file": "digits-dm-ipc1.safetensors", "method": "dm"}
+    (folder / "index.json").write_text(json.dumps([entry, other]))
+    asked, real = [], ev.evaluate_file
+
+    def spy(path, opts, **kw):
+        asked.append((Path(path).name, opts.random))
+        return real(path, opts, **kw)
+
+    monkeypatch.setattr(ev, "evaluate_file", spy)
+    strategy = "color_crop_cutout_scale_rotate"
+    first, second = fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120), epochs=[12])
+    assert asked == [(entry["file"], True), ("digits-dm-ipc1.safetensors", False)]
+    p, q = first["protocols"][0], second["protocols"][0]
+    assert 0.05 < p["random_mean"] < 1 and (q["random_mean"], q["random_std"]) == (p["random_mean"], p["random_std"])
+    assert q["mean"] == p["mean"]  # the same images, the same seeds: its own networks did train
+    alone = real(folder / "digits-dm-ipc1.safetensors",
+                 ev.EvalOptions(dataset="digits", spec=load_spec_of(entry), epochs=12, aug="dsa",
+                                dsa_strategy=strategy, workers=1))
+    rnd = next(r for r in alone["rows"] if r["trained_on"] == "random")
+    assert (rnd["acc_mean"], rnd["acc_std"]) == (q["random_mean"], q["random_std"])  # what it would have trained
+    # another budget or protocol is another random subset: a new epochs count trains it again
+    asked.clear()
+    fidelity.also_evaluate(folder, [strategy], fidelity.bench_console(120), epochs=[13])
+    assert asked == [(entry["file"], True), ("digits-dm-ipc1.safetensors", False)]
+
+
+def load_spec_of(entry):
+    from orchestrator.spec import load_spec
+
+    return load_spec(fidelity.REPO / entry["spec"])
 
 
 def test_reevaluate_records_a_protocol_for_sets_whose_sweep_is_gone(tmp_path, write_spec, monkeypatch, capsys):
