@@ -15,6 +15,7 @@ from .cli_evaluate import evaluate, ui
 from .cli_results import compare, export, results
 from .datasets import DatasetFormatError, DatasetNotFoundError
 from .jobs import logs, status, submit
+from .malloc import tune_malloc
 from .progress import Progress
 from .spec import SpecError
 
@@ -83,6 +84,7 @@ def _check_cluster_options(address: str | None, num_cpus: int | None) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Distributed dataset distillation: experts with Ray, sweeps with Ray Tune, results in MLflow."""
+    tune_malloc()  # this process's allocator, for the steps and networks it runs itself (orchestrator.malloc)
 
 
 @main.command()

@@ -16,6 +16,7 @@ import torch
 
 from algorithms.mct import ConvexTrajectory
 
+from .malloc import tune_malloc
 from .progress import Progress
 from .spec import Spec
 from .tasks import task_for
@@ -89,6 +90,7 @@ def _train_one(data, model: dict, training: dict, seed: int, index: int, paths: 
                convex_opts: dict, meta: dict, threads: int) -> dict[str, ExpertRecord]:
     import ray
 
+    tune_malloc()
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     return train_and_write(data, model, training, seed, index, paths, convex_opts, meta, device,

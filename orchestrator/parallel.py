@@ -66,6 +66,8 @@ import torch
 
 from algorithms.evaluate import sequential
 
+from .malloc import tune_malloc
+
 log = logging.getLogger(__name__)
 
 GPUS_PER_NETWORK = 0.25  # of a GPU, per evaluation network task (small ConvNets: four share one GPU)
@@ -83,6 +85,7 @@ def _call(func: Callable, kwargs: dict, *args) -> Any:
     leaves half-initialised modules behind, which break every later task of that worker. A
     reclaimed task that was already running finishes instead (its result unread) and leaves its
     worker warm; one still queued is removed by the cancel."""
+    tune_malloc()  # this worker's allocator, for the job's tensors (orchestrator.malloc)
     device = kwargs.get("device")
     if device is not None and torch.device(device).type == "cuda":
         kwargs = {**kwargs, "device": "cuda"}

@@ -23,6 +23,7 @@ from algorithms.base import DivergenceError, autocast, check_precision
 
 from . import methods
 from .artifacts import CASES_FILE, load_state, save_cases, save_state
+from .malloc import tune_malloc
 from .tasks import Task, task_for
 from .warmstart import build_started
 from .tracking import (COMMIT_TAG, COMPILE_TAG, DIGEST_TAG, RunLogger, dataset_input, find_or_create_child, log_dataset,
@@ -171,6 +172,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     """The Tune function trainable."""
     point = config["trial"]
     spec = ctx.spec
+    tune_malloc()
     torch.set_num_threads(max(1, int(spec["resources"]["cpus_per_trial"])))
     device = _device()
     tctx = tune.get_context()
