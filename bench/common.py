@@ -18,7 +18,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from orchestrator.malloc import tune_malloc
+
 REPO = Path(__file__).resolve().parent.parent
+# every script measures with the allocator settings of the orchestrator's own processes (CLI, trials,
+# evaluation jobs): see orchestrator/malloc.py; bench/malloc.py sets ORCHESTRATE_MALLOC=default to compare
+tune_malloc()
 
 
 def shared_data(name: str) -> Path:

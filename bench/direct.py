@@ -310,9 +310,6 @@ def table(rows: list[dict], metric: str, scale: float) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrator.malloc import tune_malloc
-
-    tune_malloc()  # as the sweep's processes do (orchestrator.malloc)
     ap = bench_parser(__doc__, f"{QUICK_SPEC.relative_to(REPO)} with 2 experts x 3 epochs, {QUICK_ITERATIONS} "
                                f"iterations, 1 network x 20 epochs (under a minute on a CPU core)")
     ap.add_argument("spec", nargs="?", help="the spec to run (with --quick: none)")

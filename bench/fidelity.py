@@ -971,9 +971,6 @@ def fail(message: str) -> None:
 
 
 def main() -> None:
-    from orchestrator.malloc import tune_malloc
-
-    tune_malloc()  # its evaluations run in this process, as orchestrate evaluate's do (orchestrator.malloc)
     ap = bench_parser(__doc__, "write a tiny digits spec and run it (--run) into a temporary root: a few minutes")
     ap.add_argument("specs", nargs="*", metavar="SPEC",
                     help="reference sweep specs (default: search_spaces/reference/*.yaml)")

@@ -45,6 +45,31 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     assert tuned["faults"] < 16384, tuned
 
 
+SAME = """
+import hashlib, json, torch
+from orchestrator.malloc import tune_malloc
+from algorithms.evaluate import EvalConfig, train_network
+from orchestrator.datasets import load_dataset
+torch.set_num_threads(1)
+how, d = tune_malloc(), load_dataset("digits")
+net = train_network({"name": "convnet", "depth": 2, "width": 32}, d.info, d.x_train[:60], d.y_train[:60], 0.01,
+                    EvalConfig(epochs=4), 3)
+w = torch.cat([p.detach().flatten() for p in net.parameters()]).numpy().tobytes()
+print(json.dumps({"how": how, "sha": hashlib.sha256(w).hexdigest()}))
+"""
+
+
+@pytest.mark.slow  # trains in two fresh processes: ~6 s
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+def test_a_network_trains_to_the_same_bits_either_way():
+    """Where blocks come from changes no arithmetic: an evaluation network's weights are identical."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ORCHESTRATE_MALLOC", *malloc._USERS_OWN)}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", SAME], env={**env, **extra}, capture_output=True,
+                                      text=True, check=True).stdout.strip().splitlines()[-1])
+            for extra in ({"ORCHESTRATE_MALLOC": "default"}, {})]
+    assert [r["how"] for r in runs] == ["off", "tuned"] and runs[0]["sha"] == runs[1]["sha"]
+
+
 def test_the_users_settings_and_the_opt_out_are_left_alone(monkeypatch):
     def fresh(**env):
         monkeypatch.setattr(malloc, "_state", {})
