@@ -8,8 +8,9 @@ settings are per process), with the same seed and work:
 
 - ``eval``: one evaluation network (ConvNet-3, width 128) trained on 100 MNIST-sized images with
   DSA, as ``orchestrate evaluate`` and the trials' evaluations do (one batch of 100 an epoch);
-- ``dm``: DM steps at 10 images per class with ``batch_real`` 256, eager fp32 (the images are
-  random: the cost is the shapes', not the data's).
+- ``dm``: DM steps at 10 images per class with ``batch_real`` 256, eager fp32;
+- ``expert``: SGD steps of an expert (ConvNet-3) on batches of 256 images, as MTT's and MCT's
+  experts train (the images are random throughout: the cost is the shapes', not the data's).
 
 Per workload and setting: the median seconds per epoch or step (after a warm-up one), the user
 and system CPU seconds and the minor page faults of the timed part, and the process's peak
@@ -34,7 +35,7 @@ from common import (  # bench/common.py: run as a script, this folder is first o
     REPO, bench_console, bench_parser, machine_info, print_load, quick_defaults, status_kb, write_results,
 )
 
-WORKLOADS = ("eval", "dm")
+WORKLOADS = ("eval", "dm", "expert")
 SETTINGS = ("default", "tuned")
 
 
@@ -57,6 +58,20 @@ def child(workload: str, steps: int, threads: int) -> dict:
 
         def step(_: int) -> None:
             train_network(model, info, x, y, 0.01, EvalConfig(epochs=1, dsa_strategy="color_crop_cutout_scale_rotate"), 17)
+    elif workload == "expert":
+        import torch.nn.functional as F
+
+        from algorithms.networks import seeded_network
+
+        net = seeded_network({"name": "convnet", "depth": 3, "width": 128}, 1, 10, 28, 0)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        x, y = torch.randn(256, 1, 28, 28, generator=g), torch.randint(10, (256,), generator=g)
+
+        def step(_: int) -> None:
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     else:
         from algorithms.dm import DMConfig, DMDistiller
         from algorithms.networks import seeded_network
@@ -92,7 +107,7 @@ def run(workload: str, setting: str, steps: int, threads: int) -> dict:
 
 
 def main() -> None:
-    ap = bench_parser(__doc__, "3 epochs and 2 DM steps per setting (about 2 minutes on one core)")
+    ap = bench_parser(__doc__, "3 epochs, 3 expert steps and 1 DM step per setting (about 2 minutes on one core)")
     ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     ap.add_argument("--steps", type=int, default=None, help="timed epochs / steps per setting (default 10; --quick 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each child (default 1)")
@@ -107,7 +122,7 @@ def main() -> None:
     load_start = os.getloadavg()
     rows = []
     for w in args.workloads:
-        steps = max(1, args.steps // 2) if (w == "dm" and args.quick) else args.steps
+        steps = 1 if (w == "dm" and args.quick) else args.steps
         res = {s: run(w, s, steps, args.threads) for s in SETTINGS}
         rows.append({"workload": w, "steps": steps, **{s: res[s] for s in SETTINGS},
                      "speed": res["default"]["sec"] / res["tuned"]["sec"]})
