@@ -6,15 +6,16 @@ and returns the top of its heap to the system once more than its trim threshold 
 A ConvNet-3 on MNIST allocates and frees such blocks at every step: a network trained on 100
 images makes 52 MB activations (100 x 128 x 32 x 32 floats), a DM step at ``batch_real`` 256
 134 MB ones. Each comes back from the kernel as new pages that it zero-fills page by page: on a
-2-core AVX2 machine a quarter of an evaluation's time went to those page faults (system time;
-``bench/malloc.py`` measures it).
+2-core AVX2 machine 30 % of an evaluation network's time and 43 % of a DM or an expert step's
+went to those page faults (system time; ``bench/malloc.py`` measures it).
 
 :func:`tune_malloc` raises both thresholds (``mallopt``), so that freed blocks stay in the heap
 and the next step reuses them (after its first few steps, while the heap grows to what a step
 needs). The price is memory kept: a process holds on to what its steps freed, up to
 :data:`TRIM_THRESHOLD` above what it uses, instead of handing it back between steps, and its
-peak grows a little (blocks that no longer fit exactly: +150 MB for an evaluation network, +100
-MB for a DM step at IPC 10, on ~600 MB). The orchestrator calls it in every process
+peak grows (64-byte-aligned blocks do not fit exactly into the holes freed ones leave: +65 MB for
+an evaluation network on ~610 MB, +250 MB for a DM step at IPC 10 on ~630, +300 MB for an
+expert's step on ~910). The orchestrator calls it in every process
 that steps or trains: the CLI, each trial, each expert task and each evaluation job. It does
 nothing where the allocator is not glibc's (macOS, musl), when the user set glibc's own
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (theirs stand), or with
