@@ -18,7 +18,8 @@ an evaluation network on ~610 MB, +250 MB for a DM step at IPC 10 on ~630, +300 
 expert's step on ~910). The orchestrator calls it in every process
 that steps or trains: the CLI, each trial, each expert task and each evaluation job. It does
 nothing where the allocator is not glibc's (macOS, musl), when the user set glibc's own
-``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (theirs stand), or with
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` or a ``glibc.malloc.*`` tunable in
+``GLIBC_TUNABLES`` (theirs stand), or with
 ``ORCHESTRATE_MALLOC=default``.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def tune_malloc() -> str:
         return _state["done"]
     if os.environ.get(ENV, "").strip().lower() in ("default", "off", "0", "false"):
         how = "off"
-    elif any(k in os.environ for k in _USERS_OWN):
+    elif any(k in os.environ for k in _USERS_OWN[:2]) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         how = "user"
     elif not sys.platform.startswith("linux"):
         how = "not glibc"

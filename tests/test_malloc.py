@@ -82,6 +82,7 @@ def test_the_users_settings_and_the_opt_out_are_left_alone(monkeypatch):
     assert fresh(ORCHESTRATE_MALLOC="default") == "off"
     assert fresh(MALLOC_TRIM_THRESHOLD_="1000") == "user"
     assert fresh(GLIBC_TUNABLES="glibc.malloc.hugetlb=1") == "user"
+    assert fresh(GLIBC_TUNABLES="glibc.cpu.x86_shstk=off") == "tuned"  # a tunable of something else
     monkeypatch.setattr(sys, "platform", "darwin")
     assert fresh() == "not glibc"
     monkeypatch.setattr(sys, "platform", "linux")
