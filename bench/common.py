@@ -18,9 +18,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from orchestrator.malloc import tune_malloc
-
 REPO = Path(__file__).resolve().parent.parent
+# the scripts run from a checkout where the package may not be installed (a lent GPU machine: no pip
+# install, no Ray, no MLflow): the repository goes on the path before the first orchestrator import
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from orchestrator.malloc import tune_malloc  # noqa: E402
+
 # every script measures with the allocator settings of the orchestrator's own processes (CLI, trials,
 # evaluation jobs): see orchestrator/malloc.py; bench/malloc.py sets ORCHESTRATE_MALLOC=default to compare
 tune_malloc()

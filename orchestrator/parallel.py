@@ -353,12 +353,12 @@ class EvaluateRunner:
         self.how = ""
 
     def __call__(self, jobs: Sequence[Callable[[], Any]], on_done: Callable[[int, Any], None] | None = None) -> list:
-        import ray
-
         jobs = list(jobs)
-        if self.workers == 1 or len(jobs) < 2:
+        if self.workers == 1 or len(jobs) < 2:  # needs no Ray (a machine without it can evaluate)
             self.how = "one network after another in this process"
             return sequential(jobs, on_done)
+        import ray
+
         if ray.is_initialized():
             return self._ray(jobs, on_done, "the Ray session of this process")
         address = self.address or os.environ.get("RAY_ADDRESS") or None

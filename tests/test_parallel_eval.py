@@ -148,6 +148,26 @@ def test_cli_short_evaluation_starts_no_ray(set_file):
     assert [r.get("acc") for r in one["rows"]] == [r.get("acc") for r in auto["rows"]]
 
 
+def test_sequential_evaluation_needs_neither_ray_nor_mlflow(set_file):
+    """A machine with PyTorch alone (a lent GPU box) evaluates a set file: one network after another
+    (``workers=1``) imports neither Ray nor MLflow."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    code = ("import json, sys\n"
+            "sys.modules['ray'] = sys.modules['mlflow'] = None\n"
+            "from orchestrator.evaluate import EvalOptions, evaluate_file\n"
+            f"r = evaluate_file({str(set_file)!r}, EvalOptions(networks=2, epochs=2, workers=1), device='cpu')\n"
+            "print(json.dumps([[row['trained_on'], row.get('acc_mean')] for row in r['rows']]))\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = dict(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert 0 < rows["synthetic"] <= 1 and 0 < rows["random"] <= 1  # a number: the networks trained
+
+
 # -- with Ray (slow) ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_parallel_equals_sequential_bit_for_bit(ray_cluster, digits, small_set):
