@@ -14,10 +14,16 @@ settings are per process), with the same seed and work:
 
 Per workload and setting: the median seconds per epoch or step (after a warm-up one), the user
 and system CPU seconds and the minor page faults of the timed part, and the process's peak
-resident memory; then the speed ratio. ``ORCHESTRATE_MALLOC=default`` is the glibc run.
+resident memory; then the speed ratio against glibc's defaults. The settings: ``default``
+(``ORCHESTRATE_MALLOC=default``), ``tuned`` (:func:`~orchestrator.malloc.tune_malloc`'s
+thresholds) and ``one-arena`` (the thresholds and ``MALLOC_ARENA_MAX=1``, what
+:func:`~orchestrator.malloc.worker_env` gives the processes that run trials). ``--thread`` runs the
+steps in a thread of their own, started after four other threads took arenas, as Ray Tune runs a
+trial's function in a Ray worker: there the thresholds alone do not reach the step's large blocks.
 
     python bench/malloc.py --quick --json /tmp/bench_malloc.json
     python bench/malloc.py --threads 2 --steps 10
+    python bench/malloc.py --thread --workloads dm --threads 2 --steps 8
 """
 from __future__ import annotations
 
@@ -36,10 +42,30 @@ from common import (  # bench/common.py: run as a script, this folder is first o
 )
 
 WORKLOADS = ("eval", "dm", "expert")
-SETTINGS = ("default", "tuned")
+SETTINGS = ("default", "tuned", "one-arena")
 
 
-def child(workload: str, steps: int, threads: int) -> dict:
+def child(workload: str, steps: int, threads: int, in_thread: bool = False) -> dict:
+    """``child_steps`` in this process's main thread, or in a thread of its own (``in_thread``)."""
+    if not in_thread:
+        return child_steps(workload, steps, threads)
+    import threading
+
+    others = [threading.Thread(target=lambda: [bytearray(1000) for _ in range(100)]) for _ in range(4)]
+    for t in others:  # Ray's own threads: each allocates, so glibc gives it an arena
+        t.start()
+    for t in others:
+        t.join()
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(child_steps(workload, steps, threads)))
+    t.start()
+    t.join()
+    if not out:
+        raise SystemExit(f"bench/malloc.py: the {workload} steps failed in their thread")
+    return out
+
+
+def child_steps(workload: str, steps: int, threads: int) -> dict:
     """One workload in this process under its allocator settings (the parent set them): its numbers."""
     import torch
 
@@ -95,12 +121,15 @@ def child(workload: str, steps: int, threads: int) -> dict:
             "peak_rss_mb": (status_kb("VmHWM") or 0) / 1024}
 
 
-def run(workload: str, setting: str, steps: int, threads: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "ORCHESTRATE_MALLOC"}
+def run(workload: str, setting: str, steps: int, threads: int, in_thread: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("ORCHESTRATE_MALLOC", "MALLOC_ARENA_MAX")}
     if setting == "default":
         env["ORCHESTRATE_MALLOC"] = "default"
+    elif setting == "one-arena":
+        env["MALLOC_ARENA_MAX"] = "1"
     out = subprocess.run([sys.executable, __file__, "--child", workload, "--steps", str(steps),
-                          "--threads", str(threads)], env=env, cwd=REPO, capture_output=True, text=True, check=False)
+                          "--threads", str(threads), *(["--thread"] if in_thread else [])],
+                         env=env, cwd=REPO, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"bench/malloc.py: the {workload} child ({setting}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -111,11 +140,13 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     ap.add_argument("--steps", type=int, default=None, help="timed epochs / steps per setting (default 10; --quick 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each child (default 1)")
+    ap.add_argument("--thread", action="store_true",
+                    help="step in a thread of the child's own, as a Tune trial's function runs (default: its main thread)")
     ap.add_argument("--child", choices=WORKLOADS, help=None)
     args = ap.parse_args()
     if args.child:
         sys.path.insert(0, str(REPO))
-        print(json.dumps(child(args.child, args.steps, args.threads)))
+        print(json.dumps(child(args.child, args.steps, args.threads, args.thread)))
         return
     quick_defaults(args, steps=(3, 10))
     console = bench_console(120)
@@ -123,10 +154,12 @@ def main() -> None:
     rows = []
     for w in args.workloads:
         steps = 1 if (w == "dm" and args.quick) else args.steps
-        res = {s: run(w, s, steps, args.threads) for s in SETTINGS}
+        res = {s: run(w, s, steps, args.threads, args.thread) for s in SETTINGS}
         rows.append({"workload": w, "steps": steps, **{s: res[s] for s in SETTINGS},
-                     "speed": res["default"]["sec"] / res["tuned"]["sec"]})
-    table = Table(title=f"glibc's default allocator settings vs orchestrator.malloc ({args.threads} thread(s))")
+                     "speed": {s: res["default"]["sec"] / res[s]["sec"] for s in SETTINGS[1:]}})
+    where = "a thread of their own" if args.thread else "the main thread"
+    table = Table(title=f"glibc's default allocator settings vs orchestrator.malloc ({args.threads} torch "
+                        f"thread(s), steps in {where})")
     for col in ("workload", "setting", "s/step (median)", "user s", "sys s", "minor faults", "peak RSS MB", "speed"):
         table.add_column(col, justify="left" if col in ("workload", "setting") else "right")
     for r in rows:
@@ -134,12 +167,12 @@ def main() -> None:
             x = r[s]
             table.add_row(r["workload"] if s == "default" else "", f"{s} ({x['malloc']})", f"{x['sec']:.3f}",
                           f"{x['user']:.2f}", f"{x['sys']:.2f}", f"{x['minflt']:,}", f"{x['peak_rss_mb']:.0f}",
-                          f"{r['speed']:.2f}x" if s == "tuned" else "")
+                          f"{r['speed'][s]:.2f}x" if s in r["speed"] else "")
     console.print(table)
     print_load(console, load_start)
     if args.json:
         write_results(console, args.json, "malloc", machine_info("cpu", load_start),
-                      {"steps": args.steps, "threads": args.threads, "workloads": args.workloads}, rows=rows)
+                      {"steps": args.steps, "threads": args.threads, "workloads": args.workloads, "thread": args.thread}, rows=rows)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from ray.tune.trainable.function_trainable import wrap_function
 
 from .experts import ExpertSet, ensure_experts, expert_key
 from .artifacts import state_complete
+from .malloc import worker_env
 from .progress import Progress
 from .resume import (SIDECAR, LaunchError, ResumeTrustError, _prepare, _start_parent, _tune_path, check_resume,  # noqa: F401
                      check_resume_trust, sweep_dir, with_checkpoint_repair)
@@ -66,8 +67,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
+            env = worker_env()  # a trial's thread allocates as a main thread does (orchestrator/malloc.py)
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     _node_ip_address=LOOPBACK)
+                     _node_ip_address=LOOPBACK, runtime_env={"env_vars": env} if env else None)
         try:
             yield
         finally:

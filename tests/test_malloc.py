@@ -110,3 +110,95 @@ def test_the_processes_that_step_or_train_call_it(monkeypatch):
     from orchestrator import experts, trial
     for fn in (trial.run_trial, experts._train_one):  # a trial's and an expert task's first lines
         assert "tune_malloc()" in inspect.getsource(fn).split('"""')[-1].split("torch.set_num_threads")[0]
+
+
+def test_trial_processes_start_with_one_arena_unless_the_user_chose(monkeypatch):
+    def env(**set_env):
+        for k in ("ORCHESTRATE_MALLOC", malloc.ARENA_ENV, *malloc._USERS_OWN):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in set_env.items():
+            monkeypatch.setenv(k, v)
+        return malloc.worker_env()
+
+    if sys.platform.startswith("linux"):
+        assert env() == {"MALLOC_ARENA_MAX": "1"}
+    assert env(ORCHESTRATE_MALLOC="default") == {}
+    assert env(MALLOC_ARENA_MAX="4") == {}  # the user's number of arenas stands
+    assert env(MALLOC_MMAP_THRESHOLD_="1000") == {}  # so do their own allocator settings
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert env() == {}
+
+
+# a 134 MB block (a DM step's activation at batch_real 256) made and freed in a thread of its own, as
+# Tune runs a trial's function, after other threads took arenas (as Ray's own threads do)
+THREAD_FAULTS = """
+import json, resource, threading, torch
+from orchestrator.malloc import tune_malloc
+how = tune_malloc()
+torch.set_num_threads(1)
+others = [threading.Thread(target=lambda: [bytearray(1000) for _ in range(100)]) for _ in range(4)]
+[t.start() for t in others]; [t.join() for t in others]
+out = {}
+def trial():
+    before = 0
+    for i in range(20):
+        if i == 12:  # the steady state (64-byte-aligned blocks take a few rounds to find a hole that fits)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.empty(32 * 2**20)
+        x.fill_(1.0)
+        del x
+    out["faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+t = threading.Thread(target=trial); t.start(); t.join()
+print(json.dumps({"how": how, **out}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+def test_a_trials_own_thread_reuses_its_blocks_with_one_arena():
+    env = {k: v for k, v in os.environ.items() if k not in ("ORCHESTRATE_MALLOC", malloc.ARENA_ENV, *malloc._USERS_OWN)}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", THREAD_FAULTS], env={**env, **extra}, capture_output=True,
+                                      text=True, check=True).stdout.strip().splitlines()[-1])
+            for extra in ({}, malloc.worker_env() or pytest.fail("no arena setting on glibc"))]
+    per_block = 32 * 2**20 * 4 // 4096  # pages of one 134 MB block
+    # the thread's own arena: every block is mapped afresh, its pages faulted in again (the thresholds don't apply)
+    assert runs[0]["how"] == "tuned" and runs[0]["faults"] > 8 * per_block * 0.9, runs
+    # one arena: the main one, where the thresholds keep the freed block for the next
+    assert runs[1]["faults"] < per_block, runs
+
+
+TRIAL_ENV = """
+import json, os, resource
+from ray import tune
+from orchestrator.sweep import ray_session
+def trial(config):
+    import torch
+    from orchestrator.malloc import tune_malloc
+    tune_malloc()
+    torch.set_num_threads(1)
+    before = 0
+    for i in range(20):
+        if i == 12:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.empty(32 * 2**20)
+        x.fill_(1.0)
+        del x
+    tune.report({"arenas": os.environ.get("MALLOC_ARENA_MAX", "unset"),
+                 "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before})
+os.environ.pop("RAY_ADDRESS", None)
+with ray_session(num_cpus=1):
+    r = tune.Tuner(trial, run_config=tune.RunConfig(storage_path=os.environ["STORE"], verbose=0)).fit()
+    m = r[0].metrics
+print(json.dumps({"arenas": m["arenas"], "faults": m["faults"], "driver": os.environ.get("MALLOC_ARENA_MAX", "unset")}))
+"""
+
+
+@pytest.mark.slow  # starts a local Ray in a fresh process: ~20 s
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+def test_a_local_sweeps_trials_run_with_one_arena(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("ORCHESTRATE_MALLOC", malloc.ARENA_ENV, *malloc._USERS_OWN)}
+    out = subprocess.run([sys.executable, "-c", TRIAL_ENV], env={**env, "STORE": str(tmp_path)}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    # the trial's process started with it, the trial's thread reused its 134 MB blocks, the driver is untouched
+    assert res["arenas"] == "1" and res["faults"] < 32 * 2**20 * 4 // 4096 and res["driver"] == "unset", res
