@@ -25,13 +25,15 @@ nothing where the allocator is not glibc's (macOS, musl), when the user set glib
 The thresholds reach only the main arena's blocks. glibc gives each new thread an arena of its own
 (up to 8 per core) whose heaps hold at most 64 MB, so a larger block asked for there is mapped and
 unmapped whatever the threshold says; and Ray Tune runs a trial's function in a thread of its own.
-A DM step at IPC 10 in such a thread faulted in 3.8 million pages a step (11 s of system time in
-3 steps on two AVX2 cores) where the same step in the main thread faulted in none. The number of
+Three DM steps at IPC 10 in such a thread faulted in 3.8 million pages (11 s of system time on two
+AVX2 cores) where the same steps in the main thread faulted in none. The number of
 arenas is read once, when a process starts (``mallopt`` later does not move threads that already
 have one), so the processes that run trials are started with ``MALLOC_ARENA_MAX=1``
 (:func:`worker_env`: the local Ray of ``orchestrate launch`` puts it in its workers' environment;
 a cluster sets it on its nodes, see ``cluster/``): every thread allocates from the main arena, and
-the trial's thread reuses its blocks as the main thread does.
+the trial's thread reuses its blocks as the main thread does. The price: a process's threads
+share one lock, which costs nothing to a step of one torch thread and 6-16 % to one of two
+(``bench/malloc.py``).
 """
 from __future__ import annotations
 
