@@ -80,32 +80,51 @@ def test_resume_refuses_another_recipe_and_a_broken_checkpoint(tmp_path, capsys)
 @pytest.mark.slow
 def test_device_run_continues_a_run_over_short_commands(tmp_path):
     """bench/device_run.sh: each call resumes direct-runs/NAME, stops at DEVICE_LIMIT_S with a
-    checkpoint, and copies what came of it, without the experts' store, to $OUT/NAME."""
+    checkpoint, and packs what came of it, without the experts' store, into one file $OUT/NAME.tar.gz
+    (the device tool brings back at most 8 files, none more than 2 folders below $OUT) beside
+    $OUT/NAME.json; unpacked into direct-runs/NAME, the next call goes on from there."""
     import os
     import shutil
     import subprocess
+    import tarfile
 
     repo = tmp_path / "repo"  # a copy of the scripts it runs, so that direct-runs/ lands there
     shutil.copytree(REPO / "bench", repo / "bench", ignore=shutil.ignore_patterns("__pycache__"))
     for d in ("algorithms", "orchestrator", "search_spaces"):
         (repo / d).symlink_to(REPO / d)
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVICE_LIMIT_S": "0"}
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "DEVICE_LIMIT_S": "0"}
 
     def call(**extra):
+        shutil.rmtree(out, ignore_errors=True)  # the tool empties $OUT before each command
         return subprocess.run(["bash", "bench/device_run.sh", "q", "--quick", "--threads", "1"], cwd=repo,
                               env={**env, **extra}, capture_output=True, text=True, timeout=300)
 
+    def came_back():  # what the device tool returns: plain files at most 2 folders below $OUT, at most 8
+        files = [p for p in out.rglob("*") if p.is_file()]
+        assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files), files
+        return files
+
     first = call()
     assert first.returncode == 0, first.stderr
-    back = tmp_path / "out" / "q"
-    assert json.loads((back / "direct.json").read_text())["config"]["stopped_by_time_limit"] is True
-    assert (back / "mtt-ipc1" / "state" / "state.safetensors").exists() and not (back / "trajectories").exists()
-    assert (repo / "direct-runs" / "q" / "trajectories").is_dir()
+    assert sorted(p.name for p in came_back()) == ["q.json", "q.tar.gz"]
+    assert json.loads((out / "q.json").read_text())["config"]["stopped_by_time_limit"] is True
+    with tarfile.open(out / "q.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./mtt-ipc1/state/state.safetensors" in names and not any("trajectories" in n for n in names)
+    # a fresh machine: the run comes back only from the file, unpacked as the script says
+    fresh = repo / "direct-runs" / "q"
+    shutil.rmtree(fresh)
+    fresh.mkdir()
+    with tarfile.open(out / "q.tar.gz") as tar:
+        tar.extractall(fresh, filter="data")
     second = call(DEVICE_LIMIT_S="600")
     assert second.returncode == 0, second.stderr
-    done = json.loads((back / "direct.json").read_text())
+    assert "tar -C direct-runs/q -xzf" in second.stdout
+    done = json.loads((out / "q.json").read_text())
     assert done["config"]["stopped_by_time_limit"] is False
     assert [r["iterations"] for r in done["rows"]] == [0, 0, 4, 4]
+    assert "mtt-ipc1: resumed at iteration 1 of 4" in " ".join(second.stdout.split())  # from the file's checkpoint
     bad = subprocess.run(["bash", "bench/device_run.sh", "../x", "--quick"], cwd=repo, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "plain folder name" in bad.stderr
