@@ -161,10 +161,17 @@ class ClassSampler:
         if empty:
             raise ValueError(f"classes {empty} have no real training images")
 
-    def batch(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    def pick(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The indices (on the CPU) of the batch :meth:`batch` would return, from the same draw."""
         idx = self.indices[c]
-        pick = idx[torch.randperm(len(idx), generator=generator)[:n]]
-        return self.x[pick.to(self.x.device)]
+        return idx[torch.randperm(len(idx), generator=generator)[:n]]
+
+    def batch(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self.x[self.pick(c, n, generator).to(self.x.device)]
+
+    def batch_sizes(self, n: int) -> list[int]:
+        """How many images :meth:`batch` returns for each class."""
+        return [min(n, len(idx)) for idx in self.indices]
 
 
 def draw_seed(generator: torch.Generator) -> int:

@@ -20,6 +20,11 @@ bf16 out (on an AVX2 CPU a bf16 DM step takes minutes, and launches refuse it an
     python bench/precision.py --quick --json /tmp/bench_precision.json
     python bench/precision.py --threads 2 --methods dc dsa dm mtt
     python bench/precision.py --threads 2 --methods dm --budget 10 --compile --no-bf16
+
+``--forward-images N``: DM embeds at most N real images a forward (classes grouped up to it; 0: one
+class a forward), instead of its device's default (:func:`algorithms.dm.default_forward_images`: on a
+GPU every class of MNIST in one forward, on a CPU one class a forward); run it with 0 and with 2560
+to compare the two on a device.
 """
 from __future__ import annotations
 
@@ -72,6 +77,10 @@ def bench_method(name: str, data, args) -> dict:
                            task=task_for(data.info.name), model=model, spec={}, expert_files={},
                            device=torch.device(args.device), seed=args.seed, preloaded=preloaded, compile=compile_)
         dist = methods.get(name).build(ctx)
+        if name == "dm" and args.forward_images is not None:
+            dist.forward_images = args.forward_images
+        if hasattr(dist, "forward_images"):
+            row["forward_images"] = dist.forward_images
         t0 = time.perf_counter()
         first = run_step(dist, ctx.device, precision)["loss"]  # warm-up (compiles), and the loss compared
         first_s = time.perf_counter() - t0
@@ -106,6 +115,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also fp32 through torch.compile (resources.compile)")
     ap.add_argument("--no-bf16", action="store_true", help="fp32 only (and --compile)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--forward-images", type=int, default=None,
+                    help="DM: real images one forward embeds at most (0: one class a forward); default: the device's")
     args = ap.parse_args()
     quick_defaults(args, methods=(["dc", "dm", "mtt"], ["dc", "dsa", "dm", "mtt"]), steps=(2, 5))
     torch.set_num_threads(args.threads)
@@ -122,8 +133,9 @@ def main() -> None:
         console.print("  " + name + ": " + ", ".join(f"{m} {rows[-1][m]['median_s']:.2f} s"
                                                       for m in ("fp32", "bf16", "compiled") if m in rows[-1]))
     shown = [m for m in ("bf16", "compiled") if any(m in r for r in rows)]
+    grouping = "" if args.forward_images is None else f", DM forward_images {args.forward_images}"
     table = Table(title=f"seconds per step, MNIST IPC {args.budget}, ConvNet-3 w128, {args.threads} thread(s), "
-                        f"{args.device}")
+                        f"{args.device}{grouping}")
     cols = ["method", "fp32 s/step"]
     for m in shown:
         cols += [f"{m} s/step", f"{m} speed vs fp32", f"{m} loss rel. diff (1st step)"]
@@ -146,7 +158,8 @@ def main() -> None:
     if args.json:
         write_results(console, args.json, "precision", machine,
                       {"methods": args.methods, "steps": args.steps, "threads": args.threads, "device": args.device,
-                       "budget": args.budget, "compile": args.compile, "bf16": not args.no_bf16},
+                       "budget": args.budget, "compile": args.compile, "bf16": not args.no_bf16,
+                       "forward_images": args.forward_images},
                       rows=rows)
 
 

@@ -10,7 +10,8 @@ from algorithms.augment import DSAConfig
 from algorithms.base import DivergenceError
 from algorithms.dc import (EVAL_LR, DCConfig, DCDistiller, broadcast_sample, gradient_distance, loops_for,
                            siamese_augment, siamese_sample)
-from algorithms.dm import DMConfig, DMDistiller, mean_embedding_distance
+from algorithms.dm import (GPU_FORWARD_PIXELS, DMConfig, DMDistiller, augment_by_class, class_groups,
+                          default_forward_images, mean_embedding_distance)
 from algorithms.networks import flatten_params, fresh_params, functional_embed, seeded_network
 
 TINY_MODEL = {"depth": 1, "width": 4}
@@ -191,6 +192,59 @@ def test_nan_stops_with_a_clear_reason(kind):
         d.images[0] = float("nan")
     with pytest.raises(DivergenceError, match="loss is .*nan.* at iteration 0"):
         d.step()
+
+
+def test_class_groups_fill_up_to_the_limit_in_class_order():
+    assert class_groups([4, 4, 4], 0) == [range(0, 1), range(1, 2), range(2, 3)]  # 0: a class a forward
+    assert class_groups([4, 4, 4], 8) == [range(0, 2), range(2, 3)]
+    assert class_groups([4, 4, 4], 100) == [range(0, 3)]
+    assert class_groups([9, 2, 2, 9], 5) == [range(0, 1), range(1, 3), range(3, 4)]  # a larger class alone
+    assert default_forward_images(torch.device("cpu"), 28 * 28) == 0
+    assert default_forward_images(torch.device("cuda"), 28 * 28) == GPU_FORWARD_PIXELS // 784 > 10 * 256
+
+
+@pytest.mark.parametrize("strategy", ["color_crop_cutout_scale_rotate", "crop_flip"])
+def test_augment_by_class_is_each_class_augmented_alone(strategy):
+    """One apply over the classes that drew the same families, with per-row parameters, gives what
+    each class's sample gives its own block (rows independent), and gradients flow alike."""
+    aug = siamese_augment(DSAConfig(strategy=strategy))
+    g = torch.Generator().manual_seed(3)
+    sizes = [5, 3, 5, 1, 4, 5]
+    x = torch.randn(sum(sizes), 1, 8, 8, generator=g, requires_grad=True)
+    samples = [siamese_sample(aug, 8, g) for _ in sizes]
+    assert len({s.families for s in samples}) > 1  # several family groups are exercised
+    alone = torch.cat([aug.apply(b, broadcast_sample(s, len(b))) for b, s in zip(x.split(sizes), samples)])
+    together = augment_by_class(aug, x, samples, sizes)
+    assert torch.allclose(together, alone, atol=1e-6)
+    w = torch.randn(alone.shape, generator=g)
+    grad_alone, = torch.autograd.grad((alone * w).sum(), x)
+    grad_together, = torch.autograd.grad((together * w).sum(), x)
+    assert torch.allclose(grad_together, grad_alone, atol=1e-6) and grad_alone.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dsa", [True, False])
+def test_dm_classes_embedded_together_step_like_one_by_one(dsa):
+    """forward_images groups classes into one forward (a GPU's default) without changing the
+    algorithm: the same draws in the same order, the same loss and images to rounding, the same
+    generator state, whatever the grouping; a class with fewer real images than batch_real too."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 1, 8, 8, generator=g)
+    y = torch.cat([torch.zeros(12), torch.ones(3), torch.full((13,), 2), torch.full((12,), 3)]).long()
+    runs = {}
+    for limit in (0, 8, 10 ** 6):  # one class a forward; groups of two; all classes at once
+        net = seeded_network(TINY_MODEL, 1, 4, 8, seed=0)
+        d = DMDistiller(net, x, y, 4, DMConfig(ipc=2, batch_real=6, dsa=dsa), seed=7, forward_images=limit)
+        runs[limit] = ([d.step()["loss"] for _ in range(4)], d.images.detach().clone(), d.gen.get_state())
+    base_losses, base_images, base_gen = runs[0]
+    for limit in (8, 10 ** 6):
+        losses, images, gen = runs[limit]
+        assert losses == pytest.approx(base_losses, rel=1e-5)
+        assert torch.allclose(images, base_images, atol=1e-5)
+        assert torch.equal(gen, base_gen)
+    # and the steps do move the images, by far more than the groupings differ
+    start = DMDistiller(seeded_network(TINY_MODEL, 1, 4, 8, seed=0), x, y, 4, DMConfig(ipc=2, batch_real=6, dsa=dsa),
+                        seed=7).images.detach()
+    assert (base_images - start).abs().max() > 1e3 * (runs[10 ** 6][1] - base_images).abs().max()
 
 
 def test_noise_init_and_mean_embedding_distance():
