@@ -23,7 +23,7 @@ batches larger). On a GPU a step of this size is bound by launching kernels, not
 :func:`default_forward_images` puts every class in one group up to :data:`GPU_FORWARD_PIXELS` pixels of real
 images a forward (MNIST IPC 10: one forward of 2560 images instead of ten of 256; on a step of
 width 4 and 2 real images a class, whose time is the host's alone: 1944 operator calls instead of
-4901, 9 convolutions instead of 90, 3 reads of a device value instead of 21, and 0.024 s instead of
+5363, 9 convolutions instead of 90, 3 reads of a device value instead of 21, and 0.024 s instead of
 0.050 on one AVX2 core). On a CPU, where the arithmetic
 dominates, a class is a group: larger batches are no faster there, and all ten classes at once are
 3x slower (MNIST IPC 10, fp32, two AVX2 cores, ``bench/precision.py --forward-images N``, 2026-12-04:
@@ -48,7 +48,7 @@ import torch.nn as nn
 from .augment import DEFAULT_STRATEGY, AugSample, DSA, DSAConfig, check_strategy
 from .base import (ImageSetState, SyntheticSet, check_config, check_finite, compiled, hp, one_of, positive,
                    unit_interval)
-from .dc import (EVAL_LR, ClassSampler, broadcast_sample, check_ipc, draw_seed, init_images,
+from .dc import (EVAL_LR, ClassSampler, check_ipc, draw_seed, init_images,
                  siamese_augment, siamese_sample)
 from .networks import Manifest, fresh_params, functional_embed, manifest_of
 
@@ -149,22 +149,10 @@ class DMDistiller(ImageSetState):
             if forward_images is None else forward_images
         self.iteration = 0
 
-    def _class_loss(self, params: torch.Tensor, c: int) -> torch.Tensor:
-        ipc = self.cfg.ipc
-        x_real = self.real.batch(c, self.cfg.batch_real, self.gen)
-        x_syn = self.images[c * ipc:(c + 1) * ipc]
-        if self.augment is not None:
-            s = siamese_sample(self.augment, x_syn.shape[-1], self.gen)
-            x_real = self.augment.apply(x_real, broadcast_sample(s, len(x_real)))
-            x_syn = self.augment.apply(x_syn, broadcast_sample(s, len(x_syn)))
-        with torch.no_grad():
-            emb_real = self.embed(self.net, params, x_real, self.manifest)
-        emb_syn = self.embed(self.net, params, x_syn, self.manifest)
-        return mean_embedding_distance(emb_real, emb_syn)
-
     def _group_loss(self, params: torch.Tensor, classes: range) -> torch.Tensor:
-        """The summed loss of ``classes`` from one forward of their real images and one of their
-        synthetic ones; the same draws, in the same order, as :meth:`_class_loss` class by class."""
+        """The loss summed over ``classes``, from one forward of their real images (a batch of each
+        class, augmented as its synthetic images are: one parameter set per class) and one of their
+        synthetic ones. The draws are per class, in class order, whatever the group."""
         ipc, side = self.cfg.ipc, self.images.shape[-1]
         picks, samples = [], []
         for c in classes:
@@ -188,7 +176,7 @@ class DMDistiller(ImageSetState):
         total = 0.0
         groups = class_groups(self.real.batch_sizes(self.cfg.batch_real), self.forward_images)
         for classes in groups:  # one backward per group: the sum's gradient, less memory
-            loss = self._class_loss(params, classes.start) if len(classes) == 1 else self._group_loss(params, classes)
+            loss = self._group_loss(params, classes)
             check_finite("distribution-matching loss", loss, self.iteration)
             torch.autograd.backward(loss, inputs=[self.images])
             total += loss.item()
