@@ -36,7 +36,8 @@ fi
 out="direct-runs/$name"
 mkdir -p "$out"
 status=0
-python bench/direct.py "$@" --out "$out" --resume --time-limit "${DEVICE_LIMIT_S:-480}" \
+# python3: on the lent machine a plain `python3` is the one that holds PyTorch (PYTHON overrides it)
+"${PYTHON:-python3}" bench/direct.py "$@" --out "$out" --resume --time-limit "${DEVICE_LIMIT_S:-480}" \
     --json "$out/direct.json" || status=$?
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"

@@ -93,7 +93,7 @@ def test_device_run_continues_a_run_over_short_commands(tmp_path):
     for d in ("algorithms", "orchestrator", "search_spaces"):
         (repo / d).symlink_to(REPO / d)
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "DEVICE_LIMIT_S": "0"}
+    env = {**os.environ, "OUT": str(out), "DEVICE_LIMIT_S": "0", "PYTHON": sys.executable}
 
     def call(**extra):
         shutil.rmtree(out, ignore_errors=True)  # the tool empties $OUT before each command
