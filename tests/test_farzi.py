@@ -790,6 +790,7 @@ def test_truncated_backward_and_random_unroll_in_the_distiller():
     assert [e.step()["loss"] for _ in range(3)] == nxt
 
 
+@pytest.mark.slow  # 4-7 s (subprocesses or training): kept out of the inner loop
 def test_bench_farzi_memory_runs_and_its_two_modes_agree_on_the_window(tmp_path):
     """bench/farzi_memory.py --quick at two tiny horizons, in this process, with a backward window: the
     script runs (it once built a config its checks refuse) and reverse mode and unrolled autograd give

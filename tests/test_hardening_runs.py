@@ -125,6 +125,7 @@ def test_an_sqlite_file_that_is_not_mlflows_is_named(tmp_path):
     check_tracking_store("http://127.0.0.1:5000")  # a server is MLflow's business
 
 
+@pytest.mark.slow  # 4-7 s (subprocesses or training): kept out of the inner loop
 def test_a_schema_half_made_by_another_launch_is_waited_for_not_called_corrupt(tmp_path):
     """Two new launches in one root: the second checks the database under the lock the first holds
     while MLflow creates the schema (found in CI: it judged the half-made file "not MLflow's")."""

@@ -35,6 +35,7 @@ def _faults(env_extra: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # 4-7 s (subprocesses or training): kept out of the inner loop
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     default, tuned = _faults({"ORCHESTRATE_MALLOC": "default"}), _faults({})
@@ -154,6 +155,7 @@ print(json.dumps({"how": how, **out}))
 """
 
 
+@pytest.mark.slow  # 4-7 s (subprocesses or training): kept out of the inner loop
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
 def test_a_trials_own_thread_reuses_its_blocks_with_one_arena():
     env = {k: v for k, v in os.environ.items() if k not in ("ORCHESTRATE_MALLOC", malloc.ARENA_ENV, *malloc._USERS_OWN)}

@@ -89,6 +89,7 @@ def runner_outside_ray() -> tuple:
     return runner(jobs) == sequential(jobs), runner.stats["local"], ray.is_initialized()
 
 
+@pytest.mark.slow  # 4-7 s (subprocesses or training): kept out of the inner loop
 def test_outside_ray_a_runner_is_sequential():
     same, local, started = in_fresh_interpreter(runner_outside_ray)
     assert same and local == CFG.networks and not started
@@ -140,6 +141,7 @@ def short_evaluation(set_file) -> tuple:
     return auto, one, started or ray.is_initialized()
 
 
+@pytest.mark.slow  # 4-7 s (subprocesses or training): kept out of the inner loop
 def test_cli_short_evaluation_starts_no_ray(set_file):
     """auto: networks of a second or so never pay a local Ray's start; --workers 1 is the same."""
     auto, one, started = in_fresh_interpreter(short_evaluation, set_file)
@@ -148,6 +150,7 @@ def test_cli_short_evaluation_starts_no_ray(set_file):
     assert [r.get("acc") for r in one["rows"]] == [r.get("acc") for r in auto["rows"]]
 
 
+@pytest.mark.slow  # 4-7 s (subprocesses or training): kept out of the inner loop
 def test_sequential_evaluation_needs_neither_ray_nor_mlflow(set_file):
     """A machine with PyTorch alone (a lent GPU box) evaluates a set file: one network after another
     (``workers=1``) imports neither Ray nor MLflow."""
