@@ -18,6 +18,7 @@ from .jobs import logs, status, submit
 from .malloc import tune_malloc
 from .progress import Progress
 from .spec import SpecError
+from .tracking import tracking_uri_for
 
 
 def _before_ray(s, ws, tracking: bool):
@@ -110,7 +111,7 @@ def launch(spec, root, tracking_uri, storage, address, num_cpus, fresh):
     from .sweep import launch as run_launch
 
     _check_cluster_options(address, num_cpus)
-    s = _load(spec)
+    s = _load(spec, tracking_uri_for(root, tracking_uri))  # init_from: runs:/... reads this store
     _check_local_precision(s, address)
     ws = _shared_workspace(root, tracking_uri, storage)
     t0 = time.time()
@@ -163,7 +164,7 @@ def experts(spec, root, storage, address, num_cpus):
     from .sweep import ray_session, train_experts
 
     _check_cluster_options(address, num_cpus)
-    s = _load(spec)
+    s = _load(spec, tracking_uri_for(root))  # a spec's init_from: runs:/... is read from --root's store
     ws = _shared_workspace(root, None, storage)  # only the trajectory store is used; MLflow is not touched
     try:
         data = _before_ray(s, ws, tracking=False)
@@ -229,8 +230,9 @@ def methods_cmd(fmt):
 @main.command()
 @click.argument("spec", required=False, type=click.Path(dir_okay=False))
 @root_option
+@uri_option
 @storage_option
-def validate(spec, root, storage):
+def validate(spec, root, tracking_uri, storage):
     """Check SPEC without starting Ray or writing anything: the spec, the data and the budgets it
     must fill (exit 2 with the messages `launch` gives), then the trials a launch would run and the
     experts it would train or reuse from the store of --root."""
@@ -239,15 +241,14 @@ def validate(spec, root, storage):
     from . import storage as _storage
     from .experts import expert_key
     from .store import TrajectoryStore
-    from .tracking import DEFAULT_ROOT, ROOT_ENV, Workspace
+    from .tracking import Workspace, root_folder
 
-    s = _load(spec)
+    s = _load(spec, tracking_uri_for(root, tracking_uri))
     try:
         data = _checked_data(s)
     except (DatasetNotFoundError, DatasetFormatError) as e:
         _fail(str(e))
-    root_path = Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser().resolve()
-    ws = Workspace(root_path, "", _storage.normalise(storage) if storage else None)
+    ws = Workspace(root_folder(root), "", _storage.normalise(storage) if storage else None)
     click.echo(f"{s.path}: valid (spec hash {s.hash}); dataset {s.dataset['name']}: {_data_summary(s, data)}")
     t = Table(title=f"{s.name}: {s.trial_count()} trials")
     for col in ("algorithm", "budget", "iterations", "hyperparameters"):

@@ -43,9 +43,9 @@ def _shared_workspace(root, tracking_uri, storage):
     return ws
 
 
-def _load(spec_path: str | None):
+def _load(spec_path: str | None, tracking_uri: str | None = None):
     try:
-        return load_spec(spec_path)
+        return load_spec(spec_path, tracking_uri)
     except SpecError as e:
         _fail(str(e))
 

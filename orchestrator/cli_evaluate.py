@@ -98,14 +98,14 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
 
     from . import evaluate as ev
     from . import storage as _storage
-    from .tracking import DEFAULT_ROOT, ROOT_ENV, TrackingStoreError, open_tracking_store
+    from .tracking import TrackingStoreError, open_tracking_store, root_folder, tracking_uri_for
 
     joined = address or os.environ.get("RAY_ADDRESS")
     if joined and workers is not None and workers > 1:
         how = "--address" if address else "RAY_ADDRESS (set inside a Ray job)"
         _fail(f"--workers {workers} starts a local Ray, but this run joins the cluster at {joined} ({how}), whose "
               f"free resources decide: drop --workers (or give --workers 1 to train here, one after another)")
-    spec = _load(spec_path) if spec_path else None
+    spec = _load(spec_path, tracking_uri_for(root, tracking_uri)) if spec_path else None
     ws = None
     if log_run:  # a store that cannot take the run is named before anything trains
         ws = _shared_workspace(root, tracking_uri, storage)
@@ -116,8 +116,7 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
     trajectories = None
     if spec is not None:  # where the spec's experts would be; nothing is created there
         where = storage or os.environ.get(_storage.STORAGE_ENV)
-        store_root = (_storage.normalise(where) if where else
-                      Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser().resolve())
+        store_root = _storage.normalise(where) if where else root_folder(root)
         trajectories = _storage.join(store_root, "trajectories")
     opts = ev.EvalOptions(dataset=dataset, data_root=data_root, spec=spec, models=models, networks=networks,
                           epochs=epochs, aug=aug, dsa_strategy=dsa_strategy, dc_strategy=dc_strategy, lr=lr, seed=seed,

@@ -181,7 +181,7 @@ def submit(spec, address, root, tracking_uri, storage, fresh):
     The spec is checked here first; the job id is printed on stdout (follow it with
     `orchestrate logs JOB_ID --follow`). Without SPEC, the embedded quickstart."""
     try:
-        s = load_spec(spec)
+        s = load_spec(spec, tracking_uri)  # init_from: runs:/... is read here from the store the job logs to
         from .sweep import check_budgets_if_data_here
 
         check_budgets_if_data_here(s)  # budgets the data cannot fill, when the data is here too (digits is)

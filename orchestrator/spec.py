@@ -275,8 +275,9 @@ def read_yaml(text: str, source: str = "<spec>") -> Any:
     return data
 
 
-def load_spec(path: str | Path | None = None) -> Spec:
-    """Read and validate a spec file (the quickstart when ``path`` is None)."""
+def load_spec(path: str | Path | None = None, tracking_uri: str | None = None) -> Spec:
+    """Read and validate a spec file (the quickstart when ``path`` is None); ``tracking_uri``: the
+    MLflow store that ``init_from: runs:/...`` reads trials' sets from."""
     path = Path(path) if path is not None else default_spec_path()
     if not path.exists():
         raise SpecError([f"{path}: no such spec file"])
@@ -289,7 +290,7 @@ def load_spec(path: str | Path | None = None) -> Spec:
     except yaml.YAMLError as e:
         raise SpecError([f"{path}: not valid YAML: {e}"]) from e
     try:
-        spec = validate(raw, str(path))
+        spec = validate(raw, str(path), tracking_uri)
     except SpecError as e:  # every problem at once: the duplicates first
         raise SpecError(duplicates + e.problems) from None
     if duplicates:
@@ -297,7 +298,7 @@ def load_spec(path: str | Path | None = None) -> Spec:
     return spec
 
 
-def validate(raw: Any, source: str = "<spec>") -> Spec:
+def validate(raw: Any, source: str = "<spec>", tracking_uri: str | None = None) -> Spec:
     problems: list[str] = []
 
     def err(key: str, msg: str) -> None:
@@ -360,7 +361,8 @@ def validate(raw: Any, source: str = "<spec>") -> Spec:
     schemas = {**SCHEMA, **task.schema}
     sec = {"dataset": dataset, **{s: check_fields(s, raw.get(s), schema) for s, schema in schemas.items()
                                   if s != "dataset"}}
-    algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err, sec["model"], task, dataset)
+    algorithms = _check_algorithms(raw.get("algorithms"), sec["experts"], err, sec["model"], task, dataset,
+                                   tracking_uri)
     if folder:
         _check_folder_size(dataset, sec["model"], err)
     if top.get("search") and algorithms:

@@ -105,7 +105,7 @@ def _check_distribution(key: str, v: dict, kind: tuple[str, bool], check, err) -
 
 
 def _check_algorithms(given: Any, experts: dict, err, model: dict, task,
-                      dataset_section: dict) -> dict[str, dict[str, Any]]:
+                      dataset_section: dict, tracking_uri: str | None = None) -> dict[str, dict[str, Any]]:
     dataset = dataset_section.get("name", "?")
     fits = [n for n in methods.names(baseline=False) if methods.get(n).kind in (task.kind, "any")]
     if not isinstance(given, dict) or not given:
@@ -164,7 +164,7 @@ def _check_algorithms(given: Any, experts: dict, err, model: dict, task,
                      "per_budget": per_budget}
         if body.get("init_from") is not None:  # starts from exported sets: budget -> {path, sha256}
             init = check_init_from(f"{key}.init_from", body["init_from"], budgets, method,
-                                   dataset_section, err)
+                                   dataset_section, err, tracking_uri)
             if init:
                 out[name]["init_from"] = init
     return out

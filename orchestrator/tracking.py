@@ -77,12 +77,23 @@ class Workspace:
         return self.tracking_uri.split(":", 1)[0].split("+", 1)[0].lower() in DATABASE_ENGINES
 
 
+def root_folder(root: str | os.PathLike | None = None) -> Path:
+    """The store's folder: ``root``, else ``ORCHESTRATE_ROOT``, else ``./orchestrate-runs``."""
+    return Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser().resolve()
+
+
+def tracking_uri_for(root: str | os.PathLike | None = None, tracking_uri: str | None = None) -> str:
+    """The tracking URI a command with ``--root``/``--tracking-uri`` uses (``tracking_uri``, else
+    ``MLFLOW_TRACKING_URI``, else the SQLite database in the root), without creating anything."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root_folder(root) / 'mlflow.db'}"
+
+
 def workspace(root: str | os.PathLike | None = None, tracking_uri: str | None = None,
               storage: str | os.PathLike | None = None) -> Workspace:
     """``storage`` (else ``ORCHESTRATE_STORAGE``, else the root folder) holds the shared files;
     raises :class:`orchestrator.storage.StorageError` for a URI that cannot be used."""
-    root_path = Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT).expanduser().resolve()
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root_path / 'mlflow.db'}"
+    root_path = root_folder(root)
+    uri = tracking_uri_for(root, tracking_uri)
     if uri.startswith("sqlite:"):
         make_private_dir(root_path)
     where = storage or os.environ.get(_storage.STORAGE_ENV) or None

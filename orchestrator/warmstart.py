@@ -6,7 +6,11 @@ export``, or a file of ``distilled/``) instead of real images or noise: the tria
 file's, its learned step size (MTT, MCT) the file's ``lr``, and its optimisers start afresh (no
 momentum: an exported set does not carry it). That is how a distillation continues past the end
 of the sweep that made the set (a sweep's root that did not survive, a set made on another
-machine, a longer run in steps of what one session affords); the new trial counts its iterations
+machine, a longer run in steps of what one session affords). ``FILE`` may also name a trial's
+set in the MLflow tracking store, as MLflow names artifacts: ``runs:/RUN_ID`` (the final set of a
+finished trial) or ``runs:/RUN_ID/ARTIFACT_PATH`` (e.g. ``synthetic_latest/synthetic.safetensors``,
+a running trial's latest set); it is downloaded into the node's cache (:func:`fetch_run_set`) when
+the spec is read, and is from then on the file it downloaded. The new trial counts its iterations
 from 0 and its sets record where they started (metadata ``start``: the file, its sha256, the
 iterations behind it, the start record of its own trial), so the iterations behind a set add up
 along the chain (:func:`iterations_behind`).
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,25 +82,96 @@ def iterations_behind(meta: dict[str, str]) -> int:
     return _int(meta.get("iteration")) + before
 
 
-def check_spec_entry(key: str, value: Any, method, dataset: dict[str, Any], err) -> dict[str, str] | None:
+RUNS_PREFIX = "runs:/"
+
+
+def fetch_run_set(uri: str, tracking_uri: str | None) -> Path:
+    """The local file of the set that ``uri`` (``runs:/RUN_ID[/ARTIFACT_PATH]``) names in the MLflow
+    store at ``tracking_uri``: downloaded with MLflow's client into the node's cache
+    (``ORCHESTRATE_CACHE``/runs/RUN_ID/SHA256.safetensors, written under a temporary name, then
+    renamed). Without an artifact path, the final set of a finished trial. Raises ValueError saying
+    why (no store given, no such store or run, a sweep's run, a trial without that set)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    from .storage import cache_dir
+    from .tracking import ROLE_TAG, TrackingStoreError, check_tracking_store, sqlite_file
+    from .trial import LATEST_ARTIFACT, SYNTHETIC_ARTIFACT
+
+    if not tracking_uri:
+        raise ValueError("a run's set is read from its MLflow tracking store, and none is given here "
+                         "(--tracking-uri; launch, validate and experts also read the store of --root)")
+    try:
+        run_id, artifact = RunsArtifactRepository.parse_runs_uri(uri)
+    except MlflowException as e:
+        raise ValueError(f"not a run's artifact URI, runs:/RUN_ID[/ARTIFACT_PATH] ({e.message})") from None
+    db = sqlite_file(tracking_uri)
+    if db is not None and not db.is_file():  # MLflow would create an empty store there
+        raise ValueError(f"no MLflow tracking database at {db}: give the --root (or --tracking-uri) of the "
+                         f"store that holds run {run_id}")
+    try:
+        check_tracking_store(tracking_uri, write=False)
+    except TrackingStoreError as e:
+        raise ValueError(str(e)) from None
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise ValueError(f"run {run_id} is not in {tracking_uri} ({e.message})") from None
+    if artifact is None:
+        if run.data.tags.get(ROLE_TAG) == "sweep":
+            raise ValueError(f"run {run_id} is a sweep, whose trials hold the sets: name one of them "
+                             f"(orchestrate results --sweep {run_id} lists them)")
+        if run.info.status != "FINISHED":
+            raise ValueError(f"run {run_id} is {run.info.status}: a trial logs its final set when it finishes; "
+                             f"name the set of its latest evaluation, {RUNS_PREFIX}{run_id}/{LATEST_ARTIFACT}")
+        artifact = SYNTHETIC_ARTIFACT
+    folder = cache_dir() / "runs" / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as tmp:
+        try:
+            local = Path(client.download_artifacts(run_id, artifact, tmp))
+        except (MlflowException, OSError) as e:
+            raise ValueError(f"run {run_id} has no artifact {artifact!r} in {tracking_uri} "
+                             f"({getattr(e, 'message', None) or e})") from None
+        if not local.is_file():
+            raise ValueError(f"{artifact!r} of run {run_id} is a folder; name the set's file in it")
+        dest = folder / f"{file_sha256(local)}.safetensors"
+        os.replace(local, dest)
+    return dest
+
+
+def check_spec_entry(key: str, value: Any, method, dataset: dict[str, Any], err,
+                     tracking_uri: str | None = None) -> dict[str, str] | None:
     """``algorithms.<name>.init_from`` as the spec gives it (``key``): a path (relative paths from
-    the working directory, as ``dataset.root``) to an image set of the spec's dataset. Returns
-    ``{"path", "sha256"}``, or None after ``err(key, message)``."""
+    the working directory, as ``dataset.root``) to an image set of the spec's dataset, or a trial's
+    set in the tracking store at ``tracking_uri`` (``runs:/...``, :func:`fetch_run_set`). Returns
+    ``{"path", "sha256"}`` (and ``"uri"``: the run's URI, ``path`` being the file downloaded), or
+    None after ``err(key, message)``."""
     if not isinstance(value, str) or not value:
-        err(key, f"must be the path of an exported image set (.safetensors), or a mapping budget -> path, "
-                 f"got {value!r}")
+        err(key, f"must be the path of an exported image set (.safetensors) or a trial's set (runs:/RUN_ID), "
+                 f"or a mapping budget -> either, got {value!r}")
         return None
     if method.kind != "image":
         err(key, f"{method.name} distils {method.kind}s; init_from starts an image method from an exported image set")
         return None
-    path = Path(value).expanduser()
-    if not path.is_file():
-        err(key, f"{value}: no such file (relative paths are read from the working directory, {Path.cwd()})")
-        return None
+    run_uri = value.startswith(RUNS_PREFIX)
+    if run_uri:
+        try:
+            path = fetch_run_set(value, tracking_uri)
+        except ValueError as e:
+            err(key, f"{value}: {e}")
+            return None
+    else:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            err(key, f"{value}: no such file (relative paths are read from the working directory, {Path.cwd()})")
+            return None
     try:
         tensors, meta = read_synthetic(path)
     except ValueError as e:
-        err(key, str(e))
+        err(key, f"{value}: {e}" if run_uri else str(e))
         return None
     if meta.get("format", IMAGES_FORMAT) != IMAGES_FORMAT or "images" not in tensors:
         err(key, f"{value}: metadata field 'format' is {meta.get('format')!r}: not an image set")
@@ -107,25 +184,27 @@ def check_spec_entry(key: str, value: Any, method, dataset: dict[str, Any], err)
         err(key, f"{value}: {'ZCA-whitened' if meta.get('zca') == 'true' else 'not whitened'} images (metadata "
                  f"field 'zca'), but the spec has dataset.zca {bool(dataset.get('zca'))}: they must agree")
         return None
+    if run_uri:
+        return {"path": str(path), "sha256": path.stem, "uri": value}
     return {"path": value, "sha256": file_sha256(path)}
 
 
 def check_init_from(key: str, value: Any, budgets: list[int], method, dataset: dict[str, Any],
-                    err) -> dict[int, dict[str, str]]:
-    """``algorithms.<name>.init_from``: one path (the start of every budget) or a mapping budget ->
-    path (budgets it leaves out start as the method does). Returns budget -> ``{"path", "sha256"}``
-    of the files that passed :func:`check_spec_entry`."""
+                    err, tracking_uri: str | None = None) -> dict[int, dict[str, str]]:
+    """``algorithms.<name>.init_from``: one path or run URI (the start of every budget) or a mapping
+    budget -> path or run URI (budgets it leaves out start as the method does). Returns budget ->
+    ``{"path", "sha256"[, "uri"]}`` of the sets that passed :func:`check_spec_entry`."""
     if isinstance(value, dict):
         out = {}
         for b, path in value.items():
             if b not in budgets:
                 err(f"{key}.{b}", f"is not one of the budgets {budgets}")
                 continue
-            entry = check_spec_entry(f"{key}.{b}", path, method, dataset, err)
+            entry = check_spec_entry(f"{key}.{b}", path, method, dataset, err, tracking_uri)
             if entry is not None:
                 out[b] = entry
         return out
-    entry = check_spec_entry(key, value, method, dataset, err)
+    entry = check_spec_entry(key, value, method, dataset, err, tracking_uri)
     return {} if entry is None else {b: dict(entry) for b in budgets}
 
 
@@ -139,14 +218,15 @@ def load_init_sets(spec, data) -> dict[tuple[str, int], InitSet]:
     for name, algo, budget, entry in ((n, a, b, e) for n, a in spec.algorithms.items()
                                       for b, e in (a.get("init_from") or {}).items()):
         key, path = f"algorithms.{name}.init_from", entry["path"]
+        given = entry.get("uri", path)  # a run's set: its URI; the file is its download
 
         def fail(msg: str):
-            return SpecError([f"{spec.path}: {key}: {path}: {msg}"])
+            return SpecError([f"{spec.path}: {key}: {given}: {msg}"])
 
         try:
             tensors, meta = read_synthetic(Path(path).expanduser())
         except (ValueError, OSError) as e:
-            raise SpecError([f"{spec.path}: {key}: {e}"]) from None
+            raise SpecError([f"{spec.path}: {key}: {f'{given}: ' if given != path else ''}{e}"]) from None
         sha = file_sha256(Path(path).expanduser())
         if sha != entry["sha256"]:
             raise fail(f"the file changed since the spec was read (sha256 {sha[:16]}, read as {entry['sha256'][:16]})")
@@ -171,7 +251,7 @@ def load_init_sets(spec, data) -> dict[tuple[str, int], InitSet]:
         lr = float(tensors["lr"].reshape(()))
         if not math.isfinite(lr) or not bool(torch.isfinite(images).all()):
             raise fail("the set holds a NaN or infinite value (tensor 'images' or 'lr')")
-        out[(name, budget)] = InitSet(path=path, sha256=sha, images=images, labels=labels, lr=lr, meta=meta)
+        out[(name, budget)] = InitSet(path=given, sha256=sha, images=images, labels=labels, lr=lr, meta=meta)
     return out
 
 

@@ -1,7 +1,9 @@
-"""``algorithms.<name>.init_from``: a distillation that starts from an exported set (and a sweep
-that continues another one's set), its checks, its hash and its lineage."""
+"""``algorithms.<name>.init_from``: a distillation that starts from an exported set or from a
+trial's set in MLflow (and a sweep that continues another one's set), its checks, its hash and its
+lineage."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,12 +193,78 @@ def test_a_mapping_starts_the_budgets_it_names_and_no_other(digits, tmp_path):
         check_budgets(validate(raw), digits)
 
 
-@pytest.mark.slow
-def test_a_sweep_continues_from_another_sweeps_exported_set(tmp_path, ray_cluster, write_spec):
-    """The set's evaluation at iteration 0 of the continued sweep is the first sweep's final
-    evaluation (same images, same evaluation seeds), and the lineage adds up."""
+def test_a_trials_set_in_mlflow_starts_as_its_exported_file_would(digits, tmp_path, monkeypatch, write_spec):
+    """``init_from: runs:/RUN_ID[/PATH]``: the trial's set is downloaded from the tracking store and
+    starts the distillation as the same file exported would (same hash, same images), with the URI
+    in the lineage; what cannot be read is refused naming the key, the URI and why, and a store that
+    is not there is not created."""
+    from orchestrator.tracking import ROLE_TAG
+    from orchestrator.trial import LATEST_ARTIFACT, SYNTHETIC_ARTIFACT
+
+    monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "synthetic.safetensors"
+    dm_set(digits, 3, path)
+    uri = workspace(tmp_path / "runs").tracking_uri
+    client = MlflowClient(uri)
+    exp = client.create_experiment("first")
+
+    def trial(artifact, finished=True, role="trial"):
+        run = client.create_run(exp, tags={ROLE_TAG: role}).info.run_id
+        if artifact:
+            client.log_artifact(run, str(path), artifact.rsplit("/", 1)[0])
+        if finished:
+            client.set_terminated(run)
+        return run
+
+    done, running, sweep, empty = trial(SYNTHETIC_ARTIFACT), trial(LATEST_ARTIFACT, False), trial(None, role="sweep"), \
+        trial(None)
+    by_file, by_run = validate(dm_spec(path)), validate(dm_spec(f"runs:/{done}"), tracking_uri=uri)
+    assert by_run.hash == by_file.hash
+    entry = by_run.algorithms["dm"]["init_from"][1]
+    assert entry["uri"] == f"runs:/{done}" and Path(entry["path"]).read_bytes() == path.read_bytes()
+    assert Path(entry["path"]).parent == tmp_path / "cache" / "runs" / done
+    init = load_init_sets(by_run, digits)[("dm", 1)]
+    assert torch.equal(init.images, read_synthetic(path)[0]["images"])
+    assert init.record()["path"] == f"runs:/{done}"
+    latest = validate(dm_spec(f"runs:/{running}/{LATEST_ARTIFACT}"), tracking_uri=uri)  # a running trial's set
+    assert latest.hash == by_file.hash
     from orchestrator.cli import main
 
+    spec_file = write_spec(dm_spec(f"runs:/{done}"), "from_run.yaml")
+    res = CliRunner().invoke(main, ["validate", str(spec_file), "--tracking-uri", uri])
+    assert res.exit_code == 0 and f"valid (spec hash {by_file.hash})" in res.output, res.output
+    res = CliRunner().invoke(main, ["validate", str(spec_file), "--root", str(tmp_path / "runs")])  # its store
+    assert res.exit_code == 0 and f"valid (spec hash {by_file.hash})" in res.output, res.output
+    res = CliRunner().invoke(main, ["validate", str(spec_file), "--root", str(tmp_path / "other")])
+    assert res.exit_code == 2 and "no MLflow tracking database at" in res.output, res.output
+    assert not (tmp_path / "other").exists()
+
+    def refused(value, tracking_uri=uri):
+        with pytest.raises(SpecError) as e:
+            validate(dm_spec(value), "spec.yaml", tracking_uri)
+        (problem,) = e.value.problems
+        assert problem.startswith(f"spec.yaml: algorithms.dm.init_from: {value}: "), problem
+        return problem
+
+    assert "none is given here" in refused(f"runs:/{done}", None)
+    assert "run nope is not in" in refused("runs:/nope")
+    assert f"RUNNING: a trial logs its final set when it finishes; name the set of its latest evaluation, " \
+           f"runs:/{running}/{LATEST_ARTIFACT}" in refused(f"runs:/{running}")
+    assert "is a sweep, whose trials hold the sets" in refused(f"runs:/{sweep}")
+    assert f"has no artifact '{SYNTHETIC_ARTIFACT}'" in refused(f"runs:/{empty}")
+    nowhere = tmp_path / "elsewhere" / "mlflow.db"
+    assert "no MLflow tracking database at" in refused(f"runs:/{done}", f"sqlite:///{nowhere}")
+    assert not nowhere.exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_continues_from_another_sweeps_set(tmp_path, ray_cluster, write_spec, monkeypatch):
+    """A sweep starts from another's trial (``init_from: runs:/RUN_ID``). The set's evaluation at
+    iteration 0 of the continued sweep is the first sweep's final evaluation (same images, same
+    evaluation seeds), and the lineage adds up."""
+    from orchestrator.cli import main
+
+    monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "runs"
     first = write_spec(dm_spec(name="first"), "first.yaml")
     res = CliRunner().invoke(main, ["launch", str(first), "--root", str(root)], catch_exceptions=False)
@@ -212,14 +280,18 @@ def test_a_sweep_continues_from_another_sweeps_exported_set(tmp_path, ray_cluste
     out = tmp_path / "first.safetensors"
     res = CliRunner().invoke(main, ["export", run.info.run_id, "-o", str(out), "--root", str(root)])
     assert res.exit_code == 0, res.output
-    second = write_spec(dm_spec(out, name="second"), "second.yaml")
+    # the second sweep names the first's trial in MLflow (runs:/RUN_ID), read from --root's store: the
+    # same start as the exported file, so the same spec hash
+    second = write_spec(dm_spec(f"runs:/{run.info.run_id}", name="second"), "second.yaml")
     res = CliRunner().invoke(main, ["launch", str(second), "--root", str(root)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    assert f"spec hash {validate(dm_spec(out, name='second')).hash}" in res.output
     cont = trial("second")
     at = {m.step: m.value for m in client.get_metric_history(cont.info.run_id, "eval/acc_mean")}
     assert at[0] == pytest.approx(run.data.metrics["acc_mean"], abs=1e-9)
     start = json.loads(open(client.download_artifacts(cont.info.run_id, "start.json", str(tmp_path))).read())
     assert start["init"] == "set" and start["iterations_behind"] == 8 and start["run_id"] == run.info.run_id
+    assert start["path"] == f"runs:/{run.info.run_id}"
     again = tmp_path / "second.safetensors"
     CliRunner().invoke(main, ["export", cont.info.run_id, "-o", str(again), "--root", str(root)])
     assert iterations_behind(read_synthetic(again)[1]) == 16
