@@ -25,6 +25,34 @@ storage_option = click.option(
          "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL). Default: --root.")
 
 
+class SetSource(click.Path):
+    """A set file that exists, or a trial's set in MLflow (``runs:/RUN_ID[/ARTIFACT_PATH]``, passed on
+    as it is: :func:`fetch_set` downloads it)."""
+
+    def __init__(self):
+        super().__init__(exists=True, dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.startswith("runs:/"):
+            return value
+        return super().convert(value, param, ctx)
+
+
+def fetch_set(value: str, tracking_uri: str, downloaded: dict[str, str]) -> str:
+    """``value`` (a :class:`SetSource`) as a local file: a ``runs:/`` URI is downloaded from the
+    store at ``tracking_uri`` into the node's cache, and recorded in ``downloaded`` (file -> URI)."""
+    from .warmstart import RUNS_PREFIX, fetch_run_set
+
+    if not value.startswith(RUNS_PREFIX):
+        return value
+    try:
+        path = str(fetch_run_set(value, tracking_uri).resolve())
+    except ValueError as e:
+        _fail(f"{value}: {e}")
+    downloaded[path] = value
+    return path
+
+
 def _fail(message: str, code: int = 2):
     click.secho("error: ", fg="red", err=True, nl=False)
     click.echo(message, err=True)

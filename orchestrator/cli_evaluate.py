@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from .cli_common import (_check_tracking, _ctrl_c, _fail, _load, _shared_workspace, console, root_option,
-                         storage_option, uri_option)
+from .cli_common import (SetSource, _check_tracking, _ctrl_c, _fail, _load, _shared_workspace, console, fetch_set,
+                         root_option, storage_option, uri_option)
 from .datasets import DatasetFormatError, DatasetNotFoundError
 from .tracking import workspace
 
@@ -34,7 +34,7 @@ def _workers(ctx, param, value):
 
 
 @click.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=SetSource())
 @click.option("--dataset", default=None, help="The set's dataset (default: the file's 'dataset' metadata; "
                                               "a different name is an error).")
 @click.option("--data-root", default=None, type=click.Path(file_okay=False),
@@ -65,7 +65,7 @@ def _workers(ctx, param, value):
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Seed of the first network (the others: +1, +2, ...); default: the sweep's evaluation seed "
                    "(spec seed x 1000 + 17; 17 without a spec).")
-@click.option("--against", "against", multiple=True, type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+@click.option("--against", "against", multiple=True, type=SetSource(), metavar="FILE",
               help="Another set of the same dataset to compare with (repeatable): trained with the same models, "
                    "protocol and seeds, and the set's paired difference from it (and from the random subset) on "
                    "the same test cases, with its standard errors.")
@@ -89,7 +89,8 @@ def _workers(ctx, param, value):
 @_ctrl_c("run the command again")
 def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug, dsa_strategy, dc_strategy, lr, seed,
              against, random_subset, fmt, log_run, workers, address, root, tracking_uri, storage):
-    """Evaluate the synthetic set FILE (safetensors, the export format) on its own: K fresh networks
+    """Evaluate the synthetic set FILE (safetensors, the export format; or a trial's set in MLflow,
+    runs:/RUN_ID[/ARTIFACT_PATH], read from --root's store or --tracking-uri) on its own: K fresh networks
     per model trained on it, next to a random real subset of the same size under the same protocol
     and seeds, and the full-data accuracy of the spec's stored experts; with --against, other sets
     under the same seeds. Under the table, the set's paired difference from each row on the same
@@ -105,7 +106,11 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
         how = "--address" if address else "RAY_ADDRESS (set inside a Ray job)"
         _fail(f"--workers {workers} starts a local Ray, but this run joins the cluster at {joined} ({how}), whose "
               f"free resources decide: drop --workers (or give --workers 1 to train here, one after another)")
-    spec = _load(spec_path, tracking_uri_for(root, tracking_uri)) if spec_path else None
+    store = tracking_uri_for(root, tracking_uri)
+    spec = _load(spec_path, store) if spec_path else None
+    downloaded: dict[str, str] = {}  # runs:/ URIs given for FILE or --against: the file -> the URI
+    file = fetch_set(file, store, downloaded)
+    against = [fetch_set(a, store, downloaded) for a in against]
     ws = None
     if log_run:  # a store that cannot take the run is named before anything trains
         ws = _shared_workspace(root, tracking_uri, storage)
@@ -129,15 +134,19 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
         _fail(str(e))
     except (DatasetNotFoundError, DatasetFormatError) as e:
         _fail(str(e))
+    for r in (report, *report["rows"]):  # a set read from MLflow is named by its URI
+        if r.get("file") in downloaded:
+            r["uri"] = downloaded[r["file"]]
     if ws is not None:
-        params = {"file": report["file"], "dataset": report["dataset"], "data_root": data_root, "spec": spec_path,
+        params = {"file": report.get("uri", report["file"]), "dataset": report["dataset"], "data_root": data_root, "spec": spec_path,
                   "models": ",".join(report["models"]), "networks": report["protocol"]["networks"],
                   "epochs": report["protocol"]["epochs"], "aug": report["protocol"].get("aug", "none"),
                   "dsa_strategy": report["protocol"].get("dsa_strategy"),
                   "dc_strategy": report["protocol"].get("dc_strategy"),
                   "lr": report["lr"]["set"], "random_lr": report["lr"]["random"], "seed": report["protocol"]["seed"],
                   "batch_size": report["protocol"]["batch_size"], "random_subset": random_subset,
-                  "against": ",".join(r["file"] for r in report["rows"] if r["trained_on"] == "other") or None,
+                  "against": ",".join(r.get("uri", r["file"]) for r in report["rows"] if r["trained_on"] == "other")
+                  or None,
                   **{f"model.{name}": json.dumps(m, sort_keys=True) for name, m in report["models"].items()}}
         report["mlflow_run_id"] = ev.log_run(ws.tracking_uri, ws.artifact_root, report,
                                              {k: v for k, v in params.items() if v is not None})

@@ -297,8 +297,18 @@ TRAINED_ON = {"synthetic": "the set", "random": "random real subset", "full_data
               "other": "--against"}
 
 
+def _set_name(r: dict[str, Any]) -> str:
+    """A set's short name: its file's, and for a trial's set read from MLflow (``uri``, runs:/RUN_ID/...)
+    the run's too."""
+    uri = r.get("uri")
+    if not uri:
+        return Path(r["file"]).name
+    run_id = uri[len("runs:/"):].split("/", 1)[0]
+    return f"{Path(uri).name} of run {run_id[:8]}"
+
+
 def _trained_on(r: dict[str, Any]) -> str:
-    return Path(r["file"]).name if r["trained_on"] == "other" else TRAINED_ON[r["trained_on"]]
+    return _set_name(r) if r["trained_on"] == "other" else TRAINED_ON[r["trained_on"]]
 
 
 def _row_key(r: dict[str, Any]) -> str:
@@ -335,7 +345,7 @@ def table(report: dict[str, Any]):
     from rich.table import Table
 
     size = (f"{report['size']} images" if report["kind"] == "images" else f"{report['size']} sequences")
-    t = Table(title=f"{Path(report['file']).name}: {report['algorithm']} set of {report['dataset']}, {size}")
+    t = Table(title=f"{_set_name(report)}: {report['algorithm']} set of {report['dataset']}, {size}")
     for col in ("model", "trained on", "lr"):
         t.add_column(col, justify="right" if col == "lr" else "left")
     for m in report["metrics"]:
@@ -387,6 +397,8 @@ def notes(report: dict[str, Any]) -> list[str]:
                f"random subset: {drawn}, drawn with seed {rs['seed']} (as a sweep's random baseline of budget "
                f"{rs['budget']} draws them)")
     out.append(f"full data: {report['full_data_note']}")
+    if report.get("uri"):
+        out.append(f"the set: {report['uri']}, downloaded to {report['file']}")
     if report.get("spec"):
         out.append(f"spec: {report['spec']} (hash {report['spec_hash']})")
     if report.get("renormalised"):
@@ -394,7 +406,7 @@ def notes(report: dict[str, Any]) -> list[str]:
                    "normalisation (images * std + mean are its pixels)")
     for r in report["rows"]:
         if r["trained_on"] == "other":
-            out.append(f"--against {r['file']}: {r['what']}, trained with the same models, protocol and seeds at lr "
+            out.append(f"--against {r.get('uri') or r['file']}: {r['what']}, trained with the same models, protocol and seeds at lr "
                        f"{r['lr']:.4g} ({r['lr_from']})")
     for p in report.get("paired", ()):
         name = _trained_on(report["rows"][p["row"]])

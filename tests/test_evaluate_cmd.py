@@ -415,6 +415,45 @@ def test_log_records_an_mlflow_run(tmp_path, set_file):
     assert "logged to MLflow run" in res.output
 
 
+def test_a_trials_set_in_mlflow_evaluates_as_its_file_does(tmp_path, set_file, digits, monkeypatch):
+    """FILE and --against may name trials' sets in MLflow (runs:/RUN_ID[/PATH], read from --root's
+    store): the same numbers as the files, named by their URIs in the report, the table and the
+    logged run; a run that is not there exits 2 naming it."""
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking import ROLE_TAG, workspace
+    from orchestrator.trial import LATEST_ARTIFACT
+
+    monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))
+    other = save_synthetic(tmp_path / "other.safetensors", real_set(digits, seed=9, lr=0.03), digits.info, "dc",
+                           {"run_id": "r1"}, model=SMALL)
+    root = tmp_path / "runs"
+    client = MlflowClient(workspace(root).tracking_uri)
+    exp = client.create_experiment("sweep")
+    runs = []
+    for path, folder, finished in ((set_file, "synthetic", True), (other, LATEST_ARTIFACT.split("/")[0], False)):
+        run = client.create_run(exp, tags={ROLE_TAG: "trial"}).info.run_id
+        client.log_artifact(run, str(path), folder)
+        if finished:
+            client.set_terminated(run)
+        runs.append(run)
+    done = f"runs:/{runs[0]}/synthetic/{set_file.name}"
+    running = f"runs:/{runs[1]}/{LATEST_ARTIFACT.split('/')[0]}/{other.name}"
+    by_file = report_of(evaluate(set_file, *FAST, "--against", other, "--no-random", "--format", "json"))
+    res = evaluate(done, *FAST, "--against", running, "--no-random", "--format", "json", "--log", "--root", root)
+    by_run = report_of(res)
+    assert [r.get("acc") for r in by_run["rows"]] == [r.get("acc") for r in by_file["rows"]]
+    assert by_run["rows"][0]["acc"] and by_run["rows"][-1]["acc"]
+    assert by_run["uri"] == done and by_run["rows"][-1]["uri"] == running
+    assert by_run["sha256"] == by_file["sha256"]
+    params = client.get_run(by_run["mlflow_run_id"]).data.params
+    assert params["file"] == done and params["against"] == running
+    res = evaluate(done, *FAST, "--against", running, "--no-random", "--root", root)
+    assert res.exit_code == 0 and running in res.stdout and done in res.stdout, res.output
+    res = evaluate("runs:/nope", *FAST, "--root", root)
+    assert res.exit_code == 2 and "runs:/nope: run nope is not in" in res.output, res.output
+
+
 def test_log_to_a_broken_store_fails_before_training(tmp_path, set_file):
     root = tmp_path / "runs"
     root.mkdir()
