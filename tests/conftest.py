@@ -12,7 +12,8 @@ import yaml  # noqa: E402
 
 # Two threads, as CI's two cores, also in each of the two pytest-xdist workers of the README's test
 # command (-n 2): one thread per worker was slower on two cores (912 s against 814 s for the suite,
-# 2026-12-04), as a worker's in-process training then cannot use the core the other leaves idle
+# measured with --dist worksteal, 2026-12-04; CI's --dist loadfile only changes which worker takes a
+# test), as a worker's in-process training then cannot use the core the other leaves idle
 # while it waits on Ray or a subprocess.
 torch.set_num_threads(2)
 
