@@ -766,6 +766,21 @@ class FarziDistiller:
     def synthetic(self) -> FarziSet:
         return FarziSet(self.F.detach(), self.M.detach(), self.cfg.temperature, self.pad_id, self.cfg.inner_lr)
 
+    def warm_start(self, F: torch.Tensor, M: torch.Tensor) -> None:
+        """Start (a new distiller, at iteration 0) from an exported set's latent sequences ``F``
+        [budget, seq_len, latent_dim] and decoder ``M`` [latent_dim, vocab] instead of the
+        initialisation. The outer Adam keeps its fresh (zero) moments: an exported set carries none."""
+        if self.iteration != 0:
+            raise ValueError(f"warm_start is for a new distiller; this one is at iteration {self.iteration}")
+        for name, given, ours in (("F", F, self.F), ("M", M, self.M)):
+            if tuple(given.shape) != tuple(ours.shape):
+                raise ValueError(f"warm_start: {name} of shape {tuple(given.shape)}, this distiller holds "
+                                 f"{tuple(ours.shape)}")
+        with torch.no_grad():
+            self.F.copy_(F.to(self.device, self.dtype))
+            self.M.copy_(M.to(self.device, self.dtype))
+        self.init_index = None  # no real rows: the start is the given set
+
     def state_dict(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "F": self.F.detach().cpu().clone(), "M": self.M.detach().cpu().clone(),
                 "opt": copy.deepcopy(self.opt.state_dict()), "generator": self.gen.get_state()}

@@ -1,10 +1,11 @@
 """Starting a distillation from an exported set: ``algorithms.<name>.init_from: FILE``.
 
-A spec may start an image method (at every budget, or at the budgets a mapping
+A spec may start an image method or Farzi (at every budget, or at the budgets a mapping
 ``{budget: FILE}`` names) from a synthetic set in the export contract (``orchestrate
-export``, or a file of ``distilled/``) instead of real images or noise: the trial's images are the
-file's, its learned step size (MTT, MCT) the file's ``lr``, and its optimisers start afresh (no
-momentum: an exported set does not carry it). That is how a distillation continues past the end
+export``, or a file of ``distilled/``) instead of real data or noise: an image trial's images are the
+file's and its learned step size (MTT, MCT) the file's ``lr``; a Farzi trial's latent sequences
+``F`` and decoder ``M`` are the file's. Optimisers start afresh (no momentum: an exported set does
+not carry it). That is how a distillation continues past the end
 of the sweep that made the set (a sweep's root that did not survive, a set made on another
 machine, a longer run in steps of what one session affords). ``FILE`` may also name a trial's
 set in the MLflow tracking store, as MLflow names artifacts: ``runs:/RUN_ID`` (the final set of a
@@ -15,10 +16,12 @@ from 0 and its sets record where they started (metadata ``start``: the file, its
 iterations behind it, the start record of its own trial), so the iterations behind a set add up
 along the chain (:func:`iterations_behind`).
 
-The file is checked twice: when the spec is read (:func:`check_spec_entry`: it exists, is an image
-set of the spec's dataset, whitened exactly when the spec whitens) and, once the data is loaded,
-against it (:func:`load_init_sets`: the normalisation, the image shape, and ``budget`` images per
-class in the class-major order every image distiller keeps). Its sha256 is part of the spec's hash:
+The file is checked twice: when the spec is read (:func:`check_spec_entry`: it exists, is a set
+of the spec's dataset and of the method's kind, whitened exactly when the spec whitens) and, once
+the data is loaded, against it (:func:`load_init_sets`: images: the normalisation, the image shape,
+and ``budget`` images per class in the class-major order every image distiller keeps; Farzi: ``F``
+of [budget, seq_len, latent_dim] and ``M`` of [latent_dim, the data's vocabulary], decoded at the
+spec's temperature). Its sha256 is part of the spec's hash:
 a sweep resumes only on the same start.
 """
 from __future__ import annotations
@@ -33,19 +36,30 @@ from typing import Any
 
 import torch
 
-from .artifacts import IMAGES_FORMAT, read_synthetic
+from .artifacts import IMAGES_FORMAT, SEQUENCES_FORMAT, read_synthetic
 from .store import file_sha256
 
 
 @dataclass(frozen=True)
 class InitSet:
-    """The start one algorithm of a spec reads: the file's images, labels and step size."""
+    """The start one algorithm of a spec reads: the file's tensors (images: ``images``, ``labels``,
+    ``lr``; Farzi: ``F``, ``M``, ``lr``, ``temperature``) and metadata."""
     path: str
     sha256: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    lr: float
+    tensors: dict[str, torch.Tensor]
     meta: dict[str, str]
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.tensors["images"]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tensors["labels"]
+
+    @property
+    def lr(self) -> float:
+        return float(self.tensors["lr"].reshape(()))
 
     def record(self) -> dict[str, Any]:
         """The start record of a trial that starts from this set (``start.json``, and the ``start``
@@ -142,6 +156,11 @@ def fetch_run_set(uri: str, tracking_uri: str | None) -> Path:
     return dest
 
 
+# the method's kind -> the export format its starts are in, and the tensors they must hold
+START_FORMATS = {"image": (IMAGES_FORMAT, {"images", "labels", "lr"}),
+                 "sequence": (SEQUENCES_FORMAT, {"F", "M", "temperature"})}
+
+
 def check_spec_entry(key: str, value: Any, method, dataset: dict[str, Any], err,
                      tracking_uri: str | None = None) -> dict[str, str] | None:
     """``algorithms.<name>.init_from`` as the spec gives it (``key``): a path (relative paths from
@@ -153,8 +172,9 @@ def check_spec_entry(key: str, value: Any, method, dataset: dict[str, Any], err,
         err(key, f"must be the path of an exported image set (.safetensors) or a trial's set (runs:/RUN_ID), "
                  f"or a mapping budget -> either, got {value!r}")
         return None
-    if method.kind != "image":
-        err(key, f"{method.name} distils {method.kind}s; init_from starts an image method from an exported image set")
+    if method.kind not in START_FORMATS:
+        err(key, f"{method.name} distils {method.kind}s; init_from starts an image method or Farzi from an exported "
+                 f"set")
         return None
     run_uri = value.startswith(RUNS_PREFIX)
     if run_uri:
@@ -173,8 +193,15 @@ def check_spec_entry(key: str, value: Any, method, dataset: dict[str, Any], err,
     except ValueError as e:
         err(key, f"{value}: {e}" if run_uri else str(e))
         return None
-    if meta.get("format", IMAGES_FORMAT) != IMAGES_FORMAT or "images" not in tensors:
-        err(key, f"{value}: metadata field 'format' is {meta.get('format')!r}: not an image set")
+    fmt, needs = START_FORMATS[method.kind]
+    if meta.get("format", IMAGES_FORMAT) != fmt:
+        err(key, f"{value}: metadata field 'format' is {meta.get('format')!r}: not a set of {method.kind}s, which "
+                 f"{method.name} distils")
+        return None
+    if not needs <= set(tensors):
+        err(key, f"{value}: holds {', '.join(sorted(tensors))}, not {', '.join(sorted(needs))}: "
+                 f"{'real sequences (a baseline), not a distilled latent set' if 'sequences' in tensors else 'not a set'}"
+                 f" {method.name} can start from")
         return None
     name = str(dataset.get("name", "")).lower()
     if meta["dataset"].lower() != name:
@@ -230,38 +257,83 @@ def load_init_sets(spec, data) -> dict[tuple[str, int], InitSet]:
         sha = file_sha256(Path(path).expanduser())
         if sha != entry["sha256"]:
             raise fail(f"the file changed since the spec was read (sha256 {sha[:16]}, read as {entry['sha256'][:16]})")
-        info, images, labels = data.info, tensors["images"], tensors["labels"]
-        want = (info.channels, info.size, info.size)
-        if tuple(images.shape[1:]) != want:
-            raise fail(f"images of {tuple(images.shape[1:])}, but {info.name} at this spec's size is {want}")
-        for field, ours in (("mean", info.mean), ("std", info.std)):
-            theirs = _json(meta.get(field))
-            if not isinstance(theirs, list) or len(theirs) != len(ours) or \
-                    any(not math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-7) for a, b in zip(theirs, ours)):
-                raise fail(f"metadata field {field!r} is {meta.get(field)}, but {info.name} is normalised with "
-                           f"{[round(float(v), 6) for v in ours]}: the images are in another scale")
-        k = info.num_classes
-        layout = torch.arange(k).repeat_interleave(budget)
-        if labels.shape != layout.shape or not torch.equal(labels, layout):
-            counts = torch.bincount(labels.clamp(min=0), minlength=k).tolist() if labels.numel() else []
-            raise fail(f"budget {budget} needs {budget} images per class for {k} classes in class order "
-                       f"(labels 0 x{budget}, 1 x{budget}, ...); the file's labels count {counts} per class"
-                       f"{' (not in class order)' if counts == [budget] * k else ''}; give each budget its "
-                       f"own file ({{{budget}: FILE}})")
-        lr = float(tensors["lr"].reshape(()))
-        if not math.isfinite(lr) or not bool(torch.isfinite(images).all()):
-            raise fail("the set holds a NaN or infinite value (tensor 'images' or 'lr')")
-        out[(name, budget)] = InitSet(path=given, sha256=sha, images=images, labels=labels, lr=lr, meta=meta)
+        from . import methods
+
+        kind = methods.get(name).kind
+        if kind == "sequence":
+            hp = {**algo["hyperparameters"], **(algo.get("per_budget") or {}).get(budget, {})}
+            _check_latent_start(tensors, meta, data.info, budget, hp, fail)
+        else:
+            _check_image_start(tensors, meta, data.info, budget, fail)
+        bad = [k for k in ("images", "F", "M", "lr") if k in tensors and not bool(torch.isfinite(tensors[k]).all())]
+        if bad:
+            raise fail(f"the set holds a NaN or infinite value (tensor {', '.join(repr(k) for k in bad)})")
+        out[(name, budget)] = InitSet(path=given, sha256=sha, tensors=tensors, meta=meta)
     return out
 
 
+def _check_image_start(tensors: dict[str, torch.Tensor], meta: dict[str, str], info, budget: int, fail) -> None:
+    """An image set against the loaded data: the image shape, the normalisation, and ``budget``
+    images per class in class order."""
+    images, labels = tensors["images"], tensors["labels"]
+    want = (info.channels, info.size, info.size)
+    if tuple(images.shape[1:]) != want:
+        raise fail(f"images of {tuple(images.shape[1:])}, but {info.name} at this spec's size is {want}")
+    for field, ours in (("mean", info.mean), ("std", info.std)):
+        theirs = _json(meta.get(field))
+        if not isinstance(theirs, list) or len(theirs) != len(ours) or \
+                any(not math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-7) for a, b in zip(theirs, ours)):
+            raise fail(f"metadata field {field!r} is {meta.get(field)}, but {info.name} is normalised with "
+                       f"{[round(float(v), 6) for v in ours]}: the images are in another scale")
+    k = info.num_classes
+    layout = torch.arange(k).repeat_interleave(budget)
+    if labels.shape != layout.shape or not torch.equal(labels, layout):
+        counts = torch.bincount(labels.clamp(min=0), minlength=k).tolist() if labels.numel() else []
+        raise fail(f"budget {budget} needs {budget} images per class for {k} classes in class order "
+                   f"(labels 0 x{budget}, 1 x{budget}, ...); the file's labels count {counts} per class"
+                   f"{' (not in class order)' if counts == [budget] * k else ''}; give each budget its "
+                   f"own file ({{{budget}: FILE}})")
+
+
+def _check_latent_start(tensors: dict[str, torch.Tensor], meta: dict[str, str], info, budget: int,
+                        hp: dict[str, Any], fail) -> None:
+    """A Farzi set (``F``, ``M``) against the loaded data and the trial's hyperparameters: ``budget``
+    latent sequences of ``seq_len`` x ``latent_dim``, a decoder onto the data's vocabulary (and its
+    padding id), decoded at the spec's ``temperature``. A set fixes those three: they must be single
+    values, not a grid or a distribution."""
+    fixed = {}
+    for k in ("seq_len", "latent_dim", "temperature"):
+        if isinstance(hp.get(k), (list, dict)):
+            raise fail(f"the set fixes {k} ({k} {hp[k]!r} in the spec is a grid or a distribution): give one value")
+        fixed[k] = hp.get(k)
+    for field, ours in (("vocab_size", info.vocab_size), ("pad_id", info.pad_id)):
+        if _json(meta.get(field)) != ours:
+            raise fail(f"metadata field {field!r} is {meta.get(field)}, but {info.name}'s is {json.dumps(ours)}: "
+                       f"a set of another vocabulary")
+    F, M = tensors["F"], tensors["M"]
+    want = (budget, fixed["seq_len"], fixed["latent_dim"])
+    if tuple(F.shape) != want:
+        raise fail(f"F of {tuple(F.shape)}, but budget {budget} at seq_len {fixed['seq_len']} and latent_dim "
+                   f"{fixed['latent_dim']} is {want}; give each budget its own file ({{{budget}: FILE}})")
+    if tuple(M.shape) != (fixed["latent_dim"], info.vocab_size):
+        raise fail(f"M of {tuple(M.shape)}, but latent_dim {fixed['latent_dim']} onto {info.vocab_size} tokens is "
+                   f"{(fixed['latent_dim'], info.vocab_size)}")
+    temperature = float(tensors["temperature"].reshape(()))
+    if not math.isclose(temperature, float(fixed["temperature"]), rel_tol=1e-6):
+        raise fail(f"tensor 'temperature' is {temperature:g}, but the spec's temperature is {fixed['temperature']:g}: "
+                   f"F and M decode to the set's sequences at the set's temperature only")
+
+
 def warm_start(distiller, init: InitSet) -> None:
-    """Start ``distiller`` (just built, at iteration 0) from ``init``: its images (and, for a method
-    that learns its step size, its lr) become the set's."""
+    """Start ``distiller`` (just built, at iteration 0) from ``init``: an image method's images (and,
+    for a method that learns its step size, its lr), or Farzi's ``F`` and ``M``, become the set's."""
     start = getattr(distiller, "warm_start", None)
     if start is None:
-        raise TypeError(f"{type(distiller).__name__} cannot start from a set (it has no warm_start(images, lr))")
-    start(init.images, init.lr)
+        raise TypeError(f"{type(distiller).__name__} cannot start from a set (it has no warm_start)")
+    if "F" in init.tensors:
+        start(init.tensors["F"], init.tensors["M"])
+    else:
+        start(init.images, init.lr)
 
 
 def build_started(point: dict[str, Any], spec: dict[str, Any], data, task, expert_files: dict[str, list[str]],

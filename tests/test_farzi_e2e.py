@@ -147,6 +147,38 @@ def test_results_show_sequence_metrics(tiny_farzi):
     assert farzi["hr10_selected_mean"] is not None and farzi["selected_by"] == "valid_hr10 (max)"
 
 
+def test_a_farzi_sweep_continues_from_another_sweeps_trial(tiny_farzi, tmp_path, monkeypatch):
+    """init_from: runs:/RUN_ID of the first sweep's Farzi trial: the continued trial's evaluation at
+    iteration 0 is the first trial's final one (its F and M, the same evaluation seeds), and its
+    start record names the run and the 4 iterations behind it."""
+    spec, root, res = tiny_farzi
+    assert res.exit_code == 0, res.output
+    monkeypatch.setenv("ORCHESTRATE_CACHE", str(tmp_path / "cache"))
+    client = MlflowClient(workspace(root).tracking_uri)
+
+    def farzi_trial(name):
+        exp = client.get_experiment_by_name(name)
+        return next(c for c in client.search_runs([exp.experiment_id], filter_string="tags.`orchestrate.role` = 'trial'")
+                    if c.data.tags["algorithm"] == "farzi")
+
+    first = farzi_trial("tiny-farzi")
+    raw = yaml.safe_load(spec.read_text())
+    raw["name"], raw["baselines"] = "tiny-farzi-continued", []
+    raw["algorithms"]["farzi"]["init_from"] = f"runs:/{first.info.run_id}"
+    cont_spec = tmp_path / "cont.yaml"
+    cont_spec.write_text(yaml.safe_dump(raw))
+    out = CliRunner().invoke(main, ["launch", str(cont_spec), "--root", str(root)], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert "(0 trained, 2 reused)" in out.output  # the same experts
+    cont = farzi_trial("tiny-farzi-continued")
+    at0 = {m.step: m.value for m in client.get_metric_history(cont.info.run_id, "eval/hr10_mean")}[0]
+    assert at0 == pytest.approx(first.data.metrics["hr10_mean"], abs=1e-9)
+    start = json.loads(open(client.download_artifacts(cont.info.run_id, "start.json", str(tmp_path))).read())
+    assert (start["init"], start["path"], start["run_id"], start["iterations_behind"]) == (
+        "set", f"runs:/{first.info.run_id}", first.info.run_id, 4)
+    assert start["start"]["init"] == "real"  # the users the first trial's start read stay on record
+
+
 @pytest.mark.parametrize("items, sampled", [(30, False), (130, True)])
 def test_sampled_metrics_only_where_every_user_has_100_unseen_items(tmp_path, items, sampled):
     """A tiny catalogue (30 items) cannot give 100 negatives per user: the task has none and the

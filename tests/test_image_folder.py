@@ -425,6 +425,8 @@ PINNED_HASHES = {
     # 607f4de, which hashed every start as a mapping); it moves when a continued set is published
     # over distilled/mnist-dm-ipc10.safetensors (the spec then starts from that one)
     "search_spaces/reference/mnist_dm_ipc10_continued.yaml": "aa470a05e1259b98",
+    # as mnist_dm_ipc10_continued.yaml: it moves when a continued PTB set is published over the one it reads
+    "search_spaces/reference/farzi_ptb_continued.yaml": "8a918c2239d4a7bc",
 }
 
 
@@ -437,6 +439,7 @@ LEGACY_HASHES = {
     # written after checkpoint_interval left the hash: no sweep ran under these, but the spec still has them
     "search_spaces/reference/mnist_dm_ipc10.yaml": "6fe2db7a74ad2423",
     "search_spaces/reference/mnist_dm_ipc10_continued.yaml": "5c5d2ef6ef6ccb17",
+    "search_spaces/reference/farzi_ptb_continued.yaml": "7bf31d921fb7b405",
 }
 
 
