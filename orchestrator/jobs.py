@@ -180,6 +180,11 @@ def submit(spec, address, root, tracking_uri, storage, fresh):
 
     The spec is checked here first; the job id is printed on stdout (follow it with
     `orchestrate logs JOB_ID --follow`). Without SPEC, the embedded quickstart."""
+    for option, uri in (("--tracking-uri", tracking_uri), ("--storage", storage)):
+        if uri and "://" in uri and urlsplit(uri).password:
+            _fail(f"{option} holds a password: anyone who can list the cluster's jobs would read it in the "
+                  f"entrypoint; give the URI without it and put the credentials in the cluster's environment "
+                  f"(MLFLOW_TRACKING_USERNAME/PASSWORD, PGPASSWORD, AWS_SECRET_ACCESS_KEY, ...)", 2)
     try:
         s = load_spec(spec, tracking_uri)  # init_from: runs:/... is read here from the store the job logs to
         from .sweep import check_budgets_if_data_here
@@ -194,11 +199,6 @@ def submit(spec, address, root, tracking_uri, storage, fresh):
         _fail(f"--root {root!r} must be an absolute path on the cluster (the job runs in a temporary folder)", 2)
     if storage and "://" not in storage and not PurePosixPath(storage).is_absolute():
         _fail(f"--storage {storage!r} must be a URI or an absolute path on the cluster", 2)
-    for option, uri in (("--tracking-uri", tracking_uri), ("--storage", storage)):
-        if uri and "://" in uri and urlsplit(uri).password:
-            _fail(f"{option} holds a password: anyone who can list the cluster's jobs would read it in the "
-                  f"entrypoint; give the URI without it and put the credentials in the cluster's environment "
-                  f"(MLFLOW_TRACKING_USERNAME/PASSWORD, PGPASSWORD, AWS_SECRET_ACCESS_KEY, ...)", 2)
     spec_file = Path(s.path).name
     entrypoint = launch_entrypoint(spec_file, root, tracking_uri, storage, fresh)
     place = storage or root  # where the sweep's Tune folder is: one launch of a sweep at a time there

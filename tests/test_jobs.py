@@ -61,6 +61,18 @@ def test_submit_refuses_bad_input_before_contacting_any_cluster(tmp_path):
     assert r.exit_code == 2 and "--storage 'shared' must be a URI or an absolute path" in r.stderr, r.output
     r = orchestrate("submit", good, "--address", nowhere, "--root", "/srv/runs", env={"RAY_JOB_HEADERS": "{nope"})
     assert r.exit_code == 1 and "RAY_JOB_HEADERS is not JSON" in r.stderr, r.output
+    # a start read from MLflow (init_from: runs:/...) is read where the spec is checked: here, from the
+    # --tracking-uri the job logs to; without one (the job's SQLite store in --root, on the cluster) it
+    # cannot be, and a password in the URI is refused before anything is read with it
+    from_run = tmp_path / "from_run.yaml"
+    algos = {name: {**a, "init_from": "runs:/0123abcd"} for name, a in JOB_SPEC["algorithms"].items()}
+    from_run.write_text(yaml.safe_dump({**JOB_SPEC, "algorithms": algos}))
+    r = orchestrate("submit", from_run, "--address", nowhere, "--root", "/srv/runs")
+    assert r.exit_code == 2 and "runs:/0123abcd: a run's set is read from its MLflow tracking store, and none is " \
+        "given here (--tracking-uri" in r.stderr, r.output
+    r = orchestrate("submit", from_run, "--address", nowhere, "--root", "/srv/runs", "--tracking-uri",
+                    "http://me:secret@127.0.0.1:9")
+    assert r.exit_code == 2 and "holds a password" in r.stderr and "secret" not in r.output, r.output
     r = orchestrate("submit", good, "--address", nowhere, "--root", "/srv/runs")  # all well: now it connects
     assert r.exit_code == 1 and "cannot reach a Ray job server at http://127.0.0.1:9" in r.stderr, r.output
 
