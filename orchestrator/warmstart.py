@@ -164,12 +164,12 @@ START_FORMATS = {"image": (IMAGES_FORMAT, {"images", "labels", "lr"}),
 def check_spec_entry(key: str, value: Any, method, dataset: dict[str, Any], err,
                      tracking_uri: str | None = None) -> dict[str, str] | None:
     """``algorithms.<name>.init_from`` as the spec gives it (``key``): a path (relative paths from
-    the working directory, as ``dataset.root``) to an image set of the spec's dataset, or a trial's
+    the working directory, as ``dataset.root``) to a set of the spec's dataset, or a trial's
     set in the tracking store at ``tracking_uri`` (``runs:/...``, :func:`fetch_run_set`). Returns
     ``{"path", "sha256"}`` (and ``"uri"``: the run's URI, ``path`` being the file downloaded), or
     None after ``err(key, message)``."""
     if not isinstance(value, str) or not value:
-        err(key, f"must be the path of an exported image set (.safetensors) or a trial's set (runs:/RUN_ID), "
+        err(key, f"must be the path of an exported set (.safetensors) or a trial's set (runs:/RUN_ID), "
                  f"or a mapping budget -> either, got {value!r}")
         return None
     if method.kind not in START_FORMATS:
@@ -239,6 +239,7 @@ def load_init_sets(spec, data) -> dict[tuple[str, int], InitSet]:
     """(algorithm, budget) -> its start, for every budget of ``spec`` that ``init_from`` starts
     from a file, checked against the loaded ``data``; raises SpecError naming the spec, the key and
     the file."""
+    from . import methods
     from .spec import SpecError
 
     out: dict[tuple[str, int], InitSet] = {}
@@ -257,15 +258,12 @@ def load_init_sets(spec, data) -> dict[tuple[str, int], InitSet]:
         sha = file_sha256(Path(path).expanduser())
         if sha != entry["sha256"]:
             raise fail(f"the file changed since the spec was read (sha256 {sha[:16]}, read as {entry['sha256'][:16]})")
-        from . import methods
-
-        kind = methods.get(name).kind
-        if kind == "sequence":
+        if methods.get(name).kind == "sequence":
             hp = {**algo["hyperparameters"], **(algo.get("per_budget") or {}).get(budget, {})}
             _check_latent_start(tensors, meta, data.info, budget, hp, fail)
         else:
             _check_image_start(tensors, meta, data.info, budget, fail)
-        bad = [k for k in ("images", "F", "M", "lr") if k in tensors and not bool(torch.isfinite(tensors[k]).all())]
+        bad = [k for k in ("images", "F", "M", "lr", "temperature") if k in tensors and not bool(torch.isfinite(tensors[k]).all())]
         if bad:
             raise fail(f"the set holds a NaN or infinite value (tensor {', '.join(repr(k) for k in bad)})")
         out[(name, budget)] = InitSet(path=given, sha256=sha, tensors=tensors, meta=meta)

@@ -162,6 +162,10 @@ def test_a_start_that_does_not_fit_is_refused_with_the_key_and_the_file(digits, 
     save_synthetic(path, SyntheticSet(tensors["images"], tensors["labels"], 0.01),
                    replace(digits.info, mean=(0.5,)), "dm")
     assert "metadata field 'mean'" in problems(dm_spec(path))
+    nan = tensors["images"].clone()
+    nan[3, 0, 2, 2] = float("nan")
+    save_synthetic(path, SyntheticSet(nan, tensors["labels"], 0.01), digits.info, "dm")
+    assert "the set holds a NaN or infinite value (tensor 'images')" in problems(dm_spec(path))
     seq = {"name": "w", "dataset": {"name": "ml-100k"}, "algorithms": {"farzi": {"budgets": [5], "init_from": str(path)}}}
     with pytest.raises(SpecError, match=r"algorithms\.farzi\.init_from: .*s.safetensors: metadata field 'format' is "
                                         r"'distill-orchestrator/synthetic-v1': not a set of sequences, which farzi distils"):
@@ -405,6 +409,10 @@ def test_a_farzi_start_that_does_not_fit_is_refused_with_the_key_and_the_field(m
     save_sequences(path, FarziSet(syn.F, syn.M[:, :-1], syn.temperature, syn.pad_id, syn.lr), data, "farzi")
     assert f"M of (4, {data.info.vocab_size - 1}), but latent_dim 4 onto {data.info.vocab_size} tokens" in problems(
         farzi_spec(root, path))
+    bad_M = syn.M.clone()
+    bad_M[0, 1] = float("inf")
+    save_sequences(path, FarziSet(syn.F, bad_M, syn.temperature, syn.pad_id, syn.lr), data, "farzi")
+    assert "the set holds a NaN or infinite value (tensor 'M')" in problems(farzi_spec(root, path))
     save_sequences(path, syn.F.new_zeros(4, 6).long() + 1, data, "random")  # real sequences: a baseline's set
     with pytest.raises(SpecError, match=r"holds sequences, not F, M, temperature: real sequences \(a baseline\)"):
         validate(farzi_spec(root, path))
