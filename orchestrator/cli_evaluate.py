@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -138,7 +137,8 @@ def evaluate(file, dataset, data_root, spec_path, models, networks, epochs, aug,
         if r.get("file") in downloaded:
             r["uri"] = downloaded[r["file"]]
     if ws is not None:
-        params = {"file": report.get("uri", report["file"]), "dataset": report["dataset"], "data_root": data_root, "spec": spec_path,
+        params = {"file": report.get("uri", report["file"]), "dataset": report["dataset"], "data_root": data_root,
+                  "spec": spec_path,
                   "models": ",".join(report["models"]), "networks": report["protocol"]["networks"],
                   "epochs": report["protocol"]["epochs"], "aug": report["protocol"].get("aug", "none"),
                   "dsa_strategy": report["protocol"].get("dsa_strategy"),
