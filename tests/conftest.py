@@ -1,6 +1,7 @@
 import copy
 import os
 import pathlib
+import shutil
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -90,6 +91,19 @@ def ray_cluster():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_into_the_checkout():
+    """A test writes under its tmp_path, never into the checkout. MLflow's default artifact root is
+    ./mlruns: an experiment created without an artifact location puts its runs' artifacts there."""
+    stray = REPO / "mlruns"
+    before = stray.exists()
+    yield
+    if not before and stray.exists():
+        shutil.rmtree(stray, ignore_errors=True)
+        pytest.fail(f"the test wrote {stray} (MLflow's default artifact root): create its experiments with an "
+                    f"artifact_location under tmp_path", pytrace=False)
 
 
 def pytest_collection_modifyitems(config, items):

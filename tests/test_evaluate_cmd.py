@@ -429,7 +429,7 @@ def test_a_trials_set_in_mlflow_evaluates_as_its_file_does(tmp_path, set_file, d
                            {"run_id": "r1"}, model=SMALL)
     root = tmp_path / "runs"
     client = MlflowClient(workspace(root).tracking_uri)
-    exp = client.create_experiment("sweep")
+    exp = client.create_experiment("sweep", artifact_location=(tmp_path / "artifacts").as_uri())
     runs = []
     for path, folder, finished in ((set_file, "synthetic", True), (other, LATEST_ARTIFACT.split("/")[0], False)):
         run = client.create_run(exp, tags={ROLE_TAG: "trial"}).info.run_id

@@ -426,7 +426,8 @@ PINNED_HASHES = {
     # over distilled/mnist-dm-ipc10.safetensors (the spec then starts from that one)
     "search_spaces/reference/mnist_dm_ipc10_continued.yaml": "aa470a05e1259b98",
     # as mnist_dm_ipc10_continued.yaml: it moves when a continued PTB set is published over the one it reads
-    "search_spaces/reference/farzi_ptb_continued.yaml": "8a1ad21cd1b29005",
+    # (8a1ad21cd1b29005 from the 50-step set: the leg that published the 125-step set, 2026-12-04)
+    "search_spaces/reference/farzi_ptb_continued.yaml": "25555be83df61148",
 }
 
 
@@ -439,7 +440,7 @@ LEGACY_HASHES = {
     # written after checkpoint_interval left the hash: no sweep ran under these, but the spec still has them
     "search_spaces/reference/mnist_dm_ipc10.yaml": "6fe2db7a74ad2423",
     "search_spaces/reference/mnist_dm_ipc10_continued.yaml": "5c5d2ef6ef6ccb17",
-    "search_spaces/reference/farzi_ptb_continued.yaml": "6be0ee8f40d75b55",
+    "search_spaces/reference/farzi_ptb_continued.yaml": "1e7c9740dd23e9f6",
 }
 
 

@@ -211,7 +211,7 @@ def test_a_trials_set_in_mlflow_starts_as_its_exported_file_would(digits, tmp_pa
     dm_set(digits, 3, path)
     uri = workspace(tmp_path / "runs").tracking_uri
     client = MlflowClient(uri)
-    exp = client.create_experiment("first")
+    exp = client.create_experiment("first", artifact_location=(tmp_path / "artifacts").as_uri())
 
     def trial(artifact, finished=True, role="trial"):
         run = client.create_run(exp, tags={ROLE_TAG: role}).info.run_id
